@@ -1,0 +1,127 @@
+"""The Ray driver: config -> four stages -> report, skipping every unit already done.
+
+Fingerprints chain from stage to stage (an expert's key includes its rationales' key, a
+mixture's the experts' keys, an evaluation the system's key), so a change anywhere redoes exactly
+what depends on it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from modecotd.artifacts import Unit, clean_staging, fingerprint, write_json
+from modecotd.models import materialize
+from modecotd.report import build_report
+from modecotd.tasks.build import load_task
+from modecotd.tasks.schema import Example, Role, TaskData
+
+log = logging.getLogger(__name__)
+
+STAGES = ("teacher", "distill", "mix", "evaluate")
+PIPELINE_VERSION = 1
+# Settings that change where or how fast work runs, never what it produces.
+RESOURCE_KEYS = {"actors", "cpus_per_actor", "workers_per_job", "cpus_per_worker", "max_concurrent_jobs",
+                 "cpus_per_trial", "max_concurrent_trials"}
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    report: Path | None
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _settings(section) -> dict:
+    return {k: v for k, v in section.model_dump(mode="json").items() if k not in RESOURCE_KEYS}
+
+
+def _examples_key(examples: list[Example]) -> str:
+    return fingerprint([(e.question, e.answer, e.rationale) for e in examples])
+
+
+def load_tasks(config) -> dict[str, TaskData]:
+    return {task.name: load_task(task) for task in config.tasks}
+
+
+def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcome:
+    """Run all four stages on Ray; returns where the report is and what failed."""
+    from modecotd.jobs import ray_runtime
+    from modecotd.jobs.distill_stage import run_distill_stage
+    from modecotd.jobs.evaluate_stage import run_evaluate_stage
+    from modecotd.jobs.teacher_stage import run_teacher_stage
+    from modecotd.tuning.mixture_search import run_mixture_stage
+
+    run_dir = Path(run_dir).resolve()
+    tasks = load_tasks(config)  # bad data fails here, before anything is written
+    student_dir = materialize(config.student.model)
+    teacher_dir = materialize(config.teacher.model) if config.teacher.backend == "transformers" else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_staging(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    outcome = RunOutcome(run_dir=run_dir, report=None)
+    cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard)
+    log.info("run %s in %s (Ray dashboard: %s)", config.name, run_dir, cluster.get("dashboard"))
+
+    seen = [t.name for t in config.seen_tasks]
+    common = {"version": PIPELINE_VERSION, "seed": config.seed}
+    teacher_keys = {name: fingerprint(common, _settings(config.teacher), _examples_key(tasks[name].train),
+                                      tasks[name].kind.value) for name in seen}
+    teacher_units = {name: Unit(run_dir / "rationales" / name, key) for name, key in teacher_keys.items()}
+    started = time.time()
+    run_teacher_stage(config, run_dir, tasks, teacher_units, teacher_dir)
+    outcome.seconds["teacher"] = time.time() - started
+
+    expert_units = {name: Unit(run_dir / "experts" / name,
+                               fingerprint(common, teacher_keys[name], _settings(config.distill),
+                                           config.student.model_dump(mode="json"))) for name in seen}
+    started = time.time()
+    distilled = run_distill_stage(config, run_dir, tasks, {n: u.path for n, u in teacher_units.items()},
+                                  expert_units, student_dir)
+    outcome.seconds["distill"] = time.time() - started
+    for name, result in distilled.items():
+        if result.get("status") == "failed":
+            outcome.failures[f"distill:{name}"] = result["error"]
+    experts = {name: unit for name, unit in expert_units.items() if unit.done()}
+
+    targets = [t.name for t in config.tasks]
+    experts_key = fingerprint(sorted((n, u.key) for n, u in experts.items()))
+    mixture_units = {name: Unit(run_dir / "mixtures" / name,
+                                fingerprint(common, experts_key, _settings(config.mixture),
+                                            _examples_key(tasks[name].fewshot), config.distill.max_length))
+                     for name in targets}
+    started = time.time()
+    mixed = run_mixture_stage(config, run_dir, tasks, mixture_units, {n: u.path for n, u in experts.items()},
+                              student_dir)
+    outcome.seconds["mix"] = time.time() - started
+    for name, result in mixed.items():
+        if result.get("status") == "failed":
+            outcome.failures[f"mix:{name}"] = result["error"]
+
+    jobs = []
+    eval_settings = _settings(config.evaluation)
+    for name in targets:
+        test_key = _examples_key(tasks[name].test)
+        systems = {"base": ({"kind": "base"}, config.student.model)}
+        if name in experts:
+            systems["expert"] = ({"kind": "expert", "adapter": str(experts[name].path)}, experts[name].key)
+        mixture = mixture_units[name].manifest() if mixture_units[name].done() else None
+        if mixture:
+            system = {"kind": "mixture", "weights": mixture["summary"]["weights"],
+                      "experts": {n: str(experts[n].path) for n in mixture["summary"]["weights"]}}
+            systems["mixture"] = (system, mixture_units[name].key)
+        for system_name, (system, key) in systems.items():
+            unit = Unit(run_dir / "eval" / name / system_name,
+                        fingerprint(common, key, test_key, eval_settings, config.student.model_dump(mode="json")))
+            jobs.append((name, system_name, system, unit))
+    started = time.time()
+    run_evaluate_stage(config, tasks, jobs, student_dir)
+    outcome.seconds["evaluate"] = time.time() - started
+
+    write_json(run_dir / "timings.json", outcome.seconds)
+    outcome.report = build_report(run_dir, config, tasks)
+    return outcome

@@ -1,0 +1,74 @@
+"""Stage 4 on Ray: a pool of named evaluator actors decoding (task, system) pairs greedily.
+
+A system is the base student, a task's own expert, or the task's mixture. Each pair is one unit:
+``eval/<task>/<system>/predictions.jsonl`` with the summary in its manifest.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import ray
+from ray.util import ActorPool
+from tqdm import tqdm
+
+from modecotd.artifacts import Unit, write_jsonl
+from modecotd.evaluate import load_system, predict, score_rows, summarize
+from modecotd.tasks.schema import Example
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote
+class Evaluator:
+    """Decodes test questions with one system at a time; the tokenizer is loaded once."""
+
+    def __init__(self, student_dir: str, dtype: str, settings: dict):
+        from modecotd.models import load_tokenizer
+
+        self.student_dir = Path(student_dir)
+        self.dtype = dtype
+        self.settings = settings
+        self.tokenizer = load_tokenizer(self.student_dir)
+
+    def evaluate(self, task: str, system_name: str, system: dict, kind, examples: list[dict]):
+        started = time.time()
+        model = load_system(self.student_dir, self.dtype, system)
+        batch = [Example(**e) for e in examples]
+        outputs = predict(model, self.tokenizer, batch, kind, batch_size=self.settings["batch_size"],
+                          max_new_tokens=self.settings["max_new_tokens"])
+        rows = score_rows(batch, outputs, kind)
+        return task, system_name, rows, time.time() - started
+
+
+def run_evaluate_stage(config, tasks, jobs: list[tuple[str, str, dict, Unit]], student_dir: Path) -> dict:
+    """Evaluate every (task, system) job whose unit is not done; returns {task: {system: summary}}."""
+    cfg = config.evaluation
+    todo = [job for job in jobs if not job[3].done()]
+    log.info("evaluate: %d of %d (task, system) pairs to run", len(todo), len(jobs))
+    results: dict[str, dict] = {}
+    if not todo:
+        return results
+    units = {(task, system): unit for task, system, _, unit in todo}
+    settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
+    actors = [Evaluator.options(name=f"eval-{i}", num_cpus=cfg.cpus_per_actor).remote(
+        str(student_dir), config.student.dtype, settings) for i in range(min(cfg.actors, len(todo)))]
+    pool = ActorPool(actors)
+    work = [(task, system_name, system, tasks[task].kind, [asdict(ex) for ex in tasks[task].test])
+            for task, system_name, system, _ in todo]
+    try:
+        for task, system_name, rows, seconds in tqdm(
+                pool.map_unordered(lambda actor, job: actor.evaluate.remote(*job), work),
+                total=len(work), desc="evaluate", unit="pair"):
+            summary = summarize(rows, cfg.scoring)
+            with units[(task, system_name)].writing(summary) as staging:
+                write_jsonl(staging / "predictions.jsonl", rows)
+            results.setdefault(task, {})[system_name] = summary
+            log.info("evaluate: %s / %s: accuracy %.3f (format %.2f) in %.0f s", task, system_name,
+                     summary["accuracy"], summary["format_rate"], seconds)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return results

@@ -1,0 +1,43 @@
+"""Connecting to Ray: a local cluster started in-process, or an existing one by address.
+
+Ray 2.60 enables token authentication when a token file exists; Ray's own client reads the
+token (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``), and we never switch authentication off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Passed to every worker so that actors and Ray Train workers never try to reach a model hub.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODECOTD_CACHE", "HF_HOME")
+
+
+def worker_env() -> dict[str, str]:
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True) -> dict:
+    """Start or join a Ray cluster; returns what the run should print about it."""
+    if ray.is_initialized():
+        return {"address": "already connected", "dashboard": None}
+    kwargs = dict(runtime_env={"env_vars": worker_env()}, logging_level=logging.WARNING,
+                  log_to_driver=True)
+    if address:
+        context = ray.init(address=address, **kwargs)
+    else:
+        context = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
+    info = {"address": context.address_info.get("address"), "dashboard": context.dashboard_url or None}
+    log.info("Ray cluster at %s, dashboard %s", info["address"], info["dashboard"])
+    return info
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

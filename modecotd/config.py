@@ -1,0 +1,355 @@
+"""The run configuration: YAML -> typed, validated models.
+
+Every section is a pydantic model that rejects unknown keys; a validation error becomes one
+line naming the file, the line, the dotted key and what is allowed (see :func:`load_config`).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from modecotd.errors import ConfigError
+from modecotd.tasks.schema import AnswerKind, Role
+
+TASK_NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]*$"
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+
+class GeneratedSource(Section):
+    """A seeded procedural task (coin flip, last letters, shuffled objects, arithmetic)."""
+
+    kind: Literal["generated"]
+    family: Literal["coin_flip", "last_letter_concatenation", "tracking_shuffled_objects", "arithmetic"]
+    size: int | None = Field(None, ge=1, description="people / words / swaps / steps per question")
+    seed: int = Field(0, description="generator seed; splits never share a question")
+
+
+class PaperSource(Section):
+    """The paper's released `{input, output}` files: train/, learn/ (few-shot), evaluation/."""
+
+    kind: Literal["paper"]
+    data_dir: Path = Field(description="folder holding train/, learn/ and evaluation/")
+    task: str | None = Field(None, description="file stem in the data folder; default: the task's name")
+
+
+class JsonlSource(Section):
+    """JSONL files with question / answer (and optional rationale) fields."""
+
+    kind: Literal["jsonl"]
+    train: Path | None = None
+    fewshot: Path | None = None
+    test: Path | None = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+    rationale_field: str | None = None
+
+
+class HFSource(Section):
+    """A Hugging Face dataset by name or a local `save_to_disk` folder."""
+
+    kind: Literal["hf"]
+    dataset: str
+    train_split: str | None = "train"
+    fewshot_split: str | None = None
+    test_split: str | None = "test"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    rationale_field: str | None = None
+
+
+TaskSource = Annotated[Union[GeneratedSource, PaperSource, JsonlSource, HFSource], Field(discriminator="kind")]
+
+
+class SplitSizes(Section):
+    """Rows per split: how many to generate, or the first N to keep from a file (null: all)."""
+
+    train: int | None = Field(None, ge=0)
+    fewshot: int | None = Field(None, ge=0)
+    test: int | None = Field(None, ge=0)
+
+
+class TaskConfig(Section):
+    """One task: where its data comes from and its role in the method."""
+
+    name: str = Field(pattern=TASK_NAME_PATTERN)
+    role: Role
+    answer: AnswerKind | None = Field(None, description="answer kind; default from the family or paper task")
+    source: TaskSource
+    sizes: SplitSizes = SplitSizes()
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+
+class TeacherConfig(Section):
+    """Stage 1: who writes the rationales and how many per question."""
+
+    backend: Literal["scripted", "transformers", "precomputed"] = Field(
+        "transformers",
+        description="scripted: the generator's own step-by-step solution (generated tasks only); "
+        "transformers: a causal LM with zero-shot CoT; precomputed: rationales in the train files",
+    )
+    model: str = "builtin:smollm2-135m-instruct"
+    samples: int = Field(4, ge=1, le=64, description="rationales sampled per question")
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+    batch_size: int = Field(8, ge=1)
+    actors: int = Field(1, ge=1, description="teacher actors in the pool")
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class StudentConfig(Section):
+    """The small model whose weights stay frozen."""
+
+    model: str = "builtin:smollm2-135m-instruct"
+    dtype: Literal["bf16", "fp32"] = "bf16"
+
+
+class LoraSettings(Section):
+    """The LoRA each expert trains (reference: r=16, alpha=32, dropout 0.1 on q and v)."""
+
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class DistillConfig(Section):
+    """Stage 2: one LoRA expert per seen task, a Ray Train job each, DeepSpeed inside."""
+
+    lora: LoraSettings = LoraSettings()
+    learning_rate: float = Field(5e-4, gt=0, le=1.0)
+    epochs: float = Field(3.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(512, ge=8)
+    max_rows_per_task: int | None = Field(None, ge=1, description="cap on accepted rationales used")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    zero_stage: Literal[1, 2, 3] = 2
+    workers_per_job: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_concurrent_jobs: int = Field(2, ge=1)
+
+
+class MixtureConfig(Section):
+    """Stage 3: one weight per expert for each target task, searched gradient-free."""
+
+    method: Literal["lorahub"] = "lorahub"
+    optimizer: Literal["ngopt"] = "ngopt"
+    budget: int = Field(40, ge=1, description="objective evaluations per weight search")
+    bound: float = Field(3.0, gt=0, description="weights searched in [-bound, bound]")
+    l1: list[float] = Field(default_factory=lambda: [0.05], min_length=1,
+                            description="L1 coefficients tried by Ray Tune; picked by few-shot CV loss")
+    cv_folds: int = Field(2, ge=2, description="folds over the few-shot examples to pick the L1 coefficient")
+    cpus_per_trial: float = Field(1.0, gt=0)
+    max_concurrent_trials: int = Field(2, ge=1)
+
+    @field_validator("l1")
+    @classmethod
+    def _non_negative(cls, values: list[float]) -> list[float]:
+        if any(v < 0 for v in values):
+            raise ValueError("every L1 coefficient must be >= 0")
+        return values
+
+
+class EvaluationConfig(Section):
+    """Stage 4: batched greedy decoding and scoring."""
+
+    scoring: Literal["strict", "reference"] = "strict"
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+    batch_size: int = Field(8, ge=1)
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class ResourcesConfig(Section):
+    """What a local Ray cluster started by `modecotd run` may use (ignored with --address)."""
+
+    num_cpus: int | None = Field(None, ge=1)
+    dashboard: bool = True
+
+
+class RunConfig(Section):
+    """The whole run: tasks and the four stages."""
+
+    name: str = Field(pattern=TASK_NAME_PATTERN)
+    seed: int = 0
+    tasks: list[TaskConfig] = Field(min_length=1)
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    mixture: MixtureConfig = MixtureConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "RunConfig":
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(duplicates)}")
+        if not any(t.role == Role.SEEN for t in self.tasks):
+            raise ValueError("at least one task must have role 'seen' (it gets an expert)")
+        if self.teacher.backend == "scripted":
+            bad = [t.name for t in self.tasks if t.role == Role.SEEN and t.source.kind != "generated"]
+            if bad:
+                raise ValueError(f"teacher backend 'scripted' needs generated tasks; not generated: {', '.join(bad)}")
+        return self
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def seen_tasks(self) -> list[TaskConfig]:
+        return [t for t in self.tasks if t.role == Role.SEEN]
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line (list items by index)."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[path + (key.value,)] = key.start_mark.line + 1
+                walk(value, path + (key.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, path + (index,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _describe(error: dict, origin: str, key_lines: dict[tuple, int]) -> str:
+    """One line for one pydantic error: file:line: key: message."""
+    # Drop the discriminator tags pydantic inserts for tagged unions ("generated", "paper", ...).
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p in {"generated", "paper", "jsonl", "hf"}))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    line = None
+    for end in range(len(loc), -1, -1):
+        line = key_lines.get(loc[:end])
+        if line is not None:
+            break
+    where = f"{origin}:{line}" if line else origin
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "literal_error" or error["type"] == "enum":
+        message = f"{message} (got {error.get('input')!r})"
+    return f"{where}: {dotted}: {message}"
+
+
+def parse_config(data: Any, origin: str = "<config>", text: str | None = None) -> RunConfig:
+    """Validate a plain dict into a RunConfig; one ConfigError line per run, the first problem first."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the config must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        key_lines = _key_lines(text) if text else {}
+        problems = [_describe(e, origin, key_lines) for e in exc.errors()]
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more) from None
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `key.path=value` override in place; list items by index or by task name."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    dotted, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = [p for p in dotted.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            index = _list_index(node, part, where)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {assignment!r}: {where} is not a section")
+
+
+def _list_index(items: list, part: str, where: str) -> int:
+    if re.fullmatch(r"\d+", part):
+        index = int(part)
+        if index >= len(items):
+            raise ConfigError(f"--set: {where}: index out of range (list has {len(items)} items)")
+        return index
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return index
+    names = [i.get("name") for i in items if isinstance(i, dict)]
+    raise ConfigError(f"--set: {where}: no item named {part!r}; names: {names}")
+
+
+def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Make data paths relative to the config file's folder absolute."""
+    for task in config.tasks:
+        source = task.source
+        for field_name in ("data_dir", "train", "fewshot", "test"):
+            value = getattr(source, field_name, None)
+            if isinstance(value, Path) and not value.is_absolute():
+                setattr(source, field_name, (base / value).resolve())
+    return config
+
+
+BUILTIN_CONFIGS = {"quickstart": Path(__file__).parent / "configs" / "quickstart.yaml"}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or a built-in name such as `quickstart`), apply overrides, validate."""
+    path = BUILTIN_CONFIGS.get(str(path), Path(path))
+    if not path.is_file():
+        known = ", ".join(sorted(BUILTIN_CONFIGS))
+        raise ConfigError(f"{path}: config file not found (built-in configs: {known})")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    config = parse_config(data, origin=str(path), text=text)
+    return resolve_paths(config, path.parent.resolve())

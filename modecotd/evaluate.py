@@ -1,0 +1,95 @@
+"""Stage 4 as a library: build a system (base, expert, mixture), decode greedily, score.
+
+Scores kept per row: strict correctness (our extractor), the reference's lenient correctness,
+answer-format compliance and, for free-text answers, partial credit. The majority baseline
+(always answer the train split's most common answer) is computed beside them.
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+from modecotd import prompts
+from modecotd.generation import generate_texts
+from modecotd.tasks.answers import END_MARK, extract_answer, has_answer_format, is_correct, partial_credit, \
+    reference_is_correct
+from modecotd.tasks.schema import AnswerKind, Example
+
+
+def load_system(student_dir: Path, dtype: str, system: dict):
+    """A generation-ready model for ``system``: {"kind": "base"} | {"kind": "expert", "adapter": dir}
+    | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}}. Adapters are merged."""
+    from modecotd.models import load_causal_lm
+
+    kind = system["kind"]
+    if kind == "base":
+        return load_causal_lm(student_dir, dtype)
+    if kind == "expert":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_causal_lm(student_dir, dtype), str(system["adapter"]))
+        return model.merge_and_unload()
+    if kind == "mixture":
+        from modecotd.mixture import LoraHubMixer
+
+        experts = {name: Path(path) for name, path in system["experts"].items()}
+        mixer = LoraHubMixer(student_dir, experts, dtype)
+        return mixer.merged_model([system["weights"][name] for name in mixer.names])
+    raise ValueError(f"unknown system kind {kind!r}")
+
+
+def predict(model, tokenizer, examples: list[Example], kind: AnswerKind, *, batch_size: int,
+            max_new_tokens: int, on_batch=None) -> list[str]:
+    prompt_texts = [prompts.student_prompt(ex.question, kind) for ex in examples]
+    outputs = generate_texts(model, tokenizer, prompt_texts, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, stop=END_MARK, on_batch=on_batch)
+    return [texts[0] for texts in outputs]
+
+
+def score_rows(examples: list[Example], outputs: list[str], kind: AnswerKind) -> list[dict]:
+    rows = []
+    for ex, text in zip(examples, outputs):
+        extracted = extract_answer(text, kind)
+        rows.append({
+            "question": ex.question,
+            "gold": ex.answer,
+            "output": text,
+            "extracted": extracted,
+            "correct": is_correct(extracted, ex.answer, kind),
+            "correct_reference": reference_is_correct(text, ex.answer, kind),
+            "format_ok": has_answer_format(text),
+            "partial": partial_credit(extracted, ex.answer, kind),
+            "source": ex.source,
+        })
+    return rows
+
+
+def summarize(rows: list[dict], scoring: str = "strict") -> dict:
+    """Accuracy under the chosen scoring plus the other scores, for one task and system."""
+    n = len(rows)
+    if n == 0:
+        return {"n": 0, "accuracy": None}
+    strict = sum(r["correct"] for r in rows) / n
+    reference = sum(r["correct_reference"] for r in rows) / n
+    partial = [r["partial"] for r in rows if r["partial"] is not None]
+    return {
+        "n": n,
+        "accuracy": strict if scoring == "strict" else reference,
+        "accuracy_strict": strict,
+        "accuracy_reference": reference,
+        "format_rate": sum(r["format_ok"] for r in rows) / n,
+        "partial_credit": sum(partial) / len(partial) if partial else None,
+    }
+
+
+def majority_baseline(train_answers: list[str], test_answers: list[str]) -> dict:
+    """Accuracy of always answering the most common training answer (ties: first seen)."""
+    if not train_answers or not test_answers:
+        pool = test_answers
+    else:
+        pool = train_answers
+    if not pool:
+        return {"answer": None, "accuracy": None}
+    answer = collections.Counter(pool).most_common(1)[0][0]
+    return {"answer": answer, "accuracy": sum(a == answer for a in test_answers) / max(1, len(test_answers)),
+            "from": "train" if pool is train_answers else "test"}

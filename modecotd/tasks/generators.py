@@ -1,0 +1,401 @@
+"""Seeded procedural tasks with exact gold answers and scripted rationales.
+
+Four families, built the way the originals were: Kojima et al.'s coin flip and last-letter
+concatenation, BIG-bench's tracking shuffled objects (three people, balls) and MultiArith-style
+multi-step word problems. Each example's rationale is short, correct and deterministic from the
+instance; it carries no ``-->``/``END`` markers (the training target adds them).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from modecotd.errors import UserError
+from modecotd.tasks.schema import AnswerKind, Example
+
+FAMILIES: dict[str, AnswerKind] = {
+    "coin_flip": AnswerKind.YES_NO,
+    "last_letter_concatenation": AnswerKind.TEXT,
+    "tracking_shuffled_objects": AnswerKind.CHOICE,
+    "arithmetic": AnswerKind.NUMBER,
+}
+
+DEFAULT_SIZES: dict[str, int] = {
+    "coin_flip": 4,
+    "last_letter_concatenation": 4,
+    "tracking_shuffled_objects": 3,
+    "arithmetic": 2,
+}
+"""Default ``size`` per family: people, words, swaps, steps."""
+
+SIZE_RANGES: dict[str, tuple[int, int]] = {
+    "coin_flip": (1, 8),
+    "last_letter_concatenation": (1, 8),
+    "tracking_shuffled_objects": (1, 6),
+    "arithmetic": (1, 3),
+}
+"""Inclusive allowed range of ``size`` per family."""
+
+SPLITS = ("train", "fewshot", "test")
+
+FLIP_PROBABILITY = 0.5
+MAX_ATTEMPTS_PER_EXAMPLE = 50
+"""Draws allowed per requested example before giving up on finding unique questions."""
+MIN_ATTEMPTS = 1000
+
+NAMES = (
+    "Whitney", "Erika", "Tj", "Benito", "Elise", "Lupe", "Renee", "Noemi", "Colton", "Dexter",
+    "Katy", "Brayden", "Beatriz", "Gillian", "Coco", "Vivian", "Lucky", "Mireya", "Jj", "Kc",
+    "Caleb", "Chase", "Eleazar", "Chanel", "Myriam", "Cecy", "Faisal", "Svetlana", "Jamie",
+    "Jose", "Ariel", "Rosalind", "Omar", "Priya", "Hugo", "Ingrid", "Mateo", "Yusuf", "Zara",
+    "Felix", "Greta", "Idris", "Juliet", "Kamal", "Leif", "Marisol", "Nadia", "Otis", "Paloma",
+    "Quinn", "Rafael", "Sunny", "Tobias", "Ulrich", "Wendy", "Xavier", "Yolanda", "Ezekiel",
+    "Dominik", "Beth",
+)
+"""Varied first names with varied last letters (coin flip, last letter)."""
+
+PLAYERS = ("Alice", "Bob", "Claire")
+COLOURS = (
+    "red", "blue", "green", "yellow", "purple", "orange", "white", "black", "pink", "brown",
+)
+CHOICE_LETTERS = "ABCDEF"
+
+# --------------------------------------------------------------------------- coin flip
+
+
+def _coin_flip(rng: random.Random, size: int) -> tuple[str, str, str]:
+    """One coin-flip instance: question, rationale, answer ("yes" iff an even number of flips)."""
+    people = rng.sample(NAMES, size)
+    heads = True
+    sentences = ["A coin is heads up."]
+    lines = []
+    for person in people:
+        if rng.random() < FLIP_PROBABILITY:
+            heads = not heads
+            sentences.append(f"{person} flips the coin.")
+            lines.append(f"{person} flips the coin, so the coin is now {_side(heads)} up.")
+        else:
+            sentences.append(f"{person} does not flip the coin.")
+            lines.append(
+                f"{person} does not flip the coin, so the coin is still {_side(heads)} up."
+            )
+    sentences.append('Is the coin still heads up? Note that "flip" here means "reverse".')
+    lines.append(f"So the coin is {_side(heads)} up.")
+    return " ".join(sentences), "\n".join(lines), "yes" if heads else "no"
+
+
+def _side(heads: bool) -> str:
+    """The name of the coin's visible side."""
+    return "heads" if heads else "tails"
+
+
+# --------------------------------------------------------------------------- last letter
+
+
+def _last_letter(rng: random.Random, size: int) -> tuple[str, str, str]:
+    """One last-letter instance: question, rationale, answer (lower-case concatenation)."""
+    words = rng.sample(NAMES, size)
+    letters = [word[-1] for word in words]
+    answer = "".join(letters).lower()
+    question = (
+        f'Take the last letters of each words in "{" ".join(words)}" and concatenate them.'
+    )
+    lines = [f'The last letter of "{word}" is "{letter}".' for word, letter in zip(words, letters)]
+    lines.append(f'Concatenating them gives "{answer}".')
+    return question, "\n".join(lines), answer
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+def _swap_ordinals(count: int) -> list[str]:
+    """First, Then, ..., Finally for ``count`` swaps (just First for one)."""
+    if count == 1:
+        return ["First"]
+    return ["First"] + ["Then"] * (count - 2) + ["Finally"]
+
+
+def _holdings_sentence(holding: dict[str, str]) -> str:
+    """'Alice has the blue ball, Bob has ..., Claire has ...'."""
+    return ", ".join(f"{player} has the {holding[player]} ball" for player in PLAYERS)
+
+
+def _tracking(rng: random.Random, size: int) -> tuple[str, str, str]:
+    """One tracking-shuffled-objects instance with ``size`` swaps: question, rationale, letter."""
+    colours = rng.sample(COLOURS, len(PLAYERS))
+    holding = dict(zip(PLAYERS, colours))
+    start = ", ".join(f"{player} has a {holding[player]} ball" for player in PLAYERS[:-1])
+    start += f", and {PLAYERS[-1]} has a {holding[PLAYERS[-1]]} ball"
+    swap_sentences = []
+    lines = []
+    for ordinal in _swap_ordinals(size):
+        first, second = rng.sample(PLAYERS, 2)
+        holding[first], holding[second] = holding[second], holding[first]
+        swap_sentences.append(f"{ordinal}, {first} and {second} swap balls.")
+        lines.append(f"After {first} and {second} swap: {_holdings_sentence(holding)}.")
+    target = rng.choice(PLAYERS)
+    letter = CHOICE_LETTERS[colours.index(holding[target])]
+    choices = ", ".join(
+        f"({CHOICE_LETTERS[i]}) {colour} ball" for i, colour in enumerate(colours)
+    )
+    question = (
+        f"{', '.join(PLAYERS[:-1])}, and {PLAYERS[-1]} are playing a game. At the start of the "
+        f"game, they are each holding a ball: {start}. As the game progresses, pairs of players "
+        f"trade balls. {' '.join(swap_sentences)} At the end of the game, {target} has the "
+        f"Answer choices: {choices}."
+    )
+    lines.append(f"So {target} has the {holding[target]} ball, which is choice ({letter}).")
+    return question, "\n".join(lines), letter
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+MAX_VALUE = 100
+"""Every intermediate result of an arithmetic problem stays within 0..MAX_VALUE."""
+START_RANGE = (2, 30)
+MAX_ADDEND = 20
+MAX_FACTOR = 4
+MIN_FACTOR = 2
+
+PEOPLE = (
+    ("Tom", "he", "his"), ("Maria", "she", "her"), ("Sam", "he", "his"), ("Lena", "she", "her"),
+    ("Omar", "he", "his"), ("Priya", "she", "her"), ("Jack", "he", "his"), ("Nina", "she", "her"),
+    ("Diego", "he", "his"), ("Grace", "she", "her"), ("Ken", "he", "his"), ("Ava", "she", "her"),
+)
+
+
+@dataclass(frozen=True)
+class _Template:
+    """Phrasings of one word-problem story; ``{a}``/``{k}``/``{r}`` are operand, step, result."""
+
+    items: tuple[str, ...]
+    start_q: str
+    start_r: str
+    add_q: str
+    add_r: str
+    sub_q: str
+    sub_r: str
+    mul_q: str
+    mul_r: str
+    ask: str
+
+
+TEMPLATES = (
+    _Template(
+        items=("apples", "oranges", "pears", "plums"),
+        start_q="{name} has {start} {item}.",
+        start_r="{name} starts with {start} {item}.",
+        add_q="{Pron} buys {k} more {item}.",
+        add_r="{Pron} buys {k} more: {a} + {k} = {r}.",
+        sub_q="{Pron} gives away {k} {item}.",
+        sub_r="{Pron} gives away {k}: {a} - {k} = {r}.",
+        mul_q="{Pron} ends up with {k} times as many {item} as {pron} had.",
+        mul_r="{Pron} ends up with {k} times as many: {a} * {k} = {r}.",
+        ask="How many {item} does {name} have now?",
+    ),
+    _Template(
+        items=("stickers", "marbles", "stamps", "baseball cards"),
+        start_q="{name} collects {item} and has {start} of them.",
+        start_r="{name} has {start} {item} at first.",
+        add_q="{Pron} finds {k} more {item}.",
+        add_r="{Pron} finds {k} more: {a} + {k} = {r}.",
+        sub_q="{Pron} loses {k} {item}.",
+        sub_r="{Pron} loses {k}: {a} - {k} = {r}.",
+        mul_q="{Poss} collection grows to {k} times its size.",
+        mul_r="The collection grows {k} times: {a} * {k} = {r}.",
+        ask="How many {item} does {name} have now?",
+    ),
+    _Template(
+        items=("crayons", "pencils", "buttons", "cookies"),
+        start_q="A box holds {start} {item}.",
+        start_r="The box starts with {start} {item}.",
+        add_q="{name} puts {k} more {item} in the box.",
+        add_r="{name} puts in {k} more: {a} + {k} = {r}.",
+        sub_q="{name} takes {k} {item} out of the box.",
+        sub_r="{name} takes out {k}: {a} - {k} = {r}.",
+        mul_q="{name} refills the box until it holds {k} times as many {item}.",
+        mul_r="The box now holds {k} times as many: {a} * {k} = {r}.",
+        ask="How many {item} are in the box now?",
+    ),
+    _Template(
+        items=("passengers",),
+        start_q="A bus has {start} {item} on board.",
+        start_r="The bus starts with {start} {item}.",
+        add_q="At a stop, {k} people get on.",
+        add_r="{k} people get on: {a} + {k} = {r}.",
+        sub_q="At a stop, {k} people get off.",
+        sub_r="{k} people get off: {a} - {k} = {r}.",
+        mul_q="The number of {item} becomes {k} times as large.",
+        mul_r="The number becomes {k} times as large: {a} * {k} = {r}.",
+        ask="How many {item} are on the bus now?",
+    ),
+    _Template(
+        items=("dollars",),
+        start_q="{name} has {start} {item}.",
+        start_r="{name} starts with {start} {item}.",
+        add_q="{Pron} earns {k} {item} by washing cars.",
+        add_r="{Pron} earns {k}: {a} + {k} = {r}.",
+        sub_q="{Pron} spends {k} {item} on lunch.",
+        sub_r="{Pron} spends {k}: {a} - {k} = {r}.",
+        mul_q="{Pron} invests the money and ends up with {k} times as much.",
+        mul_r="The money grows {k} times: {a} * {k} = {r}.",
+        ask="How many {item} does {name} have now?",
+    ),
+    _Template(
+        items=("roses", "tulips", "daisies"),
+        start_q="There are {start} {item} in {name}'s garden.",
+        start_r="The garden starts with {start} {item}.",
+        add_q="{name} plants {k} more {item}.",
+        add_r="{name} plants {k} more: {a} + {k} = {r}.",
+        sub_q="{name} picks {k} {item} for a bouquet.",
+        sub_r="{name} picks {k}: {a} - {k} = {r}.",
+        mul_q="{name} plants more until there are {k} times as many {item}.",
+        mul_r="There are now {k} times as many: {a} * {k} = {r}.",
+        ask="How many {item} are in the garden now?",
+    ),
+)
+
+
+def _feasible_steps(value: int) -> dict[str, Callable[[random.Random], int]]:
+    """Operations keeping the result in 0..MAX_VALUE from ``value``, each with an operand draw."""
+    steps: dict[str, Callable[[random.Random], int]] = {}
+    if value < MAX_VALUE:
+        steps["add"] = lambda rng: rng.randint(1, min(MAX_ADDEND, MAX_VALUE - value))
+    if value >= 2:
+        steps["sub"] = lambda rng: rng.randint(1, min(MAX_ADDEND, value - 1))
+    if value * MIN_FACTOR <= MAX_VALUE:
+        steps["mul"] = lambda rng: rng.randint(MIN_FACTOR, min(MAX_FACTOR, MAX_VALUE // value))
+    return steps
+
+
+def _apply(operation: str, value: int, operand: int) -> int:
+    """Result of one arithmetic step."""
+    if operation == "add":
+        return value + operand
+    if operation == "sub":
+        return value - operand
+    return value * operand
+
+
+def _arithmetic(rng: random.Random, size: int) -> tuple[str, str, str]:
+    """One word problem of ``size`` steps: question, rationale (one equation a step), answer."""
+    template = rng.choice(TEMPLATES)
+    name, pronoun, possessive = rng.choice(PEOPLE)
+    fields = {
+        "name": name, "pron": pronoun, "Pron": pronoun.capitalize(),
+        "Poss": possessive.capitalize(),
+        "item": rng.choice(template.items),
+    }
+    value = rng.randint(*START_RANGE)
+    sentences = [template.start_q.format(start=value, **fields)]
+    lines = [template.start_r.format(start=value, **fields)]
+    for _ in range(size):
+        steps = _feasible_steps(value)
+        operation = rng.choice(sorted(steps))
+        operand = steps[operation](rng)
+        result = _apply(operation, value, operand)
+        numbers = {"a": value, "k": operand, "r": result}
+        sentences.append(getattr(template, f"{operation}_q").format(**numbers, **fields))
+        lines.append(getattr(template, f"{operation}_r").format(**numbers, **fields))
+        value = result
+    sentences.append(template.ask.format(**fields))
+    return " ".join(sentences), "\n".join(lines), str(value)
+
+
+# --------------------------------------------------------------------------- public API
+
+_BUILDERS: dict[str, Callable[[random.Random, int], tuple[str, str, str]]] = {
+    "coin_flip": _coin_flip,
+    "last_letter_concatenation": _last_letter,
+    "tracking_shuffled_objects": _tracking,
+    "arithmetic": _arithmetic,
+}
+
+
+def _space_size(family: str, size: int) -> int | None:
+    """How many distinct questions the family can produce at ``size``; None if not counted."""
+    if family == "coin_flip":
+        return math.perm(len(NAMES), size) * 2**size
+    if family == "last_letter_concatenation":
+        return math.perm(len(NAMES), size)
+    if family == "tracking_shuffled_objects":
+        ordered_pairs = math.perm(len(PLAYERS), 2)
+        return math.perm(len(COLOURS), len(PLAYERS)) * ordered_pairs**size * len(PLAYERS)
+    return None
+
+
+def _check_request(family: str, n: int, size: int | None) -> int:
+    """Validate family, n and size; return the size to use."""
+    if family not in FAMILIES:
+        raise UserError(
+            f"unknown generator family {family!r}; allowed: {', '.join(sorted(FAMILIES))}"
+        )
+    if n < 0:
+        raise UserError(f"number of examples must be >= 0, got {n}")
+    low, high = SIZE_RANGES[family]
+    chosen = DEFAULT_SIZES[family] if size is None else size
+    if not low <= chosen <= high:
+        raise UserError(
+            f"size {chosen} out of range for {family!r}; allowed: {low} to {high}"
+        )
+    space = _space_size(family, chosen)
+    if space is not None and n > space:
+        raise UserError(
+            f"cannot generate {n} distinct {family!r} questions at size {chosen}: "
+            f"only {space} exist"
+        )
+    return chosen
+
+
+def generate(family: str, n: int, seed: int, size: int | None = None) -> list[Example]:
+    """``n`` distinct examples of ``family``, deterministic for ``seed``.
+
+    ``size`` is the number of people (coin_flip, 1-8, default 4), words (last-letter, 1-8,
+    default 4), swaps (tracking, 1-6, default 3) or steps (arithmetic, 1-3, default 2).
+    Raises UserError on an unknown family, a size out of range or too small a question space.
+    """
+    chosen = _check_request(family, n, size)
+    build = _BUILDERS[family]
+    rng = random.Random(seed)
+    examples: list[Example] = []
+    seen: set[str] = set()
+    attempts_left = max(MIN_ATTEMPTS, MAX_ATTEMPTS_PER_EXAMPLE * n)
+    while len(examples) < n:
+        if attempts_left == 0:
+            raise UserError(
+                f"could not find {n} distinct {family!r} questions at size {chosen}; "
+                f"ask for fewer or a larger size"
+            )
+        attempts_left -= 1
+        question, rationale, answer = build(rng, chosen)
+        if question in seen:
+            continue
+        seen.add(question)
+        source = f"generator:{family}:{seed}:{len(examples)}"
+        examples.append(Example(question, answer, rationale, source))
+    return examples
+
+
+def generate_splits(
+    family: str, sizes: dict[str, int], seed: int, size: int | None = None
+) -> dict[str, list[Example]]:
+    """Disjoint train/fewshot/test splits of ``family`` drawn from one pool.
+
+    ``sizes`` maps split names (train, fewshot, test) to counts; a missing split gets 0.
+    """
+    unknown = sorted(set(sizes) - set(SPLITS))
+    if unknown:
+        raise UserError(f"unknown split(s) {', '.join(unknown)}; allowed: {', '.join(SPLITS)}")
+    counts = {split: sizes.get(split, 0) for split in SPLITS}
+    negative = [split for split, count in counts.items() if count < 0]
+    if negative:
+        raise UserError(f"split size must be >= 0 for {', '.join(negative)}")
+    pool = generate(family, sum(counts.values()), seed, size)
+    splits: dict[str, list[Example]] = {}
+    start = 0
+    for split in SPLITS:
+        splits[split] = pool[start:start + counts[split]]
+        start += counts[split]
+    return splits
