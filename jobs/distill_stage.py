@@ -27,6 +27,7 @@ SUMMARY_FILE = "training.json"
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the plain PyTorch + DeepSpeed loop of modecotd.distill."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     settings = DistillSettings(**loop_config["settings"])

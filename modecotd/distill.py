@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 GRADIENT_CLIPPING = 1.0
+PROGRESS_EVERY_STEPS = 10
 
 
 @dataclass
@@ -164,6 +166,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     rng = random.Random(settings.seed)
     losses: list[float] = []
     step, tokens = 0, 0
+    started = time.time()
     while step < total_steps:
         batches = length_bucketed_batches(examples, micro * world_size, rng)
         for global_batch in batches:
@@ -179,9 +182,14 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
             step += 1
             report({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "target_tokens": tokens})
+            if rank == 0 and (step % PROGRESS_EVERY_STEPS == 0 or step == total_steps):
+                log.info("step %d/%d loss %.3f, %.0f target tokens/s", step, total_steps, loss,
+                         tokens / max(1e-9, time.time() - started))
     summary = {"steps": step, "rows": len(settings.rows), "rows_too_long": too_long,
                "examples": len(examples), "target_tokens_rank0": tokens, "losses": losses,
-               "first_loss": losses[0], "final_loss": sum(losses[-5:]) / len(losses[-5:])}
+               "first_loss": losses[0], "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+               "zero_stage": engine.zero_optimization_stage(), "world_size": world_size,
+               "target_tokens_per_s_rank0": tokens / max(1e-9, time.time() - started)}
     save_adapter(engine, settings.output_dir, rank, settings.zero_stage)
     return summary
 

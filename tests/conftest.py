@@ -1,0 +1,40 @@
+"""Shared fixtures: offline hub, a tiny model, the paper's data folder, one local Ray per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data" / "mode-cotd"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from modecotd.models import BUILTIN_TINY, materialize
+
+    return materialize(BUILTIN_TINY)
+
+
+@pytest.fixture(scope="session")
+def paper_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray with the dashboard on (Ray Train runs slower without it)."""
+    import ray
+
+    from modecotd.jobs.ray_runtime import worker_env
+
+    ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": worker_env()},
+             logging_level="WARNING")
+    yield ray
+    ray.shutdown()

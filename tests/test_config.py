@@ -1,0 +1,125 @@
+"""Config validation: every user mistake is one line naming file, line, key and what is allowed."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from modecotd.config import BUILTIN_CONFIGS, apply_override, load_config
+from modecotd.errors import ConfigError
+
+GOOD = textwrap.dedent("""\
+    name: demo
+    tasks:
+      - name: coins
+        role: seen
+        source: {kind: generated, family: coin_flip}
+        sizes: {train: 10, fewshot: 3, test: 5}
+    teacher:
+      backend: scripted
+    distill:
+      epochs: 1
+    """)
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_builtin_quickstart_is_valid():
+    config = load_config("quickstart")
+    assert config.name == "quickstart"
+    assert {t.role.value for t in config.tasks} == {"seen", "unseen"}
+    assert BUILTIN_CONFIGS["quickstart"].is_file()
+
+
+def test_good_config_gets_defaults(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert config.distill.epochs == 1
+    assert config.distill.zero_stage == 2  # default
+    assert config.mixture.bound == 3.0 and config.mixture.budget == 40  # the paper's search
+    assert config.distill.lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    (GOOD.replace("  epochs: 1", "  epochs: 1\n  epoch: 2"), ":11: distill.epoch: unknown key"),
+    (GOOD.replace("epochs: 1", "epochs: many"), ":10: distill.epochs:"),
+    (GOOD.replace("epochs: 1", "epochs: -1"), ":10: distill.epochs: Input should be greater than 0"),
+    (GOOD.replace("backend: scripted", "backend: gpt9"), ":8: teacher.backend:"),
+    (GOOD.replace("family: coin_flip", "family: chess"), ":5: tasks.0.source.family:"),
+    (GOOD.replace("role: seen", "role: maybe"), ":4: tasks.0.role:"),
+    (GOOD.replace("kind: generated", "kind: csv"), ":5: tasks.0.source:"),
+    (GOOD.replace("name: coins", "name: Coins!"), ":3: tasks.0.name:"),
+    (GOOD.replace("role: seen", "role: unseen"), "at least one task must have role 'seen'"),
+])
+def test_bad_configs_name_line_and_key(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+    assert "run.yaml" in message
+
+
+def test_wrong_literal_lists_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match="'scripted', 'transformers' or 'precomputed'"):
+        load_config(write(tmp_path, GOOD.replace("backend: scripted", "backend: gpt9")))
+
+
+def test_duplicate_task_names(tmp_path):
+    text = GOOD + textwrap.dedent("""\
+        extra: 1
+        """)
+    with pytest.raises(ConfigError, match="extra: unknown key"):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"run.yaml:2: invalid YAML"):
+        load_config(write(tmp_path, "name: x\n  bad: [1, 2\n"))
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(write(tmp_path, ""))
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, GOOD)
+    config = load_config(path, ["distill.epochs=2.5", "tasks.coins.sizes.test=7", "mixture.l1=[0.1, 0.2]",
+                                "tasks.0.role=seen", "student.dtype=fp32"])
+    assert config.distill.epochs == 2.5
+    assert config.tasks[0].sizes.test == 7
+    assert config.mixture.l1 == [0.1, 0.2]
+    assert config.student.dtype == "fp32"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.epochs", "expected key.path=value"),
+    ("tasks.chess.role=seen", "no item named 'chess'"),
+    ("tasks.5.role=seen", "index out of range"),
+    ("name.first=x", "is not a section"),
+])
+def test_bad_overrides(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, GOOD), [override])
+
+
+def test_override_values_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="distill.zero_stage"):
+        load_config(write(tmp_path, GOOD), ["distill.zero_stage=4"])
+
+
+def test_relative_data_paths_resolve_against_the_config(tmp_path):
+    text = GOOD.replace("source: {kind: generated, family: coin_flip}",
+                        "source: {kind: jsonl, train: data/train.jsonl, test: data/test.jsonl}\n    answer: yes_no")
+    text = text.replace("backend: scripted", "backend: precomputed")
+    config = load_config(write(tmp_path, text))
+    assert config.tasks[0].source.train == (tmp_path / "data" / "train.jsonl").resolve()
+
+
+def test_apply_override_creates_sections():
+    data: dict = {}
+    apply_override(data, "teacher.samples=3")
+    assert data == {"teacher": {"samples": 3}}

@@ -1,0 +1,51 @@
+"""Training data: loss on the target tokens only; batches pad little."""
+from __future__ import annotations
+
+import random
+
+from modecotd import prompts
+from modecotd.distill import IGNORE_INDEX, collate, length_bucketed_batches, tokenize_rows, warmup_then_linear
+from modecotd.models import load_tokenizer
+from modecotd.tasks.schema import AnswerKind
+
+ROW = {"question": "What is 2 + 3?", "answer": "5", "rationale": "2 + 3 = 5."}
+
+
+def test_prompt_tokens_are_masked(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="right")
+    (example,), too_long = tokenize_rows([ROW], AnswerKind.NUMBER, tokenizer, 512)
+    assert too_long == 0
+    n_prompt = len(tokenizer(prompts.student_prompt(ROW["question"], AnswerKind.NUMBER),
+                             add_special_tokens=False)["input_ids"])
+    assert example["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    target = tokenizer.decode(example["labels"][n_prompt:])
+    assert target.startswith(" 2 + 3 = 5.\n\n-->\n\n5 END")
+    assert example["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_too_long_rows_are_counted_not_kept(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="right")
+    examples, too_long = tokenize_rows([ROW, {**ROW, "rationale": "word " * 400}], AnswerKind.NUMBER, tokenizer, 64)
+    assert len(examples) == 1 and too_long == 1
+
+
+def test_collate_pads_right_and_ignores_padding():
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_length_bucketing_keeps_every_example_once():
+    examples = [{"input_ids": [0] * n, "labels": [0] * n} for n in range(1, 41)]
+    batches = length_bucketed_batches(examples, 4, random.Random(0))
+    lengths = sorted(len(e["input_ids"]) for b in batches for e in b)
+    assert lengths == list(range(1, 41))
+    waste = sum(max(len(e["input_ids"]) for e in b) * len(b) - sum(len(e["input_ids"]) for e in b) for b in batches)
+    assert waste < 0.2 * sum(range(1, 41))
+
+
+def test_schedule_warms_up_then_decays():
+    factor = warmup_then_linear(100, 0.1)
+    assert factor(0) < factor(5) < factor(9) == 1.0
+    assert factor(50) > factor(90) > factor(99) > 0

@@ -1,0 +1,98 @@
+"""End to end on a local Ray: teacher actors, a Ray Train + DeepSpeed expert, a Ray Tune mixture
+search and evaluator actors, with a tiny model on two small generated tasks; then resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modecotd.artifacts import read_jsonl
+from modecotd.config import parse_config
+from modecotd.jobs.driver import run_pipeline
+
+CONFIG = {
+    "name": "e2e",
+    "seed": 0,
+    "tasks": [
+        {"name": "coins", "role": "seen", "source": {"kind": "generated", "family": "coin_flip", "size": 2},
+         "sizes": {"train": 12, "fewshot": 4, "test": 6}},
+        {"name": "letters", "role": "unseen",
+         "source": {"kind": "generated", "family": "last_letter_concatenation", "size": 2},
+         "sizes": {"train": 0, "fewshot": 4, "test": 6}},
+    ],
+    "teacher": {"backend": "scripted", "actors": 2, "batch_size": 4},
+    "student": {"model": "builtin:tiny", "dtype": "fp32"},
+    "distill": {"epochs": 3, "batch_size": 4, "learning_rate": 5e-3, "max_length": 160, "zero_stage": 2,
+                "lora": {"r": 4, "alpha": 8}},
+    "mixture": {"budget": 4, "l1": [0.05, 0.5], "cv_folds": 2},
+    "evaluation": {"max_new_tokens": 8, "batch_size": 8, "actors": 1},
+}
+
+UNITS = ["rationales/coins", "experts/coins", "mixtures/coins", "mixtures/letters", "eval/coins/base",
+         "eval/coins/expert", "eval/coins/mixture", "eval/letters/base", "eval/letters/mixture"]
+
+
+def manifests(run_dir) -> dict[str, str]:
+    return {unit: (run_dir / unit / "manifest.json").read_text() for unit in UNITS}
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    outcome = run_pipeline(parse_config(CONFIG), run_dir)
+    return outcome, run_dir
+
+
+def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
+    from peft import PeftModel
+
+    from modecotd.models import load_causal_lm
+
+    outcome, run_dir = first_run
+    assert outcome.failures == {}
+    accepted = read_jsonl(run_dir / "rationales/coins/accepted.jsonl")
+    assert len(accepted) == 12 and all(r["rationale"] for r in accepted)
+
+    training = json.loads((run_dir / "experts/coins/training.json").read_text())
+    assert training["zero_stage"] == 2  # a DeepSpeed ZeRO-2 engine did the training
+    assert training["steps"] == 9  # 12 rows / batch 4 x 3 epochs
+    assert sum(training["losses"][-3:]) < sum(training["losses"][:3])
+    model = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), str(run_dir / "experts/coins"))
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+    mixture = json.loads((run_dir / "mixtures/letters/mixture.json").read_text())
+    assert set(mixture["weights"]) == {"coins"}
+    assert mixture["l1"] in (0.05, 0.5)
+    assert {c["l1"] for c in mixture["candidates"]} == {0.05, 0.5}  # Ray Tune ran both trials
+    search = json.loads((run_dir / "mixtures/letters/search.json").read_text())
+    assert all(len(trial["history"]) == 4 for trial in search["trials"])
+
+    for unit in UNITS[4:]:
+        rows = read_jsonl(run_dir / unit / "predictions.jsonl")
+        assert len(rows) == 6 and {"output", "extracted", "correct", "format_ok"} <= set(rows[0])
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["tasks"]["coins"]["eval"]) == {"base", "expert", "mixture"}
+    assert set(report["tasks"]["letters"]["eval"]) == {"base", "mixture"}
+    assert (run_dir / "accuracy.png").stat().st_size > 1000
+    assert "| coins | seen | 6 |" in (run_dir / "report.md").read_text()
+    assert outcome.report == run_dir / "report.md"
+
+
+def test_rerun_skips_finished_units(first_run):
+    outcome, run_dir = first_run
+    before = manifests(run_dir)
+    again = run_pipeline(parse_config(CONFIG), run_dir)
+    assert again.failures == {}
+    assert manifests(run_dir) == before  # nothing redone
+
+
+def test_changed_mixer_setting_redoes_only_what_depends_on_it(first_run):
+    outcome, run_dir = first_run
+    before = manifests(run_dir)
+    changed = json.loads(json.dumps(CONFIG))
+    changed["mixture"]["budget"] = 3
+    run_pipeline(parse_config(changed), run_dir)
+    after = manifests(run_dir)
+    redone = {unit for unit in UNITS if after[unit] != before[unit]}
+    assert redone == {"mixtures/coins", "mixtures/letters", "eval/coins/mixture", "eval/letters/mixture"}
