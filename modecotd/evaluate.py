@@ -18,7 +18,10 @@ from modecotd.tasks.schema import AnswerKind, Example
 
 def load_system(student_dir: Path, dtype: str, system: dict):
     """A generation-ready model for ``system``: {"kind": "base"} | {"kind": "expert", "adapter": dir}
-    | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}}. Adapters are merged."""
+    | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}}.
+
+    Adapters stay unmerged: merging a LoRA update into bf16 weights rounds most of it away (the
+    update is small next to the weights), while training computed it as a separate path."""
     from modecotd.models import load_causal_lm
 
     kind = system["kind"]
@@ -27,14 +30,14 @@ def load_system(student_dir: Path, dtype: str, system: dict):
     if kind == "expert":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_causal_lm(student_dir, dtype), str(system["adapter"]))
-        return model.merge_and_unload()
+        return PeftModel.from_pretrained(load_causal_lm(student_dir, dtype), str(system["adapter"])).eval()
     if kind == "mixture":
         from modecotd.mixture import LoraHubMixer
 
         experts = {name: Path(path) for name, path in system["experts"].items()}
         mixer = LoraHubMixer(student_dir, experts, dtype)
-        return mixer.merged_model([system["weights"][name] for name in mixer.names])
+        mixer.set_weights([system["weights"][name] for name in mixer.names])
+        return mixer.model
     raise ValueError(f"unknown system kind {kind!r}")
 
 

@@ -105,11 +105,6 @@ class LoraHubMixer:
             raise ValueError("no few-shot example fits in max_length")
         return collate(examples, self.tokenizer.pad_token_id)
 
-    def merged_model(self, weights):
-        """The student with the mixture merged into its weights (for fast generation)."""
-        self.set_weights(weights)
-        return self.model.merge_and_unload()
-
 
 @dataclass
 class SearchResult:
@@ -121,8 +116,13 @@ class SearchResult:
 def search_weights(objective: Callable[[list[float]], float], n: int, *, budget: int, bound: float,
                    seed: int, l1: float) -> SearchResult:
     """Minimise ``objective(w) + l1 * mean|w|`` over ``[-bound, bound]^n`` with NGOpt, from w = 0."""
+    import warnings
+
     import nevergrad as ng
     import numpy as np
+
+    # NGOpt's sub-optimisers (COBYLA) warn about settings they adjust themselves; not the user's concern.
+    warnings.filterwarnings("ignore", message="COBYLA", category=UserWarning)
 
     parametrization = ng.p.Array(init=np.zeros(n), lower=-bound, upper=bound)
     parametrization.random_state = np.random.RandomState(seed)

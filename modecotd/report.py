@@ -94,6 +94,7 @@ def render_markdown(report: dict) -> str:
             name, t["role"], str(t["sizes"]["test"]), _pct(t["majority"]["accuracy"]),
             *(_pct(ev.get(s, {}).get("accuracy")) for s in SYSTEMS),
             *(_pct(ev.get(s, {}).get("format_rate")) for s in SYSTEMS)]) + " |")
+    lines += ["", "## What came out", ""] + findings(report)
     lines += ["", "Means:", ""]
     for role, systems in report["means"].items():
         lines.append(f"- {role}: " + ", ".join(f"{s} {_pct(v)}" for s, v in systems.items()))
@@ -128,6 +129,28 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in report["seconds"].items()]
     lines += ["", "![accuracy by task and system](accuracy.png)", ""]
     return "\n".join(lines)
+
+
+def findings(report: dict) -> list[str]:
+    """Plain sentences comparing each system with the base student and the majority answer."""
+    out = []
+    for name, t in report["tasks"].items():
+        ev, majority = t["eval"], t["majority"]["accuracy"]
+        base = ev.get("base", {}).get("accuracy")
+        if base is None:
+            continue
+        parts = [f"base {_pct(base)}%"]
+        for system in ("expert", "mixture"):
+            value = ev.get(system, {}).get("accuracy")
+            if value is not None:
+                parts.append(f"{system} {_pct(value)}% ({100 * (value - base):+.1f} points over base)")
+        verdict = ""
+        best = max(ev.get(s, {}).get("accuracy") or 0.0 for s in ("expert", "mixture"))
+        if majority is not None:
+            verdict = (" – above the majority answer" if best > majority else
+                       " – not above always giving the majority answer") + f" ({_pct(majority)}%)"
+        out.append(f"- {name} ({t['role']}): " + ", ".join(parts) + verdict + ".")
+    return out
 
 
 def plot_accuracy(report: dict, path: Path) -> None:

@@ -50,6 +50,7 @@ def mixture_trial(trial_config: dict, context: dict) -> None:
                                 **search)
         held_out.append(loss_on(mixer.batch_for([rows[i] for i in held], kind, context["max_length"]))(result.weights))
         tune.report({"fold": fold, "fold_loss": held_out[-1]})
+        print(f"mix:{task}:l1={l1}: fold {fold + 1} held-out loss {held_out[-1]:.3f}", flush=True)
     cv_loss = sum(held_out) / len(held_out)
     final = search_weights(loss_on(mixer.batch_for(rows, kind, context["max_length"])), len(mixer.names), **search)
     record = {"task": task, "l1": l1, "cv_loss": cv_loss, "fold_losses": held_out, "objective": final.objective,
@@ -75,7 +76,7 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
     trials_dir = run_dir / "mixtures" / ".trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
     context = {
-        "student_dir": str(student_dir), "dtype": "fp32", "experts": {n: str(p) for n, p in expert_dirs.items()},
+        "student_dir": str(student_dir), "dtype": config.student.dtype, "experts": {n: str(p) for n, p in expert_dirs.items()},
         "budget": cfg.budget, "bound": cfg.bound, "seed": config.seed, "cv_folds": cfg.cv_folds,
         "max_length": config.distill.max_length, "trials_dir": str(trials_dir),
         "tasks": {name: {"kind": tasks[name].kind.value,
