@@ -150,7 +150,22 @@ def findings(report: dict) -> list[str]:
             verdict = (" – above the majority answer" if best > majority else
                        " – not above always giving the majority answer") + f" ({_pct(majority)}%)"
         out.append(f"- {name} ({t['role']}): " + ", ".join(parts) + verdict + ".")
+        out.extend(_limits(name, t, report["tasks"]))
     return out
+
+
+def _limits(name: str, task: dict, tasks: dict) -> list[str]:
+    """Say why a mixture never answered, when the data shows the reason."""
+    mixture = task["eval"].get("mixture")
+    if task["role"] != Role.UNSEEN.value or not mixture or mixture.get("format_rate", 0) > 0:
+        return []
+    seen_kinds = sorted({t["kind"] for t in tasks.values() if t["role"] == Role.SEEN.value})
+    if task["kind"] in seen_kinds:
+        return [f"  - The mixture never wrote the answer format on {name}, although a seen task shares its "
+                f"answer kind ({task['kind']})."]
+    return [f"  - Limit: no seen expert answers in this task's answer kind ({task['kind']}; seen: "
+            f"{', '.join(seen_kinds)}), and the mixture only re-weights experts, so it never wrote an answer "
+            f"after the marker (format {_pct(mixture.get('format_rate'))}%)."]
 
 
 def plot_accuracy(report: dict, path: Path) -> None:
