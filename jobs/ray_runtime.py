@@ -1,7 +1,6 @@
 """Connecting to Ray: a local cluster started in-process, or an existing one by address.
 
-Ray 2.60 enables token authentication when a token file exists; Ray's own client reads the
-token (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``), and we never switch authentication off.
+Token authentication: see :mod:`modecotd.cluster.auth` (it must act before Ray is imported).
 """
 from __future__ import annotations
 
@@ -9,6 +8,8 @@ import logging
 import os
 
 import ray
+
+from modecotd.cluster.auth import token_available
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
     kwargs = dict(runtime_env={"env_vars": worker_env()}, logging_level=logging.WARNING,
                   log_to_driver=True)
     if address:
+        if os.environ.get("RAY_AUTH_MODE") != "token" and token_available():
+            log.warning("a Ray auth token exists but RAY_AUTH_MODE was not 'token' when Ray was imported; "
+                        "the connection may be refused (modecotd's CLI sets it for you)")
         context = ray.init(address=address, **kwargs)
     else:
         context = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)

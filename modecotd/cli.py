@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from modecotd.cluster.auth import use_token_if_available
+
+    use_token_if_available()  # before anything imports Ray
     handlers = {"run": _run, "check": _check, "cluster": _cluster}
     try:
         return handlers[args.command](args)
