@@ -17,11 +17,10 @@ from modecotd.artifacts import Unit, clean_staging, fingerprint, write_json
 from modecotd.models import materialize
 from modecotd.report import build_report
 from modecotd.tasks.build import load_task
-from modecotd.tasks.schema import Example, Role, TaskData
+from modecotd.tasks.schema import Example, TaskData
 
 log = logging.getLogger(__name__)
 
-STAGES = ("teacher", "distill", "mix", "evaluate")
 PIPELINE_VERSION = 1
 # Settings that change where or how fast work runs, never what it produces.
 RESOURCE_KEYS = {"actors", "cpus_per_actor", "workers_per_job", "cpus_per_worker", "max_concurrent_jobs",

@@ -48,12 +48,21 @@ def _run(args) -> int:
     config = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / config.name
     outcome = run_pipeline(config, run_dir, address=args.address)
+    print(_summary(outcome.report))
     print(f"report: {outcome.report}")
     if outcome.failures:
         for unit, error in outcome.failures.items():
             print(f"failed: {unit}: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _summary(report_path: Path) -> str:
+    """The report's "What came out" section, for the terminal."""
+    text = report_path.read_text()
+    start = text.find("## What came out")
+    end = text.find("\n## ", start + 1)
+    return text[start:end].strip() if start >= 0 else ""
 
 
 def _check(args) -> int:
