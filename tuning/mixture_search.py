@@ -75,6 +75,9 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
     cfg = config.mixture
     trials_dir = run_dir / "mixtures" / ".trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
+    for name in pending:  # records of an earlier search with other settings must not be read back
+        for stale in trials_dir.glob(f"{name}--l1=*.json"):
+            stale.unlink()
     context = {
         "student_dir": str(student_dir), "dtype": config.student.dtype, "experts": {n: str(p) for n, p in expert_dirs.items()},
         "budget": cfg.budget, "bound": cfg.bound, "seed": config.seed, "cv_folds": cfg.cv_folds,
