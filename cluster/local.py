@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 from modecotd.errors import UserError
 
@@ -15,7 +17,9 @@ DEFAULT_DASHBOARD_PORT = 8265
 
 
 def _ray_cli() -> str:
-    path = shutil.which("ray")
+    """The `ray` command of this Python environment (also when its bin folder is not on PATH)."""
+    beside = Path(sys.executable).parent / "ray"
+    path = str(beside) if beside.is_file() else shutil.which("ray")
     if path is None:
         raise UserError("the 'ray' command is not on PATH; install modecotd in this environment first")
     return path
