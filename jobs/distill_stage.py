@@ -16,7 +16,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from modecotd.artifacts import Unit
+from modecotd.artifacts import Unit, pending, read_jsonl
 from modecotd.distill import DistillSettings, train_expert
 
 log = logging.getLogger(__name__)
@@ -59,19 +59,14 @@ def fit_expert(task: str, settings: dict, workers: int, cpus_per_worker: float, 
 def run_distill_stage(config, run_dir: Path, tasks, rationale_dirs: dict[str, Path], units: dict[str, Unit],
                       student_dir: Path) -> dict[str, dict]:
     """Train every seen task's expert whose unit is not done; returns summaries and failures."""
-    from modecotd.artifacts import read_jsonl
-
     cfg = config.distill
     storage = str((run_dir / "ray").resolve())
-    pending = [name for name, unit in units.items() if not unit.done()]
-    for name in units:
-        if name not in pending:
-            log.info("distill: %s already done, skipped", name)
+    todo = pending(units, "distill", log)
     results: dict[str, dict] = {}
     running: dict = {}
-    while pending or running:
-        while pending and len(running) < cfg.max_concurrent_jobs:
-            name = pending.pop(0)
+    while todo or running:
+        while todo and len(running) < cfg.max_concurrent_jobs:
+            name = todo.pop(0)
             rows = read_jsonl(rationale_dirs[name] / "accepted.jsonl")
             if cfg.max_rows_per_task:
                 rows = rows[: cfg.max_rows_per_task]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import ray
 from ray.util import ActorPool
 from tqdm import tqdm
 
-from modecotd.artifacts import Unit, write_jsonl
+from modecotd.artifacts import Unit, pending, write_jsonl
 from modecotd.tasks.schema import Example, TaskData
 from modecotd.teacher import label_candidates, make_backend
 
@@ -39,10 +40,7 @@ class TeacherWorker:
 def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: dict[str, Unit],
                       teacher_dir: Path | None) -> dict[str, dict]:
     """Generate and filter rationales for every seen task whose unit is not done yet."""
-    todo = {name: tasks[name] for name, unit in units.items() if not unit.done()}
-    for name in units:
-        if name not in todo:
-            log.info("teacher: %s already done, skipped", name)
+    todo = {name: tasks[name] for name in pending(units, "teacher", log)}
     if not todo:
         return {}
     cfg = config.teacher
@@ -81,7 +79,7 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
             "questions": len(data.train), "accepted": len(good), "rejected": len(bad),
             "questions_with_rationale": len(answered),
             "yield": len(answered) / max(1, len(data.train)),
-            "rejection_reasons": _count(r["reason"] for r in bad),
+            "rejection_reasons": dict(Counter(r["reason"] for r in bad)),
         }
         with units[name].writing(summary) as staging:
             write_jsonl(staging / "accepted.jsonl", good)
@@ -92,9 +90,3 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
     log.info("teacher stage took %.1f s", time.time() - started)
     return summaries
 
-
-def _count(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return counts

@@ -112,6 +112,15 @@ class Unit:
             raise
 
 
+def pending(units: dict[str, Unit], stage: str, log) -> list[str]:
+    """Names of the units not done yet; logs the ones skipped because they are."""
+    todo = [name for name, unit in units.items() if not unit.done()]
+    for name in units:
+        if name not in todo:
+            log.info("%s: %s already done, skipped", stage, name)
+    return todo
+
+
 def clean_staging(folder: Path) -> None:
     """Remove staging and retired folders left by a crashed run under ``folder``."""
     for pattern in ("**/.*.staging-*", "**/.*.retired-*"):

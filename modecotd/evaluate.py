@@ -86,13 +86,11 @@ def summarize(rows: list[dict], scoring: str = "strict") -> dict:
 
 
 def majority_baseline(train_answers: list[str], test_answers: list[str]) -> dict:
-    """Accuracy of always answering the most common training answer (ties: first seen)."""
+    """Accuracy on the test answers of always giving the most common training answer.
+
+    Ties go to the answer seen first; with no training answers there is no baseline.
+    """
     if not train_answers or not test_answers:
-        pool = test_answers
-    else:
-        pool = train_answers
-    if not pool:
         return {"answer": None, "accuracy": None}
-    answer = collections.Counter(pool).most_common(1)[0][0]
-    return {"answer": answer, "accuracy": sum(a == answer for a in test_answers) / max(1, len(test_answers)),
-            "from": "train" if pool is train_answers else "test"}
+    answer = collections.Counter(train_answers).most_common(1)[0][0]
+    return {"answer": answer, "accuracy": sum(a == answer for a in test_answers) / len(test_answers)}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ray import tune
 
-from modecotd.artifacts import Unit, write_json
+from modecotd.artifacts import Unit, pending, write_json
 from modecotd.mixture import LoraHubMixer, search_weights
 from modecotd.tasks.schema import AnswerKind
 
@@ -63,19 +63,16 @@ def mixture_trial(trial_config: dict, context: dict) -> None:
 def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expert_dirs: dict[str, Path],
                       student_dir: Path) -> dict[str, dict]:
     """Search mixtures for every target task whose unit is not done; commit the best per task."""
-    pending = [name for name, unit in units.items() if not unit.done()]
-    for name in units:
-        if name not in pending:
-            log.info("mix: %s already done, skipped", name)
-    if not pending:
+    todo = pending(units, "mix", log)
+    if not todo:
         return {}
     if not expert_dirs:
-        return {name: {"status": "failed", "error": "no expert was trained"} for name in pending}
+        return {name: {"status": "failed", "error": "no expert was trained"} for name in todo}
 
     cfg = config.mixture
     trials_dir = run_dir / "mixtures" / ".trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
-    for name in pending:  # records of an earlier search with other settings must not be read back
+    for name in todo:  # records of an earlier search with other settings must not be read back
         for stale in trials_dir.glob(f"{name}--l1=*.json"):
             stale.unlink()
     context = {
@@ -84,13 +81,13 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
         "max_length": config.distill.max_length, "trials_dir": str(trials_dir),
         "tasks": {name: {"kind": tasks[name].kind.value,
                          "fewshot": [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale}
-                                     for ex in tasks[name].fewshot]} for name in pending},
+                                     for ex in tasks[name].fewshot]} for name in todo},
     }
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(mixture_trial, context=context), {"cpu": cfg.cpus_per_trial})
     tuner = tune.Tuner(
         trainable,
-        param_space={"task": tune.grid_search(pending), "l1": tune.grid_search(list(cfg.l1))},
+        param_space={"task": tune.grid_search(todo), "l1": tune.grid_search(list(cfg.l1))},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials,
                                     trial_name_creator=lambda t: f"mix:{t.config['task']}:l1={t.config['l1']}",
                                     trial_dirname_creator=lambda t: f"{t.config['task']}-l1={t.config['l1']}-{t.trial_id}"),
@@ -100,7 +97,7 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
     grid = tuner.fit()
     errors = {r.config["task"]: str(r.error).splitlines()[0][:300] for r in grid if r.error}
     results: dict[str, dict] = {}
-    for name in pending:
+    for name in todo:
         records = [json.loads((trials_dir / f"{name}--l1={l1}.json").read_text())
                    for l1 in cfg.l1 if (trials_dir / f"{name}--l1={l1}.json").is_file()]
         if not records:
