@@ -20,8 +20,8 @@ def load_system(student_dir: Path, dtype: str, system: dict):
     """A generation-ready model for ``system``: {"kind": "base"} | {"kind": "expert", "adapter": dir}
     | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}}.
 
-    Adapters stay unmerged: merging a LoRA update into bf16 weights rounds most of it away (the
-    update is small next to the weights), while training computed it as a separate path."""
+    Adapters stay unmerged, the way training computed them (a separate LoRA path beside the bf16
+    weights); merging would round the update into the bf16 weights."""
     from modecotd.models import load_causal_lm
 
     kind = system["kind"]
