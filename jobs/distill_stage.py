@@ -68,6 +68,8 @@ def run_distill_stage(config, run_dir: Path, tasks, rationale_dirs: dict[str, Pa
         while todo and len(running) < cfg.max_concurrent_jobs:
             name = todo.pop(0)
             rows = read_jsonl(rationale_dirs[name] / "accepted.jsonl")
+            if not cfg.use_rationalized:
+                rows = [r for r in rows if not r.get("rationalized")]
             if cfg.max_rows_per_task:
                 rows = rows[: cfg.max_rows_per_task]
             if not rows:

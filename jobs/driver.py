@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 1
 # Settings that change where or how fast work runs, never what it produces.
-RESOURCE_KEYS = {"actors", "cpus_per_actor", "workers_per_job", "cpus_per_worker", "max_concurrent_jobs",
-                 "cpus_per_trial", "max_concurrent_trials"}
+RESOURCE_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "workers_per_job",
+                 "cpus_per_worker", "max_concurrent_jobs", "cpus_per_trial", "max_concurrent_trials",
+                 "concurrency", "timeout_s", "max_retries", "backoff_s", "api_key_env"}
 
 
 @dataclass
@@ -36,7 +37,12 @@ class RunOutcome:
 
 
 def _settings(section) -> dict:
-    return {k: v for k, v in section.model_dump(mode="json").items() if k not in RESOURCE_KEYS}
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in RESOURCE_KEYS}
+        return value
+
+    return strip(section.model_dump(mode="json"))
 
 
 def _examples_key(examples: list[Example]) -> str:
@@ -58,7 +64,7 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
     run_dir = Path(run_dir).resolve()
     tasks = load_tasks(config)  # bad data fails here, before anything is written
     student_dir = materialize(config.student.model)
-    teacher_dir = materialize(config.teacher.model) if config.teacher.backend == "transformers" else None
+    teacher_dir = materialize(config.teacher.model) if config.teacher.backend in ("transformers", "vllm") else None
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_staging(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -68,8 +74,10 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
 
     seen = [t.name for t in config.seen_tasks]
     common = {"version": PIPELINE_VERSION, "seed": config.seed}
-    teacher_keys = {name: fingerprint(common, _settings(config.teacher), _examples_key(tasks[name].train),
-                                      tasks[name].kind.value) for name in seen}
+    teacher_keys = {name: fingerprint(common, _settings(config.teacher), tasks[name].train.key,
+                                      tasks[name].kind.value, config.task(name).teacher_template,
+                                      _examples_key(tasks[name].fewshot) if config.teacher.prompting == "few_shot"
+                                      else None) for name in seen}
     teacher_units = {name: Unit(run_dir / "rationales" / name, key) for name, key in teacher_keys.items()}
     started = time.time()
     run_teacher_stage(config, run_dir, tasks, teacher_units, teacher_dir)

@@ -6,6 +6,7 @@ line naming the file, the line, the dotted key and what is allowed (see :func:`l
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -88,26 +89,107 @@ class TaskConfig(Section):
     answer: AnswerKind | None = Field(None, description="answer kind; default from the family or paper task")
     source: TaskSource
     sizes: SplitSizes = SplitSizes()
+    teacher_template: str | None = Field(
+        None, description="how the teacher sees one question, with a {question} field; "
+        "default 'Q: {question}\\nA:'")
+
+    @field_validator("teacher_template")
+    @classmethod
+    def _one_question_field(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        if fields != ["question"]:
+            raise ValueError("must contain the field {question} exactly once and no other {field} "
+                             "(write {{ and }} for literal braces)")
+        return value
 
 
 # --- stages ------------------------------------------------------------------------------------
 
 
-class TeacherConfig(Section):
-    """Stage 1: who writes the rationales and how many per question."""
+class EndpointConfig(Section):
+    """An OpenAI-compatible server (OpenAI, a vLLM server, ...) for teacher backend `openai`."""
 
-    backend: Literal["scripted", "transformers", "precomputed"] = Field(
+    url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1")
+    api: Literal["chat", "completions"] = Field("chat", description="chat completions or legacy text completions")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="environment variable holding the API key (the key itself is never "
+        "written to the config, logs or run folder); null: no key")
+    concurrency: int = Field(8, ge=1, le=1024, description="requests in flight per teacher actor")
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=100, description="retries on 429, 5xx, timeouts and connection errors")
+    backoff_s: float = Field(1.0, ge=0, description="first retry wait; doubles each retry")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://", value):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+GENERATING_BACKENDS = ("transformers", "vllm", "openai")
+
+
+class TeacherConfig(Section):
+    """Stage 1: who writes the rationales, how, and how many per question."""
+
+    backend: Literal["scripted", "precomputed", "transformers", "vllm", "openai"] = Field(
         "transformers",
         description="scripted: the generator's own step-by-step solution (generated tasks only); "
-        "transformers: a causal LM with zero-shot CoT; precomputed: rationales in the train files",
+        "precomputed: rationales in the train files, re-scored; transformers: a local causal LM; "
+        "vllm: a local causal LM on a GPU through vLLM; openai: an OpenAI-compatible endpoint",
     )
-    model: str = "builtin:smollm2-135m-instruct"
+    model: str = Field("builtin:smollm2-135m-instruct",
+                       description="local model (builtin:NAME, a folder or a cached hub id); "
+                       "for backend openai, the model name the server knows")
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    prompting: Literal["zero_shot", "few_shot"] = Field(
+        "zero_shot", description="zero_shot: 'Let's think step by step.' (Kojima et al.); few_shot: worked "
+        "examples from the task's few-shot split before the question")
+    fewshot_examples: int = Field(4, ge=1, le=64, description="worked examples shown in few_shot prompting")
+    cot_trigger: str = "Let's think step by step."
+    answer_trigger: str | None = Field(
+        None, description="second-stage prompt that makes the teacher state its answer; default: Kojima et al.'s "
+        "for the task's answer kind, e.g. 'Therefore, the answer (arabic numerals) is'")
     samples: int = Field(4, ge=1, le=64, description="rationales sampled per question")
     temperature: float = Field(0.7, ge=0.0, le=2.0)
-    max_new_tokens: int = Field(128, ge=1, le=4096)
-    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(128, ge=1, le=32768)
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="longer prompts are recorded as failed rows; default: the model's context "
+        "length minus max_new_tokens")
+    max_per_question: int | None = Field(None, ge=1, description="cap on accepted rationales per question")
+    rationalize: bool = Field(
+        False, description="for questions no sample got right, ask again with the gold answer as a hint "
+        "(STaR); kept rows are marked rationalized")
+    batch_size: int = Field(8, ge=1, description="prompts per generate call (local backends)")
+    shard_size: int = Field(64, ge=1, description="questions per committed shard (the unit of resume)")
+    endpoint: EndpointConfig | None = None
     actors: int = Field(1, ge=1, description="teacher actors in the pool")
     cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per teacher actor (backend vllm needs >= 1)")
+    max_restarts: int = Field(3, ge=0, description="how many times a dead teacher actor is replaced")
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> "TeacherConfig":
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError("backend 'openai' needs an endpoint section (teacher.endpoint.url)")
+        if self.backend != "openai" and self.endpoint is not None:
+            raise ValueError(f"teacher.endpoint is only used by backend 'openai', not {self.backend!r}")
+        if self.backend not in GENERATING_BACKENDS:
+            for name, value, default in (("rationalize", self.rationalize, False),
+                                         ("prompting", self.prompting, "zero_shot")):
+                if value != default:
+                    raise ValueError(f"teacher.{name}={value!r} needs a generating backend "
+                                     f"({', '.join(GENERATING_BACKENDS)}), not {self.backend!r}")
+        if self.backend == "vllm" and self.gpus_per_actor <= 0:
+            raise ValueError("backend 'vllm' runs on GPUs: set teacher.gpus_per_actor (e.g. 1)")
+        return self
+
+    @property
+    def generates(self) -> bool:
+        return self.backend in GENERATING_BACKENDS
 
 
 class StudentConfig(Section):
@@ -135,6 +217,7 @@ class DistillConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(512, ge=8)
     max_rows_per_task: int | None = Field(None, ge=1, description="cap on accepted rationales used")
+    use_rationalized: bool = Field(True, description="train on the teacher's rationalized rows too")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     zero_stage: Literal[1, 2, 3] = 2
     workers_per_job: int = Field(1, ge=1)

@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 
-def generate_texts(
+def generate_samples(
     model,
     tokenizer,
     prompts: list[str],
@@ -15,17 +15,19 @@ def generate_texts(
     batch_size: int,
     temperature: float = 0.0,
     num_samples: int = 1,
-    stop: str | None = None,
+    stop: str | list[str] | None = None,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
-) -> list[list[str]]:
-    """Continue each prompt; returns ``num_samples`` texts per prompt, in the prompts' order.
+) -> list[list[tuple[str, int]]]:
+    """Continue each prompt; returns ``num_samples`` (text, generated tokens) pairs per prompt, in
+    the prompts' order.
 
     Prompts are sorted by length so that each batch pads little; greedy when temperature is 0.
-    Text after ``stop`` is cut (the stop string is kept).
+    Each sequence stops at a stop string (kept in the text; anything after it is cut) or at EOS.
     """
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[list[str]] = [[] for _ in prompts]
+    results: list[list[tuple[str, int]]] = [[] for _ in prompts]
     tokenizer.padding_side = "left"
     sampling = temperature > 0
     for start in range(0, len(order), batch_size):
@@ -40,16 +42,24 @@ def generate_texts(
         )
         if sampling:
             kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
-        if stop:
-            kwargs.update(stop_strings=[stop], tokenizer=tokenizer)
+        if stops:
+            kwargs.update(stop_strings=stops, tokenizer=tokenizer)
         with torch.inference_mode():
             output = model.generate(**batch, **kwargs)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
+        counts = (new_tokens != tokenizer.pad_token_id).sum(dim=1).tolist()
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for row, text in enumerate(texts):
-            if stop and stop in text:
-                text = text[: text.index(stop) + len(stop)]
-            results[indices[row // num_samples]].append(text)
+            hits = [(text.index(s), s) for s in stops if s in text]
+            if hits:
+                at, hit = min(hits)
+                text = text[: at + len(hit)]
+            results[indices[row // num_samples]].append((text, counts[row]))
         if on_batch:
             on_batch(len(indices))
     return results
+
+
+def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> list[list[str]]:
+    """Like :func:`generate_samples`, texts only."""
+    return [[text for text, _ in row] for row in generate_samples(model, tokenizer, prompts, **kwargs)]

@@ -5,6 +5,8 @@ what the released data lacks for coin_flip and strategy_qa (see shared/data/READ
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from modecotd.tasks.answers import ANSWER_MARK, END_MARK
 from modecotd.tasks.schema import AnswerKind
 
@@ -15,8 +17,16 @@ INSTRUCTIONS = {
     AnswerKind.TEXT: "Infer the correct answer for the question.",
 }
 
+DEFAULT_TEACHER_TEMPLATE = "Q: {question}\nA:"
 COT_TRIGGER = "Let's think step by step."
-ANSWER_TRIGGER = "Therefore, the answer is"
+# Kojima et al.'s answer-extraction prompts, one per answer kind.
+ANSWER_TRIGGERS = {
+    AnswerKind.NUMBER: "Therefore, the answer (arabic numerals) is",
+    AnswerKind.CHOICE: "Therefore, among A through F, the answer is",
+    AnswerKind.YES_NO: "Therefore, the answer (Yes or No) is",
+    AnswerKind.TEXT: "Therefore, the answer is",
+}
+HINT = "(Hint: the answer is {answer}.)"
 
 
 def student_prompt(question: str, kind: AnswerKind) -> str:
@@ -29,11 +39,42 @@ def student_target(rationale: str, answer: str) -> str:
     return f" {rationale.strip()}\n\n{ANSWER_MARK}\n\n{answer} {END_MARK}"
 
 
-def teacher_prompt(question: str) -> str:
-    """Zero-shot chain-of-thought prompt (Kojima et al. 2022)."""
-    return f"Q: {question}\nA: {COT_TRIGGER}"
+@dataclass(frozen=True)
+class TeacherPrompts:
+    """How one task's questions are put to the teacher: two-stage chain of thought.
 
+    Stage 1 asks for reasoning: the question in the task's template, after worked examples
+    (few-shot CoT) or followed by the CoT trigger (zero-shot CoT, Kojima et al. 2022). Stage 2
+    appends the reasoning and the answer trigger, and the teacher states its answer. A hint (the
+    gold answer) is added to the question for rationalization (STaR).
+    """
 
-def answer_prompt(question: str, rationale: str) -> str:
-    """The second, answer-extraction stage of zero-shot CoT."""
-    return f"{teacher_prompt(question)} {rationale.strip()}\n{ANSWER_TRIGGER}"
+    kind: AnswerKind
+    template: str = DEFAULT_TEACHER_TEMPLATE
+    cot_trigger: str = COT_TRIGGER
+    answer_trigger: str | None = None  # default: the kind's trigger
+    demos: tuple[tuple[str, str, str], ...] = ()  # (question, rationale, answer) worked examples
+
+    @property
+    def trigger(self) -> str:
+        return self.answer_trigger or ANSWER_TRIGGERS[self.kind]
+
+    def reasoning(self, question: str, hint: str | None = None) -> str:
+        if hint is not None:
+            question = f"{question}\n{HINT.format(answer=hint)}"
+        shots = "".join(
+            f"{self.template.format(question=q)} {r.strip()} {self.trigger} {a}.\n\n" for q, r, a in self.demos)
+        asked = self.template.format(question=question)
+        return shots + asked if self.demos else f"{asked} {self.cot_trigger}"
+
+    def answer(self, question: str, rationale: str, hint: str | None = None) -> str:
+        return f"{self.reasoning(question, hint)} {rationale.strip()}\n{self.trigger}"
+
+    @property
+    def reasoning_stop(self) -> list[str]:
+        """Where stage 1 ends: at an answer trigger, or where the model starts a new question."""
+        stops = [self.trigger, "Therefore, the answer"]
+        lead = self.template.split("{question}")[0].strip()
+        if lead:
+            stops.append("\n" + lead)
+        return list(dict.fromkeys(stops))

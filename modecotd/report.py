@@ -22,7 +22,8 @@ def collect(run_dir: Path, config, tasks: dict[str, TaskData]) -> dict:
     """Everything the report shows, as one JSON-able dict."""
     out: dict = {"run": config.name, "run_dir": str(run_dir),
                  "teacher": {"backend": config.teacher.backend,
-                             "model": config.teacher.model if config.teacher.backend == "transformers" else None},
+                             "model": config.teacher.model if config.teacher.generates else None,
+                             "prompting": config.teacher.prompting if config.teacher.generates else None},
                  "student": config.student.model_dump(mode="json"),
                  "scoring": config.evaluation.scoring, "tasks": {}}
     for name, data in tasks.items():
@@ -75,7 +76,8 @@ def _pct(value) -> str:
 
 def render_markdown(report: dict) -> str:
     teacher = report["teacher"]
-    teacher_text = teacher["backend"] + (f" ({teacher['model']})" if teacher["model"] else "")
+    teacher_text = teacher["backend"] + (f" ({teacher['model']}, {teacher.get('prompting')} CoT)"
+                                         if teacher["model"] else "")
     lines = [
         f"# modecotd run `{report['run']}`",
         "",
@@ -105,12 +107,23 @@ def render_markdown(report: dict) -> str:
         for name, t in partial:
             lines.append(f"- {name}: " + ", ".join(f"{s} {_pct(ev.get('partial_credit'))}"
                                                    for s, ev in t["eval"].items()))
-    lines += ["", "## Teacher", "", "| task | questions | accepted rationales | yield | rejections |", "|---|---|---|---|---|"]
+    lines += ["", "## Teacher", "",
+              "Yield: share of questions with at least one accepted rationale. Rationalized: accepted rows "
+              "written with the gold answer as a hint (STaR). Failed: questions the teacher could not do.", "",
+              "| task | questions | yield | accepted | per answered question | mean words | rationalized "
+              "| failed | rejections | failures | tokens/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         if "teacher" in t:
             tt = t["teacher"]
-            reasons = ", ".join(f"{k}: {v}" for k, v in tt["rejection_reasons"].items()) or "none"
-            lines.append(f"| {name} | {tt['questions']} | {tt['accepted']} | {_pct(tt['yield'])} | {reasons} |")
+            rejections = ", ".join(f"{k}: {v}" for k, v in tt["rejection_reasons"].items()) or "none"
+            failures = ", ".join(f"{k}: {v}" for k, v in tt.get("failure_reasons", {}).items()) or "none"
+            speed = tt.get("tokens_per_second")
+            lines.append(" | ".join([
+                f"| {name}", str(tt["questions"]), _pct(tt["yield"]), str(tt["accepted"]),
+                f"{tt.get('rationales_per_answered_question', 0):.2f}", f"{tt.get('mean_rationale_words', 0):.1f}",
+                str(tt.get("rationalized", 0)), str(tt.get("failed", 0)), rejections, failures,
+                "–" if not speed else f"{speed:.0f}"]) + " |")
     lines += ["", "## Experts", "", "| task | status | rows | steps | loss first → final | seconds |",
               "|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():

@@ -16,7 +16,7 @@ def test_generated_task_sizes_and_disjoint_splits():
     data = load_task(task(name="coins", role="seen", source={"kind": "generated", "family": "coin_flip", "size": 3},
                           sizes={"train": 20, "fewshot": 5, "test": 10}))
     assert (len(data.train), len(data.fewshot), len(data.test)) == (20, 5, 10)
-    questions = [e.question for e in data.train + data.fewshot + data.test]
+    questions = [e.question for e in [*data.train, *data.fewshot, *data.test]]
     assert len(set(questions)) == len(questions)
     assert all(e.rationale for e in data.fewshot)
 

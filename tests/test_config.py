@@ -64,7 +64,7 @@ def test_bad_configs_name_line_and_key(tmp_path, text, expected):
 
 
 def test_wrong_literal_lists_allowed_values(tmp_path):
-    with pytest.raises(ConfigError, match="'scripted', 'transformers' or 'precomputed'"):
+    with pytest.raises(ConfigError, match="'scripted', 'precomputed', 'transformers', 'vllm' or 'openai'"):
         load_config(write(tmp_path, GOOD.replace("backend: scripted", "backend: gpt9")))
 
 

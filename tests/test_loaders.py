@@ -291,11 +291,11 @@ def test_every_paper_file_loads(task: str) -> None:
 @pytest.mark.parametrize("task", ["coin_flip", "strategy_qa"])
 def test_train_and_test_questions_share_the_bare_form(task: str) -> None:
     data = load_paper_task(paper_data_dir(), task)
-    for example in data.train + data.test:
+    for example in [*data.train, *data.test]:
         assert "###" not in example.question
         assert "Infer" not in example.question and not example.question.endswith("A:")
         assert example.question == example.question.strip()
     if task == "coin_flip":
-        for example in data.train + data.test:
+        for example in [*data.train, *data.test]:
             assert example.question.startswith("A coin is heads up.")
             assert example.question.endswith('Note that "flip" here means "reverse".')

@@ -96,28 +96,3 @@ def test_changed_mixer_setting_redoes_only_what_depends_on_it(first_run):
     after = manifests(run_dir)
     redone = {unit for unit in UNITS if after[unit] != before[unit]}
     assert redone == {"mixtures/coins", "mixtures/letters", "eval/coins/mixture", "eval/letters/mixture"}
-
-
-def test_transformers_teacher_pool_on_ray(ray_cluster, tiny_model_dir, tmp_path):
-    """Zero-shot CoT with k samples per question through a pool of named teacher actors."""
-    from ray.util.state import list_actors
-
-    from modecotd.artifacts import Unit
-    from modecotd.jobs.driver import load_tasks
-    from modecotd.jobs.teacher_stage import run_teacher_stage
-
-    config = json.loads(json.dumps(CONFIG))
-    config["name"] = "teacher-pool"
-    config["teacher"] = {"backend": "transformers", "model": "builtin:tiny", "samples": 2, "temperature": 0.7,
-                         "max_new_tokens": 6, "batch_size": 3, "actors": 2}
-    config = parse_config(config)
-    tasks = load_tasks(config)
-    units = {"coins": Unit(tmp_path / "rationales" / "coins", "k")}
-    summaries = run_teacher_stage(config, tmp_path, tasks, units, tiny_model_dir)
-    summary = summaries["coins"]
-    assert summary["accepted"] + summary["rejected"] == 12 * 2  # every sample is kept or rejected with a reason
-    rejected = read_jsonl(tmp_path / "rationales/coins/rejected.jsonl")
-    assert all(row["reason"] for row in rejected)
-    names = {a.name for a in list_actors(filters=[("class_name", "=", "TeacherWorker")], limit=1000)}
-    assert {"teacher-0", "teacher-1"} <= names
-    assert run_teacher_stage(config, tmp_path, tasks, units, tiny_model_dir) == {}  # done: skipped

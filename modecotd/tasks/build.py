@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 from modecotd.errors import ConfigError, DataError
 from modecotd.tasks import generators, loaders, paper
-from modecotd.tasks.schema import AnswerKind, Example, Role, TaskData
+from modecotd.tasks.schema import AnswerKind, Example, Role, TaskData, TrainSplit
 
 DEFAULT_GENERATED_SIZES = {"train": 200, "fewshot": 5, "test": 50}
 DEFAULT_FEWSHOT = 5
@@ -34,46 +36,52 @@ def _limit(rows: list[Example], n: int | None) -> list[Example]:
     return rows if n is None else rows[:n]
 
 
-def _file_splits(task, kind: AnswerKind) -> dict[str, list[Example]]:
+def _split_readers(task, kind: AnswerKind) -> dict[str, Callable[[], Iterable[Example]] | None]:
+    """For each split, a function that streams its rows from the source (None: no such split)."""
     source = task.source
     if source.kind == "paper":
         stem = source.task or task.name
         if not Path(source.data_dir).is_dir():
             raise DataError(f"{source.data_dir}: data folder not found (task {task.name})")
-        out = {}
-        for split in SPLITS:
-            path = paper.paper_split_path(Path(source.data_dir), stem, split)
-            out[split] = loaders.load_paper_split(path, kind) if path else []
-        return out
+        paths = {split: paper.paper_split_path(Path(source.data_dir), stem, split) for split in SPLITS}
+        return {split: partial(loaders.iter_paper_split, path, kind) if path else None
+                for split, path in paths.items()}
+    fields = dict(question_field=source.question_field, answer_field=source.answer_field,
+                  rationale_field=source.rationale_field)
     if source.kind == "jsonl":
-        fields = dict(question_field=source.question_field, answer_field=source.answer_field,
-                      rationale_field=source.rationale_field)
-        return {split: loaders.load_qa_jsonl(Path(getattr(source, split)), kind, **fields)
-                if getattr(source, split) else [] for split in SPLITS}
+        return {split: partial(loaders.iter_qa_jsonl, Path(getattr(source, split)), kind, **fields)
+                if getattr(source, split) else None for split in SPLITS}
     if source.kind == "hf":
-        fields = dict(question_field=source.question_field, answer_field=source.answer_field,
-                      rationale_field=source.rationale_field)
-        return {split: loaders.load_hf_dataset(source.dataset, getattr(source, f"{split}_split"), kind, **fields)
-                if getattr(source, f"{split}_split") else [] for split in SPLITS}
+        return {split: partial(loaders.iter_hf_dataset, source.dataset, getattr(source, f"{split}_split"), kind,
+                               **fields) if getattr(source, f"{split}_split") else None for split in SPLITS}
     raise ConfigError(f"tasks.{task.name}.source.kind: unknown {source.kind!r}")
 
 
 def load_task(task) -> TaskData:
-    """Load (or generate) a task's splits, apply the configured sizes and check them."""
+    """Load (or generate) a task's splits, apply the configured sizes and check them.
+
+    Few-shot and test rows are loaded; train rows are streamed from their source on each pass
+    (:class:`TrainSplit`), read once here to validate, count and fingerprint them.
+    """
     kind = answer_kind(task)
     sizes = task.sizes
     if task.source.kind == "generated":
         wanted = {s: getattr(sizes, s) if getattr(sizes, s) is not None else DEFAULT_GENERATED_SIZES[s]
                   for s in SPLITS}
         splits = generators.generate_splits(task.source.family, wanted, seed=task.source.seed, size=task.source.size)
+        train = TrainSplit.of(splits["train"])
+        fewshot, test = splits["fewshot"], splits["test"]
     else:
-        splits = _file_splits(task, kind)
-        splits = {s: _limit(splits[s], getattr(sizes, s)) for s in SPLITS}
-        if not splits["fewshot"] and task.role == Role.UNSEEN and splits["train"]:
+        readers = _split_readers(task, kind)
+        fewshot, test = ([] if readers[s] is None else _limit(list(readers[s]()), getattr(sizes, s))
+                         for s in ("fewshot", "test"))
+        train = TrainSplit(readers["train"] or (lambda: []), limit=sizes.train)
+        if not fewshot and task.role == Role.UNSEEN and readers["train"]:
             # No expert trains on an unseen task, so its train rows can serve as few-shot examples.
             n = sizes.fewshot if sizes.fewshot is not None else DEFAULT_FEWSHOT
-            splits["fewshot"], splits["train"] = splits["train"][:n], splits["train"][n:]
-    data = TaskData(name=task.name, kind=kind, role=task.role, **splits)
+            fewshot = train.head(n)
+            train = train.replace(skip=n)
+    data = TaskData(name=task.name, kind=kind, role=task.role, train=train, fewshot=fewshot, test=test)
     _drop_overlaps(data)
     _check(task, data)
     return data
@@ -95,11 +103,14 @@ def _drop_overlaps(data: TaskData) -> None:
     """Keep the splits apart: no train or few-shot question in the test split, and no few-shot
     question in the train split (the paper's released few-shot rows are copies of train rows; an
     expert trained on them would make the mixture search pick it for the wrong reason)."""
-    for split, other in (("train", "test"), ("fewshot", "test"), ("train", "fewshot")):
-        taken = {ex.question for ex in getattr(data, other)}
-        rows = getattr(data, split)
-        kept = [ex for ex in rows if ex.question not in taken]
-        if len(kept) < len(rows):
-            log.warning("task %s: dropped %d %s row(s) whose question is in the %s split",
-                        data.name, len(rows) - len(kept), split, other)
-            setattr(data, split, kept)
+    test = {ex.question for ex in data.test}
+    kept = [ex for ex in data.fewshot if ex.question not in test]
+    if len(kept) < len(data.fewshot):
+        log.warning("task %s: dropped %d fewshot row(s) whose question is in the test split",
+                    data.name, len(data.fewshot) - len(kept))
+        data.fewshot = kept
+    data.train = data.train.replace(exclude=frozenset(test | {ex.question for ex in data.fewshot}))
+    dropped = data.train.scan()[1]
+    if dropped:
+        log.warning("task %s: dropped %d train row(s) whose question is in the test or fewshot split",
+                    data.name, dropped)

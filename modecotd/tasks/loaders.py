@@ -48,21 +48,29 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    """(locator, value) for each non-blank line of a JSONL file; locator is ``path:line``."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{number}", json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from error
-
-
-def _json_array_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    """(locator, value) for each element of a JSON array file; locator is ``path:row N``."""
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(locator, value) for each non-blank line of a JSONL file, read line by line; locator is
+    ``path:line``."""
     try:
-        data = json.loads(text)
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from error
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason})") from error
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(locator, value) for each element of a JSON array file; locator is ``path:row N``.
+
+    A JSON array is parsed whole (use JSONL for train sets too large to hold in memory).
+    """
+    try:
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from error
     if not isinstance(data, list):
@@ -71,23 +79,29 @@ def _json_array_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         yield f"{path}:row {number}", row
 
 
-def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(locator, row object) pairs of a ``.json`` array or a JSONL file (any other suffix).
+def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(locator, row object) pairs of a ``.json`` array or a JSONL file (any other suffix), streamed.
 
     Raises DataError when the file is missing, empty, not valid JSON, has no rows, or a row is
     not a JSON object.
     """
     path = Path(path)
-    text = _read_text(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
     reader = _json_array_rows if path.suffix == JSON_SUFFIX else _jsonl_rows
-    rows = []
-    for locator, row in reader(path, text):
+    count = 0
+    for locator, row in reader(path):
         if not isinstance(row, dict):
             raise DataError(f"{locator}: row is not a JSON object")
-        rows.append((locator, row))
-    if not rows:
+        count += 1
+        yield locator, row
+    if not count:
         raise DataError(f"{path}: file has no rows")
-    return rows
+
+
+def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """All of :func:`iter_rows` as a list."""
+    return list(iter_rows(path))
 
 
 # --------------------------------------------------------------------------- fields
@@ -164,9 +178,13 @@ def _paper_example(row: Mapping[str, Any], kind: AnswerKind, locator: str) -> Ex
     return Example(question, _gold(answer, kind, "output", locator), rationale, locator)
 
 
+def iter_paper_split(path: Path, kind: AnswerKind) -> Iterator[Example]:
+    """Examples of one of the paper's ``{"input", "output"}`` files (JSON array or JSONL), streamed."""
+    return (_paper_example(row, kind, locator) for locator, row in iter_rows(Path(path)))
+
+
 def load_paper_split(path: Path, kind: AnswerKind) -> list[Example]:
-    """Examples of one of the paper's ``{"input", "output"}`` files (JSON array or JSONL)."""
-    return [_paper_example(row, kind, locator) for locator, row in read_rows(Path(path))]
+    return list(iter_paper_split(path, kind))
 
 
 # --------------------------------------------------------------------------- generic QA rows
@@ -189,22 +207,27 @@ def _qa_example(
     return Example(question, answer, rationale, locator)
 
 
-def load_qa_jsonl(
+def iter_qa_jsonl(
     path: Path,
     kind: AnswerKind,
     question_field: str = "question",
     answer_field: str = "answer",
     rationale_field: str | None = None,
-) -> list[Example]:
-    """Examples of a JSONL file of question/answer(/rationale) objects.
+) -> Iterator[Example]:
+    """Examples of a JSONL file of question/answer(/rationale) objects, streamed.
 
     The question is taken as is; the answer is normalized for ``kind``; the rationale (when a
     field is named) may be absent or null on some rows.
     """
-    return [
+    return (
         _qa_example(row, kind, locator, question_field, answer_field, rationale_field)
-        for locator, row in read_rows(Path(path))
-    ]
+        for locator, row in iter_rows(Path(path))
+    )
+
+
+def load_qa_jsonl(path: Path, kind: AnswerKind, question_field: str = "question", answer_field: str = "answer",
+                  rationale_field: str | None = None) -> list[Example]:
+    return list(iter_qa_jsonl(path, kind, question_field, answer_field, rationale_field))
 
 
 def _open_hf_dataset(name_or_path: str, split: str) -> Any:
@@ -229,15 +252,16 @@ def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
-def load_hf_dataset(
+def iter_hf_dataset(
     name_or_path: str,
     split: str,
     kind: AnswerKind,
     question_field: str,
     answer_field: str,
     rationale_field: str | None = None,
-) -> list[Example]:
-    """Examples of a Hugging Face dataset: a folder saved with ``save_to_disk`` or a hub name.
+) -> Iterator[Example]:
+    """Examples of a Hugging Face dataset (a ``save_to_disk`` folder or a hub name), streamed
+    from its memory-mapped table.
 
     Sources are ``{name_or_path}[{split}]:row N``. Loading failures become DataError.
     """
@@ -250,12 +274,15 @@ def load_hf_dataset(
             f"{name_or_path}: cannot load dataset split {split!r} ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no details'})"
         ) from error
-    examples = []
+    count = 0
     for number, row in enumerate(dataset, start=1):
         locator = f"{name_or_path}[{split}]:row {number}"
-        examples.append(
-            _qa_example(row, kind, locator, question_field, answer_field, rationale_field)
-        )
-    if not examples:
+        count += 1
+        yield _qa_example(row, kind, locator, question_field, answer_field, rationale_field)
+    if not count:
         raise DataError(f"{name_or_path}: split {split!r} has no rows")
-    return examples
+
+
+def load_hf_dataset(name_or_path: str, split: str, kind: AnswerKind, question_field: str, answer_field: str,
+                    rationale_field: str | None = None) -> list[Example]:
+    return list(iter_hf_dataset(name_or_path, split, kind, question_field, answer_field, rationale_field))

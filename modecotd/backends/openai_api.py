@@ -1,0 +1,240 @@
+"""A :class:`~modecotd.backends.TextGenerator` for any server speaking the OpenAI API.
+
+Works with vLLM's ``vllm serve``, hosted endpoints and anything else that answers
+``POST {url}/chat/completions`` (the default) or the legacy ``POST {url}/completions``.
+Only the standard library is used: one HTTP request per prompt (``n=samples``), a bounded
+thread pool, and retries with exponential backoff for failures another try may fix.
+
+The API key is sent as a Bearer header and is kept out of ``repr``, log records and every
+error string (a server that echoes the key back has it masked).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from modecotd.backends import Completion, cut_at_stop
+from modecotd.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+APIS = {"chat": "/chat/completions", "completions": "/completions"}
+MAX_STOP_SENT = 4  # the OpenAI API accepts at most 4 stop strings; the rest are cut locally
+MAX_WAIT_S = 60.0  # cap on a server's Retry-After (and on our own backoff)
+MESSAGE_CHARS = 200  # how much of a server's error message goes into an error string
+
+_sleep = time.sleep  # one place to stub out waiting in tests
+
+
+def resolve_api_key(env_name: str | None) -> str | None:
+    """The API key held in the environment variable ``env_name`` (None when no variable is named)."""
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name)
+    if not key:
+        raise ModelError(f"teacher.endpoint.api_key_env: the environment variable {env_name} is not set "
+                         "(it holds the endpoint's API key)")
+    return key
+
+
+class _Retry(Exception):
+    """A failure another try may fix: HTTP 429, a 5xx, a dropped connection, a timeout."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class _Fail(Exception):
+    """A failure another try will not fix; its message becomes the prompt's error."""
+
+
+class OpenAIGenerator:
+    """Generates through an OpenAI-compatible endpoint at ``url`` (e.g. ``http://127.0.0.1:8000/v1``).
+
+    ``api`` is ``"chat"`` (the prompt is sent as one user message) or ``"completions"`` (sent as
+    the raw prompt). At most ``concurrency`` requests are in flight; ``timeout_s`` bounds each
+    socket operation of a request; a retryable failure is tried again up to ``max_retries`` times,
+    waiting ``backoff_s * 2**attempt`` seconds (or the server's numeric Retry-After).
+    """
+
+    def __init__(self, url: str, model: str, *, api: str = "chat", api_key: str | None = None,
+                 concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5, backoff_s: float = 1.0):
+        if api not in APIS:
+            raise ValueError(f"api must be one of {sorted(APIS)}, not {api!r}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, not {max_retries}")
+        self.url = url.rstrip("/")
+        self.model = model
+        self.api = api
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self._endpoint = self.url + APIS[api]
+        self._api_key = api_key or None
+        self._opener = urllib.request.build_opener()
+
+    def __repr__(self) -> str:
+        return f"OpenAIGenerator(url={self.url!r}, model={self.model!r}, api={self.api!r})"
+
+    __str__ = __repr__
+
+    # ------------------------------------------------------------------ the TextGenerator contract
+
+    def generate(self, prompts: list[str], *, samples: int, temperature: float, max_new_tokens: int,
+                 stop: list[str], seed: int) -> list[Completion]:
+        """One Completion per prompt, in order; a prompt that fails gets ``error`` set, never an exception."""
+        if not prompts:
+            return []
+        stop = list(stop)
+        params = {"model": self.model, "n": samples, "temperature": temperature,
+                  "max_tokens": max_new_tokens, "seed": seed}
+        if stop:
+            params["stop"] = stop[:MAX_STOP_SENT]
+
+        def one(index: int) -> Completion:
+            return self._complete(index, self._body(prompts[index], params), stop)
+
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
+            return list(pool.map(one, range(len(prompts))))
+
+    # ------------------------------------------------------------------ one prompt
+
+    def _body(self, prompt: str, params: dict) -> bytes:
+        """The JSON request body for one prompt."""
+        if self.api == "chat":
+            payload = {**params, "messages": [{"role": "user", "content": prompt}]}
+        else:
+            payload = {**params, "prompt": prompt}
+        return json.dumps(payload).encode("utf-8")
+
+    def _complete(self, index: int, body: bytes, stop: list[str]) -> Completion:
+        """Send one prompt's request, retrying what may pass on another try, and read its texts."""
+        attempts = self.max_retries + 1
+        reason = ""
+        for attempt in range(attempts):
+            try:
+                return _parse(self._post(body), stop)
+            except _Fail as failure:
+                return Completion(error=self._redact(str(failure)))
+            except _Retry as retry:
+                reason = self._redact(str(retry))
+                if attempt + 1 == attempts:
+                    break
+                wait = retry.retry_after if retry.retry_after is not None else self.backoff_s * 2 ** attempt
+                wait = min(wait, MAX_WAIT_S)
+                log.warning("%s: prompt %d: %s; retry %d of %d in %.2f s",
+                            self._endpoint, index, reason, attempt + 1, self.max_retries, wait)
+                _sleep(wait)
+            except Exception as unexpected:  # one prompt's failure never stops the batch
+                message = self._redact(f"{type(unexpected).__name__}: {unexpected}")
+                log.error("%s: prompt %d: unexpected failure: %s", self._endpoint, index, message)
+                return Completion(error=f"endpoint call failed: {message}")
+        return Completion(error=f"endpoint failed after {attempts} attempts: {reason}")
+
+    def _post(self, body: bytes) -> dict:
+        """One POST of ``body``; the decoded JSON reply, or :class:`_Retry` / :class:`_Fail`."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(self._endpoint, data=body, headers=headers, method="POST")
+        try:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            status = error.code
+            message = _server_message(error)
+            if status == 429 or status >= 500:
+                raise _Retry(f"HTTP {status}: {message}", _retry_after(error.headers)) from None
+            raise _Fail(f"endpoint refused the request (HTTP {status}): {message}") from None
+        except urllib.error.URLError as error:
+            if isinstance(error.reason, TimeoutError):
+                raise _Retry(f"timed out after {self.timeout_s:g} s") from None
+            raise _Retry(f"connection failed: {error.reason}") from None
+        except TimeoutError:
+            raise _Retry(f"timed out after {self.timeout_s:g} s") from None
+        except (OSError, http.client.HTTPException) as error:
+            raise _Retry(f"connection failed: {type(error).__name__}: {error}") from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise _Fail(f"endpoint sent a malformed response (not JSON): {_short(raw)}") from None
+
+    def _redact(self, text: str) -> str:
+        """``text`` with the API key masked, should a server have echoed it."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def _parse(reply: object, stop: list[str]) -> Completion:
+    """The Completion in a decoded reply: texts cut at the stop strings, tokens from ``usage``."""
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise _Fail(f"endpoint sent a malformed response (no choices): {_short(json.dumps(reply))}")
+    texts = []
+    for choice in sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0):
+        text = _choice_text(choice)
+        if text is None:
+            raise _Fail(f"endpoint sent a malformed response (a choice without text): {_short(json.dumps(choice))}")
+        texts.append(cut_at_stop(text, stop))
+    usage = reply.get("usage")
+    used = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    tokens = used if isinstance(used, int) else sum(len(t.split()) for t in texts)
+    return Completion(texts=texts, tokens=tokens)
+
+
+def _choice_text(choice: object) -> str | None:
+    """A choice's text: ``message.content`` (chat) or ``text`` (completions); None when it has neither."""
+    if not isinstance(choice, dict):
+        return None
+    message = choice.get("message")
+    if isinstance(message, dict) and "content" in message:
+        return message["content"] or ""  # null content (e.g. a tool call) counts as empty text
+    text = choice.get("text")
+    return text if isinstance(text, str) else None
+
+
+def _server_message(error: urllib.error.HTTPError) -> str:
+    """The short message of an HTTP error reply (OpenAI's ``error.message`` when there is one)."""
+    try:
+        raw = error.read()
+    except (OSError, http.client.HTTPException):
+        raw = b""
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        inner = payload.get("error", payload)
+        if isinstance(inner, dict):
+            inner = inner.get("message") or inner.get("detail") or inner
+        if isinstance(inner, str):
+            return _short(inner)
+    return _short(raw) or str(error.reason)
+
+
+def _retry_after(headers) -> float | None:
+    """A numeric Retry-After header in seconds (dates and junk are ignored)."""
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _short(text: str | bytes) -> str:
+    """``text`` on one line, cut to about :data:`MESSAGE_CHARS` characters."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    text = " ".join(text.split())
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS - 3] + "..."
