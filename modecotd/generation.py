@@ -32,7 +32,7 @@ def generate_samples(
     sampling = temperature > 0
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True)
+        batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(model.device)
         torch.manual_seed(seed + start)
         kwargs = dict(
             max_new_tokens=max_new_tokens,

@@ -1,7 +1,9 @@
 """Config validation: every user mistake is one line naming file, line, key and what is allowed."""
 from __future__ import annotations
 
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +125,41 @@ def test_apply_override_creates_sections():
     data: dict = {}
     apply_override(data, "teacher.samples=3")
     assert data == {"teacher": {"samples": 3}}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_validates(path):
+    config = load_config(path)
+    assert config.tasks and config.name
+
+
+@pytest.mark.parametrize("teacher, message", [
+    ({"backend": "openai"}, "needs an endpoint section"),
+    ({"backend": "openai", "endpoint": {"url": "localhost:8000"}}, "teacher.endpoint.url: Value error, must start with http"),
+    ({"backend": "precomputed", "rationalize": True}, "needs a generating backend"),
+    ({"backend": "scripted", "prompting": "few_shot"}, "needs a generating backend"),
+    ({"backend": "vllm"}, "set teacher.gpus_per_actor"),
+    ({"backend": "transformers", "endpoint": {"url": "http://x"}}, "only used by backend 'openai'"),
+])
+def test_teacher_settings_that_cannot_work_are_rejected(teacher, message):
+    from modecotd.config import parse_config
+
+    data = {"name": "t", "tasks": [{"name": "a", "role": "seen",
+                                    "source": {"kind": "generated", "family": "arithmetic"}}], "teacher": teacher}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(data)
+
+
+def test_teacher_template_needs_exactly_the_question_field(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: t
+        tasks:
+          - name: a
+            role: seen
+            source: {kind: generated, family: arithmetic}
+            teacher_template: "Question: {q}"
+        """))
+    with pytest.raises(ConfigError, match=r"run.yaml:6: tasks.0.teacher_template: .*\{question\}"):
+        load_config(path)

@@ -168,3 +168,16 @@ def test_transformers_teacher_samples_k_rationales_and_fails_overlong_prompts(ti
     assert [r["id"] for r in out.failed] == [2]
     assert out.failed[0]["reason"].startswith("prompt is ") and "the limit is 40" in out.failed[0]["reason"]
     assert out.tokens > 0
+
+
+def test_the_vllm_backend_is_selected_by_config_and_says_what_is_missing(tiny_model_dir):
+    import importlib.util
+
+    import pytest
+
+    from modecotd.errors import ModelError
+
+    config = TeacherConfig(backend="vllm", gpus_per_actor=1)
+    expected = "not installed" if importlib.util.find_spec("vllm") is None else "no CUDA GPU"
+    with pytest.raises(ModelError, match=expected):
+        make_backend(config, tiny_model_dir)

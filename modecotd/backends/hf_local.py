@@ -16,11 +16,18 @@ log = logging.getLogger(__name__)
 
 
 class TransformersGenerator:
-    def __init__(self, model_dir: Path | str, *, dtype: str = "bf16", batch_size: int = 8,
+    def __init__(self, model_dir: Path | str, *, dtype: str = "auto", batch_size: int = 8,
                  max_prompt_tokens: int | None = None):
+        import torch
+
         from modecotd.models import load_causal_lm, load_tokenizer
 
+        gpu = torch.cuda.is_available()
+        if dtype == "auto":
+            dtype = "bf16" if gpu else "fp32"
         self.model = load_causal_lm(Path(model_dir), dtype)
+        if gpu:
+            self.model.to("cuda")
         self.tokenizer = load_tokenizer(Path(model_dir))
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
