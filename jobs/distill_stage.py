@@ -6,8 +6,10 @@ The adapter is written by rank 0 into the unit's staging folder and published by
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,11 +20,27 @@ from ray.train.torch import TorchTrainer
 
 from modecotd.artifacts import Unit, pending, read_jsonl
 from modecotd.distill import DistillSettings, train_expert
+from modecotd.jobs.ray_runtime import root_cause
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_STEPS = 10
 SUMMARY_FILE = "training.json"
+
+
+class RayTrainCheckpoints:
+    """modecotd.distill's checkpoint hooks on Ray Train: every rank writes its part of a checkpoint
+    into a temporary folder and reports it; Ray Train merges the parts in its storage and hands
+    the newest back to a restarted worker group."""
+
+    def latest(self):
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)
+
+    def save(self, metrics: dict, write) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            write(Path(folder))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -31,29 +49,59 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     settings = DistillSettings(**loop_config["settings"])
+    checkpoint_every = settings.checkpoint_every
 
     def report(metrics: dict) -> None:
-        if metrics["step"] % REPORT_EVERY_STEPS == 0:
-            ray.train.report({k: v for k, v in metrics.items()})
+        # Every rank reports at the same steps (Ray Train needs that); checkpoint steps report there.
+        step = metrics["step"]
+        if step % REPORT_EVERY_STEPS == 0 and not (checkpoint_every and step % checkpoint_every == 0):
+            ray.train.report(dict(metrics))
 
-    summary = train_expert(settings, rank, world, report=report)
+    summary = train_expert(settings, rank, world, report=report, checkpoints=RayTrainCheckpoints())
     if rank == 0:
         (Path(settings.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary))
     ray.train.report({"step": summary["steps"], "loss": summary["final_loss"], "done": True})
 
 
 @ray.remote(num_cpus=0)
-def fit_expert(task: str, settings: dict, workers: int, cpus_per_worker: float, storage: str) -> dict:
-    """Run one expert's Ray Train job to completion; returns its training summary."""
+def fit_expert(task: str, settings: dict, workers: int, cpus_per_worker: float, storage: str, run_name: str,
+               max_failures: int, gpus_per_worker: float = 0) -> dict:
+    """Run one expert's Ray Train job to completion; returns its training summary.
+
+    ``run_name`` is the same for every attempt at the same expert, so a job started again after
+    a driver crash finds the checkpoints of the last attempt in ``storage`` and resumes from them.
+    With GPUs, Ray Train sets up NCCL instead of gloo; the training code is the same.
+    """
+    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=f"distill-{task}-{int(time.time())}", storage_path=storage),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
     trainer.fit()
     return json.loads((Path(settings["output_dir"]) / SUMMARY_FILE).read_text())
+
+
+def concurrent_jobs(cfg, cluster: dict) -> tuple[int, str | None]:
+    """How many expert jobs may run at once: the configured limit, lowered to what the cluster
+    holds so that jobs queue in the driver instead of waiting on each other for resources; or why
+    no job fits at all."""
+    need = {"CPU": cfg.workers_per_job * cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        need["GPU"] = cfg.workers_per_job * cfg.gpus_per_worker
+    fits = []
+    for resource, amount in need.items():
+        have = cluster.get(resource, 0)
+        if amount > have:
+            return 0, (f"one expert job needs {amount:g} {resource} (distill.workers_per_job x "
+                       f"{'cpus' if resource == 'CPU' else 'gpus'}_per_worker) but the Ray cluster has {have:g}")
+        fits.append(int(have // amount) if amount else cfg.max_concurrent_jobs)
+    return max(1, min(cfg.max_concurrent_jobs, *fits)), None
 
 
 def run_distill_stage(config, run_dir: Path, tasks, rationale_dirs: dict[str, Path], units: dict[str, Unit],
@@ -63,9 +111,17 @@ def run_distill_stage(config, run_dir: Path, tasks, rationale_dirs: dict[str, Pa
     storage = str((run_dir / "ray").resolve())
     todo = pending(units, "distill", log)
     results: dict[str, dict] = {}
+    if not todo:
+        return results
+    limit, problem = concurrent_jobs(cfg, ray.cluster_resources())
+    if problem:
+        for name in todo:
+            results[name] = {"status": "failed", "error": problem}
+        log.error("distill: %s", problem)
+        return results
     running: dict = {}
     while todo or running:
-        while todo and len(running) < cfg.max_concurrent_jobs:
+        while todo and len(running) < limit:
             name = todo.pop(0)
             rows = read_jsonl(rationale_dirs[name] / "accepted.jsonl")
             if not cfg.use_rationalized:
@@ -83,19 +139,25 @@ def run_distill_stage(config, run_dir: Path, tasks, rationale_dirs: dict[str, Pa
                 lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
                 learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
                 max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio, zero_stage=cfg.zero_stage,
-                seed=config.seed,
+                seed=config.seed, gradient_accumulation=cfg.gradient_accumulation,
+                validation_fraction=cfg.validation_fraction, eval_every=cfg.eval_every,
+                early_stopping_patience=cfg.early_stopping_patience, checkpoint_every=cfg.checkpoint_every,
+                offload_optimizer=cfg.offload_optimizer,
             )
             ref = fit_expert.options(name=f"distill:{name}").remote(
-                name, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker, storage)
+                name, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker, storage,
+                f"distill-{name}-{units[name].key}", cfg.max_failures, cfg.gpus_per_worker if cfg.use_gpu else 0)
             running[ref] = (name, staging, time.time())
             log.info("distill: %s started (%d rows, ZeRO-%d)", name, len(rows), cfg.zero_stage)
+        if not running:
+            continue
         ready, _ = ray.wait(list(running), num_returns=1)
         name, staging, started = running.pop(ready[0])
         try:
             summary = ray.get(ready[0])
         except Exception as exc:  # a failed job is reported, the others go on
             Unit.abort(staging)
-            results[name] = {"status": "failed", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            results[name] = {"status": "failed", "error": root_cause(exc)}
             log.error("distill: %s failed: %s", name, results[name]["error"])
             continue
         summary = {"status": "done", **{k: v for k, v in summary.items() if k != "losses"}}

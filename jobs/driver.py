@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 1
 # Settings that change where or how fast work runs, never what it produces.
-RESOURCE_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "workers_per_job",
+RESOURCE_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "max_failures", "workers_per_job", "gpus_per_worker", "use_gpu",
                  "cpus_per_worker", "max_concurrent_jobs", "cpus_per_trial", "max_concurrent_trials",
                  "concurrency", "timeout_s", "max_retries", "backoff_s", "api_key_env"}
 

@@ -48,3 +48,14 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
+
+
+def root_cause(exc: BaseException) -> str:
+    """The original error inside a Ray error, as one line: the last ``SomeError: message`` line of
+    its text (Ray wraps remote errors in tracebacks and banners), else its last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head and not head.startswith("ray."):
+            return line[:400]
+    return (lines[-1] if lines else type(exc).__name__)[:400]

@@ -27,6 +27,7 @@ import ray
 
 from modecotd.artifacts import Unit, fingerprint, pending
 from modecotd.errors import ModelError, UserError
+from modecotd.jobs.ray_runtime import root_cause
 from modecotd.prompts import TeacherPrompts
 from modecotd.tasks.schema import Example, TaskData
 from modecotd.teacher import make_backend, prompts_for, teach
@@ -229,7 +230,7 @@ class ActorPool:
                 ray.get(actor.ready.remote())
             except ray.exceptions.RayActorError as exc:
                 self.kill_all()
-                raise ModelError(f"teacher actor {slot} could not start its backend: {_root_cause(exc)}") from None
+                raise ModelError(f"teacher actor {slot} could not start its backend: {root_cause(exc)}") from None
 
     def idle(self) -> list[int]:
         return [slot for slot in self.actors for _ in range(IN_FLIGHT_PER_ACTOR - self.busy[slot])]
@@ -245,15 +246,6 @@ class ActorPool:
         for actor in self.actors.values():
             ray.kill(actor)
         self.actors.clear()
-
-
-def _root_cause(exc: Exception) -> str:
-    """The last meaningful line of a Ray error (the original exception's message)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error" in line.split(":")[0]:
-            return line[:400]
-    return lines[-1][:400] if lines else type(exc).__name__
 
 
 def _progress_bars(tasks: dict[str, TaskData], todo: list[str]):
@@ -314,7 +306,7 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
                 log.warning("teacher: actor %s died with shard %s/%d in hand (%s); re-queued",
-                            slot, shard.task, shard.index, _root_cause(exc))
+                            slot, shard.task, shard.index, root_cause(exc))
                 retry.append(shard)
                 outstanding[shard.task] -= 1
                 if current:  # the other shards that actor held come back through this same branch
@@ -325,7 +317,7 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
                                      f"run again to go on") from None
                 continue
             except ray.exceptions.RayTaskError as exc:
-                reason = f"teacher error: {_root_cause(exc)}"
+                reason = f"teacher error: {root_cause(exc)}"
                 log.error("teacher: shard %s/%d failed: %s", shard.task, shard.index, reason)
                 result = {"questions": len(shard.examples), "tokens": 0, "seconds": 0.0, "accepted": [],
                           "rejected": [], "failed": [{"id": shard.first_id + i, "question": e["question"],

@@ -221,10 +221,30 @@ class DistillConfig(Section):
     max_rows_per_task: int | None = Field(None, ge=1, description="cap on accepted rationales used")
     use_rationalized: bool = Field(True, description="train on the teacher's rationalized rows too")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step (batch_size is "
+                                       "split over workers and accumulation steps)")
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of the rationales held out for a "
+                                       "validation loss; 0: none")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between validation losses; 0: once per epoch")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many validations without a better loss (the best adapter is "
+        "kept); needs validation_fraction > 0")
+    checkpoint_every: int = Field(50, ge=0, description="optimizer steps between Ray Train checkpoints; 0: none")
+    max_failures: int = Field(2, ge=0, description="times Ray Train restarts a failed job from its last checkpoint")
     zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (DeepSpeed ZeRO-Offload)")
+    use_gpu: bool = Field(False, description="train on GPUs (NCCL between workers) instead of CPUs (gloo)")
     workers_per_job: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per training worker when use_gpu is on")
     max_concurrent_jobs: int = Field(2, ge=1)
+
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_validation(self) -> "DistillConfig":
+        if self.early_stopping_patience is not None and self.validation_fraction <= 0:
+            raise ValueError("early_stopping_patience needs validation_fraction > 0 (a held-out loss to watch)")
+        return self
 
 
 class MixtureConfig(Section):

@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager, Protocol
 
 import torch
 
@@ -45,6 +45,12 @@ class DistillSettings:
     warmup_ratio: float = 0.1
     zero_stage: int = 2
     seed: int = 0
+    gradient_accumulation: int = 1
+    validation_fraction: float = 0.0
+    eval_every: int = 0  # optimizer steps between validation losses; 0: once per epoch
+    early_stopping_patience: int | None = None
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: none
+    offload_optimizer: bool = False
 
 
 def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int) -> tuple[list[dict], int]:
@@ -108,13 +114,20 @@ def add_lora(model, settings: DistillSettings):
     return get_peft_model(model, config)
 
 
+def micro_batch_size(settings: DistillSettings, world_size: int) -> int:
+    """Rows per worker per forward pass: the batch is split over workers and accumulation steps."""
+    return max(1, settings.batch_size // (world_size * settings.gradient_accumulation))
+
+
 def deepspeed_config(settings: DistillSettings, world_size: int) -> dict:
-    micro = max(1, settings.batch_size // world_size)
     return {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro_batch_size(settings, world_size),
+        "gradient_accumulation_steps": settings.gradient_accumulation,
         "gradient_clipping": GRADIENT_CLIPPING,
-        "zero_optimization": {"stage": settings.zero_stage},
+        "zero_optimization": {"stage": settings.zero_stage,
+                              **({"offload_optimizer": {"device": "cpu"}} if settings.offload_optimizer else {})},
+        # Our torch AdamW (no compiled ops) may run on offloaded states too.
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": settings.dtype == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -132,12 +145,50 @@ def warmup_then_linear(total_steps: int, warmup_ratio: float) -> Callable[[int],
     return factor
 
 
+class Checkpoints(Protocol):
+    """Where training state is saved and found again (Ray Train's checkpoints on the Ray side)."""
+
+    def latest(self) -> ContextManager[Path | None]:
+        """The newest checkpoint folder, if training is being resumed."""
+
+    def save(self, metrics: dict, write: Callable[[Path], None]) -> None:
+        """Have ``write`` fill a fresh folder, then persist it as the newest checkpoint."""
+
+
+def split_validation(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded held-out share of the examples (at least one when ``fraction`` > 0)."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    held = set(order[:n])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+@dataclass
+class LoopState:
+    """Everything besides model, optimizer and scheduler that a resumed run needs."""
+
+    micro_step: int = 0
+    target_tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (optimizer step, loss)
+    best_validation: float = math.inf
+    evaluations_without_gain: int = 0
+    stopped_early: bool = False
+    resumed_from_step: int | None = None
+
+
 def train_expert(settings: DistillSettings, rank: int, world_size: int,
-                 report: Callable[[dict], None] = lambda metrics: None) -> dict:
-    """Train one LoRA expert on this worker's shard; rank 0 saves the peft adapter.
+                 report: Callable[[dict], None] = lambda metrics: None,
+                 checkpoints: Checkpoints | None = None) -> dict:
+    """Train one LoRA expert on this worker's share of every batch; rank 0 saves the peft adapter.
 
     Expects torch.distributed to be initialised (Ray Train does it); DeepSpeed reuses that group.
-    Returns a summary with the loss curve.
+    With ``checkpoints``, the adapter, optimizer, scheduler, data position and RNG states are
+    saved every ``checkpoint_every`` optimizer steps and training resumes from the newest one.
+    Returns a summary with the loss curves.
     """
     import deepspeed
 
@@ -150,64 +201,173 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     examples, too_long = tokenize_rows(settings.rows, kind, tokenizer, settings.max_length)
     if not examples:
         raise ValueError(f"no training rows fit in max_length={settings.max_length}")
+    examples, held_out = split_validation(examples, settings.validation_fraction, settings.seed)
     base = load_causal_lm(Path(settings.student_dir), "fp32")
     model = add_lora(base, settings)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    micro = max(1, settings.batch_size // world_size)
+    micro = micro_batch_size(settings, world_size)
+    accumulation = settings.gradient_accumulation
     batches_per_epoch = math.ceil(len(examples) / (micro * world_size))
-    total_steps = max(1, math.ceil(batches_per_epoch * settings.epochs))
+    total_steps = max(1, math.ceil(batches_per_epoch * settings.epochs / accumulation))  # optimizer steps
+    total_micro = total_steps * accumulation
+    eval_every = settings.eval_every or max(1, batches_per_epoch // accumulation)
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total_steps, settings.warmup_ratio))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(settings, world_size),
     )
+    state = LoopState()
+    best_lora: dict | None = None
+    if checkpoints is not None:
+        with checkpoints.latest() as folder:
+            if folder is not None:
+                state = load_training_state(engine, Path(folder), rank)
+                state.resumed_from_step = state.micro_step // accumulation
+                log.info("resumed at optimizer step %d from %s", state.micro_step // accumulation, folder)
     engine.train()
-    rng = random.Random(settings.seed)
-    losses: list[float] = []
-    step, tokens = 0, 0
-    started = time.time()
-    while step < total_steps:
-        batches = length_bucketed_batches(examples, micro * world_size, rng)
-        for global_batch in batches:
-            if step >= total_steps:
+    started, tokens_at_start = time.time(), state.target_tokens
+    while state.micro_step < total_micro and not state.stopped_early:
+        epoch, position = divmod(state.micro_step, batches_per_epoch)
+        batches = epoch_batches(examples, micro * world_size, settings.seed, epoch)
+        for global_batch in batches[position:]:
+            if state.micro_step >= total_micro:
                 break
             shard = global_batch[rank::world_size] or global_batch[:1]
-            batch = collate(shard, tokenizer.pad_token_id)
+            batch = {k: v.to(engine.device) for k, v in collate(shard, tokenizer.pad_token_id).items()}
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
             engine.backward(out.loss)
             engine.step()
-            loss = float(out.loss.detach())
-            losses.append(loss)
-            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-            step += 1
-            report({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "target_tokens": tokens})
+            state.micro_step += 1
+            state.losses.append(float(out.loss.detach()))
+            state.target_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            if state.micro_step % accumulation:
+                continue
+            step = state.micro_step // accumulation
+            metrics = {"step": step, "loss": sum(state.losses[-accumulation:]) / accumulation,
+                       "lr": scheduler.get_last_lr()[0], "target_tokens": state.target_tokens}
+            if held_out and (step % eval_every == 0 or step == total_steps):
+                metrics["validation_loss"] = validation_loss(engine, held_out, micro, tokenizer.pad_token_id)
+                state.validation.append((step, metrics["validation_loss"]))
+                if metrics["validation_loss"] < state.best_validation - 1e-4:
+                    state.best_validation, state.evaluations_without_gain = metrics["validation_loss"], 0
+                    best_lora = lora_state(engine, settings.zero_stage)
+                else:
+                    state.evaluations_without_gain += 1
+                    patience = settings.early_stopping_patience
+                    state.stopped_early = patience is not None and state.evaluations_without_gain >= patience
+            report(metrics)
+            if checkpoints is not None and settings.checkpoint_every and (
+                    step % settings.checkpoint_every == 0 and step < total_steps):
+                checkpoints.save(metrics, lambda folder: save_training_state(engine, folder, rank, state))
             if rank == 0 and (step % PROGRESS_EVERY_STEPS == 0 or step == total_steps):
-                log.info("step %d/%d loss %.3f, %.0f target tokens/s", step, total_steps, loss,
-                         tokens / max(1e-9, time.time() - started))
-    summary = {"steps": step, "rows": len(settings.rows), "rows_too_long": too_long,
-               "examples": len(examples), "target_tokens_rank0": tokens, "losses": losses,
-               "first_loss": losses[0], "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+                log.info("step %d/%d loss %.3f, %.0f target tokens/s", step, total_steps, metrics["loss"],
+                         (state.target_tokens - tokens_at_start) / max(1e-9, time.time() - started))
+            if state.stopped_early:
+                log.info("early stop at step %d: validation loss has not improved for %d evaluations",
+                         step, state.evaluations_without_gain)
+                break
+    losses = state.losses
+    tail = losses[-5 * accumulation:]
+    summary = {"steps": state.micro_step // accumulation, "planned_steps": total_steps, "rows": len(settings.rows),
+               "rows_too_long": too_long, "examples": len(examples), "validation_examples": len(held_out),
+               "target_tokens_rank0": state.target_tokens, "losses": losses,
+               "validation_losses": state.validation, "stopped_early": state.stopped_early,
+               "best_validation_loss": None if math.isinf(state.best_validation) else state.best_validation,
+               "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
                "zero_stage": engine.zero_optimization_stage(), "world_size": world_size,
-               "target_tokens_per_s_rank0": tokens / max(1e-9, time.time() - started)}
-    save_adapter(engine, settings.output_dir, rank, settings.zero_stage)
+               "gradient_accumulation": accumulation, "resumed_from_step": state.resumed_from_step,
+               "started_at": started, "finished_at": time.time(),
+               "target_tokens_per_s_rank0": (state.target_tokens - tokens_at_start) / max(1e-9, time.time() - started)}
+    save_adapter(engine, settings.output_dir, rank, settings.zero_stage, settings.student_dir, state=best_lora)
     return summary
 
 
-def save_adapter(engine, output_dir: str, rank: int, zero_stage: int) -> None:
-    """Save the LoRA as a standard peft adapter folder (gathering ZeRO-3 partitions first)."""
+def epoch_batches(examples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[dict]]:
+    """The batches of one epoch: the same for a given seed and epoch, so a resumed run continues
+    exactly where it stopped."""
+    rng = random.Random(seed)
+    for _ in range(epoch):
+        length_bucketed_batches(examples, batch_size, rng)
+    return length_bucketed_batches(examples, batch_size, rng)
+
+
+def validation_loss(engine, held_out: list[dict], micro: int, pad_id: int) -> float:
+    """Mean target-token loss on the held-out examples (every rank computes it alike)."""
+    engine.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(held_out), micro):
+            batch = {k: v.to(engine.device) for k, v in collate(held_out[start:start + micro], pad_id).items()}
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(out.loss) * n
+            count += n
+    engine.train()
+    return total / max(1, count)
+
+
+TRAINER_STATE = "trainer_state_rank{rank}.pt"
+DEEPSPEED_TAG = "state"
+
+
+def save_training_state(engine, folder: Path, rank: int, state: LoopState) -> None:
+    """DeepSpeed's own checkpoint (LoRA weights, optimizer, scheduler) plus this rank's loop
+    position and RNG states."""
+    engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    torch.save({"loop": state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+               Path(folder) / TRAINER_STATE.format(rank=rank))
+
+
+def load_training_state(engine, folder: Path, rank: int) -> LoopState:
+    engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_module_strict=False)
+    saved = torch.load(Path(folder) / TRAINER_STATE.format(rank=rank), weights_only=False)
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate(saved["python_rng"])
+    return saved["loop"]
+
+
+def lora_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """A full copy of the LoRA weights on every rank (gathering ZeRO-3 partitions first)."""
     import contextlib
 
     import deepspeed
 
-    model = engine.module
-    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
-    gather = (deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None)
+    params = [(n, p) for n, p in engine.module.named_parameters() if "lora_" in n]
+    gather = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
               if zero_stage == 3 else contextlib.nullcontext())
     with gather:
-        if rank == 0:
-            state = {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
-            model.save_pretrained(output_dir, state_dict=state)
-    if not any(Path(output_dir).glob("adapter_model.*")) and rank == 0:
-        raise RuntimeError(f"{output_dir}: adapter was not written")
+        return {n: p.detach().float().clone() for n, p in params}
 
+
+def save_adapter(engine, output_dir: str, rank: int, zero_stage: int, student_dir: str,
+                 state: dict | None = None) -> None:
+    """Save the LoRA (``state``, or the current weights) as a standard peft adapter folder, then
+    check it (see :func:`check_adapter`)."""
+    state = state if state is not None else lora_state(engine, zero_stage)
+    if rank == 0:
+        engine.module.save_pretrained(output_dir, state_dict=state)
+        check_adapter(output_dir, student_dir, len(state))
+
+
+def check_adapter(output_dir: str, student_dir: str, expected_tensors: int) -> None:
+    """The saved adapter holds every LoRA tensor, not all zero, and loads onto a fresh copy of the
+    student with ``PeftModel.from_pretrained`` carrying those same weights."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from modecotd.models import load_causal_lm
+
+    path = Path(output_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise RuntimeError(f"{output_dir}: adapter was not written")
+    saved = load_file(str(path))
+    if len(saved) != expected_tensors or not any(bool(t.abs().sum() > 0) for t in saved.values()):
+        raise RuntimeError(f"{output_dir}: the saved adapter is empty or incomplete "
+                           f"({len(saved)} of {expected_tensors} LoRA tensors)")
+    loaded = PeftModel.from_pretrained(load_causal_lm(Path(student_dir), "fp32"), output_dir)
+    weights = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    name, tensor = next(iter(saved.items()))
+    match = [w for n, w in weights.items() if n.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
+    if len(weights) != expected_tensors or not match or not torch.allclose(match[0].float(), tensor.float()):
+        raise RuntimeError(f"{output_dir}: the adapter does not load back with PeftModel.from_pretrained")

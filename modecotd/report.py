@@ -124,13 +124,24 @@ def render_markdown(report: dict) -> str:
                 f"{tt.get('rationales_per_answered_question', 0):.2f}", f"{tt.get('mean_rationale_words', 0):.1f}",
                 str(tt.get("rationalized", 0)), str(tt.get("failed", 0)), rejections, failures,
                 "–" if not speed else f"{speed:.0f}"]) + " |")
-    lines += ["", "## Experts", "", "| task | status | rows | steps | loss first → final | seconds |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Experts", "",
+              "| task | status | rows | steps | loss first → final | best validation loss | notes | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         if "expert" in t:
             e = t["expert"]
+            best = e.get("best_validation_loss")
+            notes = []
+            if e.get("stopped_early"):
+                notes.append(f"early stop at {e.get('steps')} of {e.get('planned_steps')} steps")
+            if e.get("resumed_from_step") is not None:
+                notes.append(f"resumed from step {e['resumed_from_step']}")
             lines.append(f"| {name} | {e.get('status')} | {e.get('examples')} | {e.get('steps')} | "
-                         f"{e.get('first_loss', 0):.3f} → {e.get('final_loss', 0):.3f} | {e.get('seconds') or 0:.0f} |")
+                         f"{e.get('first_loss', 0):.3f} → {e.get('final_loss', 0):.3f} | "
+                         f"{'–' if best is None else f'{best:.3f}'} | {'; '.join(notes) or '–'} | "
+                         f"{e.get('seconds') or 0:.0f} |")
+    if any("expert" in t for t in report["tasks"].values()):
+        lines += ["", "![training loss per expert](training.png)"]
     lines += ["", "## Mixtures", "", "| target | L1 | CV loss | loss at w=0 | weights |", "|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         if "mixture" in t:
@@ -209,11 +220,52 @@ def plot_accuracy(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def training_curves(run_dir: Path) -> dict[str, dict]:
+    """Each expert's loss per micro-batch and validation losses, from its training.json."""
+    curves = {}
+    for path in sorted((Path(run_dir) / "experts").glob("*/training.json")):
+        summary = json.loads(path.read_text())
+        curves[path.parent.name] = {"losses": summary.get("losses", []),
+                                    "accumulation": summary.get("gradient_accumulation", 1),
+                                    "validation": summary.get("validation_losses", [])}
+    return curves
+
+
+def plot_training(curves: dict[str, dict], path: Path) -> None:
+    """Training loss per optimizer step (and validation loss where there is one) for every expert."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        n = curve["accumulation"]
+        losses = curve["losses"]
+        steps = [sum(losses[i:i + n]) / len(losses[i:i + n]) for i in range(0, len(losses), n)]
+        (line,) = ax.plot(range(1, len(steps) + 1), steps, label=f"{name} train", linewidth=1)
+        if curve["validation"]:
+            xs, ys = zip(*curve["validation"])
+            ax.plot(xs, ys, "o--", color=line.get_color(), label=f"{name} validation", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (target tokens)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("expert training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def build_report(run_dir: Path, config, tasks: dict[str, TaskData]) -> Path:
-    """Write report.json, report.md and accuracy.png into the run folder; returns report.md."""
+    """Write report.json, report.md, accuracy.png and training.png into the run folder; returns
+    report.md."""
     report = collect(Path(run_dir), config, tasks)
     write_json(Path(run_dir) / "report.json", report)
     plot_accuracy(report, Path(run_dir) / "accuracy.png")
+    curves = training_curves(Path(run_dir))
+    if curves:
+        plot_training(curves, Path(run_dir) / "training.png")
     path = Path(run_dir) / "report.md"
     path.write_text(render_markdown(report))
     return path

@@ -121,11 +121,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - http.server's naming
         stub: StubServer = self.server.stub
         stub._enter()
+        self._counted = True
         try:
             self._answer(stub)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a timeout test); nothing to answer
         finally:
+            self._done(stub)
+
+    def send_response(self, code, message=None):
+        # The request stops counting as in flight once its answer starts: the client may send its
+        # next request as soon as it has read this one, before this thread gets to run again.
+        self._done(self.server.stub)
+        super().send_response(code, message)
+
+    def _done(self, stub: StubServer) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
             stub._leave()
 
     def _answer(self, stub: StubServer) -> None:

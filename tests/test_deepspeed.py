@@ -49,3 +49,90 @@ def test_zero_stage_trains_and_saves_a_full_adapter(process_group, tiny_model_di
     assert len(tensors) == 8 and all(t.numel() > 0 and t.abs().sum() > 0 for t in tensors.values())
     model = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), str(tmp_path))
     assert sum("lora_" in name for name, _ in model.named_parameters()) == 8
+
+
+class FolderCheckpoints:
+    """Checkpoints in numbered folders under ``root``, as Ray Train keeps them."""
+
+    def __init__(self, root):
+        self.root = root
+        self.saved_at: list[int] = []
+
+    def latest(self):
+        import contextlib
+
+        folders = sorted(self.root.glob("checkpoint_*"))
+        return contextlib.nullcontext(folders[-1] if folders else None)
+
+    def save(self, metrics, write):
+        folder = self.root / f"checkpoint_{len(self.saved_at):04d}"
+        folder.mkdir(parents=True)
+        write(folder)
+        self.saved_at.append(metrics["step"])
+
+
+def _settings(tiny_model_dir, output_dir, **changes) -> DistillSettings:
+    rows = [{"question": e.question, "answer": e.answer, "rationale": e.rationale}
+            for e in generate("coin_flip", 12, seed=0, size=2)]
+    settings = dict(student_dir=str(tiny_model_dir), dtype="fp32", kind="yes_no", rows=rows,
+                    output_dir=str(output_dir), lora_r=4, lora_alpha=8, learning_rate=5e-3, batch_size=4,
+                    epochs=2, zero_stage=2, max_length=160, seed=3)
+    settings.update(changes)
+    return DistillSettings(**settings)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_crashed_run_resumes_from_its_checkpoint_to_the_same_adapter(process_group, tiny_model_dir, tmp_path,
+                                                                     stage):
+    undisturbed = tmp_path / "undisturbed"
+    undisturbed.mkdir()
+    reference = train_expert(_settings(tiny_model_dir, undisturbed, zero_stage=stage), 0, 1)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    checkpoints = FolderCheckpoints(tmp_path / "checkpoints")
+    settings = _settings(tiny_model_dir, resumed, zero_stage=stage, checkpoint_every=2)
+
+    def crash_at_step_5(metrics):
+        if metrics["step"] == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_expert(settings, 0, 1, report=crash_at_step_5, checkpoints=checkpoints)
+    assert checkpoints.saved_at == [2, 4]
+    summary = train_expert(settings, 0, 1, checkpoints=checkpoints)
+    assert summary["steps"] == reference["steps"] == 6
+    assert summary["losses"] == pytest.approx(reference["losses"], rel=1e-4, abs=1e-5)
+    before = safetensors.torch.load_file(undisturbed / "adapter_model.safetensors")
+    after = safetensors.torch.load_file(resumed / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        assert (before[name] - after[name]).abs().max() < 1e-5, name
+
+
+def test_gradient_accumulation_counts_optimizer_steps(process_group, tiny_model_dir, tmp_path):
+    summary = train_expert(_settings(tiny_model_dir, tmp_path, gradient_accumulation=2), 0, 1)
+    assert summary["gradient_accumulation"] == 2
+    assert summary["steps"] == 6 and len(summary["losses"]) == 12  # micro-batches of 2, optimizer batch 4
+    assert summary["final_loss"] < summary["first_loss"]
+
+
+def test_validation_loss_and_early_stopping(process_group, tiny_model_dir, tmp_path):
+    settings = _settings(tiny_model_dir, tmp_path, validation_fraction=0.25, eval_every=1, epochs=20,
+                         learning_rate=0.5, early_stopping_patience=2)
+    summary = train_expert(settings, 0, 1)
+    assert summary["validation_examples"] == 3 and summary["examples"] == 9
+    assert summary["stopped_early"] and summary["steps"] < summary["planned_steps"]
+    steps = [step for step, _ in summary["validation_losses"]]
+    assert steps == list(range(1, summary["steps"] + 1))
+    assert summary["best_validation_loss"] == min(loss for _, loss in summary["validation_losses"])
+
+
+def test_optimizer_offload_to_cpu_trains(process_group, tiny_model_dir, tmp_path):
+    summary = train_expert(_settings(tiny_model_dir, tmp_path, offload_optimizer=True), 0, 1)
+    assert summary["final_loss"] < summary["first_loss"]
+    assert (tmp_path / "adapter_model.safetensors").is_file()

@@ -75,6 +75,7 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
     assert set(report["tasks"]["coins"]["eval"]) == {"base", "expert", "mixture"}
     assert set(report["tasks"]["letters"]["eval"]) == {"base", "mixture"}
     assert (run_dir / "accuracy.png").stat().st_size > 1000
+    assert (run_dir / "training.png").stat().st_size > 1000
     assert "| coins | seen | 6 |" in (run_dir / "report.md").read_text()
     assert outcome.report == run_dir / "report.md"
 
