@@ -11,7 +11,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
@@ -104,12 +104,35 @@ def concurrent_jobs(cfg, cluster: dict) -> tuple[int, str | None]:
     return max(1, min(cfg.max_concurrent_jobs, *fits)), None
 
 
-def run_distill_stage(config, run_dir: Path, tasks, rationale_dirs: dict[str, Path], units: dict[str, Unit],
-                      student_dir: Path) -> dict[str, dict]:
-    """Train every seen task's expert whose unit is not done; returns summaries and failures."""
+@dataclass
+class ExpertJob:
+    """One training job: an expert (one task's rationales) or a baseline (several tasks pooled, or
+    every weight fine-tuned)."""
+
+    unit: Unit
+    sources: list[tuple[Path, str]]  # (rationale folder, answer kind) per task it trains on
+    full_finetune: bool = False
+
+
+def read_rows(cfg, job: ExpertJob) -> list[dict]:
+    """The accepted rationales a job trains on; pooled rows carry their task's answer kind."""
+    rows = []
+    for folder, kind in job.sources:
+        task_rows = read_jsonl(folder / "accepted.jsonl")
+        if not cfg.use_rationalized:
+            task_rows = [r for r in task_rows if not r.get("rationalized")]
+        if cfg.max_rows_per_task:
+            task_rows = task_rows[: cfg.max_rows_per_task]
+        rows.extend({**r, "kind": kind} if len(job.sources) > 1 else r for r in task_rows)
+    return rows
+
+
+def run_distill_stage(config, run_dir: Path, jobs: dict[str, ExpertJob], student_dir: Path) -> dict[str, dict]:
+    """Train every job whose unit is not done, as many at once as allowed; returns summaries and
+    failures by job name."""
     cfg = config.distill
     storage = str((run_dir / "ray").resolve())
-    todo = pending(units, "distill", log)
+    todo = pending({name: job.unit for name, job in jobs.items()}, "distill", log)
     results: dict[str, dict] = {}
     if not todo:
         return results
@@ -123,30 +146,28 @@ def run_distill_stage(config, run_dir: Path, tasks, rationale_dirs: dict[str, Pa
     while todo or running:
         while todo and len(running) < limit:
             name = todo.pop(0)
-            rows = read_jsonl(rationale_dirs[name] / "accepted.jsonl")
-            if not cfg.use_rationalized:
-                rows = [r for r in rows if not r.get("rationalized")]
-            if cfg.max_rows_per_task:
-                rows = rows[: cfg.max_rows_per_task]
+            job = jobs[name]
+            rows = read_rows(cfg, job)
             if not rows:
                 results[name] = {"status": "failed", "error": "the teacher kept no rationale for this task"}
                 log.error("distill: %s: no rationales to train on", name)
                 continue
-            staging = units[name].begin()
+            staging = job.unit.begin()
             settings = DistillSettings(
-                student_dir=str(student_dir), dtype=config.student.dtype, kind=tasks[name].kind.value,
+                student_dir=str(student_dir), dtype=config.student.dtype, kind=job.sources[0][1],
                 rows=rows, output_dir=str(staging), lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                 lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
-                learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                learning_rate=cfg.full_finetune_learning_rate if job.full_finetune else cfg.learning_rate,
+                epochs=cfg.epochs, batch_size=cfg.batch_size,
                 max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio, zero_stage=cfg.zero_stage,
                 seed=config.seed, gradient_accumulation=cfg.gradient_accumulation,
                 validation_fraction=cfg.validation_fraction, eval_every=cfg.eval_every,
                 early_stopping_patience=cfg.early_stopping_patience, checkpoint_every=cfg.checkpoint_every,
-                offload_optimizer=cfg.offload_optimizer,
+                offload_optimizer=cfg.offload_optimizer, full_finetune=job.full_finetune,
             )
             ref = fit_expert.options(name=f"distill:{name}").remote(
                 name, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker, storage,
-                f"distill-{name}-{units[name].key}", cfg.max_failures, cfg.gpus_per_worker if cfg.use_gpu else 0)
+                f"distill-{name}-{job.unit.key}", cfg.max_failures, cfg.gpus_per_worker if cfg.use_gpu else 0)
             running[ref] = (name, staging, time.time())
             log.info("distill: %s started (%d rows, ZeRO-%d)", name, len(rows), cfg.zero_stage)
         if not running:
@@ -161,7 +182,7 @@ def run_distill_stage(config, run_dir: Path, tasks, rationale_dirs: dict[str, Pa
             log.error("distill: %s failed: %s", name, results[name]["error"])
             continue
         summary = {"status": "done", **{k: v for k, v in summary.items() if k != "losses"}}
-        units[name].commit(staging, summary, time.time() - started)
+        jobs[name].unit.commit(staging, summary, time.time() - started)
         results[name] = summary
         log.info("distill: %s done: loss %.3f -> %.3f in %d steps", name, summary["first_loss"],
                  summary["final_loss"], summary["steps"])

@@ -22,6 +22,7 @@ from modecotd.tasks.schema import Example, TaskData
 log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 1
+BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate"}
 # Settings that change where or how fast work runs, never what it produces.
 RESOURCE_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "max_failures", "workers_per_job", "gpus_per_worker", "use_gpu",
                  "cpus_per_worker", "max_concurrent_jobs", "cpus_per_trial", "max_concurrent_trials",
@@ -56,7 +57,7 @@ def load_tasks(config) -> dict[str, TaskData]:
 def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcome:
     """Run all four stages on Ray; returns where the report is and what failed."""
     from modecotd.jobs import ray_runtime
-    from modecotd.jobs.distill_stage import run_distill_stage
+    from modecotd.jobs.distill_stage import ExpertJob, run_distill_stage
     from modecotd.jobs.evaluate_stage import run_evaluate_stage
     from modecotd.jobs.teacher_stage import run_teacher_stage
     from modecotd.tuning.mixture_search import run_mixture_stage
@@ -83,12 +84,28 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
     run_teacher_stage(config, run_dir, tasks, teacher_units, teacher_dir)
     outcome.seconds["teacher"] = time.time() - started
 
-    expert_units = {name: Unit(run_dir / "experts" / name,
-                               fingerprint(common, teacher_keys[name], _settings(config.distill),
-                                           config.student.model_dump(mode="json"))) for name in seen}
+    # Adding a baseline must not retrain the experts: its settings stay out of their keys.
+    distill_settings = {k: v for k, v in _settings(config.distill).items() if k not in BASELINE_KEYS}
+    distill_common = (common, distill_settings, config.student.model_dump(mode="json"))
+    expert_units = {name: Unit(run_dir / "experts" / name, fingerprint(*distill_common, teacher_keys[name]))
+                    for name in seen}
+    jobs = {name: ExpertJob(unit, [(teacher_units[name].path, tasks[name].kind.value)])
+            for name, unit in expert_units.items()}
+    baseline_units = {}
+    if "multitask" in config.distill.baselines:
+        baseline_units["multitask"] = Unit(run_dir / "baselines" / "multitask",
+                                           fingerprint(*distill_common, "multitask", sorted(teacher_keys.items())))
+        jobs["multitask"] = ExpertJob(baseline_units["multitask"],
+                                      [(teacher_units[n].path, tasks[n].kind.value) for n in seen])
+    if "full_finetune" in config.distill.baselines:
+        task = config.distill.full_finetune_task or seen[0]
+        baseline_units["full_finetune"] = Unit(run_dir / "baselines" / "full_finetune",
+                                               fingerprint(*distill_common, "full_finetune", teacher_keys[task],
+                                                           config.distill.full_finetune_learning_rate))
+        jobs["full_finetune"] = ExpertJob(baseline_units["full_finetune"],
+                                          [(teacher_units[task].path, tasks[task].kind.value)], full_finetune=True)
     started = time.time()
-    distilled = run_distill_stage(config, run_dir, tasks, {n: u.path for n, u in teacher_units.items()},
-                                  expert_units, student_dir)
+    distilled = run_distill_stage(config, run_dir, jobs, student_dir)
     outcome.seconds["distill"] = time.time() - started
     for name, result in distilled.items():
         if result.get("status") == "failed":
@@ -121,6 +138,11 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
             system = {"kind": "mixture", "weights": mixture["summary"]["weights"],
                       "experts": {n: str(experts[n].path) for n in mixture["summary"]["weights"]}}
             systems["mixture"] = (system, mixture_units[name].key)
+        for baseline, unit in baseline_units.items():
+            if unit.done():
+                system = ({"kind": "expert", "adapter": str(unit.path)} if baseline == "multitask"
+                          else {"kind": "full", "model": str(unit.path)})
+                systems[baseline] = (system, unit.key)
         for system_name, (system, key) in systems.items():
             unit = Unit(run_dir / "eval" / name / system_name,
                         fingerprint(common, key, test_key, eval_settings, config.student.model_dump(mode="json")))

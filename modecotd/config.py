@@ -231,6 +231,12 @@ class DistillConfig(Section):
         "kept); needs validation_fraction > 0")
     checkpoint_every: int = Field(50, ge=0, description="optimizer steps between Ray Train checkpoints; 0: none")
     max_failures: int = Field(2, ge=0, description="times Ray Train restarts a failed job from its last checkpoint")
+    baselines: list[Literal["multitask", "full_finetune"]] = Field(
+        default_factory=list, description="extra systems trained and evaluated beside the experts: multitask (one "
+        "LoRA on all seen tasks pooled) and full_finetune (every student weight trained on one task)")
+    full_finetune_task: str | None = Field(None, description="the task full_finetune trains on; default: the "
+                                           "first seen task")
+    full_finetune_learning_rate: float = Field(2e-5, gt=0, le=1.0)
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (DeepSpeed ZeRO-Offload)")
     use_gpu: bool = Field(False, description="train on GPUs (NCCL between workers) instead of CPUs (gloo)")
@@ -306,6 +312,9 @@ class RunConfig(Section):
             raise ValueError(f"task names must be unique; repeated: {', '.join(duplicates)}")
         if not any(t.role == Role.SEEN for t in self.tasks):
             raise ValueError("at least one task must have role 'seen' (it gets an expert)")
+        ft = self.distill.full_finetune_task
+        if ft is not None and ft not in [t.name for t in self.seen_tasks]:
+            raise ValueError(f"distill.full_finetune_task {ft!r} is not a seen task")
         if self.teacher.backend == "scripted":
             bad = [t.name for t in self.tasks if t.role == Role.SEEN and t.source.kind != "generated"]
             if bad:

@@ -51,6 +51,7 @@ class DistillSettings:
     early_stopping_patience: int | None = None
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: none
     offload_optimizer: bool = False
+    full_finetune: bool = False  # train every student weight instead of a LoRA (a baseline)
 
 
 def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int) -> tuple[list[dict], int]:
@@ -60,7 +61,8 @@ def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int
     """
     examples, too_long = [], 0
     for row in rows:
-        prompt_ids = tokenizer(prompts.student_prompt(row["question"], kind), add_special_tokens=False)["input_ids"]
+        row_kind = AnswerKind(row["kind"]) if "kind" in row else kind  # pooled multi-task rows carry their own
+        prompt_ids = tokenizer(prompts.student_prompt(row["question"], row_kind), add_special_tokens=False)["input_ids"]
         target_ids = tokenizer(prompts.student_target(row["rationale"], row["answer"]),
                                add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(prompt_ids) + len(target_ids) > max_length:
@@ -85,6 +87,25 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens, computing logits only where targets can be.
+
+    The vocabulary projection is a large share of a small model's compute; prompts come first in
+    every row, so the logits of positions before the earliest target in the batch are never
+    needed (``logits_to_keep``). Same value as the model's own loss with ``labels``.
+    """
+    import torch.nn.functional as F
+
+    shifted = batch["labels"][:, 1:]
+    wanted = shifted != IGNORE_INDEX
+    first = int(wanted.to(torch.int8).argmax(dim=1).min()) if wanted.any() else 0
+    keep = torch.arange(first, shifted.shape[1], device=shifted.device)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    logits = out.logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted[:, first:].reshape(-1),
+                           ignore_index=IGNORE_INDEX)
 
 
 def length_bucketed_batches(examples: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
@@ -203,7 +224,12 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
         raise ValueError(f"no training rows fit in max_length={settings.max_length}")
     examples, held_out = split_validation(examples, settings.validation_fraction, settings.seed)
     base = load_causal_lm(Path(settings.student_dir), "fp32")
-    model = add_lora(base, settings)
+    if settings.full_finetune:
+        model = base
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+    else:
+        model = add_lora(base, settings)
     trainable = [p for p in model.parameters() if p.requires_grad]
     micro = micro_batch_size(settings, world_size)
     accumulation = settings.gradient_accumulation
@@ -218,7 +244,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
         config=deepspeed_config(settings, world_size),
     )
     state = LoopState()
-    best_lora: dict | None = None
+    best_state: dict | None = None
     if checkpoints is not None:
         with checkpoints.latest() as folder:
             if folder is not None:
@@ -235,11 +261,11 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
                 break
             shard = global_batch[rank::world_size] or global_batch[:1]
             batch = {k: v.to(engine.device) for k, v in collate(shard, tokenizer.pad_token_id).items()}
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            engine.backward(out.loss)
+            loss = target_loss(engine, batch)
+            engine.backward(loss)
             engine.step()
             state.micro_step += 1
-            state.losses.append(float(out.loss.detach()))
+            state.losses.append(float(loss.detach()))
             state.target_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
             if state.micro_step % accumulation:
                 continue
@@ -251,7 +277,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
                 state.validation.append((step, metrics["validation_loss"]))
                 if metrics["validation_loss"] < state.best_validation - 1e-4:
                     state.best_validation, state.evaluations_without_gain = metrics["validation_loss"], 0
-                    best_lora = lora_state(engine, settings.zero_stage)
+                    best_state = trained_state(engine, settings.zero_stage)
                 else:
                     state.evaluations_without_gain += 1
                     patience = settings.early_stopping_patience
@@ -279,7 +305,8 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
                "gradient_accumulation": accumulation, "resumed_from_step": state.resumed_from_step,
                "started_at": started, "finished_at": time.time(),
                "target_tokens_per_s_rank0": (state.target_tokens - tokens_at_start) / max(1e-9, time.time() - started)}
-    save_adapter(engine, settings.output_dir, rank, settings.zero_stage, settings.student_dir, state=best_lora)
+    save_adapter(engine, settings.output_dir, rank, settings.zero_stage, settings.student_dir, state=best_state,
+                 full_finetune=settings.full_finetune)
     return summary
 
 
@@ -299,9 +326,8 @@ def validation_loss(engine, held_out: list[dict], micro: int, pad_id: int) -> fl
     with torch.no_grad():
         for start in range(0, len(held_out), micro):
             batch = {k: v.to(engine.device) for k, v in collate(held_out[start:start + micro], pad_id).items()}
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += float(out.loss) * n
+            total += float(target_loss(engine, batch)) * n
             count += n
     engine.train()
     return total / max(1, count)
@@ -327,13 +353,14 @@ def load_training_state(engine, folder: Path, rank: int) -> LoopState:
     return saved["loop"]
 
 
-def lora_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """A full copy of the LoRA weights on every rank (gathering ZeRO-3 partitions first)."""
+def trained_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """A full copy of the trained weights (the LoRA, or every weight when fine-tuning fully) on
+    every rank, gathering ZeRO-3 partitions first."""
     import contextlib
 
     import deepspeed
 
-    params = [(n, p) for n, p in engine.module.named_parameters() if "lora_" in n]
+    params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     gather = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
               if zero_stage == 3 else contextlib.nullcontext())
     with gather:
@@ -341,13 +368,31 @@ def lora_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(engine, output_dir: str, rank: int, zero_stage: int, student_dir: str,
-                 state: dict | None = None) -> None:
-    """Save the LoRA (``state``, or the current weights) as a standard peft adapter folder, then
-    check it (see :func:`check_adapter`)."""
-    state = state if state is not None else lora_state(engine, zero_stage)
-    if rank == 0:
-        engine.module.save_pretrained(output_dir, state_dict=state)
+                 state: dict | None = None, full_finetune: bool = False) -> None:
+    """Save what was trained (``state``, or the current weights): a standard peft adapter folder,
+    or for full fine-tuning a whole model folder with the student's tokenizer; then check it (see
+    :func:`check_adapter` and :func:`check_model`)."""
+    state = state if state is not None else trained_state(engine, zero_stage)
+    if rank != 0:
+        return
+    engine.module.save_pretrained(output_dir, state_dict=state)
+    if full_finetune:
+        from modecotd.models import load_tokenizer
+
+        load_tokenizer(Path(student_dir)).save_pretrained(output_dir)
+        check_model(output_dir, state)
+    else:
         check_adapter(output_dir, student_dir, len(state))
+
+
+def check_model(output_dir: str, state: dict) -> None:
+    """A fully fine-tuned model folder loads with ``from_pretrained`` and carries the trained weights."""
+    from modecotd.models import load_causal_lm
+
+    loaded = dict(load_causal_lm(Path(output_dir)).named_parameters())
+    name, tensor = next(iter(state.items()))
+    if name not in loaded or not torch.allclose(loaded[name].float(), tensor):
+        raise RuntimeError(f"{output_dir}: the fine-tuned model does not load back with from_pretrained")
 
 
 def check_adapter(output_dir: str, student_dir: str, expected_tensors: int) -> None:

@@ -18,7 +18,7 @@ from modecotd.tasks.schema import AnswerKind, Example
 
 def load_system(student_dir: Path, dtype: str, system: dict):
     """A generation-ready model for ``system``: {"kind": "base"} | {"kind": "expert", "adapter": dir}
-    | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}}.
+    | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}} | {"kind": "full", "model": dir}.
 
     Adapters stay unmerged, the way training computed them (a separate LoRA path beside the bf16
     weights); merging would round the update into the bf16 weights."""
@@ -27,6 +27,8 @@ def load_system(student_dir: Path, dtype: str, system: dict):
     kind = system["kind"]
     if kind == "base":
         return load_causal_lm(student_dir, dtype)
+    if kind == "full":  # a fully fine-tuned copy of the student (a baseline)
+        return load_causal_lm(Path(system["model"]), dtype)
     if kind == "expert":
         from peft import PeftModel
 

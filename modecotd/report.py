@@ -8,7 +8,7 @@ from modecotd.artifacts import write_json
 from modecotd.evaluate import majority_baseline
 from modecotd.tasks.schema import Role, TaskData
 
-SYSTEMS = ("base", "expert", "mixture")
+SYSTEMS = ("base", "expert", "mixture", "multitask", "full_finetune")
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -74,7 +74,13 @@ def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def systems_in(report: dict) -> list[str]:
+    """The systems evaluated on at least one task, in the standard order."""
+    return [s for s in SYSTEMS if any(s in t["eval"] for t in report["tasks"].values())] or ["base"]
+
+
 def render_markdown(report: dict) -> str:
+    systems = systems_in(report)
     teacher = report["teacher"]
     teacher_text = teacher["backend"] + (f" ({teacher['model']}, {teacher.get('prompting')} CoT)"
                                          if teacher["model"] else "")
@@ -87,19 +93,20 @@ def render_markdown(report: dict) -> str:
         "",
         "## Accuracy by task and system",
         "",
-        "| task | role | n test | majority | base | expert | mixture | base format | expert format | mixture format |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | role | n test | majority | " + " | ".join(systems) + " | "
+        + " | ".join(f"{system} format" for system in systems) + " |",
+        "|---|---|---|---|" + "---|" * (2 * len(systems)),
     ]
     for name, t in report["tasks"].items():
         ev = t["eval"]
         lines.append("| " + " | ".join([
             name, t["role"], str(t["sizes"]["test"]), _pct(t["majority"]["accuracy"]),
-            *(_pct(ev.get(s, {}).get("accuracy")) for s in SYSTEMS),
-            *(_pct(ev.get(s, {}).get("format_rate")) for s in SYSTEMS)]) + " |")
+            *(_pct(ev.get(s, {}).get("accuracy")) for s in systems),
+            *(_pct(ev.get(s, {}).get("format_rate")) for s in systems)]) + " |")
     lines += ["", "## What came out", ""] + findings(report)
     lines += ["", "Means:", ""]
-    for role, systems in report["means"].items():
-        lines.append(f"- {role}: " + ", ".join(f"{s} {_pct(v)}" for s, v in systems.items()))
+    for role, by_system in report["means"].items():
+        lines.append(f"- {role}: " + ", ".join(f"{s} {_pct(v)}" for s, v in by_system.items()))
     partial = [(n, t) for n, t in report["tasks"].items()
                if any(ev.get("partial_credit") is not None for ev in t["eval"].values())]
     if partial:
@@ -164,7 +171,7 @@ def findings(report: dict) -> list[str]:
         if base is None:
             continue
         parts = [f"base {_pct(base)}%"]
-        for system in ("expert", "mixture"):
+        for system in SYSTEMS[1:]:
             value = ev.get(system, {}).get("accuracy")
             if value is not None:
                 parts.append(f"{system} {_pct(value)}% ({100 * (value - base):+.1f} points over base)")
@@ -199,7 +206,7 @@ def plot_accuracy(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["tasks"])
-    systems = ["majority", *SYSTEMS]
+    systems = ["majority", *systems_in(report)]
     width = 0.8 / len(systems)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4))
     for i, system in enumerate(systems):

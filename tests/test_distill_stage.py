@@ -20,7 +20,7 @@ def settings_for(tiny_model_dir, output_dir, **changes) -> dict:
             for e in generate("coin_flip", 24, seed=1, size=2)]
     settings = DistillSettings(student_dir=str(tiny_model_dir), dtype="fp32", kind="yes_no", rows=rows,
                                output_dir=str(output_dir), lora_r=4, lora_alpha=8, learning_rate=5e-3,
-                               batch_size=2, epochs=4, zero_stage=2, max_length=160, seed=5, checkpoint_every=4)
+                               batch_size=2, epochs=3, zero_stage=2, max_length=160, seed=5, checkpoint_every=4)
     return asdict(settings) | changes
 
 
@@ -45,12 +45,13 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(ray_cluster, tiny_
     killed.mkdir()
     victims: list[int] = []
 
-    def kill_after_two_checkpoints():
-        # A checkpoint folder appears before Ray Train registers it; after the second one appears
-        # the first is surely registered, so the restarted worker must resume, not start over.
+    def kill_after_a_registered_checkpoint():
+        # A worker's checkpoint counts once the Ray Train controller has registered it, which it
+        # records in its checkpoint manager snapshot; kill the worker only then.
+        snapshot = storage / "distill-killed" / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 120
         while time.time() < deadline:
-            if len(list((storage / "distill-killed").glob("checkpoint_*"))) >= 2:
+            if snapshot.is_file() and "checkpoint_" in snapshot.read_text(errors="ignore"):
                 workers = alive_train_workers()
                 if workers:
                     os.kill(workers[0].pid, signal.SIGKILL)
@@ -58,7 +59,7 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(ray_cluster, tiny_
                     return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_after_two_checkpoints)
+    killer = threading.Thread(target=kill_after_a_registered_checkpoint)
     killer.start()
     summary = ray.get(fit_expert.remote("killed", settings_for(tiny_model_dir, killed), 1, 1, str(storage),
                                         "distill-killed", 2))
@@ -93,7 +94,7 @@ def test_jobs_queue_to_what_the_cluster_holds():
 def test_concurrency_limit_and_a_failed_expert_does_not_stop_the_others(ray_cluster, tiny_model_dir, tmp_path):
     from modecotd.artifacts import Unit, write_jsonl
     from modecotd.config import parse_config
-    from modecotd.jobs.distill_stage import run_distill_stage
+    from modecotd.jobs.distill_stage import ExpertJob, run_distill_stage
 
     tasks_config = [{"name": name, "role": "seen", "source": {"kind": "generated", "family": "coin_flip", "size": 2}}
                     for name in ("one", "two", "bad")]
@@ -103,7 +104,7 @@ def test_concurrency_limit_and_a_failed_expert_does_not_stop_the_others(ray_clus
     from modecotd.jobs.driver import load_tasks
 
     tasks = load_tasks(config)
-    rationale_dirs, units = {}, {}
+    jobs, units = {}, {}
     for name in ("one", "two", "bad"):
         folder = tmp_path / "rationales" / name
         folder.mkdir(parents=True)
@@ -111,9 +112,9 @@ def test_concurrency_limit_and_a_failed_expert_does_not_stop_the_others(ray_clus
         if name == "bad":
             rows = [{**row, "rationale": "word " * 400} for row in rows]  # nothing fits in max_length
         write_jsonl(folder / "accepted.jsonl", rows)
-        rationale_dirs[name] = folder
         units[name] = Unit(tmp_path / "experts" / name, f"key-{name}")
-    results = run_distill_stage(config, tmp_path, tasks, rationale_dirs, units, tiny_model_dir)
+        jobs[name] = ExpertJob(units[name], [(folder, "yes_no")])
+    results = run_distill_stage(config, tmp_path, jobs, tiny_model_dir)
     assert results["bad"]["status"] == "failed" and "max_length" in results["bad"]["error"]
     assert results["one"]["status"] == results["two"]["status"] == "done"
     assert units["one"].done() and units["two"].done() and not units["bad"].done()

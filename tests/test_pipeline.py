@@ -23,13 +23,16 @@ CONFIG = {
     "teacher": {"backend": "scripted", "actors": 2, "batch_size": 4},
     "student": {"model": "builtin:tiny", "dtype": "fp32"},
     "distill": {"epochs": 3, "batch_size": 4, "learning_rate": 5e-3, "max_length": 160, "zero_stage": 2,
-                "lora": {"r": 4, "alpha": 8}},
+                "lora": {"r": 4, "alpha": 8}, "baselines": ["multitask", "full_finetune"],
+                "validation_fraction": 0.25},
     "mixture": {"budget": 4, "l1": [0.05, 0.5], "cv_folds": 2},
     "evaluation": {"max_new_tokens": 8, "batch_size": 8, "actors": 1},
 }
 
-UNITS = ["rationales/coins", "experts/coins", "mixtures/coins", "mixtures/letters", "eval/coins/base",
-         "eval/coins/expert", "eval/coins/mixture", "eval/letters/base", "eval/letters/mixture"]
+UNITS = ["rationales/coins", "experts/coins", "baselines/multitask", "baselines/full_finetune", "mixtures/coins",
+         "mixtures/letters", "eval/coins/base", "eval/coins/expert", "eval/coins/mixture", "eval/coins/multitask",
+         "eval/coins/full_finetune", "eval/letters/base", "eval/letters/mixture", "eval/letters/multitask",
+         "eval/letters/full_finetune"]
 
 
 def manifests(run_dir) -> dict[str, str]:
@@ -67,13 +70,18 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
     search = json.loads((run_dir / "mixtures/letters/search.json").read_text())
     assert all(len(trial["history"]) == 4 for trial in search["trials"])
 
-    for unit in UNITS[4:]:
+    full = json.loads((run_dir / "baselines/full_finetune/training.json").read_text())
+    assert full["steps"] == 9 and (run_dir / "baselines/full_finetune/config.json").is_file()
+    assert load_causal_lm(run_dir / "baselines/full_finetune") is not None  # a whole model, not an adapter
+    assert training["validation_examples"] == 3 and training["validation_losses"]
+
+    for unit in UNITS[6:]:
         rows = read_jsonl(run_dir / unit / "predictions.jsonl")
         assert len(rows) == 6 and {"output", "extracted", "correct", "format_ok"} <= set(rows[0])
 
     report = json.loads((run_dir / "report.json").read_text())
-    assert set(report["tasks"]["coins"]["eval"]) == {"base", "expert", "mixture"}
-    assert set(report["tasks"]["letters"]["eval"]) == {"base", "mixture"}
+    assert set(report["tasks"]["coins"]["eval"]) == {"base", "expert", "mixture", "multitask", "full_finetune"}
+    assert set(report["tasks"]["letters"]["eval"]) == {"base", "mixture", "multitask", "full_finetune"}
     assert (run_dir / "accuracy.png").stat().st_size > 1000
     assert (run_dir / "training.png").stat().st_size > 1000
     assert "| coins | seen | 6 |" in (run_dir / "report.md").read_text()

@@ -1,0 +1,248 @@
+"""Distill throughput: our LoRA loop (DeepSpeed inside) against a plain transformers Trainer + peft.
+
+Both train the same q,v LoRA on the frozen SmolLM2-135M-Instruct, on the same rationales
+(generated arithmetic, scripted), with the same batch size, learning rate, warm-up and linear
+decay, epochs and dtype, in one process run. The baseline is set up like the reference code's:
+``Trainer`` with a ``DataCollatorForSeq2Seq`` padding each random batch to its longest row
+(``bf16=True`` is autocast over fp32 weights). Ours is :func:`modecotd.distill.train_expert` on a
+one-rank gloo group (what each Ray Train worker runs): length-bucketed batches, bf16 weights in a
+DeepSpeed ZeRO-2 engine. Compared: target tokens per second of the training loop (model loading
+excluded for both) and the final loss: the trained adapter's mean target-token loss over all the
+training rows, computed the same way for both after training (per-step losses are not comparable:
+the two see batches of different make-up). MFU is achieved model FLOP/s
+(4 x parameters x tokens: forward, and backward through the activations of the frozen weights)
+over a bf16 matmul peak measured in the same run.
+
+Then two experts trained at once on two single-CPU Ray Train workers against the same two trained
+one after the other with two CPUs each (wall-clock ratio).
+
+    python -m benchmarks.distill_throughput [--rows 96] [--epochs 1] [--skip-concurrency]
+
+The last line printed is one JSON object with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GOAL_RATIO = 1.3
+GOAL_LOSS_GAP = 0.05
+MODEL = "builtin:smollm2-135m-instruct"
+
+
+def rows_for(count: int, family: str = "arithmetic", seed: int = 3) -> list[dict]:
+    from modecotd.tasks.generators import generate
+
+    return [{"question": e.question, "answer": e.answer, "rationale": e.rationale}
+            for e in generate(family, count, seed=seed, size=2)]
+
+
+def settings_for(model_dir: Path, rows: list[dict], output_dir: str, args, kind: str = "number"):
+    from modecotd.distill import DistillSettings
+
+    return DistillSettings(student_dir=str(model_dir), dtype=args.dtype, kind=kind, rows=rows,
+                           output_dir=output_dir, learning_rate=2e-3, epochs=args.epochs,
+                           batch_size=args.batch_size, max_length=256, zero_stage=2, seed=0)
+
+
+def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
+    """FLOP/s of a large square matmul in ``dtype_name`` on this process's threads."""
+    import torch
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    count, started = 0, time.time()
+    while time.time() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.time() - started)
+
+
+def dataset_loss(model, settings) -> float:
+    """Mean target-token loss of ``model`` over all the training rows (fp32, no dropout)."""
+    import torch
+
+    from modecotd.distill import IGNORE_INDEX, collate, target_loss, tokenize_rows
+    from modecotd.models import load_tokenizer
+    from modecotd.tasks.schema import AnswerKind
+
+    tokenizer = load_tokenizer(Path(settings.student_dir), padding_side="right")
+    examples, _ = tokenize_rows(settings.rows, AnswerKind(settings.kind), tokenizer, settings.max_length)
+    model = model.float().eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), 8):
+            batch = collate(examples[start:start + 8], tokenizer.pad_token_id)
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(target_loss(model, batch)) * n
+            count += n
+    return total / count
+
+
+def ours(settings) -> dict:
+    import torch.distributed as dist
+
+    from modecotd.distill import train_expert
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        summary = train_expert(settings, 0, 1)
+    finally:
+        dist.destroy_process_group()
+    from peft import PeftModel
+
+    from modecotd.models import load_causal_lm
+
+    trained = PeftModel.from_pretrained(load_causal_lm(Path(settings.student_dir)), settings.output_dir)
+    return {"target_tokens_per_s": summary["target_tokens_per_s_rank0"], "final_loss": dataset_loss(trained, settings),
+            "target_tokens": summary["target_tokens_rank0"], "steps": summary["steps"],
+            "seconds": summary["target_tokens_rank0"] / summary["target_tokens_per_s_rank0"]}
+
+
+def baseline(settings) -> dict:
+    """A plain transformers Trainer + peft run, like the reference code's."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from modecotd.distill import IGNORE_INDEX, add_lora, tokenize_rows
+    from modecotd.models import load_causal_lm, load_tokenizer
+    from modecotd.tasks.schema import AnswerKind
+
+    tokenizer = load_tokenizer(Path(settings.student_dir), padding_side="right")
+    examples, _ = tokenize_rows(settings.rows, AnswerKind(settings.kind), tokenizer, settings.max_length)
+    for e in examples:
+        e["attention_mask"] = [1] * len(e["input_ids"])
+    model = add_lora(load_causal_lm(Path(settings.student_dir), "fp32"), settings)
+    losses: list[float] = []
+    target_tokens = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in examples)
+
+    class KeepLosses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    with tempfile.TemporaryDirectory() as out:
+        arguments = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+            num_train_epochs=settings.epochs, warmup_steps=settings.warmup_ratio, lr_scheduler_type="linear",
+            weight_decay=0.0, max_grad_norm=1.0, bf16=settings.dtype == "bf16", logging_steps=1,
+            save_strategy="no", report_to=[], seed=settings.seed, use_cpu=True, dataloader_num_workers=0,
+            disable_tqdm=True)
+        trainer = Trainer(model=model, args=arguments, train_dataset=examples,
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8,
+                                                               label_pad_token_id=IGNORE_INDEX),
+                          callbacks=[KeepLosses()])
+        started = time.time()
+        trainer.train()
+        seconds = time.time() - started
+    torch.set_grad_enabled(True)
+    epochs_done = settings.epochs
+    return {"target_tokens_per_s": target_tokens * epochs_done / seconds, "final_loss": dataset_loss(model, settings),
+            "target_tokens": int(target_tokens * epochs_done), "steps": len(losses), "seconds": seconds}
+
+
+def concurrency(model_dir: Path, args) -> dict:
+    """Two experts at once (1 CPU each) against one after the other (2 CPUs each), on Ray."""
+    import ray
+
+    from modecotd.jobs import ray_runtime
+    from modecotd.jobs.distill_stage import fit_expert
+
+    rows = {"arithmetic": rows_for(args.concurrency_rows, "arithmetic"),
+            "letters": rows_for(args.concurrency_rows, "last_letter_concatenation")}
+    kinds = {"arithmetic": "number", "letters": "text"}
+    ray_runtime.connect(None, num_cpus=2, dashboard=False)
+    walls = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for mode, cpus in (("concurrent", 1), ("sequential", 2)):
+                started = time.time()
+                refs = []
+                for name in rows:
+                    out = Path(tmp) / mode / name
+                    out.mkdir(parents=True)
+                    settings = asdict(settings_for(model_dir, rows[name], str(out), args, kinds[name]))
+                    settings["checkpoint_every"] = 0
+                    ref = fit_expert.remote(name, settings, 1, cpus, str(Path(tmp) / "ray"), f"{mode}-{name}", 0)
+                    if mode == "sequential":
+                        ray.get(ref)
+                    refs.append(ref)
+                ray.get(refs)
+                walls[mode] = time.time() - started
+    finally:
+        ray_runtime.shutdown()
+    return {"concurrent_two_experts_s": round(walls["concurrent"], 1),
+            "sequential_two_experts_s": round(walls["sequential"], 1),
+            "concurrency_wall_ratio": round(walls["sequential"] / walls["concurrent"], 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=96)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--concurrency-rows", type=int, default=48)
+    parser.add_argument("--skip-concurrency", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from modecotd.models import load_causal_lm, materialize
+
+    model_dir = materialize(MODEL)
+    params = sum(p.numel() for p in load_causal_lm(model_dir).parameters())
+    rows = rows_for(args.rows)
+    peak = matmul_peak(args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = baseline(settings_for(model_dir, rows, tmp, args))
+    with tempfile.TemporaryDirectory() as tmp:
+        mine = ours(settings_for(model_dir, rows, tmp, args))
+    all_tokens = _all_tokens(model_dir, rows, args)
+    mfu = 4 * params * all_tokens * args.epochs / mine["seconds"] / peak
+    ratio = mine["target_tokens_per_s"] / base["target_tokens_per_s"]
+    gap = abs(mine["final_loss"] - base["final_loss"]) / base["final_loss"]
+    result = {
+        "benchmark": "distill_throughput", "ratio": round(ratio, 2),
+        "goal": f"ratio >= {GOAL_RATIO} with final losses within {int(GOAL_LOSS_GAP * 100)}%",
+        "met": ratio >= GOAL_RATIO and gap <= GOAL_LOSS_GAP,
+        "ours_target_tokens_per_s": round(mine["target_tokens_per_s"], 1),
+        "baseline_target_tokens_per_s": round(base["target_tokens_per_s"], 1),
+        "loss_ours": round(mine["final_loss"], 4), "loss_baseline": round(base["final_loss"], 4),
+        "loss_gap": round(gap, 4), "mfu": round(mfu, 4), "matmul_peak_gflops": round(peak / 1e9, 1),
+        "ours_seconds": round(mine["seconds"], 1), "baseline_seconds": round(base["seconds"], 1),
+        "rows": len(rows), "epochs": args.epochs, "batch_size": args.batch_size, "dtype": args.dtype,
+        "model": MODEL,
+    }
+    if not args.skip_concurrency:
+        result.update(concurrency(model_dir, args))
+    print(json.dumps(result))
+
+
+def _all_tokens(model_dir: Path, rows: list[dict], args) -> int:
+    """Prompt and target tokens of every row that fits (what the model runs on, padding aside)."""
+    from modecotd.distill import tokenize_rows
+    from modecotd.models import load_tokenizer
+    from modecotd.tasks.schema import AnswerKind
+
+    examples, _ = tokenize_rows(rows, AnswerKind.NUMBER, load_tokenizer(model_dir), 256)
+    return sum(len(e["input_ids"]) for e in examples)
+
+
+if __name__ == "__main__":
+    main()
