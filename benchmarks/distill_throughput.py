@@ -72,23 +72,13 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
 
 def dataset_loss(model, settings) -> float:
     """Mean target-token loss of ``model`` over all the training rows (fp32, no dropout)."""
-    import torch
-
-    from modecotd.distill import IGNORE_INDEX, collate, target_loss, tokenize_rows
+    from modecotd.distill import mean_target_loss, tokenize_rows
     from modecotd.models import load_tokenizer
     from modecotd.tasks.schema import AnswerKind
 
     tokenizer = load_tokenizer(Path(settings.student_dir), padding_side="right")
     examples, _ = tokenize_rows(settings.rows, AnswerKind(settings.kind), tokenizer, settings.max_length)
-    model = model.float().eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), 8):
-            batch = collate(examples[start:start + 8], tokenizer.pad_token_id)
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += float(target_loss(model, batch)) * n
-            count += n
-    return total / count
+    return mean_target_loss(model.float().eval(), examples, 8, tokenizer.pad_token_id)
 
 
 def ours(settings) -> dict:

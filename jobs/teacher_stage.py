@@ -30,7 +30,7 @@ from modecotd.errors import ModelError, UserError
 from modecotd.jobs.ray_runtime import root_cause
 from modecotd.prompts import TeacherPrompts
 from modecotd.tasks.schema import Example, TaskData
-from modecotd.teacher import make_backend, prompts_for, teach
+from modecotd.teacher import ShardOutput, failed_shard, make_backend, prompts_for, teach
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,13 @@ class TeacherWorker:
         if out.tokens:
             self.metrics["tokens"].inc(out.tokens, tags)
         self.metrics["speed"].set(out.tokens / max(seconds, 1e-9), tags)
-        return {"questions": len(examples), "tokens": out.tokens, "seconds": seconds,
-                "accepted": out.accepted, "rejected": out.rejected, "failed": out.failed}
+        return shard_result(out, len(examples), seconds)
+
+
+def shard_result(out: ShardOutput, questions: int, seconds: float) -> dict:
+    """A finished shard as it travels back to the driver and into :func:`write_shard`."""
+    return {"questions": questions, "tokens": out.tokens, "seconds": seconds,
+            "accepted": out.accepted, "rejected": out.rejected, "failed": out.failed}
 
 
 # --- shards on disk ----------------------------------------------------------------------------
@@ -264,9 +269,10 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
     cfg = config.teacher
     _drop_stale_shards(run_dir, units, todo)
     api_key = _api_key(cfg)
-    if cfg.gpus_per_actor > 0 and ray.cluster_resources().get("GPU", 0) < cfg.gpus_per_actor:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.gpus_per_actor > gpus:
         raise UserError(f"teacher.gpus_per_actor is {cfg.gpus_per_actor}, but the Ray cluster has "
-                        f"{ray.cluster_resources().get('GPU', 0):g} GPU(s); backend {cfg.backend!r} needs a GPU node")
+                        f"{gpus:g} GPU(s); backend {cfg.backend!r} needs a GPU node")
     questions = sum(len(tasks[name].train) for name in todo)
     teacher = cfg.model_dump(mode="json")
 
@@ -319,11 +325,9 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
             except ray.exceptions.RayTaskError as exc:
                 reason = f"teacher error: {root_cause(exc)}"
                 log.error("teacher: shard %s/%d failed: %s", shard.task, shard.index, reason)
-                result = {"questions": len(shard.examples), "tokens": 0, "seconds": 0.0, "accepted": [],
-                          "rejected": [], "failed": [{"id": shard.first_id + i, "question": e["question"],
-                                                      "answer": e["answer"], "source": e["source"],
-                                                      "rationalized": False, "reason": reason}
-                                                     for i, e in enumerate(shard.examples)]}
+                examples = [Example(**e) for e in shard.examples]
+                failed = failed_shard(examples, shard.prompts, first_id=shard.first_id, reason=reason)
+                result = shard_result(failed, len(examples), 0.0)
             write_shard(shard_path(shard_dir(run_dir, shard.task, units[shard.task]), shard.index), result)
             outstanding[shard.task] -= 1
             bars[shard.task].update(result["questions"])

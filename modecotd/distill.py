@@ -75,8 +75,9 @@ def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int
     return examples, too_long
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded label positions are ignored by the loss."""
+def collate(examples: list[dict], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch (on ``device``, default the CPU); padded label positions are ignored by
+    the loss."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -86,7 +87,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
 def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -260,7 +262,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
             if state.micro_step >= total_micro:
                 break
             shard = global_batch[rank::world_size] or global_batch[:1]
-            batch = {k: v.to(engine.device) for k, v in collate(shard, tokenizer.pad_token_id).items()}
+            batch = collate(shard, tokenizer.pad_token_id, engine.device)
             loss = target_loss(engine, batch)
             engine.backward(loss)
             engine.step()
@@ -319,18 +321,25 @@ def epoch_batches(examples: list[dict], batch_size: int, seed: int, epoch: int) 
     return length_bucketed_batches(examples, batch_size, rng)
 
 
+def mean_target_loss(model, examples: list[dict], batch_size: int, pad_id: int, device=None) -> float:
+    """Mean target-token loss of ``model`` over ``examples`` (no gradients, model mode as it is)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], pad_id, device)
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(target_loss(model, batch)) * n
+            count += n
+    return total / max(1, count)
+
+
 def validation_loss(engine, held_out: list[dict], micro: int, pad_id: int) -> float:
     """Mean target-token loss on the held-out examples (every rank computes it alike)."""
     engine.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(held_out), micro):
-            batch = {k: v.to(engine.device) for k, v in collate(held_out[start:start + micro], pad_id).items()}
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += float(target_loss(engine, batch)) * n
-            count += n
-    engine.train()
-    return total / max(1, count)
+    try:
+        return mean_target_loss(engine, held_out, micro, pad_id, engine.device)
+    finally:
+        engine.train()
 
 
 TRAINER_STATE = "trainer_state_rank{rank}.pt"

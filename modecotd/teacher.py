@@ -146,6 +146,14 @@ def teach(backend: TeacherBackend, examples: list[Example], prompts: TeacherProm
     return out
 
 
+def failed_shard(examples: list[Example], prompts: TeacherPrompts, *, first_id: int, reason: str) -> ShardOutput:
+    """Every question of a shard recorded as failed with ``reason`` (the teacher broke on it)."""
+    out = ShardOutput()
+    for offset, ex in enumerate(examples):
+        _label(out, first_id + offset, ex, Outcome(error=reason), prompts, None, rationalized=False)
+    return out
+
+
 def _label(out: ShardOutput, qid: int, ex: Example, outcome: Outcome, prompts: TeacherPrompts,
            cap: int | None, *, rationalized: bool) -> int:
     """Append one question's rows to ``out``; returns how many rationales were accepted."""

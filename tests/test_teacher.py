@@ -181,3 +181,13 @@ def test_the_vllm_backend_is_selected_by_config_and_says_what_is_missing(tiny_mo
     expected = "not installed" if importlib.util.find_spec("vllm") is None else "no CUDA GPU"
     with pytest.raises(ModelError, match=expected):
         make_backend(config, tiny_model_dir)
+
+
+def test_a_shard_the_teacher_broke_on_fails_every_question_with_the_reason():
+    from modecotd.teacher import failed_shard
+
+    out = failed_shard([EXAMPLE, Example("What is 1 + 1?", "2", source="t:2")], NUMBER, first_id=10,
+                       reason="teacher error: ValueError: boom")
+    assert not out.accepted and not out.rejected
+    assert [(r["id"], r["reason"], r["rationalized"]) for r in out.failed] == [
+        (10, "teacher error: ValueError: boom", False), (11, "teacher error: ValueError: boom", False)]
