@@ -97,9 +97,9 @@ def ours(settings) -> dict:
         dist.destroy_process_group()
     from peft import PeftModel
 
-    from modecotd.models import load_causal_lm
+    from modecotd.models import load_lm
 
-    trained = PeftModel.from_pretrained(load_causal_lm(Path(settings.student_dir)), settings.output_dir)
+    trained = PeftModel.from_pretrained(load_lm(Path(settings.student_dir)), settings.output_dir)
     return {"target_tokens_per_s": summary["target_tokens_per_s_rank0"], "final_loss": dataset_loss(trained, settings),
             "target_tokens": summary["target_tokens_rank0"], "steps": summary["steps"],
             "seconds": summary["target_tokens_rank0"] / summary["target_tokens_per_s_rank0"]}
@@ -111,14 +111,14 @@ def baseline(settings) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from modecotd.distill import IGNORE_INDEX, add_lora, tokenize_rows
-    from modecotd.models import load_causal_lm, load_tokenizer
+    from modecotd.models import load_lm, load_tokenizer
     from modecotd.tasks.schema import AnswerKind
 
     tokenizer = load_tokenizer(Path(settings.student_dir), padding_side="right")
     examples, _ = tokenize_rows(settings.rows, AnswerKind(settings.kind), tokenizer, settings.max_length)
     for e in examples:
         e["attention_mask"] = [1] * len(e["input_ids"])
-    model = add_lora(load_causal_lm(Path(settings.student_dir), "fp32"), settings)
+    model = add_lora(load_lm(Path(settings.student_dir), "fp32"), settings)
     losses: list[float] = []
     target_tokens = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in examples)
 
@@ -193,10 +193,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from modecotd.models import load_causal_lm, materialize
+    from modecotd.models import load_lm, materialize
 
     model_dir = materialize(MODEL)
-    params = sum(p.numel() for p in load_causal_lm(model_dir).parameters())
+    params = sum(p.numel() for p in load_lm(model_dir).parameters())
     rows = rows_for(args.rows)
     peak = matmul_peak(args.dtype)
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,11 +48,11 @@ def naive_loop(model_dir: Path, config, examples) -> tuple[dict[str, str | None]
     """Answers, generated tokens and seconds of one `generate` call per prompt, both stages."""
     import torch
 
-    from modecotd.models import load_causal_lm, load_tokenizer
+    from modecotd.models import load_lm, load_tokenizer
     from modecotd.tasks.answers import extract_teacher_answer
     from modecotd.teacher import ANSWER_STAGE_TOKENS, prompts_for
 
-    model = load_causal_lm(model_dir, config.teacher.dtype)
+    model = load_lm(model_dir, config.teacher.dtype)
     tokenizer = load_tokenizer(model_dir)
     prompts = prompts_for(config.teacher, config.task("arithmetic"), examples[0][1], [])
     kind = prompts.kind

@@ -156,7 +156,7 @@ def run_distill_stage(config, run_dir: Path, jobs: dict[str, ExpertJob], student
             settings = DistillSettings(
                 student_dir=str(student_dir), dtype=config.student.dtype, kind=job.sources[0][1],
                 rows=rows, output_dir=str(staging), lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
+                lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
                 learning_rate=cfg.full_finetune_learning_rate if job.full_finetune else cfg.learning_rate,
                 epochs=cfg.epochs, batch_size=cfg.batch_size,
                 max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio, zero_stage=cfg.zero_stage,

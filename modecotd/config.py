@@ -207,7 +207,9 @@ class LoraSettings(Section):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="module names the LoRA wraps; default: the architecture's attention "
+        "query and value projections (q_proj, v_proj for Llama; q, v for T5)")
 
 
 class DistillConfig(Section):

@@ -37,7 +37,7 @@ class DistillSettings:
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] | None = None  # None: the architecture's default (see add_lora)
     learning_rate: float = 5e-4
     epochs: float = 3.0
     batch_size: int = 8
@@ -54,17 +54,28 @@ class DistillSettings:
     full_finetune: bool = False  # train every student weight instead of a LoRA (a baseline)
 
 
-def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int) -> tuple[list[dict], int]:
-    """Prompt + target token ids with the prompt masked out of the labels.
+def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int,
+                  encoder_decoder: bool = False) -> tuple[list[dict], int]:
+    """Token ids of each row's prompt and target, the target (ending in EOS) as the labels.
 
-    Returns the examples and how many rows were dropped for being longer than ``max_length``.
+    A causal LM reads prompt + target as one sequence with the prompt masked out of the labels; an
+    encoder-decoder reads the prompt (tokenised as at generation time) and decodes the target.
+    Returns the examples and how many rows were dropped for being longer than ``max_length``
+    (prompt + target for a causal LM, either side for an encoder-decoder).
     """
     examples, too_long = [], 0
     for row in rows:
         row_kind = AnswerKind(row["kind"]) if "kind" in row else kind  # pooled multi-task rows carry their own
-        prompt_ids = tokenizer(prompts.student_prompt(row["question"], row_kind), add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompts.student_prompt(row["question"], row_kind),
+                               add_special_tokens=encoder_decoder)["input_ids"]
         target_ids = tokenizer(prompts.student_target(row["rationale"], row["answer"]),
                                add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if encoder_decoder:
+            if max(len(prompt_ids), len(target_ids)) > max_length:
+                too_long += 1
+                continue
+            examples.append({"input_ids": prompt_ids, "labels": target_ids})
+            continue
         if len(prompt_ids) + len(target_ids) > max_length:
             too_long += 1
             continue
@@ -75,39 +86,57 @@ def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int
     return examples, too_long
 
 
+def _right_padded(rows: list[list[int]], fill: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row)
+    return out
+
+
 def collate(examples: list[dict], pad_id: int, device=None) -> dict[str, torch.Tensor]:
     """Right-pad a batch (on ``device``, default the CPU); padded label positions are ignored by
-    the loss."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
+    the loss. Labels are padded to their own width: an encoder-decoder's targets are not as long
+    as its inputs."""
+    ids = _right_padded([e["input_ids"] for e in examples], pad_id)
+    mask = _right_padded([[1] * len(e["input_ids"]) for e in examples], 0)
+    labels = _right_padded([e["labels"] for e in examples], IGNORE_INDEX)
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     return batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
-def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens, computing logits only where targets can be.
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every target token and the mask saying which positions are targets (both
+    [batch, positions]).
 
-    The vocabulary projection is a large share of a small model's compute; prompts come first in
-    every row, so the logits of positions before the earliest target in the batch are never
-    needed (``logits_to_keep``). Same value as the model's own loss with ``labels``.
+    A causal LM predicts the token after each position; its logits are computed only from the
+    earliest target in the batch on (``logits_to_keep``): the vocabulary projection is a large
+    share of a small model's compute, and prompts come first in every row. An encoder-decoder
+    predicts its labels directly from the decoder (which gets them shifted right).
     """
     import torch.nn.functional as F
 
-    shifted = batch["labels"][:, 1:]
-    wanted = shifted != IGNORE_INDEX
-    first = int(wanted.to(torch.int8).argmax(dim=1).min()) if wanted.any() else 0
-    keep = torch.arange(first, shifted.shape[1], device=shifted.device)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
-    logits = out.logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted[:, first:].reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    from modecotd.models import is_encoder_decoder
+
+    if is_encoder_decoder(model):
+        targets = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=targets).logits
+    else:
+        shifted = batch["labels"][:, 1:]
+        wanted = shifted != IGNORE_INDEX
+        first = int(wanted.to(torch.int8).argmax(dim=1).min()) if wanted.any() else 0
+        keep = torch.arange(first, shifted.shape[1], device=shifted.device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=keep).logits
+        targets = shifted[:, first:]
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    return losses, (targets != IGNORE_INDEX).float()
+
+
+def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the batch's target tokens (the model's own loss with ``labels``)."""
+    losses, mask = token_losses(model, batch)
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
 def length_bucketed_batches(examples: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
@@ -124,15 +153,19 @@ def length_bucketed_batches(examples: list[dict], batch_size: int, rng: random.R
 
 
 def add_lora(model, settings: DistillSettings):
-    """Wrap the frozen student with a trainable LoRA (peft)."""
+    """Wrap the frozen student with a trainable LoRA (peft). Without ``target_modules``, peft's
+    default for the architecture: the attention query and value projections (q_proj, v_proj for
+    Llama; q, v for T5), as in the reference."""
     from peft import LoraConfig, get_peft_model
+
+    from modecotd.models import is_encoder_decoder
 
     config = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=list(settings.target_modules),
-        task_type="CAUSAL_LM",
+        target_modules=list(settings.target_modules) if settings.target_modules else None,
+        task_type="SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
 
@@ -215,17 +248,18 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     """
     import deepspeed
 
-    from modecotd.models import load_causal_lm, load_tokenizer
+    from modecotd.models import is_encoder_decoder, load_lm, load_tokenizer
 
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     kind = AnswerKind(settings.kind)
     tokenizer = load_tokenizer(Path(settings.student_dir), padding_side="right")
-    examples, too_long = tokenize_rows(settings.rows, kind, tokenizer, settings.max_length)
+    examples, too_long = tokenize_rows(settings.rows, kind, tokenizer, settings.max_length,
+                                       is_encoder_decoder(settings.student_dir))
     if not examples:
         raise ValueError(f"no training rows fit in max_length={settings.max_length}")
     examples, held_out = split_validation(examples, settings.validation_fraction, settings.seed)
-    base = load_causal_lm(Path(settings.student_dir), "fp32")
+    base = load_lm(Path(settings.student_dir), "fp32")
     if settings.full_finetune:
         model = base
         for parameter in model.parameters():
@@ -323,14 +357,13 @@ def epoch_batches(examples: list[dict], batch_size: int, seed: int, epoch: int) 
 
 def mean_target_loss(model, examples: list[dict], batch_size: int, pad_id: int, device=None) -> float:
     """Mean target-token loss of ``model`` over ``examples`` (no gradients, model mode as it is)."""
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start:start + batch_size], pad_id, device)
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += float(target_loss(model, batch)) * n
-            count += n
-    return total / max(1, count)
+            losses, mask = token_losses(model, collate(examples[start:start + batch_size], pad_id, device))
+            total += float((losses * mask).sum())
+            count += float(mask.sum())
+    return total / max(1.0, count)
 
 
 def validation_loss(engine, held_out: list[dict], micro: int, pad_id: int) -> float:
@@ -396,9 +429,9 @@ def save_adapter(engine, output_dir: str, rank: int, zero_stage: int, student_di
 
 def check_model(output_dir: str, state: dict) -> None:
     """A fully fine-tuned model folder loads with ``from_pretrained`` and carries the trained weights."""
-    from modecotd.models import load_causal_lm
+    from modecotd.models import load_lm
 
-    loaded = dict(load_causal_lm(Path(output_dir)).named_parameters())
+    loaded = dict(load_lm(Path(output_dir)).named_parameters())
     name, tensor = next(iter(state.items()))
     if name not in loaded or not torch.allclose(loaded[name].float(), tensor):
         raise RuntimeError(f"{output_dir}: the fine-tuned model does not load back with from_pretrained")
@@ -410,7 +443,7 @@ def check_adapter(output_dir: str, student_dir: str, expected_tensors: int) -> N
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from modecotd.models import load_causal_lm
+    from modecotd.models import load_lm
 
     path = Path(output_dir) / "adapter_model.safetensors"
     if not path.is_file():
@@ -419,7 +452,7 @@ def check_adapter(output_dir: str, student_dir: str, expected_tensors: int) -> N
     if len(saved) != expected_tensors or not any(bool(t.abs().sum() > 0) for t in saved.values()):
         raise RuntimeError(f"{output_dir}: the saved adapter is empty or incomplete "
                            f"({len(saved)} of {expected_tensors} LoRA tensors)")
-    loaded = PeftModel.from_pretrained(load_causal_lm(Path(student_dir), "fp32"), output_dir)
+    loaded = PeftModel.from_pretrained(load_lm(Path(student_dir), "fp32"), output_dir)
     weights = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
     name, tensor = next(iter(saved.items()))
     match = [w for n, w in weights.items() if n.replace(".default", "").endswith(name.split("base_model.model.")[-1])]

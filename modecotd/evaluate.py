@@ -22,17 +22,17 @@ def load_system(student_dir: Path, dtype: str, system: dict):
 
     Adapters stay unmerged, the way training computed them (a separate LoRA path beside the bf16
     weights); merging would round the update into the bf16 weights."""
-    from modecotd.models import load_causal_lm
+    from modecotd.models import load_lm
 
     kind = system["kind"]
     if kind == "base":
-        return load_causal_lm(student_dir, dtype)
+        return load_lm(student_dir, dtype)
     if kind == "full":  # a fully fine-tuned copy of the student (a baseline)
-        return load_causal_lm(Path(system["model"]), dtype)
+        return load_lm(Path(system["model"]), dtype)
     if kind == "expert":
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_causal_lm(student_dir, dtype), str(system["adapter"])).eval()
+        return PeftModel.from_pretrained(load_lm(student_dir, dtype), str(system["adapter"])).eval()
     if kind == "mixture":
         from modecotd.mixture import LoraHubMixer
 

@@ -1,4 +1,4 @@
-"""Batched text generation with a causal LM (KV cache, left padding, stop strings)."""
+"""Batched text generation with a causal or seq2seq LM (KV cache, left padding, stop strings)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -25,7 +25,10 @@ def generate_samples(
     Prompts are sorted by length so that each batch pads little; greedy when temperature is 0.
     Each sequence stops at a stop string (kept in the text; anything after it is cut) or at EOS.
     """
+    from modecotd.models import is_encoder_decoder
+
     stops = [stop] if isinstance(stop, str) else list(stop or [])
+    encoder_decoder = is_encoder_decoder(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[tuple[str, int]]] = [[] for _ in prompts]
     tokenizer.padding_side = "left"
@@ -46,7 +49,8 @@ def generate_samples(
             kwargs.update(stop_strings=stops, tokenizer=tokenizer)
         with torch.inference_mode():
             output = model.generate(**batch, **kwargs)
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        # A causal LM's output repeats the prompt; an encoder-decoder's starts with the decoder start token.
+        new_tokens = output[:, 1 if encoder_decoder else batch["input_ids"].shape[1]:]
         counts = (new_tokens != tokenizer.pad_token_id).sum(dim=1).tolist()
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for row, text in enumerate(texts):

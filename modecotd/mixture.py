@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from modecotd.distill import IGNORE_INDEX, collate, tokenize_rows
+from modecotd.distill import collate, token_losses, tokenize_rows
+from modecotd.models import is_encoder_decoder
 from modecotd.tasks.schema import AnswerKind
 
 ADAPTER_NAME = "default"
@@ -47,7 +48,7 @@ class LoraHubMixer:
     def __init__(self, student_dir: Path, expert_dirs: dict[str, Path], dtype: str = "fp32"):
         from peft import PeftModel
 
-        from modecotd.models import load_causal_lm, load_tokenizer
+        from modecotd.models import load_lm, load_tokenizer
 
         if not expert_dirs:
             raise ValueError("a mixture needs at least one expert")
@@ -55,7 +56,7 @@ class LoraHubMixer:
         loaded = {name: read_adapter(path) for name, path in expert_dirs.items()}
         check_compatible({name: cfg for name, (cfg, _) in loaded.items()})
         self.tokenizer = load_tokenizer(student_dir, padding_side="right")
-        base = load_causal_lm(student_dir, dtype)
+        base = load_lm(student_dir, dtype)
         self.model = PeftModel.from_pretrained(base, str(expert_dirs[self.names[0]]), adapter_name=ADAPTER_NAME)
         self.model.eval()
         self.slots = self._slots()
@@ -89,18 +90,11 @@ class LoraHubMixer:
     @torch.no_grad()
     def few_shot_loss(self, batch: dict[str, torch.Tensor]) -> float:
         """Mean over examples of each example's mean token cross-entropy on its target."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        token_loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(labels.shape)
-        mask = (labels != IGNORE_INDEX).float()
-        per_example = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return float(per_example.mean())
+        losses, mask = token_losses(self.model, batch)
+        return float(((losses * mask).sum(1) / mask.sum(1).clamp(min=1)).mean())
 
     def batch_for(self, rows: list[dict], kind: AnswerKind, max_length: int) -> dict[str, torch.Tensor]:
-        examples, _ = tokenize_rows(rows, kind, self.tokenizer, max_length)
+        examples, _ = tokenize_rows(rows, kind, self.tokenizer, max_length, is_encoder_decoder(self.model))
         if not examples:
             raise ValueError("no few-shot example fits in max_length")
         return collate(examples, self.tokenizer.pad_token_id)

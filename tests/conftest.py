@@ -21,6 +21,14 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_t5_dir() -> Path:
+    """A tiny encoder-decoder student, standing in for the paper's Flan-T5."""
+    from modecotd.models import BUILTIN_TINY_T5, materialize
+
+    return materialize(BUILTIN_TINY_T5)
+
+
+@pytest.fixture(scope="session")
 def paper_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")

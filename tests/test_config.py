@@ -42,7 +42,7 @@ def test_good_config_gets_defaults(tmp_path):
     assert config.distill.epochs == 1
     assert config.distill.zero_stage == 2  # default
     assert config.mixture.bound == 3.0 and config.mixture.budget == 40  # the paper's search
-    assert config.distill.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.distill.lora.target_modules is None  # the architecture's q and v projections
 
 
 @pytest.mark.parametrize("text, expected", [

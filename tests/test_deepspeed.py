@@ -35,7 +35,7 @@ def process_group():
 def test_zero_stage_trains_and_saves_a_full_adapter(process_group, tiny_model_dir, tmp_path, stage):
     from peft import PeftModel
 
-    from modecotd.models import load_causal_lm
+    from modecotd.models import load_lm
 
     rows = [{"question": e.question, "answer": e.answer, "rationale": e.rationale}
             for e in generate("coin_flip", 8, seed=0, size=2)]
@@ -47,7 +47,7 @@ def test_zero_stage_trains_and_saves_a_full_adapter(process_group, tiny_model_di
     assert summary["final_loss"] < summary["first_loss"]
     tensors = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
     assert len(tensors) == 8 and all(t.numel() > 0 and t.abs().sum() > 0 for t in tensors.values())
-    model = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), str(tmp_path))
+    model = PeftModel.from_pretrained(load_lm(tiny_model_dir), str(tmp_path))
     assert sum("lora_" in name for name, _ in model.named_parameters()) == 8
 
 

@@ -55,9 +55,9 @@ def test_target_loss_equals_the_models_own_loss(tiny_model_dir):
     import torch
 
     from modecotd.distill import collate, target_loss
-    from modecotd.models import load_causal_lm
+    from modecotd.models import load_lm
 
-    model = load_causal_lm(tiny_model_dir)
+    model = load_lm(tiny_model_dir)
     batch = collate([{"input_ids": list(range(5, 17)), "labels": [-100] * 7 + list(range(12, 17))},
                      {"input_ids": list(range(30, 39)), "labels": [-100] * 4 + list(range(34, 39))}], pad_id=0)
     expected = model(**batch).loss

@@ -8,7 +8,7 @@ import torch
 
 from modecotd.distill import DistillSettings, add_lora
 from modecotd.mixture import LoraHubMixer, search_weights
-from modecotd.models import load_causal_lm
+from modecotd.models import load_lm
 from modecotd.tasks.schema import AnswerKind
 
 ROWS = [{"question": f"What is {a} + {b}?", "answer": str(a + b), "rationale": f"{a} + {b} = {a + b}."}
@@ -19,7 +19,7 @@ def make_expert(model_dir: Path, out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     settings = DistillSettings(student_dir=str(model_dir), dtype="fp32", kind="number", rows=[], output_dir=str(out),
                                lora_r=4, lora_alpha=8)
-    model = add_lora(load_causal_lm(model_dir), settings)
+    model = add_lora(load_lm(model_dir), settings)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
@@ -47,7 +47,7 @@ def logits(model, batch):
 def test_zero_weights_reproduce_the_base_model(tiny_model_dir, mixer):
     batch = mixer.batch_for(ROWS, AnswerKind.NUMBER, 128)
     mixer.set_weights([0.0, 0.0])
-    base = load_causal_lm(tiny_model_dir)
+    base = load_lm(tiny_model_dir)
     assert torch.equal(logits(mixer.model, batch), logits(base, batch))
 
 
@@ -78,7 +78,7 @@ def test_single_expert_weight_one_matches_the_expert(tiny_model_dir, mixer, expe
 
     batch = mixer.batch_for(ROWS, AnswerKind.NUMBER, 128)
     mixer.set_weights([1.0, 0.0])
-    expert = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), str(experts["alpha"]))
+    expert = PeftModel.from_pretrained(load_lm(tiny_model_dir), str(experts["alpha"]))
     torch.testing.assert_close(logits(mixer.model, batch), logits(expert, batch))
 
 

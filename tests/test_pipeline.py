@@ -49,7 +49,7 @@ def first_run(ray_cluster, tiny_model_dir, tmp_path_factory):
 def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
     from peft import PeftModel
 
-    from modecotd.models import load_causal_lm
+    from modecotd.models import load_lm
 
     outcome, run_dir = first_run
     assert outcome.failures == {}
@@ -60,7 +60,7 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
     assert training["zero_stage"] == 2  # a DeepSpeed ZeRO-2 engine did the training
     assert training["steps"] == 9  # 12 rows / batch 4 x 3 epochs
     assert sum(training["losses"][-3:]) < sum(training["losses"][:3])
-    model = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), str(run_dir / "experts/coins"))
+    model = PeftModel.from_pretrained(load_lm(tiny_model_dir), str(run_dir / "experts/coins"))
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
     mixture = json.loads((run_dir / "mixtures/letters/mixture.json").read_text())
@@ -72,7 +72,7 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
 
     full = json.loads((run_dir / "baselines/full_finetune/training.json").read_text())
     assert full["steps"] == 9 and (run_dir / "baselines/full_finetune/config.json").is_file()
-    assert load_causal_lm(run_dir / "baselines/full_finetune") is not None  # a whole model, not an adapter
+    assert load_lm(run_dir / "baselines/full_finetune") is not None  # a whole model, not an adapter
     assert training["validation_examples"] == 3 and training["validation_losses"]
 
     for unit in UNITS[6:]:
@@ -105,3 +105,25 @@ def test_changed_mixer_setting_redoes_only_what_depends_on_it(first_run):
     after = manifests(run_dir)
     redone = {unit for unit in UNITS if after[unit] != before[unit]}
     assert redone == {"mixtures/coins", "mixtures/letters", "eval/coins/mixture", "eval/letters/mixture"}
+
+
+def test_a_seq2seq_student_runs_end_to_end(ray_cluster, tiny_t5_dir, tmp_path):
+    """The paper's students are Flan-T5: the same stages with a tiny encoder-decoder."""
+    from peft import PeftModel
+
+    from modecotd.models import load_lm
+
+    config = json.loads(json.dumps(CONFIG))
+    config["student"]["model"] = "builtin:tiny-t5"
+    config["distill"].update(baselines=[], validation_fraction=0.0, zero_stage=3)
+    outcome = run_pipeline(parse_config(config), tmp_path)
+    assert outcome.failures == {}
+    training = json.loads((tmp_path / "experts/coins/training.json").read_text())
+    assert training["zero_stage"] == 3 and training["final_loss"] < training["first_loss"]
+    expert = PeftModel.from_pretrained(load_lm(tiny_t5_dir), str(tmp_path / "experts/coins"))
+    assert type(expert).__name__ == "PeftModelForSeq2SeqLM"
+    mixture = json.loads((tmp_path / "mixtures/letters/mixture.json").read_text())
+    assert set(mixture["weights"]) == {"coins"}
+    for unit in ["eval/coins/base", "eval/coins/expert", "eval/coins/mixture", "eval/letters/mixture"]:
+        rows = read_jsonl(tmp_path / unit / "predictions.jsonl")
+        assert len(rows) == 6 and all("Q:" not in row["output"] for row in rows)  # no echoed prompt

@@ -1,4 +1,4 @@
-"""Teacher generation with a local transformers causal LM (CPU or one GPU).
+"""Teacher generation with a local transformers model, causal or seq2seq (CPU or one GPU).
 
 Batched with a KV cache, prompts sorted by length into batches (see
 :func:`modecotd.generation.generate_samples`), stopping at the stop strings. Prompts longer than
@@ -20,12 +20,12 @@ class TransformersGenerator:
                  max_prompt_tokens: int | None = None):
         import torch
 
-        from modecotd.models import load_causal_lm, load_tokenizer
+        from modecotd.models import load_lm, load_tokenizer
 
         gpu = torch.cuda.is_available()
         if dtype == "auto":
             dtype = "bf16" if gpu else "fp32"
-        self.model = load_causal_lm(Path(model_dir), dtype)
+        self.model = load_lm(Path(model_dir), dtype)
         if gpu:
             self.model.to("cuda")
         self.tokenizer = load_tokenizer(Path(model_dir))
