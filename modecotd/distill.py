@@ -152,6 +152,13 @@ def length_bucketed_batches(examples: list[dict], batch_size: int, rng: random.R
     return batches
 
 
+def training_attention() -> str:
+    """Eager attention on CPUs, SDPA on GPUs. For LoRA training of SmolLM2-135M on 2 CPU cores,
+    eager ran 20-35% more tokens/s than SDPA's CPU flash kernel at 100-480 tokens per row (its
+    backward dominated); on a GPU SDPA's fused kernels win."""
+    return "sdpa" if torch.cuda.is_available() else "eager"
+
+
 def add_lora(model, settings: DistillSettings):
     """Wrap the frozen student with a trainable LoRA (peft). Without ``target_modules``, peft's
     default for the architecture: the attention query and value projections (q_proj, v_proj for
@@ -259,7 +266,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     if not examples:
         raise ValueError(f"no training rows fit in max_length={settings.max_length}")
     examples, held_out = split_validation(examples, settings.validation_fraction, settings.seed)
-    base = load_lm(Path(settings.student_dir), "fp32")
+    base = load_lm(Path(settings.student_dir), "fp32", attention=training_attention())
     if settings.full_finetune:
         model = base
         for parameter in model.parameters():

@@ -187,13 +187,15 @@ def is_encoder_decoder(model_or_folder) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def load_lm(folder: Path, dtype: str = "fp32"):
+def load_lm(folder: Path, dtype: str = "fp32", attention: str | None = None):
     """Load a language model (causal, or seq2seq when its config says encoder-decoder) for
-    inference or as a frozen base: eval mode, no grads."""
+    inference or as a frozen base: eval mode, no grads. ``attention`` picks transformers'
+    attention implementation (default: the model's own choice, usually SDPA)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder(folder) else AutoModelForCausalLM
-    model = auto.from_pretrained(folder, dtype=torch_dtype(dtype))
+    extra = {"attn_implementation": attention} if attention else {}
+    model = auto.from_pretrained(folder, dtype=torch_dtype(dtype), **extra)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
