@@ -135,8 +135,9 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
             systems["expert"] = ({"kind": "expert", "adapter": str(experts[name].path)}, experts[name].key)
         mixture = mixture_units[name].manifest() if mixture_units[name].done() else None
         if mixture:
-            system = {"kind": "mixture", "weights": mixture["summary"]["weights"],
-                      "experts": {n: str(experts[n].path) for n in mixture["summary"]["weights"]}}
+            summary = mixture["summary"]
+            system = {"kind": "mixture", "method": summary["method"], "weights": summary["weights"],
+                      "experts": {n: str(experts[n].path) for n in summary["weights"]}}
             systems["mixture"] = (system, mixture_units[name].key)
         for baseline, unit in baseline_units.items():
             if unit.done():

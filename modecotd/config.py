@@ -256,24 +256,59 @@ class DistillConfig(Section):
 
 
 class MixtureConfig(Section):
-    """Stage 3: one weight per expert for each target task, searched gradient-free."""
+    """Stage 3: a mixture of the experts for each target task, its weights searched on the task's
+    few-shot examples. ``method``, ``budget``, ``bound``, ``l1`` and ``top_k`` take one value or a
+    list: Ray Tune runs every combination per target task and keeps the one with the best
+    cross-validated few-shot loss."""
 
-    method: Literal["lorahub"] = "lorahub"
-    optimizer: Literal["ngopt"] = "ngopt"
-    budget: int = Field(40, ge=1, description="objective evaluations per weight search")
-    bound: float = Field(3.0, gt=0, description="weights searched in [-bound, bound]")
+    method: list[Literal["lorahub", "delta"]] = Field(
+        default_factory=lambda: ["lorahub"], min_length=1, description="lorahub (the paper's: A and B summed "
+        "with the weights separately) or delta (the exact weighted sum of the experts' updates)")
+    optimizer: Literal["ngopt", "tpe", "cmaes", "random", "gradient"] = Field(
+        "ngopt", description="weight search: Nevergrad NGOpt (the paper's), Optuna TPE or CMA-ES, random, or "
+        "gradient (Adam on the weights with the exact gradient)")
+    budget: list[int] = Field(default_factory=lambda: [40], min_length=1,
+                              description="objective evaluations per weight search")
+    bound: list[float] = Field(default_factory=lambda: [3.0], min_length=1,
+                               description="weights searched in [-bound, bound]")
     l1: list[float] = Field(default_factory=lambda: [0.05], min_length=1,
-                            description="L1 coefficients tried by Ray Tune; picked by few-shot CV loss")
-    cv_folds: int = Field(2, ge=2, description="folds over the few-shot examples to pick the L1 coefficient")
+                            description="coefficient of the L1 penalty on the weights")
+    top_k: list[int | None] = Field(default_factory=lambda: [None], min_length=1, description="mix only the k "
+                                    "experts with the lowest few-shot loss on their own; null: all")
+    start: float = Field(0.0, description="every weight's starting value (the paper's: 0, the student as it is)")
+    candidates_per_forward: int = Field(8, ge=1, description="weight candidates evaluated in one batched forward "
+                                        "(tpe, cmaes, random; ngopt is sequential)")
+    learning_rate: float = Field(0.2, gt=0, description="step size of the gradient optimizer")
+    cv_folds: int = Field(2, ge=2, description="folds over the few-shot examples that score each setting")
+    scheduler: Literal["none", "asha", "median"] = Field(
+        "asha", description="stop settings whose first folds score poorly, per target task: ASHA or median "
+        "stopping; none runs every setting to the end")
     cpus_per_trial: float = Field(1.0, gt=0)
     max_concurrent_trials: int = Field(2, ge=1)
 
-    @field_validator("l1")
+    @field_validator("method", "budget", "bound", "l1", "top_k", mode="before")
     @classmethod
-    def _non_negative(cls, values: list[float]) -> list[float]:
-        if any(v < 0 for v in values):
+    def _one_or_many(cls, value):
+        return value if isinstance(value, list) else [value]
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "MixtureConfig":
+        if any(v < 0 for v in self.l1):
             raise ValueError("every L1 coefficient must be >= 0")
-        return values
+        if any(v < 1 for v in self.budget):
+            raise ValueError("every budget must be >= 1")
+        if any(v <= 0 for v in self.bound):
+            raise ValueError("every bound must be > 0")
+        if any(k is not None and k < 1 for k in self.top_k):
+            raise ValueError("every top_k must be >= 1 (or null for all experts)")
+        if any(abs(self.start) > b for b in self.bound):
+            raise ValueError(f"start {self.start} lies outside a bound")
+        return self
+
+    def grid(self) -> dict[str, list]:
+        """The settings Ray Tune tries for every target task."""
+        return {"method": self.method, "budget": self.budget, "bound": self.bound, "l1": self.l1,
+                "top_k": self.top_k}
 
 
 class EvaluationConfig(Section):

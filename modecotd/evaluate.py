@@ -18,7 +18,8 @@ from modecotd.tasks.schema import AnswerKind, Example
 
 def load_system(student_dir: Path, dtype: str, system: dict):
     """A generation-ready model for ``system``: {"kind": "base"} | {"kind": "expert", "adapter": dir}
-    | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}} | {"kind": "full", "model": dir}.
+    | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}, "method": m}
+    | {"kind": "full", "model": dir}.
 
     Adapters stay unmerged, the way training computed them (a separate LoRA path beside the bf16
     weights); merging would round the update into the bf16 weights."""
@@ -34,12 +35,12 @@ def load_system(student_dir: Path, dtype: str, system: dict):
 
         return PeftModel.from_pretrained(load_lm(student_dir, dtype), str(system["adapter"])).eval()
     if kind == "mixture":
-        from modecotd.mixture import LoraHubMixer
+        from modecotd.mixture import Mixture
 
         experts = {name: Path(path) for name, path in system["experts"].items()}
-        mixer = LoraHubMixer(student_dir, experts, dtype)
-        mixer.set_weights([system["weights"][name] for name in mixer.names])
-        return mixer.model
+        mixture = Mixture(student_dir, experts, system.get("method", "lorahub"), dtype)
+        mixture.set_weights([system["weights"][name] for name in mixture.names])
+        return mixture.model
     raise ValueError(f"unknown system kind {kind!r}")
 
 

@@ -1,24 +1,33 @@
-"""Stage 3 as a library: the LoraHub-style mixer and its gradient-free weight search.
+"""Stage 3 as a library: mixtures of LoRA experts on the frozen student.
 
-The mixer holds the frozen student with one LoRA slot shaped like the experts. Setting weights
-``w`` writes ``A = sum_i w_i A_i`` and ``B = sum_i w_i B_i`` into that slot (the paper's way,
-which is not ``sum_i w_i B_i A_i``). The objective is the mean cross-entropy over few-shot
-examples plus ``l1 * mean |w|``; :func:`search_weights` minimises it with Nevergrad's NGOpt.
+Every linear layer the experts adapt is wrapped in a :class:`MixedLinear` that keeps the frozen
+layer and all experts' A and B matrices, and adds a mixed low-rank update to its output:
+
+- ``lorahub`` (the paper's): ``(sum_i w_i B_i)(sum_i w_i A_i) x * scale``, A and B summed with the
+  weights separately (cross terms included);
+- ``delta``: the exact weighted sum of the experts' updates, ``sum_i w_i scale_i B_i A_i x``;
+- ``gate``: ``delta`` with per-token weights from a learned router per layer (softmax over the
+  experts of a linear map of the layer's input), trained with experts and student frozen.
+
+Weights are set in place (no copy of the model) and may differ per row of a batch, so that many
+candidate weight vectors are evaluated in one batched forward; they may also carry gradients.
+All-zero weights leave the student exactly as it is. :func:`export_adapter` writes a mixture as
+one standard peft LoRA adapter (lorahub: rank r; delta: the experts' ranks stacked).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from modecotd.distill import collate, token_losses, tokenize_rows
 from modecotd.models import is_encoder_decoder
 from modecotd.tasks.schema import AnswerKind
 
-ADAPTER_NAME = "default"
+METHODS = ("lorahub", "delta", "gate")
+PEFT_PREFIX = "base_model.model."
 
 
 def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -29,9 +38,15 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, {k: v.float() for k, v in load_peft_weights(str(folder), device="cpu").items()}
 
 
-def check_compatible(configs: dict[str, dict]) -> None:
-    """All experts must share rank, alpha and target modules to be mixed."""
-    keys = ("r", "lora_alpha", "target_modules")
+def lora_scale(config: dict) -> float:
+    r = config["r"]
+    return config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
+
+
+def check_compatible(configs: dict[str, dict], method: str) -> None:
+    """Experts must adapt the same modules with the same rank to be mixed; ``lorahub``, which sums
+    A and B separately, also needs one alpha."""
+    keys = ("r", "target_modules") + (("lora_alpha",) if method == "lorahub" else ())
     first_name, first = next(iter(configs.items()))
     for name, config in configs.items():
         for key in keys:
@@ -42,95 +57,175 @@ def check_compatible(configs: dict[str, dict]) -> None:
                 raise ValueError(f"experts {first_name!r} and {name!r} differ in {key}: {a} vs {b}")
 
 
-class LoraHubMixer:
-    """The student plus a LoRA slot whose A and B are weighted sums of the experts' A and B."""
+class MixedLinear(torch.nn.Module):
+    """A frozen linear layer plus a mixture of n rank-r updates (see the module's docstring)."""
 
-    def __init__(self, student_dir: Path, expert_dirs: dict[str, Path], dtype: str = "fp32"):
-        from peft import PeftModel
+    def __init__(self, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
+                 mixture: "Mixture"):
+        super().__init__()
+        self.base = base
+        self.n, self.r = a.shape[0], a.shape[1]
+        self.register_buffer("a", a.reshape(self.n * self.r, a.shape[2]).contiguous(), persistent=False)
+        self.register_buffer("b", b.permute(1, 0, 2).reshape(b.shape[1], self.n * self.r).contiguous(),
+                             persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        object.__setattr__(self, "mixture", mixture)  # a back-reference, not a submodule
+        self.router: torch.nn.Linear | None = None
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        w = self.mixture.weights_for(self, x)  # [rows or 1, tokens or 1, n], or None: no update
+        if w is None:
+            return out
+        h = F.linear(x.to(self.a.dtype), self.a).unflatten(-1, (self.n, self.r))  # each expert's A x
+        w = w.to(h.dtype).unsqueeze(-1)
+        if self.mixture.method == "lorahub":
+            mixed_a = (h * w).sum(-2, keepdim=True)  # (sum_i w_i A_i) x
+            g = mixed_a * w * self.scales[0]  # each B_j's share: w_j (sum_i w_i A_i) x
+        else:
+            g = h * w * self.scales.unsqueeze(-1)
+        return out + F.linear(g.flatten(-2), self.b).to(out.dtype)
+
+
+class Mixture:
+    """The frozen student with its adapted layers wrapped in :class:`MixedLinear`."""
+
+    def __init__(self, student_dir: Path, expert_dirs: dict[str, Path], method: str = "lorahub",
+                 dtype: str = "fp32", attention: str | None = None):
         from modecotd.models import load_lm, load_tokenizer
 
+        if method not in METHODS:
+            raise ValueError(f"unknown mixture method {method!r}; one of {', '.join(METHODS)}")
         if not expert_dirs:
             raise ValueError("a mixture needs at least one expert")
+        self.method = method
         self.names = list(expert_dirs)
-        loaded = {name: read_adapter(path) for name, path in expert_dirs.items()}
-        check_compatible({name: cfg for name, (cfg, _) in loaded.items()})
-        self.tokenizer = load_tokenizer(student_dir, padding_side="right")
-        base = load_lm(student_dir, dtype)
-        self.model = PeftModel.from_pretrained(base, str(expert_dirs[self.names[0]]), adapter_name=ADAPTER_NAME)
-        self.model.eval()
-        self.slots = self._slots()
-        # Stack each slot's expert tensors once: [n_experts, *shape], in the slot's dtype.
-        self.stacks: dict[str, torch.Tensor] = {}
-        for slot_name, param in self.slots.items():
-            saved = self._saved_key(slot_name)
-            missing = [n for n in self.names if saved not in loaded[n][1]]
+        self.expert_dirs = {name: Path(path) for name, path in expert_dirs.items()}
+        loaded = {name: read_adapter(path) for name, path in self.expert_dirs.items()}
+        self.configs = {name: config for name, (config, _) in loaded.items()}
+        check_compatible(self.configs, method)
+        self.tokenizer = load_tokenizer(Path(student_dir), padding_side="right")
+        self.model = load_lm(Path(student_dir), dtype, attention)
+        self.encoder_decoder = is_encoder_decoder(self.model)
+        self.weights: torch.Tensor | None = None
+        scales = torch.tensor([lora_scale(self.configs[name]) for name in self.names])
+        self.layers: dict[str, MixedLinear] = {}
+        tensors = {name: t for name, (_, t) in loaded.items()}
+        for path in sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors[self.names[0]]}):
+            keys = {part: f"{PEFT_PREFIX}{path}.lora_{part}.weight" for part in ("A", "B")}
+            missing = [n for n in self.names if any(k not in tensors[n] for k in keys.values())]
             if missing:
-                raise ValueError(f"experts {missing} have no tensor {saved}")
-            self.stacks[slot_name] = torch.stack([loaded[n][1][saved] for n in self.names]).to(param.dtype)
+                raise ValueError(f"experts {missing} have no LoRA for {path}")
+            a = torch.stack([tensors[n][keys["A"]] for n in self.names])
+            b = torch.stack([tensors[n][keys["B"]] for n in self.names])
+            parent, _, child = path.rpartition(".")
+            holder = self.model.get_submodule(parent)
+            base = getattr(holder, child)
+            layer = MixedLinear(base, a.to(base.weight.dtype), b.to(base.weight.dtype),
+                                scales.to(base.weight.dtype), self)
+            setattr(holder, child, layer)
+            self.layers[path] = layer
 
-    def _slots(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters()
-                if ("lora_A" in n or "lora_B" in n) and f".{ADAPTER_NAME}." in n}
+    # -- weights -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _saved_key(param_name: str) -> str:
-        return param_name.replace(f".{ADAPTER_NAME}.", ".")
-
-    @torch.no_grad()
     def set_weights(self, weights) -> None:
-        """Write the weighted sums of A and of B into the LoRA slot."""
-        w = torch.as_tensor(list(weights), dtype=torch.float32)
-        if w.numel() != len(self.names):
-            raise ValueError(f"expected {len(self.names)} weights, got {w.numel()}")
-        for slot_name, param in self.slots.items():
-            stack = self.stacks[slot_name]
-            param.copy_(torch.tensordot(w.to(stack.dtype), stack, dims=1))
+        """One weight per expert, ``[n]``, or one row of weights per batch row, ``[rows, n]``
+        (a tensor that requires grad keeps its graph). ``None`` switches the experts off."""
+        if weights is None:
+            self.weights = None
+            return
+        w = weights if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float32)
+        if w.shape[-1] != len(self.names) or w.dim() not in (1, 2):
+            raise ValueError(f"expected weights of shape [{len(self.names)}] or [rows, {len(self.names)}], "
+                             f"got {list(w.shape)}")
+        self.weights = w.view(1, 1, -1) if w.dim() == 1 else w.unsqueeze(1)
 
-    @torch.no_grad()
-    def few_shot_loss(self, batch: dict[str, torch.Tensor]) -> float:
-        """Mean over examples of each example's mean token cross-entropy on its target."""
-        losses, mask = token_losses(self.model, batch)
-        return float(((losses * mask).sum(1) / mask.sum(1).clamp(min=1)).mean())
+    def weights_for(self, layer: MixedLinear, x: torch.Tensor) -> torch.Tensor | None:
+        if self.method == "gate":
+            if layer.router is None:
+                raise RuntimeError("the gate's routers are not set up: call add_routers() or load_routers()")
+            return torch.softmax(layer.router(x.to(layer.router.weight.dtype)), dim=-1)
+        return self.weights
+
+    # -- the few-shot objective ----------------------------------------------------------------
 
     def batch_for(self, rows: list[dict], kind: AnswerKind, max_length: int) -> dict[str, torch.Tensor]:
-        examples, _ = tokenize_rows(rows, kind, self.tokenizer, max_length, is_encoder_decoder(self.model))
+        examples, _ = tokenize_rows(rows, kind, self.tokenizer, max_length, self.encoder_decoder)
         if not examples:
             raise ValueError("no few-shot example fits in max_length")
         return collate(examples, self.tokenizer.pad_token_id)
 
+    def example_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each example's mean target-token cross-entropy (with gradients if weights carry them)."""
+        losses, mask = token_losses(self.model, batch)
+        return (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-@dataclass
-class SearchResult:
-    weights: list[float]
-    objective: float
-    history: list[dict]
+    @torch.no_grad()
+    def few_shot_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        """Mean over examples of each example's mean target-token cross-entropy."""
+        return float(self.example_losses(batch).mean())
+
+    @torch.no_grad()
+    def candidate_losses(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor,
+                         max_rows: int = 32) -> list[float]:
+        """The few-shot loss of each candidate weight vector (``[candidates, n]``), many candidates
+        per forward: the batch is repeated once per candidate with that candidate's weights on its
+        rows, in forwards of at most ``max_rows`` rows."""
+        examples = batch["input_ids"].shape[0]
+        per_forward = max(1, max_rows // examples)
+        out: list[float] = []
+        for start in range(0, candidates.shape[0], per_forward):
+            chunk = candidates[start:start + per_forward]
+            repeated = {k: v.repeat(chunk.shape[0], 1) for k, v in batch.items()}
+            self.set_weights(chunk.repeat_interleave(examples, dim=0))
+            out.extend(self.example_losses(repeated).view(chunk.shape[0], examples).mean(1).tolist())
+        return out
+
+    def loss_and_gradient(self, batch: dict[str, torch.Tensor], weights) -> tuple[float, list[float]]:
+        """The few-shot loss at ``weights`` and its gradient with respect to them."""
+        w = torch.as_tensor(weights, dtype=torch.float32).clone().requires_grad_(True)
+        self.set_weights(w)
+        with torch.enable_grad():
+            loss = self.example_losses(batch).mean()
+            (gradient,) = torch.autograd.grad(loss, w)
+        self.set_weights(w.detach())
+        return float(loss.detach()), gradient.tolist()
 
 
-def search_weights(objective: Callable[[list[float]], float], n: int, *, budget: int, bound: float,
-                   seed: int, l1: float) -> SearchResult:
-    """Minimise ``objective(w) + l1 * mean|w|`` over ``[-bound, bound]^n`` with NGOpt, from w = 0."""
-    import warnings
+def export_adapter(expert_dirs: dict[str, Path], method: str, weights, out_dir: Path) -> Path:
+    """Write the mixture of ``expert_dirs`` at ``weights`` as one standard peft LoRA adapter folder
+    that loads with ``PeftModel.from_pretrained`` and gives the live :class:`Mixture`'s outputs:
+    lorahub at the experts' rank; delta at their ranks stacked (A rows carry each expert's weight
+    and scale, scale 1). A gate mixes per token and has no such adapter."""
+    from safetensors.torch import save_file
 
-    import nevergrad as ng
-    import numpy as np
-
-    # NGOpt's sub-optimisers (COBYLA) warn about settings they adjust themselves; not the user's concern.
-    warnings.filterwarnings("ignore", message="COBYLA", category=UserWarning)
-
-    parametrization = ng.p.Array(init=np.zeros(n), lower=-bound, upper=bound)
-    parametrization.random_state = np.random.RandomState(seed)
-    optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
-    history: list[dict] = []
-    best: tuple[float, list[float]] | None = None
-    for evaluation in range(budget):
-        candidate = optimizer.ask()
-        weights = [float(x) for x in candidate.value]
-        loss = objective(weights)
-        value = loss + l1 * float(np.mean(np.abs(weights)))
-        optimizer.tell(candidate, value)
-        history.append({"evaluation": evaluation, "loss": loss, "objective": value, "weights": weights})
-        if best is None or value < best[0]:
-            best = (value, weights)
-    assert best is not None
-    return SearchResult(weights=best[1], objective=best[0], history=history)
+    if method not in ("lorahub", "delta"):
+        raise ValueError(f"a {method} mixture has no single merged adapter")
+    names = list(expert_dirs)
+    loaded = {name: read_adapter(expert_dirs[name]) for name in names}
+    configs = {name: config for name, (config, _) in loaded.items()}
+    check_compatible(configs, method)
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    config = dict(configs[names[0]])
+    tensors = {}
+    for key in loaded[names[0]][1]:
+        if ".lora_A." not in key:
+            continue
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        a = torch.stack([loaded[n][1][key] for n in names])  # [n, r, in]
+        b = torch.stack([loaded[n][1][b_key] for n in names])  # [n, out, r]
+        if method == "lorahub":
+            tensors[key], tensors[b_key] = torch.einsum("i,ijk->jk", w, a), torch.einsum("i,ijk->jk", w, b)
+        else:
+            scales = torch.tensor([lora_scale(configs[n]) for n in names])
+            tensors[key] = (a * (w * scales)[:, None, None]).flatten(0, 1)
+            tensors[b_key] = b.permute(1, 0, 2).flatten(1)
+    if method == "delta":
+        rank = len(names) * config["r"]
+        config.update(r=rank, lora_alpha=rank, use_rslora=False)
+    config.update(rank_pattern={}, alpha_pattern={}, inference_mode=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out_dir

@@ -149,13 +149,21 @@ def render_markdown(report: dict) -> str:
                          f"{e.get('seconds') or 0:.0f} |")
     if any("expert" in t for t in report["tasks"].values()):
         lines += ["", "![training loss per expert](training.png)"]
-    lines += ["", "## Mixtures", "", "| target | L1 | CV loss | loss at w=0 | weights |", "|---|---|---|---|---|"]
+    lines += ["", "## Mixtures", "", "The setting with the lowest cross-validated few-shot loss, out of those Ray "
+              "Tune tried for the task.", "",
+              "| target | method | L1 | bound | budget | top-k | settings tried | CV loss | loss at w=0 | weights |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         if "mixture" in t:
             m = t["mixture"]
             weights = ", ".join(f"{k} {v:+.2f}" for k, v in m["weights"].items())
             zero = m.get("zero_weights_loss")
-            lines.append(f"| {name} | {m['l1']} | {m['cv_loss']:.3f} | {'–' if zero is None else f'{zero:.3f}'} | {weights} |")
+            lines.append(f"| {name} | {m.get('method', 'lorahub')} | {m['l1']} | {m.get('bound', '–')} | "
+                         f"{m.get('budget', '–')} | {m.get('top_k') or 'all'} | {len(m.get('candidates', []))} | "
+                         f"{m['cv_loss']:.3f} | {'–' if zero is None else f'{zero:.3f}'} | {weights} |")
+    if any("mixture" in t for t in report["tasks"].values()):
+        lines += ["", "![mixture weights, target task by expert](mixture_weights.png)",
+                  "", "![weight search: best objective per evaluation](search.png)"]
     if report["seconds"]:
         lines += ["", "## Wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in report["seconds"].items()]
     lines += ["", "![accuracy by task and system](accuracy.png)", ""]
@@ -264,15 +272,78 @@ def plot_training(curves: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_mixture_weights(report: dict, path: Path) -> None:
+    """A heat map of the chosen weights: one row per target task, one column per expert."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixed = {name: t["mixture"]["weights"] for name, t in report["tasks"].items() if "mixture" in t}
+    experts = sorted({e for weights in mixed.values() for e in weights})
+    grid = [[weights.get(e, 0.0) for e in experts] for weights in mixed.values()]
+    limit = max([abs(v) for row in grid for v in row] + [1e-9])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(experts), 1.2 + 0.5 * len(mixed)))
+    image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(experts)), experts, fontsize=8, rotation=20)
+    ax.set_yticks(range(len(mixed)), [f"{n} ({report['tasks'][n]['role']})" for n in mixed], fontsize=8)
+    ax.set_xlabel("expert")
+    fig.colorbar(image, ax=ax)
+    ax.set_title("mixture weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def search_curves(run_dir: Path) -> dict[str, list[float]]:
+    """Best objective so far per evaluation of the chosen setting's final search, per target task."""
+    curves = {}
+    for path in sorted((Path(run_dir) / "mixtures").glob("*/search.json")):
+        mixture = json.loads((path.parent / "mixture.json").read_text())
+        trial = next((t for t in json.loads(path.read_text())["trials"]
+                      if t.get("setting") == mixture.get("setting")), None)
+        if trial and trial["history"]:
+            best, curve = float("inf"), []
+            for h in trial["history"]:
+                best = min(best, h["objective"])
+                curve.append(best)
+            curves[path.parent.name] = curve
+    return curves
+
+
+def plot_search(curves: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, label=name, linewidth=1.2)
+    ax.set_xlabel("objective evaluation")
+    ax.set_ylabel("best objective so far (few-shot loss + L1)")
+    ax.legend(fontsize=8)
+    ax.set_title("mixture weight search")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def build_report(run_dir: Path, config, tasks: dict[str, TaskData]) -> Path:
-    """Write report.json, report.md, accuracy.png and training.png into the run folder; returns
-    report.md."""
+    """Write report.json, report.md and the plots (accuracy, training curves, mixture weights,
+    search curves) into the run folder; returns report.md."""
     report = collect(Path(run_dir), config, tasks)
     write_json(Path(run_dir) / "report.json", report)
     plot_accuracy(report, Path(run_dir) / "accuracy.png")
     curves = training_curves(Path(run_dir))
     if curves:
         plot_training(curves, Path(run_dir) / "training.png")
+    if any("mixture" in t for t in report["tasks"].values()):
+        plot_mixture_weights(report, Path(run_dir) / "mixture_weights.png")
+        plot_search(search_curves(Path(run_dir)), Path(run_dir) / "search.png")
     path = Path(run_dir) / "report.md"
     path.write_text(render_markdown(report))
     return path

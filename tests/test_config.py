@@ -41,8 +41,16 @@ def test_good_config_gets_defaults(tmp_path):
     config = load_config(write(tmp_path, GOOD))
     assert config.distill.epochs == 1
     assert config.distill.zero_stage == 2  # default
-    assert config.mixture.bound == 3.0 and config.mixture.budget == 40  # the paper's search
+    assert config.mixture.bound == [3.0] and config.mixture.budget == [40]  # the paper's search
+    assert config.mixture.method == ["lorahub"] and config.mixture.optimizer == "ngopt"
     assert config.distill.lora.target_modules is None  # the architecture's q and v projections
+
+
+def test_mixture_settings_take_one_value_or_a_grid(tmp_path):
+    mixture = "mixture:\n  method: [lorahub, delta]\n  l1: 0.1\n  top_k: [1, null]\n"
+    config = load_config(write(tmp_path, GOOD + mixture))
+    assert config.mixture.grid() == {"method": ["lorahub", "delta"], "budget": [40], "bound": [3.0], "l1": [0.1],
+                                     "top_k": [1, None]}
 
 
 @pytest.mark.parametrize("text, expected", [

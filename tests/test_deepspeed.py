@@ -1,34 +1,11 @@
 """The distill loop under each ZeRO stage, in-process (a one-rank gloo group, as Ray Train makes)."""
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import safetensors.torch
 
 from modecotd.distill import DistillSettings, train_expert
 from modecotd.tasks.generators import generate
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -1,4 +1,4 @@
-"""The LoraHub mixer, checked numerically on a tiny model with two random experts."""
+"""Mixtures of LoRA experts, checked numerically on a tiny model with random experts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,18 +7,19 @@ import pytest
 import torch
 
 from modecotd.distill import DistillSettings, add_lora
-from modecotd.mixture import LoraHubMixer, search_weights
+from modecotd.mixture import Mixture, export_adapter, read_adapter
 from modecotd.models import load_lm
 from modecotd.tasks.schema import AnswerKind
 
 ROWS = [{"question": f"What is {a} + {b}?", "answer": str(a + b), "rationale": f"{a} + {b} = {a + b}."}
         for a, b in [(1, 2), (3, 4), (5, 6)]]
+W = [0.7, -1.3]
 
 
-def make_expert(model_dir: Path, out: Path, seed: int) -> Path:
+def make_expert(model_dir: Path, out: Path, seed: int, alpha: float = 8) -> Path:
     torch.manual_seed(seed)
     settings = DistillSettings(student_dir=str(model_dir), dtype="fp32", kind="number", rows=[], output_dir=str(out),
-                               lora_r=4, lora_alpha=8)
+                               lora_r=4, lora_alpha=alpha)
     model = add_lora(load_lm(model_dir), settings)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -31,12 +32,19 @@ def make_expert(model_dir: Path, out: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def experts(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("experts")
-    return {name: make_expert(tiny_model_dir, root / name, seed) for seed, name in enumerate(["alpha", "beta"])}
+    # different alphas: delta scales each expert by its own alpha / r
+    return {name: make_expert(tiny_model_dir, root / name, seed, alpha)
+            for seed, (name, alpha) in enumerate([("alpha", 8), ("beta", 4)])}
 
 
 @pytest.fixture(scope="module")
-def mixer(tiny_model_dir, experts):
-    return LoraHubMixer(tiny_model_dir, experts)
+def same_alpha_experts(experts, tiny_model_dir, tmp_path_factory):
+    return {"alpha": experts["alpha"], "gamma": make_expert(tiny_model_dir, tmp_path_factory.mktemp("g") / "g", 7)}
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dir, same_alpha_experts):
+    return Mixture(tiny_model_dir, same_alpha_experts).batch_for(ROWS, AnswerKind.NUMBER, 128)
 
 
 def logits(model, batch):
@@ -44,63 +52,106 @@ def logits(model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def test_zero_weights_reproduce_the_base_model(tiny_model_dir, mixer):
-    batch = mixer.batch_for(ROWS, AnswerKind.NUMBER, 128)
-    mixer.set_weights([0.0, 0.0])
-    base = load_lm(tiny_model_dir)
-    assert torch.equal(logits(mixer.model, batch), logits(base, batch))
+def layer_update(mixture, path, x):
+    """The mixed layer's output minus the frozen layer's output."""
+    layer = mixture.layers[path]
+    with torch.no_grad():
+        return layer(x) - layer.base(x)
 
 
-def test_lorahub_sums_a_and_b_separately(mixer, experts):
-    from modecotd.mixture import read_adapter
-
-    w = [0.7, -1.3]
-    mixer.set_weights(w)
-    tensors = {name: read_adapter(path)[1] for name, path in experts.items()}
-    checked = 0
-    for slot, param in mixer.slots.items():
-        key = slot.replace(".default.", ".")
-        expected = w[0] * tensors["alpha"][key] + w[1] * tensors["beta"][key]
-        torch.testing.assert_close(param.detach(), expected)
-        checked += 1
-    assert checked == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
-    # The effective update is (sum w B)(sum w A), which differs from sum w (B A): the paper's cross-terms.
-    a_key = next(k for k in mixer.slots if "q_proj.lora_A" in k)
-    b_key = a_key.replace("lora_A", "lora_B")
-    mixed = mixer.slots[b_key].detach() @ mixer.slots[a_key].detach()
-    a, b = a_key.replace(".default.", "."), b_key.replace(".default.", ".")
-    exact = sum(wi * tensors[n][b] @ tensors[n][a] for wi, n in zip(w, ["alpha", "beta"]))
-    assert not torch.allclose(mixed, exact)
+def expert_update(tensors, config, path, x):
+    a = tensors[f"base_model.model.{path}.lora_A.weight"]
+    b = tensors[f"base_model.model.{path}.lora_B.weight"]
+    return x @ a.T @ b.T, a, b, config["lora_alpha"] / config["r"]
 
 
-def test_single_expert_weight_one_matches_the_expert(tiny_model_dir, mixer, experts):
+@pytest.mark.parametrize("method", ["lorahub", "delta"])
+def test_zero_weights_reproduce_the_base_model_exactly(tiny_model_dir, experts, same_alpha_experts, batch, method):
+    mixture = Mixture(tiny_model_dir, same_alpha_experts if method == "lorahub" else experts, method)
+    mixture.set_weights([0.0, 0.0])
+    assert torch.equal(logits(mixture.model, batch), logits(load_lm(tiny_model_dir), batch))
+
+
+def test_delta_is_the_weighted_sum_of_the_experts_updates(tiny_model_dir, experts):
+    mixture = Mixture(tiny_model_dir, experts, "delta")
+    mixture.set_weights(W)
+    x = torch.randn(3, 5, 64)
+    for path in mixture.layers:
+        expected = 0
+        for w, name in zip(W, mixture.names):
+            config, tensors = read_adapter(experts[name])
+            update, _, _, scale = expert_update(tensors, config, path, x)
+            expected = expected + w * scale * update
+        torch.testing.assert_close(layer_update(mixture, path, x), expected, rtol=1e-4, atol=1e-5)
+    assert len(mixture.layers) == 4  # 2 layers x (q, v)
+
+
+def test_lorahub_sums_a_and_b_separately(tiny_model_dir, same_alpha_experts):
+    mixture = Mixture(tiny_model_dir, same_alpha_experts, "lorahub")
+    mixture.set_weights(W)
+    x = torch.randn(3, 5, 64)
+    for path in mixture.layers:
+        parts = [expert_update(*reversed(read_adapter(same_alpha_experts[n])), path, x) for n in mixture.names]
+        a = sum(w * p[1] for w, p in zip(W, parts))
+        b = sum(w * p[2] for w, p in zip(W, parts))
+        expected = x @ a.T @ b.T * parts[0][3]
+        torch.testing.assert_close(layer_update(mixture, path, x), expected, rtol=1e-4, atol=1e-5)
+        exact = sum(w * p[3] * p[0] for w, p in zip(W, parts))  # the cross terms make lorahub differ from delta
+        assert not torch.allclose(expected, exact, atol=1e-3)
+
+
+def test_lorahub_refuses_experts_with_different_alphas(tiny_model_dir, experts):
+    with pytest.raises(ValueError, match="lora_alpha"):
+        Mixture(tiny_model_dir, experts, "lorahub")
+
+
+def test_a_single_expert_at_weight_one_is_that_expert(tiny_model_dir, experts, batch):
     from peft import PeftModel
 
-    batch = mixer.batch_for(ROWS, AnswerKind.NUMBER, 128)
-    mixer.set_weights([1.0, 0.0])
     expert = PeftModel.from_pretrained(load_lm(tiny_model_dir), str(experts["alpha"]))
-    torch.testing.assert_close(logits(mixer.model, batch), logits(expert, batch))
+    for method in ("lorahub", "delta"):
+        mixture = Mixture(tiny_model_dir, {"alpha": experts["alpha"]}, method)
+        mixture.set_weights([1.0])
+        torch.testing.assert_close(logits(mixture.model, batch), logits(expert, batch))
 
 
-def test_few_shot_loss_changes_with_weights(mixer):
-    batch = mixer.batch_for(ROWS, AnswerKind.NUMBER, 128)
-    mixer.set_weights([0.0, 0.0])
-    zero = mixer.few_shot_loss(batch)
-    mixer.set_weights([2.0, 2.0])
-    assert mixer.few_shot_loss(batch) != pytest.approx(zero)
+@pytest.mark.parametrize("method", ["lorahub", "delta"])
+def test_exported_adapter_gives_the_live_mixtures_logits(tiny_model_dir, experts, same_alpha_experts, batch,
+                                                          tmp_path, method):
+    from peft import PeftModel
+
+    chosen = same_alpha_experts if method == "lorahub" else experts
+    mixture = Mixture(tiny_model_dir, chosen, method)
+    mixture.set_weights(W)
+    folder = export_adapter(chosen, method, W, tmp_path / "merged")
+    merged = PeftModel.from_pretrained(load_lm(tiny_model_dir), str(folder))
+    torch.testing.assert_close(logits(merged, batch), logits(mixture.model, batch), rtol=1e-4, atol=1e-4)
 
 
-def test_search_weights_minimises_a_known_function():
-    target = [1.0, -2.0]
-    result = search_weights(lambda w: sum((a - b) ** 2 for a, b in zip(w, target)), 2,
-                            budget=60, bound=3.0, seed=0, l1=0.0)
-    assert len(result.history) == 60
-    assert result.history[0]["weights"] == [0.0, 0.0]  # the search starts at w = 0, like the paper
-    assert result.objective < 0.5
-    assert result.objective == min(h["objective"] for h in result.history)
+def test_candidates_in_one_batch_match_one_at_a_time(tiny_model_dir, experts, batch):
+    mixture = Mixture(tiny_model_dir, experts, "delta")
+    candidates = torch.tensor([[0.0, 0.0], W, [2.0, 1.0]])
+    batched = mixture.candidate_losses(batch, candidates, max_rows=6)  # two forwards: 2 + 1 candidates
+    one_by_one = []
+    for candidate in candidates:
+        mixture.set_weights(candidate)
+        one_by_one.append(mixture.few_shot_loss(batch))
+    assert batched == pytest.approx(one_by_one, rel=1e-5)
+    assert len(set(round(x, 4) for x in batched)) == 3
 
 
-def test_l1_penalty_is_added():
-    result = search_weights(lambda w: 0.0, 1, budget=5, bound=3.0, seed=0, l1=0.5)
-    for h in result.history:
-        assert h["objective"] == pytest.approx(0.5 * abs(h["weights"][0]))
+def test_gradient_matches_finite_differences(tiny_model_dir, same_alpha_experts, batch):
+    mixture = Mixture(tiny_model_dir, same_alpha_experts, "lorahub")
+    loss, gradient = mixture.loss_and_gradient(batch, W)
+    mixture.set_weights(W)
+    assert loss == pytest.approx(mixture.few_shot_loss(batch), rel=1e-5)
+    step = 0.05  # central differences: error O(step^2), well above float32 rounding of the loss
+    for i in range(2):
+        up, down = list(W), list(W)
+        up[i] += step
+        down[i] -= step
+        mixture.set_weights(up)
+        plus = mixture.few_shot_loss(batch)
+        mixture.set_weights(down)
+        minus = mixture.few_shot_loss(batch)
+        assert gradient[i] == pytest.approx((plus - minus) / (2 * step), rel=0.05, abs=2e-5)

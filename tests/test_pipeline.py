@@ -25,7 +25,7 @@ CONFIG = {
     "distill": {"epochs": 3, "batch_size": 4, "learning_rate": 5e-3, "max_length": 160, "zero_stage": 2,
                 "lora": {"r": 4, "alpha": 8}, "baselines": ["multitask", "full_finetune"],
                 "validation_fraction": 0.25},
-    "mixture": {"budget": 4, "l1": [0.05, 0.5], "cv_folds": 2},
+    "mixture": {"budget": 4, "method": ["lorahub", "delta"], "cv_folds": 2, "scheduler": "none"},
     "evaluation": {"max_new_tokens": 8, "batch_size": 8, "actors": 1},
 }
 
@@ -65,10 +65,12 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
 
     mixture = json.loads((run_dir / "mixtures/letters/mixture.json").read_text())
     assert set(mixture["weights"]) == {"coins"}
-    assert mixture["l1"] in (0.05, 0.5)
-    assert {c["l1"] for c in mixture["candidates"]} == {0.05, 0.5}  # Ray Tune ran both trials
+    assert mixture["method"] in ("lorahub", "delta")
+    assert {c["setting"].split("-")[0] for c in mixture["candidates"]} == {"lorahub", "delta"}  # both trials ran
     search = json.loads((run_dir / "mixtures/letters/search.json").read_text())
     assert all(len(trial["history"]) == 4 for trial in search["trials"])
+    merged = PeftModel.from_pretrained(load_lm(tiny_model_dir), str(run_dir / "mixtures/letters/adapter"))
+    assert any("lora_B" in name for name, _ in merged.named_parameters())
 
     full = json.loads((run_dir / "baselines/full_finetune/training.json").read_text())
     assert full["steps"] == 9 and (run_dir / "baselines/full_finetune/config.json").is_file()
@@ -84,6 +86,8 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
     assert set(report["tasks"]["letters"]["eval"]) == {"base", "mixture", "multitask", "full_finetune"}
     assert (run_dir / "accuracy.png").stat().st_size > 1000
     assert (run_dir / "training.png").stat().st_size > 1000
+    assert (run_dir / "mixture_weights.png").stat().st_size > 1000 and (run_dir / "search.png").stat().st_size > 1000
+    assert "| letters | " in (run_dir / "report.md").read_text().split("## Mixtures")[1]
     assert "| coins | seen | 6 |" in (run_dir / "report.md").read_text()
     assert outcome.report == run_dir / "report.md"
 

@@ -11,7 +11,6 @@ from modecotd.distill import IGNORE_INDEX, DistillSettings, collate, target_loss
 from modecotd.models import is_encoder_decoder, load_lm, load_tokenizer
 from modecotd.tasks.generators import generate
 from modecotd.tasks.schema import AnswerKind
-from tests.test_deepspeed import process_group  # noqa: F401  (a one-rank gloo group for DeepSpeed)
 
 ROW = {"question": "What is 2 + 3?", "answer": "5", "rationale": "2 + 3 = 5."}
 
@@ -47,7 +46,7 @@ def rows(n: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trains_a_seq2seq_expert_that_reloads(process_group, tiny_t5_dir, tmp_path, stage):  # noqa: F811
+def test_zero_trains_a_seq2seq_expert_that_reloads(process_group, tiny_t5_dir, tmp_path, stage):
     from peft import PeftModel
 
     settings = DistillSettings(student_dir=str(tiny_t5_dir), dtype="fp32", kind="yes_no", rows=rows(8),
@@ -68,7 +67,7 @@ def test_mixer_and_generation_work_on_a_seq2seq_student(tiny_t5_dir, tmp_path):
 
     from modecotd.distill import add_lora
     from modecotd.evaluate import predict
-    from modecotd.mixture import LoraHubMixer
+    from modecotd.mixture import Mixture
     from modecotd.tasks.schema import Example
 
     experts = {}
@@ -83,13 +82,14 @@ def test_mixer_and_generation_work_on_a_seq2seq_student(tiny_t5_dir, tmp_path):
                     param.normal_(0, 0.2)
         model.save_pretrained(tmp_path / name)
         experts[name] = tmp_path / name
-    mixer = LoraHubMixer(tiny_t5_dir, experts)
+    mixer = Mixture(tiny_t5_dir, experts)
     batch = mixer.batch_for([ROW, {**ROW, "rationale": "Two plus three makes five."}], AnswerKind.NUMBER, 128)
     mixer.set_weights([0.0, 0.0])
     base = load_lm(tiny_t5_dir)
     with torch.no_grad():
         assert torch.equal(mixer.model(**batch).logits, base(**batch).logits)
     zero = mixer.few_shot_loss(batch)
+    assert len(mixer.layers) == 6 * 2  # q and v of encoder self, decoder self and cross attention
     mixer.set_weights([1.0, 0.0])
     expert = PeftModel.from_pretrained(load_lm(tiny_t5_dir), str(experts["alpha"]))
     with torch.no_grad():

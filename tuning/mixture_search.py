@@ -1,10 +1,13 @@
-"""Stage 3 on Ray Tune: the mixer's weight search for every target task.
+"""Stage 3 on Ray Tune: the mixture of experts for every target task.
 
-One Tune trial = one target task and one L1 coefficient. Inside the trial the student is loaded
-once and the whole Nevergrad search runs there (a Tune trial per weight candidate would cost
-more in overhead than the objective itself). The trial reports a cross-validated few-shot loss
-(weights fitted on k-1 folds, loss on the held-out fold) which picks the L1 coefficient, and the
-weights refitted on all few-shot examples. Test data never enters.
+One Tune trial = one target task and one setting of the mixer (method, budget, bound, L1, top-k).
+Inside the trial the whole weight search runs through its optimizer's ask/tell interface (a Tune
+trial per weight candidate would cost more in overhead than the objective itself). The student
+and the experts are loaded once per Tune worker process and reused by every trial it runs
+(``reuse_actors``). A trial scores its setting by cross-validation over the few-shot examples
+(weights fitted on k-1 folds, loss on the held-out fold), reported fold by fold so that a poor
+setting can be stopped early (ASHA or median stopping, within its target task); then it refits the
+weights on all few-shot examples. The setting with the lowest CV loss wins. Test data never enters.
 """
 from __future__ import annotations
 
@@ -13,13 +16,18 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
 
 from modecotd.artifacts import Unit, pending, write_json
-from modecotd.mixture import LoraHubMixer, search_weights
+from modecotd.mixture import Mixture, export_adapter
 from modecotd.tasks.schema import AnswerKind
+from modecotd.weight_search import search_weights
 
 log = logging.getLogger(__name__)
+METRIC = "cv_loss"
+_MIXTURES: dict[tuple, Mixture] = {}  # per Tune worker process, reused across its trials
 
 
 def _folds(n: int, k: int) -> list[list[int]]:
@@ -27,42 +35,136 @@ def _folds(n: int, k: int) -> list[list[int]]:
     return [list(range(i, n, k)) for i in range(k)]
 
 
-def mixture_trial(trial_config: dict, context: dict) -> None:
-    """A Tune function trainable: fit weights for (task, l1), report the CV loss."""
-    task, l1 = trial_config["task"], trial_config["l1"]
+def setting_key(setting: dict) -> str:
+    """A readable name for one mixer setting (trial names, record files)."""
+    top_k = "all" if setting["top_k"] is None else setting["top_k"]
+    return f"{setting['method']}-budget={setting['budget']}-bound={setting['bound']}-l1={setting['l1']}-top_k={top_k}"
+
+
+def _mixture(context: dict, method: str) -> Mixture:
+    key = (context["student_dir"], tuple(sorted(context["experts"].items())), method, context["dtype"])
+    if key not in _MIXTURES:
+        _MIXTURES.clear()  # one student in memory per worker
+        _MIXTURES[key] = Mixture(Path(context["student_dir"]), {n: Path(p) for n, p in context["experts"].items()},
+                                 method, context["dtype"], attention=context["attention"])
+    return _MIXTURES[key]
+
+
+def top_experts(mixture: Mixture, batch: dict, k: int | None) -> list[int]:
+    """Indices of the k experts with the lowest few-shot loss on their own (all when k is None)."""
+    n = len(mixture.names)
+    if k is None or k >= n:
+        return list(range(n))
+    alone = mixture.candidate_losses(batch, torch.eye(n))
+    return sorted(sorted(range(n), key=lambda i: alone[i])[:k])
+
+
+def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict, context: dict):
+    """Search the weights of the ``chosen`` experts (the others stay at 0) on ``batch``."""
+    n = len(mixture.names)
+
+    def full(weights) -> torch.Tensor:
+        w = torch.zeros(n)
+        w[chosen] = torch.as_tensor(weights, dtype=torch.float32)
+        return w
+
+    def candidate_losses(candidates):
+        return mixture.candidate_losses(batch, torch.stack([full(w) for w in candidates]))
+
+    def loss_and_gradient(weights):
+        loss, gradient = mixture.loss_and_gradient(batch, full(weights))
+        return loss, [gradient[i] for i in chosen]
+
+    result = search_weights(
+        candidate_losses, len(chosen), optimizer=context["optimizer"], budget=setting["budget"],
+        bound=setting["bound"], l1=setting["l1"], seed=context["seed"], start=[context["start"]] * len(chosen),
+        batch=context["candidates_per_forward"], loss_and_gradient=loss_and_gradient,
+        learning_rate=context["learning_rate"])
+    return result, full(result.weights).tolist()
+
+
+def mixture_trial(setting: dict, context: dict) -> None:
+    """A Tune function trainable: score one mixer setting for one target task by CV, then fit it."""
+    task = setting["task"]
     spec = context["tasks"][task]
     kind = AnswerKind(spec["kind"])
-    mixer = LoraHubMixer(Path(context["student_dir"]), {n: Path(p) for n, p in context["experts"].items()},
-                         context["dtype"])
+    mixture = _mixture(context, setting["method"])
     rows = spec["fewshot"]
-    search = dict(budget=context["budget"], bound=context["bound"], seed=context["seed"], l1=l1)
+    label = f"mix:{task}:{setting_key(setting)}"
 
-    def loss_on(batch):
-        def objective(weights):
-            mixer.set_weights(weights)
-            return mixer.few_shot_loss(batch)
-        return objective
+    def batch(indices):
+        return mixture.batch_for([rows[i] for i in indices], kind, context["max_length"])
 
-    held_out = []
+    everything = batch(range(len(rows)))
+    chosen = top_experts(mixture, everything, setting["top_k"])
+    held_out: list[float] = []
     for fold, held in enumerate(_folds(len(rows), context["cv_folds"])):
-        fit_rows = [r for i, r in enumerate(rows) if i not in held]
-        result = search_weights(loss_on(mixer.batch_for(fit_rows, kind, context["max_length"])), len(mixer.names),
-                                **search)
-        held_out.append(loss_on(mixer.batch_for([rows[i] for i in held], kind, context["max_length"]))(result.weights))
-        tune.report({"fold": fold, "fold_loss": held_out[-1]})
-        print(f"mix:{task}:l1={l1}: fold {fold + 1} held-out loss {held_out[-1]:.3f}", flush=True)
+        _, weights = fit_weights(mixture, batch([i for i in range(len(rows)) if i not in held]), chosen, setting,
+                                 context)
+        held_out.append(mixture.candidate_losses(batch(held), torch.tensor([weights]))[0])
+        tune.report({METRIC: sum(held_out) / len(held_out), "fold": fold})
+        print(f"{label}: fold {fold + 1} held-out loss {held_out[-1]:.3f}", flush=True)
     cv_loss = sum(held_out) / len(held_out)
-    final = search_weights(loss_on(mixer.batch_for(rows, kind, context["max_length"])), len(mixer.names), **search)
-    record = {"task": task, "l1": l1, "cv_loss": cv_loss, "fold_losses": held_out, "objective": final.objective,
-              "weights": dict(zip(mixer.names, final.weights)), "history": final.history,
-              "zero_weights_loss": final.history[0]["loss"] if final.history else None}
-    write_json(Path(context["trials_dir"]) / f"{task}--l1={l1}.json", record)
-    tune.report({"cv_loss": cv_loss, "objective": final.objective, "done": True})
+    final, weights = fit_weights(mixture, everything, chosen, setting, context)
+    zero = mixture.candidate_losses(everything, torch.zeros(1, len(mixture.names)))[0]
+    record = {"task": task, **{k: setting[k] for k in ("method", "budget", "bound", "l1", "top_k")},
+              "setting": setting_key(setting), "cv_loss": cv_loss, "fold_losses": held_out,
+              "objective": final.objective, "weights": dict(zip(mixture.names, weights)),
+              "experts_mixed": [mixture.names[i] for i in chosen], "history": final.history,
+              "search_seconds": final.seconds, "zero_weights_loss": zero}
+    write_json(Path(context["trials_dir"]) / f"{task}--{setting_key(setting)}.json", record)
+    tune.report({METRIC: cv_loss, "objective": final.objective, "done": True})
+
+
+class PerTaskScheduler(FIFOScheduler):
+    """Early stopping that compares a trial only with trials of the same target task (their loss
+    scales differ): one ASHA or median-stopping scheduler per task. A trial is stopped or goes on,
+    never paused: it keeps no checkpoint, so a paused trial would start again from nothing."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+        self.schedulers: dict[str, object] = {}
+
+    def _of(self, trial):
+        task = trial.config["task"]
+        if task not in self.schedulers:
+            self.schedulers[task] = self.make()
+        return self.schedulers[task]
+
+    def on_trial_add(self, tune_controller, trial):
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = self._of(trial).on_trial_result(tune_controller, trial, result)
+        return self.CONTINUE if decision == self.PAUSE else decision
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial):
+        self._of(trial).on_trial_error(tune_controller, trial)
+
+
+def make_scheduler(kind: str, cv_folds: int):
+    if kind == "none":
+        return FIFOScheduler()
+    if kind == "asha":
+        return PerTaskScheduler(lambda: AsyncHyperBandScheduler(
+            time_attr="training_iteration", metric=METRIC, mode="min", max_t=cv_folds + 1, grace_period=1,
+            reduction_factor=2))
+    return PerTaskScheduler(lambda: MedianStoppingRule(
+        time_attr="training_iteration", metric=METRIC, mode="min", grace_period=1, min_samples_required=2))
 
 
 def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expert_dirs: dict[str, Path],
                       student_dir: Path) -> dict[str, dict]:
     """Search mixtures for every target task whose unit is not done; commit the best per task."""
+    from modecotd.distill import training_attention
+
     todo = pending(units, "mix", log)
     if not todo:
         return {}
@@ -73,24 +175,28 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
     trials_dir = run_dir / "mixtures" / ".trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
     for name in todo:  # records of an earlier search with other settings must not be read back
-        for stale in trials_dir.glob(f"{name}--l1=*.json"):
+        for stale in trials_dir.glob(f"{name}--*.json"):
             stale.unlink()
     context = {
-        "student_dir": str(student_dir), "dtype": config.student.dtype, "experts": {n: str(p) for n, p in expert_dirs.items()},
-        "budget": cfg.budget, "bound": cfg.bound, "seed": config.seed, "cv_folds": cfg.cv_folds,
-        "max_length": config.distill.max_length, "trials_dir": str(trials_dir),
+        "student_dir": str(student_dir), "dtype": config.student.dtype, "attention": training_attention(),
+        "experts": {n: str(p) for n, p in expert_dirs.items()}, "optimizer": cfg.optimizer, "start": cfg.start,
+        "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
+        "seed": config.seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
+        "trials_dir": str(trials_dir),
         "tasks": {name: {"kind": tasks[name].kind.value,
                          "fewshot": [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale}
                                      for ex in tasks[name].fewshot]} for name in todo},
     }
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(mixture_trial, context=context), {"cpu": cfg.cpus_per_trial})
+    space = {"task": tune.grid_search(todo), **{k: tune.grid_search(v) for k, v in cfg.grid().items()}}
     tuner = tune.Tuner(
         trainable,
-        param_space={"task": tune.grid_search(todo), "l1": tune.grid_search(list(cfg.l1))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials,
-                                    trial_name_creator=lambda t: f"mix:{t.config['task']}:l1={t.config['l1']}",
-                                    trial_dirname_creator=lambda t: f"{t.config['task']}-l1={t.config['l1']}-{t.trial_id}"),
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
+                                    scheduler=make_scheduler(cfg.scheduler, cfg.cv_folds),
+                                    trial_name_creator=lambda t: f"mix:{t.config['task']}:{setting_key(t.config)}",
+                                    trial_dirname_creator=lambda t: f"{t.config['task']}-{t.trial_id}"),
         run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=str((run_dir / "ray").resolve()),
                                   verbose=0),
     )
@@ -98,22 +204,28 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
     errors = {r.config["task"]: str(r.error).splitlines()[0][:300] for r in grid if r.error}
     results: dict[str, dict] = {}
     for name in todo:
-        records = [json.loads((trials_dir / f"{name}--l1={l1}.json").read_text())
-                   for l1 in cfg.l1 if (trials_dir / f"{name}--l1={l1}.json").is_file()]
+        records = [json.loads(path.read_text()) for path in sorted(trials_dir.glob(f"{name}--*.json"))]
         if not records:
             results[name] = {"status": "failed", "error": errors.get(name, "no trial finished")}
             log.error("mix: %s failed: %s", name, results[name]["error"])
             continue
-        best = min(records, key=lambda r: r["cv_loss"])
-        summary = {"status": "done", "l1": best["l1"], "cv_loss": best["cv_loss"], "objective": best["objective"],
-                   "weights": best["weights"], "zero_weights_loss": best["zero_weights_loss"],
-                   "candidates": [{"l1": r["l1"], "cv_loss": r["cv_loss"]} for r in records]}
-        with units[name].writing(summary) as staging:
-            write_json(staging / "mixture.json", {**summary, "method": cfg.method, "optimizer": cfg.optimizer,
-                                                  "experts": context["experts"]})
-            write_json(staging / "search.json", {"trials": records})
-        results[name] = summary
-        log.info("mix: %s: l1=%s cv loss %.3f, weights %s", name, best["l1"], best["cv_loss"],
-                 {k: round(v, 2) for k, v in best["weights"].items()})
+        results[name] = _commit(units[name], records, context, cfg)
     log.info("mix stage took %.1f s", time.time() - started)
     return results
+
+
+def _commit(unit: Unit, records: list[dict], context: dict, cfg) -> dict:
+    """Keep the best setting's mixture: its weights, the merged adapter, and every trial's search."""
+    best = min(records, key=lambda r: r["cv_loss"])
+    summary = {"status": "done", **{k: best[k] for k in ("method", "budget", "bound", "l1", "top_k", "setting")},
+               "cv_loss": best["cv_loss"], "objective": best["objective"], "weights": best["weights"],
+               "experts_mixed": best["experts_mixed"], "zero_weights_loss": best["zero_weights_loss"],
+               "candidates": [{"setting": r["setting"], "cv_loss": r["cv_loss"]} for r in records]}
+    with unit.writing(summary) as staging:
+        write_json(staging / "mixture.json", {**summary, "optimizer": cfg.optimizer, "experts": context["experts"]})
+        write_json(staging / "search.json", {"trials": records})
+        experts = {n: Path(p) for n, p in context["experts"].items()}
+        export_adapter(experts, best["method"], [best["weights"][n] for n in experts], staging / "adapter")
+    log.info("mix: %s: %s, cv loss %.3f, weights %s", best["task"], best["setting"], best["cv_loss"],
+             {k: round(v, 2) for k, v in best["weights"].items()})
+    return summary
