@@ -155,15 +155,17 @@ class Mixture:
             raise ValueError("no few-shot example fits in max_length")
         return collate(examples, self.tokenizer.pad_token_id)
 
-    def example_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Each example's mean target-token cross-entropy (with gradients if weights carry them)."""
+    def _loss(self, batch: dict[str, torch.Tensor], candidates: int = 1) -> torch.Tensor:
+        """Mean target-token cross-entropy of each candidate's rows (the batch holds ``candidates``
+        equal blocks of rows), as the reference's objective: tokens, not examples, weigh equally."""
         losses, mask = token_losses(self.model, batch)
+        losses, mask = losses.view(candidates, -1), mask.view(candidates, -1)
         return (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     @torch.no_grad()
     def few_shot_loss(self, batch: dict[str, torch.Tensor]) -> float:
-        """Mean over examples of each example's mean target-token cross-entropy."""
-        return float(self.example_losses(batch).mean())
+        """The few-shot loss at the current weights: mean cross-entropy over all target tokens."""
+        return float(self._loss(batch)[0])
 
     @torch.no_grad()
     def candidate_losses(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor,
@@ -178,7 +180,7 @@ class Mixture:
             chunk = candidates[start:start + per_forward]
             repeated = {k: v.repeat(chunk.shape[0], 1) for k, v in batch.items()}
             self.set_weights(chunk.repeat_interleave(examples, dim=0))
-            out.extend(self.example_losses(repeated).view(chunk.shape[0], examples).mean(1).tolist())
+            out.extend(self._loss(repeated, chunk.shape[0]).tolist())
         return out
 
     def loss_and_gradient(self, batch: dict[str, torch.Tensor], weights) -> tuple[float, list[float]]:
@@ -186,7 +188,7 @@ class Mixture:
         w = torch.as_tensor(weights, dtype=torch.float32).clone().requires_grad_(True)
         self.set_weights(w)
         with torch.enable_grad():
-            loss = self.example_losses(batch).mean()
+            loss = self._loss(batch)[0]
             (gradient,) = torch.autograd.grad(loss, w)
         self.set_weights(w.detach())
         return float(loss.detach()), gradient.tolist()

@@ -8,10 +8,12 @@ are evaluated together (one batched forward, see :meth:`modecotd.mixture.Mixture
   its MetaModel, which fails under numpy 2 in nevergrad 1.0.12);
 - ``tpe`` and ``cmaes``: Optuna's samplers;
 - ``random``: uniform candidates;
-- ``gradient``: Adam on the weights with the loss's exact gradient (one forward and backward per
-  step) and the L1 term's subgradient, kept inside the bounds.
+- ``gradient``: first a batched initial design (the start point, the experts' plain average, each
+  expert alone), then Adam on the weights from the best of those that is not all zero, with the
+  loss's exact gradient (one forward and backward per step) and the L1 term's subgradient, kept
+  inside the bounds. (At w = 0 the lorahub update, bilinear in w, has a zero gradient.)
 
-All start at ``start`` (the paper's is w = 0: the first candidate evaluated is the student as it is).
+All evaluate ``start`` first (the paper's is w = 0: the student as it is).
 """
 from __future__ import annotations
 
@@ -89,7 +91,13 @@ def search_weights(candidate_losses: Candidates, n: int, *, optimizer: str = "ng
     if optimizer == "gradient":
         if loss_and_gradient is None:
             raise ValueError("the gradient optimizer needs loss_and_gradient")
-        _adam(search, loss_and_gradient, start, bound, learning_rate)
+        design = [start, [min(bound, 1.0 / n)] * n] + [[min(bound, 1.0) if j == i else 0.0 for j in range(n)]
+                                                      for i in range(n)]
+        design = design[:budget]
+        values = [search.record(w, loss) for w, loss in zip(design, candidate_losses(design))]
+        moving = [(value, w) for value, w in zip(values, design) if any(design_w != 0 for design_w in w)]
+        if moving and not search.finished:
+            _adam(search, loss_and_gradient, min(moving)[1], bound, learning_rate)
         return search.result()
     ask, tell = _ask_tell(optimizer, n, budget, bound, seed, start)
     while not search.finished:
