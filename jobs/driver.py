@@ -138,6 +138,8 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
             summary = mixture["summary"]
             system = {"kind": "mixture", "method": summary["method"], "weights": summary["weights"],
                       "experts": {n: str(experts[n].path) for n in summary["weights"]}}
+            if summary["method"] == "gate":
+                system["routers"] = str(mixture_units[name].path / "routers.safetensors")
             systems["mixture"] = (system, mixture_units[name].key)
         for baseline, unit in baseline_units.items():
             if unit.done():

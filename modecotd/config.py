@@ -5,6 +5,8 @@ line naming the file, the line, the dotted key and what is allowed (see :func:`l
 """
 from __future__ import annotations
 
+import itertools
+
 import re
 import string
 from pathlib import Path
@@ -261,9 +263,10 @@ class MixtureConfig(Section):
     list: Ray Tune runs every combination per target task and keeps the one with the best
     cross-validated few-shot loss."""
 
-    method: list[Literal["lorahub", "delta"]] = Field(
+    method: list[Literal["lorahub", "delta", "gate"]] = Field(
         default_factory=lambda: ["lorahub"], min_length=1, description="lorahub (the paper's: A and B summed "
-        "with the weights separately) or delta (the exact weighted sum of the experts' updates)")
+        "with the weights separately), delta (the exact weighted sum of the experts' updates) or gate (per-token "
+        "weights from a router per layer, trained on few-shot rows; budget, bound, l1 and top_k do not apply)")
     optimizer: Literal["ngopt", "tpe", "cmaes", "random", "gradient"] = Field(
         "ngopt", description="weight search: Nevergrad NGOpt (the paper's), Optuna TPE or CMA-ES, random, or "
         "gradient (Adam on the weights with the exact gradient)")
@@ -279,6 +282,11 @@ class MixtureConfig(Section):
     candidates_per_forward: int = Field(8, ge=1, description="weight candidates evaluated in one batched forward "
                                         "(tpe, cmaes, random; ngopt is sequential)")
     learning_rate: float = Field(0.2, gt=0, description="step size of the gradient optimizer")
+    gate_steps: int = Field(50, ge=1, description="full-batch AdamW steps that train the gate's routers")
+    gate_learning_rate: float = Field(1e-2, gt=0)
+    gate_rows: Literal["task", "pooled"] = Field(
+        "task", description="what the gate trains on: the target task's few-shot rows, or those pooled with "
+        "every other task's few-shot rows")
     cv_folds: int = Field(2, ge=2, description="folds over the few-shot examples that score each setting")
     scheduler: Literal["none", "asha", "median"] = Field(
         "asha", description="stop settings whose first folds score poorly, per target task: ASHA or median "
@@ -305,10 +313,17 @@ class MixtureConfig(Section):
             raise ValueError(f"start {self.start} lies outside a bound")
         return self
 
-    def grid(self) -> dict[str, list]:
-        """The settings Ray Tune tries for every target task."""
-        return {"method": self.method, "budget": self.budget, "bound": self.bound, "l1": self.l1,
-                "top_k": self.top_k}
+    def settings(self) -> list[dict]:
+        """The mixer settings Ray Tune tries for every target task: every combination of the
+        lists for weighted methods, one setting for the gate."""
+        out = []
+        for method in self.method:
+            if method == "gate":
+                out.append({"method": "gate", "budget": None, "bound": None, "l1": None, "top_k": None})
+                continue
+            out.extend({"method": method, "budget": budget, "bound": bound, "l1": l1, "top_k": top_k}
+                       for budget, bound, l1, top_k in itertools.product(self.budget, self.bound, self.l1, self.top_k))
+        return out
 
 
 class EvaluationConfig(Section):

@@ -18,7 +18,7 @@ from modecotd.tasks.schema import AnswerKind, Example
 
 def load_system(student_dir: Path, dtype: str, system: dict):
     """A generation-ready model for ``system``: {"kind": "base"} | {"kind": "expert", "adapter": dir}
-    | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}, "method": m}
+    | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}, "method": m, "routers": file (gate)}
     | {"kind": "full", "model": dir}.
 
     Adapters stay unmerged, the way training computed them (a separate LoRA path beside the bf16
@@ -39,7 +39,10 @@ def load_system(student_dir: Path, dtype: str, system: dict):
 
         experts = {name: Path(path) for name, path in system["experts"].items()}
         mixture = Mixture(student_dir, experts, system.get("method", "lorahub"), dtype)
-        mixture.set_weights([system["weights"][name] for name in mixture.names])
+        if mixture.method == "gate":
+            mixture.load_routers(Path(system["routers"]))
+        else:
+            mixture.set_weights([system["weights"][name] for name in mixture.names])
         return mixture.model
     raise ValueError(f"unknown system kind {kind!r}")
 

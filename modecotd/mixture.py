@@ -94,20 +94,18 @@ class Mixture:
                  dtype: str = "fp32", attention: str | None = None):
         from modecotd.models import load_lm, load_tokenizer
 
-        if method not in METHODS:
-            raise ValueError(f"unknown mixture method {method!r}; one of {', '.join(METHODS)}")
         if not expert_dirs:
             raise ValueError("a mixture needs at least one expert")
-        self.method = method
         self.names = list(expert_dirs)
         self.expert_dirs = {name: Path(path) for name, path in expert_dirs.items()}
         loaded = {name: read_adapter(path) for name, path in self.expert_dirs.items()}
         self.configs = {name: config for name, (config, _) in loaded.items()}
-        check_compatible(self.configs, method)
+        self.use_method(method)
         self.tokenizer = load_tokenizer(Path(student_dir), padding_side="right")
         self.model = load_lm(Path(student_dir), dtype, attention)
         self.encoder_decoder = is_encoder_decoder(self.model)
         self.weights: torch.Tensor | None = None
+        self._gate_log: list[torch.Tensor] | None = None
         scales = torch.tensor([lora_scale(self.configs[name]) for name in self.names])
         self.layers: dict[str, MixedLinear] = {}
         tensors = {name: t for name, (_, t) in loaded.items()}
@@ -126,6 +124,13 @@ class Mixture:
             setattr(holder, child, layer)
             self.layers[path] = layer
 
+    def use_method(self, method: str) -> None:
+        """Switch how the experts are mixed (the student and experts stay loaded)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown mixture method {method!r}; one of {', '.join(METHODS)}")
+        check_compatible(self.configs, method)
+        self.method = method
+
     # -- weights -------------------------------------------------------------------------------
 
     def set_weights(self, weights) -> None:
@@ -141,11 +146,69 @@ class Mixture:
         self.weights = w.view(1, 1, -1) if w.dim() == 1 else w.unsqueeze(1)
 
     def weights_for(self, layer: MixedLinear, x: torch.Tensor) -> torch.Tensor | None:
-        if self.method == "gate":
-            if layer.router is None:
-                raise RuntimeError("the gate's routers are not set up: call add_routers() or load_routers()")
-            return torch.softmax(layer.router(x.to(layer.router.weight.dtype)), dim=-1)
-        return self.weights
+        if self.method != "gate":
+            return self.weights
+        if layer.router is None:
+            raise RuntimeError("the gate has no routers: fit_gate() or load_routers() first")
+        w = torch.softmax(layer.router(x.to(layer.router.weight.dtype)), dim=-1)
+        if self._gate_log is not None:
+            self._gate_log.append(w.detach().reshape(-1, w.shape[-1]).mean(0))
+        return w
+
+    # -- the gate --------------------------------------------------------------------------------
+
+    def add_routers(self) -> None:
+        """A fresh router per mixed layer, zero-initialised: every expert weighs 1/n at first."""
+        for layer in self.layers.values():
+            layer.router = torch.nn.Linear(layer.a.shape[1], layer.n)
+            torch.nn.init.zeros_(layer.router.weight)
+            torch.nn.init.zeros_(layer.router.bias)
+
+    def fit_gate(self, batch: dict[str, torch.Tensor], *, steps: int, learning_rate: float,
+                 seed: int = 0) -> list[float]:
+        """Train fresh routers on ``batch`` (full-batch AdamW; student and experts stay frozen);
+        returns the loss per step."""
+        self.use_method("gate")
+        torch.manual_seed(seed)
+        self.add_routers()
+        routers = [p for layer in self.layers.values() for p in layer.router.parameters()]
+        optimizer = torch.optim.AdamW(routers, lr=learning_rate, weight_decay=0.0)
+        losses = []
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = self._loss(batch)[0]
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+        return losses
+
+    @torch.no_grad()
+    def mean_gate_weights(self, batch: dict[str, torch.Tensor]) -> list[float]:
+        """The gate's weight for each expert, averaged over the batch's positions and the layers."""
+        self._gate_log = []
+        try:
+            self.model(**{k: v for k, v in batch.items() if k != "labels"},
+                       **({"labels": batch["labels"]} if self.encoder_decoder else {}))
+            return torch.stack(self._gate_log).mean(0).tolist()
+        finally:
+            self._gate_log = None
+
+    def save_routers(self, path: Path) -> Path:
+        from safetensors.torch import save_file
+
+        save_file({f"{name}.router.{key}": value.detach().contiguous() for name, layer in self.layers.items()
+                   for key, value in layer.router.state_dict().items()}, str(path))
+        return Path(path)
+
+    def load_routers(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        self.add_routers()
+        for name, layer in self.layers.items():
+            layer.router.load_state_dict({key: state[f"{name}.router.{key}"] for key in ("weight", "bias")})
+        self.use_method("gate")
 
     # -- the few-shot objective ----------------------------------------------------------------
 

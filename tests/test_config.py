@@ -47,10 +47,13 @@ def test_good_config_gets_defaults(tmp_path):
 
 
 def test_mixture_settings_take_one_value_or_a_grid(tmp_path):
-    mixture = "mixture:\n  method: [lorahub, delta]\n  l1: 0.1\n  top_k: [1, null]\n"
+    mixture = "mixture:\n  method: [lorahub, gate]\n  l1: 0.1\n  top_k: [1, null]\n"
     config = load_config(write(tmp_path, GOOD + mixture))
-    assert config.mixture.grid() == {"method": ["lorahub", "delta"], "budget": [40], "bound": [3.0], "l1": [0.1],
-                                     "top_k": [1, None]}
+    assert config.mixture.settings() == [
+        {"method": "lorahub", "budget": 40, "bound": 3.0, "l1": 0.1, "top_k": 1},
+        {"method": "lorahub", "budget": 40, "bound": 3.0, "l1": 0.1, "top_k": None},
+        {"method": "gate", "budget": None, "bound": None, "l1": None, "top_k": None},  # one gate, whatever the grid
+    ]
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -155,3 +155,27 @@ def test_gradient_matches_finite_differences(tiny_model_dir, same_alpha_experts,
         mixture.set_weights(down)
         minus = mixture.few_shot_loss(batch)
         assert gradient[i] == pytest.approx((plus - minus) / (2 * step), rel=0.05, abs=2e-5)
+
+
+def test_gate_learns_routers_with_student_and_experts_frozen(tiny_model_dir, experts, batch, tmp_path):
+    mixture = Mixture(tiny_model_dir, experts, "delta")
+    frozen = {n: p.detach().clone() for n, p in mixture.model.named_parameters()}
+    buffers = {n: b.clone() for n, b in mixture.model.named_buffers()}
+    mixture.set_weights([0.5, 0.5])
+    uniform = mixture.few_shot_loss(batch)
+    losses = mixture.fit_gate(batch, steps=30, learning_rate=0.05)
+    assert losses[0] == pytest.approx(uniform, rel=1e-5)  # zero-initialised routers: 1/n each, the delta average
+    assert losses[-1] < losses[0]
+    for name, param in mixture.model.named_parameters():
+        if ".router." not in name:
+            assert torch.equal(param, frozen[name]), name
+    assert all(torch.equal(b, buffers[n]) for n, b in mixture.model.named_buffers())
+    weights = mixture.mean_gate_weights(batch)
+    assert len(weights) == 2 and sum(weights) == pytest.approx(1.0) and weights != pytest.approx([0.5, 0.5])
+
+    path = mixture.save_routers(tmp_path / "routers.safetensors")
+    again = Mixture(tiny_model_dir, experts, "gate")
+    again.load_routers(path)
+    torch.testing.assert_close(logits(again.model, batch), logits(mixture.model, batch))
+    with pytest.raises(ValueError, match="no single merged adapter"):
+        export_adapter(experts, "gate", [0.5, 0.5], tmp_path / "x")

@@ -25,7 +25,8 @@ CONFIG = {
     "distill": {"epochs": 3, "batch_size": 4, "learning_rate": 5e-3, "max_length": 160, "zero_stage": 2,
                 "lora": {"r": 4, "alpha": 8}, "baselines": ["multitask", "full_finetune"],
                 "validation_fraction": 0.25},
-    "mixture": {"budget": 4, "method": ["lorahub", "delta"], "cv_folds": 2, "scheduler": "none"},
+    "mixture": {"budget": 4, "method": ["lorahub", "delta", "gate"], "cv_folds": 2, "scheduler": "none",
+                "optimizer": "gradient", "gate_steps": 5, "gate_rows": "pooled"},
     "evaluation": {"max_new_tokens": 8, "batch_size": 8, "actors": 1},
 }
 
@@ -65,12 +66,22 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
 
     mixture = json.loads((run_dir / "mixtures/letters/mixture.json").read_text())
     assert set(mixture["weights"]) == {"coins"}
-    assert mixture["method"] in ("lorahub", "delta")
-    assert {c["setting"].split("-")[0] for c in mixture["candidates"]} == {"lorahub", "delta"}  # both trials ran
+    assert {c["setting"].split("-")[0] for c in mixture["candidates"]} == {"lorahub", "delta", "gate"}  # all ran
     search = json.loads((run_dir / "mixtures/letters/search.json").read_text())
-    assert all(len(trial["history"]) == 4 for trial in search["trials"])
-    merged = PeftModel.from_pretrained(load_lm(tiny_model_dir), str(run_dir / "mixtures/letters/adapter"))
-    assert any("lora_B" in name for name, _ in merged.named_parameters())
+    assert [len(trial["history"]) for trial in search["trials"]] == [4, 5, 4]  # delta, gate (steps), lorahub
+    assert mixture["cv_loss"] == min(trial["cv_loss"] for trial in search["trials"])  # picked by CV loss
+    if mixture["method"] == "gate":
+        assert (run_dir / "mixtures/letters/routers.safetensors").is_file()
+    else:
+        merged = PeftModel.from_pretrained(load_lm(tiny_model_dir), str(run_dir / "mixtures/letters/adapter"))
+        assert any("lora_B" in name for name, _ in merged.named_parameters())
+    # each Tune worker loaded the student once and reused it for its later trials
+    trials = [t for task in ("coins", "letters") for t in
+              json.loads((run_dir / f"mixtures/{task}/search.json").read_text())["trials"]]
+    per_worker = {}
+    for trial in trials:
+        per_worker.setdefault(trial["worker_pid"], []).append(trial["student_loads_in_worker"])
+    assert max(len(loads) for loads in per_worker.values()) > 1 and all(set(v) == {1} for v in per_worker.values())
 
     full = json.loads((run_dir / "baselines/full_finetune/training.json").read_text())
     assert full["steps"] == 9 and (run_dir / "baselines/full_finetune/config.json").is_file()

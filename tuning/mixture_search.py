@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from modecotd.weight_search import search_weights
 log = logging.getLogger(__name__)
 METRIC = "cv_loss"
 _MIXTURES: dict[tuple, Mixture] = {}  # per Tune worker process, reused across its trials
+_LOADS: list[float] = []  # when this process loaded a student (a trial record says how often)
 
 
 def _folds(n: int, k: int) -> list[list[int]]:
@@ -37,17 +39,23 @@ def _folds(n: int, k: int) -> list[list[int]]:
 
 def setting_key(setting: dict) -> str:
     """A readable name for one mixer setting (trial names, record files)."""
+    if setting["method"] == "gate":
+        return "gate"
     top_k = "all" if setting["top_k"] is None else setting["top_k"]
     return f"{setting['method']}-budget={setting['budget']}-bound={setting['bound']}-l1={setting['l1']}-top_k={top_k}"
 
 
 def _mixture(context: dict, method: str) -> Mixture:
-    key = (context["student_dir"], tuple(sorted(context["experts"].items())), method, context["dtype"])
+    """This worker's student with the experts, loaded on its first trial and reused after."""
+    key = (context["student_dir"], tuple(sorted(context["experts"].items())), context["dtype"])
     if key not in _MIXTURES:
         _MIXTURES.clear()  # one student in memory per worker
         _MIXTURES[key] = Mixture(Path(context["student_dir"]), {n: Path(p) for n, p in context["experts"].items()},
                                  method, context["dtype"], attention=context["attention"])
-    return _MIXTURES[key]
+        _LOADS.append(time.time())
+    mixture = _MIXTURES[key]
+    mixture.use_method(method)
+    return mixture
 
 
 def top_experts(mixture: Mixture, batch: dict, k: int | None) -> list[int]:
@@ -83,37 +91,64 @@ def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict,
     return result, full(result.weights).tolist()
 
 
-def mixture_trial(setting: dict, context: dict) -> None:
+def mixture_trial(config: dict, context: dict) -> None:
     """A Tune function trainable: score one mixer setting for one target task by CV, then fit it."""
-    task = setting["task"]
+    import os
+
+    task, setting = config["task"], config["setting"]
     spec = context["tasks"][task]
     kind = AnswerKind(spec["kind"])
     mixture = _mixture(context, setting["method"])
     rows = spec["fewshot"]
     label = f"mix:{task}:{setting_key(setting)}"
+    gate = setting["method"] == "gate"
+    pooled = [r for name, other in context["pooled"].items() if name != task for r in other] if gate else []
 
-    def batch(indices):
-        return mixture.batch_for([rows[i] for i in indices], kind, context["max_length"])
+    def batch(indices, extra=()):
+        return mixture.batch_for([rows[i] for i in indices] + list(extra), kind, context["max_length"])
 
-    everything = batch(range(len(rows)))
-    chosen = top_experts(mixture, everything, setting["top_k"])
+    def fit(indices):
+        """Fit on these few-shot rows; returns (weights or None, history, seconds)."""
+        if gate:
+            started = time.time()
+            losses = mixture.fit_gate(batch(indices, pooled), steps=context["gate_steps"],
+                                      learning_rate=context["gate_learning_rate"], seed=context["seed"])
+            history = [{"evaluation": i, "loss": loss, "objective": loss} for i, loss in enumerate(losses)]
+            return None, history, time.time() - started
+        result, weights = fit_weights(mixture, batch(indices), chosen, setting, context)
+        return weights, result.history, result.seconds
+
+    def loss_at(weights, indices) -> float:
+        if not gate:
+            mixture.set_weights(weights)
+        return mixture.few_shot_loss(batch(indices))
+
+    everything = list(range(len(rows)))
+    chosen = list(range(len(mixture.names))) if gate else top_experts(mixture, batch(everything), setting["top_k"])
     held_out: list[float] = []
     for fold, held in enumerate(_folds(len(rows), context["cv_folds"])):
-        _, weights = fit_weights(mixture, batch([i for i in range(len(rows)) if i not in held]), chosen, setting,
-                                 context)
-        held_out.append(mixture.candidate_losses(batch(held), torch.tensor([weights]))[0])
+        weights, _, _ = fit([i for i in everything if i not in held])
+        held_out.append(loss_at(weights, held))
         tune.report({METRIC: sum(held_out) / len(held_out), "fold": fold})
         print(f"{label}: fold {fold + 1} held-out loss {held_out[-1]:.3f}", flush=True)
     cv_loss = sum(held_out) / len(held_out)
-    final, weights = fit_weights(mixture, everything, chosen, setting, context)
-    zero = mixture.candidate_losses(everything, torch.zeros(1, len(mixture.names)))[0]
-    record = {"task": task, **{k: setting[k] for k in ("method", "budget", "bound", "l1", "top_k")},
-              "setting": setting_key(setting), "cv_loss": cv_loss, "fold_losses": held_out,
-              "objective": final.objective, "weights": dict(zip(mixture.names, weights)),
-              "experts_mixed": [mixture.names[i] for i in chosen], "history": final.history,
-              "search_seconds": final.seconds, "zero_weights_loss": zero}
+    weights, history, seconds = fit(everything)
+    record = {"task": task, **setting, "setting": setting_key(setting), "cv_loss": cv_loss, "fold_losses": held_out,
+              "objective": min(h["objective"] for h in history), "experts_mixed": [mixture.names[i] for i in chosen],
+              "history": history, "search_seconds": seconds, "worker_pid": os.getpid(),
+              "student_loads_in_worker": len(_LOADS)}
+    if gate:
+        routers = Path(context["trials_dir"]) / f"{task}--gate.routers.safetensors"
+        mixture.save_routers(routers)
+        record.update(routers=str(routers), weights=dict(zip(mixture.names, mixture.mean_gate_weights(
+            batch(everything)))))  # for the heat map: the gate's mean weights on the few-shot rows
+        mixture.use_method("delta")  # for the loss of the student as it is (w = 0)
+    else:
+        record["weights"] = dict(zip(mixture.names, weights))
+    mixture.set_weights(torch.zeros(len(mixture.names)))
+    record["zero_weights_loss"] = mixture.few_shot_loss(batch(everything))
     write_json(Path(context["trials_dir"]) / f"{task}--{setting_key(setting)}.json", record)
-    tune.report({METRIC: cv_loss, "objective": final.objective, "done": True})
+    tune.report({METRIC: cv_loss, "objective": record["objective"], "done": True})
 
 
 class PerTaskScheduler(FIFOScheduler):
@@ -182,20 +217,24 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
         "experts": {n: str(p) for n, p in expert_dirs.items()}, "optimizer": cfg.optimizer, "start": cfg.start,
         "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
         "seed": config.seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
-        "trials_dir": str(trials_dir),
+        "trials_dir": str(trials_dir), "gate_steps": cfg.gate_steps, "gate_learning_rate": cfg.gate_learning_rate,
+        "pooled": ({name: [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale,
+                            "kind": task.kind.value} for ex in task.fewshot] for name, task in tasks.items()}
+                   if cfg.gate_rows == "pooled" else {}),
         "tasks": {name: {"kind": tasks[name].kind.value,
                          "fewshot": [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale}
                                      for ex in tasks[name].fewshot]} for name in todo},
     }
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(mixture_trial, context=context), {"cpu": cfg.cpus_per_trial})
-    space = {"task": tune.grid_search(todo), **{k: tune.grid_search(v) for k, v in cfg.grid().items()}}
+    space = {"task": tune.grid_search(todo), "setting": tune.grid_search(cfg.settings())}
     tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
                                     scheduler=make_scheduler(cfg.scheduler, cfg.cv_folds),
-                                    trial_name_creator=lambda t: f"mix:{t.config['task']}:{setting_key(t.config)}",
+                                    trial_name_creator=lambda t: f"mix:{t.config['task']}:"
+                                                                 f"{setting_key(t.config['setting'])}",
                                     trial_dirname_creator=lambda t: f"{t.config['task']}-{t.trial_id}"),
         run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=str((run_dir / "ray").resolve()),
                                   verbose=0),
@@ -224,8 +263,11 @@ def _commit(unit: Unit, records: list[dict], context: dict, cfg) -> dict:
     with unit.writing(summary) as staging:
         write_json(staging / "mixture.json", {**summary, "optimizer": cfg.optimizer, "experts": context["experts"]})
         write_json(staging / "search.json", {"trials": records})
-        experts = {n: Path(p) for n, p in context["experts"].items()}
-        export_adapter(experts, best["method"], [best["weights"][n] for n in experts], staging / "adapter")
+        if best["method"] == "gate":  # per-token weights: the routers are the mixture
+            shutil.copyfile(best["routers"], staging / "routers.safetensors")
+        else:
+            experts = {n: Path(p) for n, p in context["experts"].items()}
+            export_adapter(experts, best["method"], [best["weights"][n] for n in experts], staging / "adapter")
     log.info("mix: %s: %s, cv loss %.3f, weights %s", best["task"], best["setting"], best["cv_loss"],
              {k: round(v, 2) for k, v in best["weights"].items()})
     return summary
