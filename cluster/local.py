@@ -5,6 +5,7 @@ share a cluster between runs, watch it in the dashboard, or submit jobs to it.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,9 @@ def up(num_cpus: int | None = None, port: int = DEFAULT_GCS_PORT, dashboard_port
                f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")
-    done = subprocess.run(command, capture_output=True, text=True)
+    # Jobs submitted to this cluster run `modecotd ...`: keep this environment's commands on their PATH.
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise UserError(f"ray start failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
     return f"127.0.0.1:{port}"

@@ -51,7 +51,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     settings = DistillSettings(**loop_config["settings"])
     checkpoint_every = settings.checkpoint_every
 
+    gauges = {}
+    if rank == 0:  # Ray metrics for the dashboard's Grafana: where each expert's training is
+        from ray.util.metrics import Gauge
+
+        gauges = {key: Gauge(f"modecotd_distill_{key}", text, ("task",)) for key, text in (
+            ("step", "optimizer steps done"), ("loss", "training loss at the last step"),
+            ("target_tokens", "target tokens trained on by rank 0"))}
+
     def report(metrics: dict) -> None:
+        for key, gauge in gauges.items():
+            gauge.set(float(metrics[key]), {"task": loop_config["task"]})
         # Every rank reports at the same steps (Ray Train needs that); checkpoint steps report there.
         step = metrics["step"]
         if step % REPORT_EVERY_STEPS == 0 and not (checkpoint_every and step % checkpoint_every == 0):
@@ -61,6 +71,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         (Path(settings.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary))
     ray.train.report({"step": summary["steps"], "loss": summary["final_loss"], "done": True})
+
+
+_STAGE_METRICS: dict = {}
+
+
+def stage_metrics() -> dict:
+    """The driver's Ray metrics for the stage, per task: experts done and failed, final loss and
+    rank 0's target tokens per second (the workers' own gauges show a job's progress while it runs)."""
+    if not _STAGE_METRICS:
+        from ray.util.metrics import Counter, Gauge
+
+        tags = ("task",)
+        _STAGE_METRICS.update(
+            done=Counter("modecotd_distill_experts_done", "experts trained", tags),
+            failed=Counter("modecotd_distill_experts_failed", "expert jobs that failed", tags),
+            final_loss=Gauge("modecotd_distill_final_loss", "an expert's training loss at its end", tags),
+            speed=Gauge("modecotd_distill_target_tokens_per_second", "rank 0's target tokens per second", tags))
+    return _STAGE_METRICS
 
 
 @ray.remote(num_cpus=0)
@@ -75,7 +103,7 @@ def fit_expert(task: str, settings: dict, workers: int, cpus_per_worker: float, 
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"settings": settings},
+        train_loop_config={"settings": settings, "task": task},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -180,7 +208,12 @@ def run_distill_stage(config, run_dir: Path, jobs: dict[str, ExpertJob], student
             Unit.abort(staging)
             results[name] = {"status": "failed", "error": root_cause(exc)}
             log.error("distill: %s failed: %s", name, results[name]["error"])
+            stage_metrics()["failed"].inc(1, {"task": name})
             continue
+        tags = {"task": name}
+        stage_metrics()["done"].inc(1, tags)
+        stage_metrics()["final_loss"].set(summary["final_loss"], tags)
+        stage_metrics()["speed"].set(summary["target_tokens_per_s_rank0"], tags)
         summary = {"status": "done", **{k: v for k, v in summary.items() if k != "losses"}}
         jobs[name].unit.commit(staging, summary, time.time() - started)
         results[name] = summary

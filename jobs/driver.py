@@ -6,6 +6,7 @@ what depends on it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,8 +15,10 @@ from pathlib import Path
 import yaml
 
 from modecotd.artifacts import Unit, clean_staging, fingerprint, write_json
+from modecotd.config import STAGES
+from modecotd.errors import UserError
 from modecotd.models import materialize
-from modecotd.report import build_report
+from modecotd.report import TASKS_FILE, build_report, task_facts
 from modecotd.tasks.build import load_task
 from modecotd.tasks.schema import Example, TaskData
 
@@ -24,9 +27,10 @@ log = logging.getLogger(__name__)
 PIPELINE_VERSION = 1
 BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate"}
 # Settings that change where or how fast work runs, never what it produces.
-RESOURCE_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "max_failures", "workers_per_job", "gpus_per_worker", "use_gpu",
-                 "cpus_per_worker", "max_concurrent_jobs", "cpus_per_trial", "max_concurrent_trials",
-                 "concurrency", "timeout_s", "max_retries", "backoff_s", "api_key_env"}
+RESOURCE_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "max_failures", "workers_per_job",
+                 "gpus_per_worker", "use_gpu", "cpus_per_worker", "max_concurrent_jobs", "cpus_per_trial",
+                 "gpus_per_trial", "max_concurrent_trials", "concurrency", "timeout_s", "max_retries", "backoff_s",
+                 "api_key_env"}
 
 
 @dataclass
@@ -54,8 +58,9 @@ def load_tasks(config) -> dict[str, TaskData]:
     return {task.name: load_task(task) for task in config.tasks}
 
 
-def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcome:
-    """Run all four stages on Ray; returns where the report is and what failed."""
+def run_pipeline(config, run_dir: Path, address: str | None = None, stages: list[str] | None = None) -> RunOutcome:
+    """Run the four stages on Ray (or only ``stages``, on the artifacts the earlier stages left in
+    ``run_dir``); returns where the report is and what failed."""
     from modecotd.jobs import ray_runtime
     from modecotd.jobs.distill_stage import ExpertJob, run_distill_stage
     from modecotd.jobs.evaluate_stage import run_evaluate_stage
@@ -69,9 +74,32 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_staging(run_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    write_json(run_dir / TASKS_FILE, task_facts(tasks))
     outcome = RunOutcome(run_dir=run_dir, report=None)
     cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard)
     log.info("run %s in %s (Ray dashboard: %s)", config.name, run_dir, cluster.get("dashboard"))
+
+    unknown = sorted(set(stages or []) - set(STAGES))
+    if unknown:
+        raise UserError(f"unknown stage {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    last = max(STAGES.index(name) for name in stages) if stages else len(STAGES) - 1
+
+    def stage(name: str, units, run) -> dict:
+        """Run stage ``name``; when only other stages were asked for, check instead that an earlier
+        stage's units are done (a later one is left alone)."""
+        if stages and name not in stages:
+            missing = [str(u.path.relative_to(run_dir)) for u in units if not u.done()]
+            if STAGES.index(name) < last and missing:
+                raise UserError(f"--stage {','.join(stages)} needs the {name} stage's outputs, and {run_dir} lacks "
+                                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: run that stage first")
+            return {}
+        started = time.time()
+        results = run() or {}
+        outcome.seconds[name] = time.time() - started
+        for unit, result in results.items():
+            if isinstance(result, dict) and result.get("status") == "failed":
+                outcome.failures[f"{name}:{unit}"] = result["error"]
+        return results
 
     seen = [t.name for t in config.seen_tasks]
     common = {"version": PIPELINE_VERSION, "seed": config.seed}
@@ -80,9 +108,8 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
                                       _examples_key(tasks[name].fewshot) if config.teacher.prompting == "few_shot"
                                       else None) for name in seen}
     teacher_units = {name: Unit(run_dir / "rationales" / name, key) for name, key in teacher_keys.items()}
-    started = time.time()
-    run_teacher_stage(config, run_dir, tasks, teacher_units, teacher_dir)
-    outcome.seconds["teacher"] = time.time() - started
+    stage("teacher", teacher_units.values(),
+          lambda: run_teacher_stage(config, run_dir, tasks, teacher_units, teacher_dir))
 
     # Adding a baseline must not retrain the experts: its settings stay out of their keys.
     distill_settings = {k: v for k, v in _settings(config.distill).items() if k not in BASELINE_KEYS}
@@ -104,12 +131,7 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
                                                            config.distill.full_finetune_learning_rate))
         jobs["full_finetune"] = ExpertJob(baseline_units["full_finetune"],
                                           [(teacher_units[task].path, tasks[task].kind.value)], full_finetune=True)
-    started = time.time()
-    distilled = run_distill_stage(config, run_dir, jobs, student_dir)
-    outcome.seconds["distill"] = time.time() - started
-    for name, result in distilled.items():
-        if result.get("status") == "failed":
-            outcome.failures[f"distill:{name}"] = result["error"]
+    stage("distill", [job.unit for job in jobs.values()], lambda: run_distill_stage(config, run_dir, jobs, student_dir))
     experts = {name: unit for name, unit in expert_units.items() if unit.done()}
 
     targets = [t.name for t in config.tasks]
@@ -118,13 +140,8 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
                                 fingerprint(common, experts_key, _settings(config.mixture),
                                             _examples_key(tasks[name].fewshot), config.distill.max_length))
                      for name in targets}
-    started = time.time()
-    mixed = run_mixture_stage(config, run_dir, tasks, mixture_units, {n: u.path for n, u in experts.items()},
-                              student_dir)
-    outcome.seconds["mix"] = time.time() - started
-    for name, result in mixed.items():
-        if result.get("status") == "failed":
-            outcome.failures[f"mix:{name}"] = result["error"]
+    stage("mix", mixture_units.values(), lambda: run_mixture_stage(
+        config, run_dir, tasks, mixture_units, {n: u.path for n, u in experts.items()}, student_dir))
 
     jobs = []
     eval_settings = _settings(config.evaluation)
@@ -150,10 +167,9 @@ def run_pipeline(config, run_dir: Path, address: str | None = None) -> RunOutcom
             unit = Unit(run_dir / "eval" / name / system_name,
                         fingerprint(common, key, test_key, eval_settings, config.student.model_dump(mode="json")))
             jobs.append((name, system_name, system, unit))
-    started = time.time()
-    run_evaluate_stage(config, tasks, jobs, student_dir)
-    outcome.seconds["evaluate"] = time.time() - started
+    stage("evaluate", [job[3] for job in jobs], lambda: run_evaluate_stage(config, tasks, jobs, student_dir))
 
-    write_json(run_dir / "timings.json", outcome.seconds)
-    outcome.report = build_report(run_dir, config, tasks)
+    timings = run_dir / "timings.json"  # a run of some stages keeps the others' times
+    write_json(timings, {**(json.loads(timings.read_text()) if timings.is_file() else {}), **outcome.seconds})
+    outcome.report = build_report(run_dir)
     return outcome

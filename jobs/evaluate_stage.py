@@ -32,6 +32,10 @@ class Evaluator:
         self.dtype = dtype
         self.settings = settings
         self.tokenizer = load_tokenizer(self.student_dir)
+        from ray.util.metrics import Counter, Gauge
+
+        self.done = Counter("modecotd_eval_pairs_done", "(task, system) pairs evaluated", ("task", "system"))
+        self.accuracy = Gauge("modecotd_eval_accuracy", "strict accuracy of a system on a task", ("task", "system"))
 
     def evaluate(self, task: str, system_name: str, system: dict, kind, examples: list[dict]):
         started = time.time()
@@ -40,6 +44,9 @@ class Evaluator:
         outputs = predict(model, self.tokenizer, batch, kind, batch_size=self.settings["batch_size"],
                           max_new_tokens=self.settings["max_new_tokens"])
         rows = score_rows(batch, outputs, kind)
+        tags = {"task": task, "system": system_name}
+        self.done.inc(1, tags)
+        self.accuracy.set(sum(r["correct"] for r in rows) / max(1, len(rows)), tags)
         return task, system_name, rows, time.time() - started
 
 
@@ -53,7 +60,7 @@ def run_evaluate_stage(config, tasks, jobs: list[tuple[str, str, dict, Unit]], s
         return results
     units = {(task, system): unit for task, system, _, unit in todo}
     settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
-    actors = [Evaluator.options(name=f"eval-{i}", num_cpus=cfg.cpus_per_actor).remote(
+    actors = [Evaluator.options(name=f"eval-{i}", num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor).remote(
         str(student_dir), config.student.dtype, settings) for i in range(min(cfg.actors, len(todo)))]
     pool = ActorPool(actors)
     work = [(task, system_name, system, tasks[task].kind, [asdict(ex) for ex in tasks[task].test])

@@ -28,9 +28,11 @@ def worker_env() -> dict[str, str]:
 
 
 def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True) -> dict:
-    """Start or join a Ray cluster; returns what the run should print about it."""
+    """Start or join a Ray cluster; returns what the run should print about it. Without an
+    address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster."""
     if ray.is_initialized():
         return {"address": "already connected", "dashboard": None}
+    address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(runtime_env={"env_vars": worker_env()}, logging_level=logging.WARNING,
                   log_to_driver=True)
     if address:

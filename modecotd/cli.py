@@ -1,4 +1,5 @@
-"""The `modecotd` command: run the pipeline, check a config, manage a local cluster."""
+"""The `modecotd` command: run the pipeline (or some of its stages), search the mixer, rebuild a
+report, check a config, manage a local cluster."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+from modecotd.cluster.jobs import DEFAULT_ADDRESS
+from modecotd.config import STAGES
 from modecotd.errors import UserError
 
 log = logging.getLogger("modecotd")
+TUNE_GRID = {"method": "lorahub,delta", "budget": "20,40", "bound": "1.5,3", "l1": "0.01,0.05", "top_k": "1,all"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +27,43 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="where artifacts go (default: runs/<name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set distill.epochs=1 (repeatable)")
+    run.add_argument("--stage", dest="stages", action="append", choices=STAGES, metavar="STAGE",
+                     help=f"run only this stage ({', '.join(STAGES)}; repeatable) on the artifacts the earlier "
+                          "stages left in the run folder")
+
+    tune = commands.add_parser("tune", help="run only the mixer search (the mix stage) on a run's experts")
+    tune.add_argument("config")
+    tune.add_argument("--address")
+    tune.add_argument("--run-dir", type=Path)
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    for key, example in TUNE_GRID.items():
+        tune.add_argument(f"--{key.replace('_', '-')}", metavar="V[,V...]",
+                          help=f"mixture.{key}: one value or a comma list to search, e.g. {example}")
+    tune.add_argument("--optimizer", help="mixture.optimizer (ngopt, tpe, cmaes, random, gradient)")
+    tune.add_argument("--scheduler", help="mixture.scheduler (none, asha, median)")
+
+    submit = commands.add_parser("submit", help="submit a run to a Ray cluster through the Ray Jobs API")
+    submit.add_argument("config")
+    submit.add_argument("--address", help=f"the cluster's dashboard (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})")
+    submit.add_argument("--run-dir", help="the run folder on the cluster's head node (default: "
+                                          "~/modecotd-runs/<run name>)")
+    submit.add_argument("--stage", dest="stages", action="append", choices=STAGES, metavar="STAGE")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--pip", action="append", metavar="REQUIREMENT",
+                        help="a pip requirement the job's environment needs (repeatable)")
+    submit.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
+    for name, text in (("status", "a submitted run's state"), ("logs", "a submitted run's log"),
+                       ("stop", "stop a submitted run")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("submission_id")
+        command.add_argument("--address")
+        if name == "logs":
+            command.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
+    listing = commands.add_parser("list", help="modecotd runs submitted to a cluster, newest first")
+    listing.add_argument("--address")
+
+    report = commands.add_parser("report", help="rebuild report.md, report.json and the plots of a run folder")
+    report.add_argument("run_dir", type=Path)
 
     check = commands.add_parser("check", help="validate a config and load its tasks, without running")
     check.add_argument("config")
@@ -47,7 +88,7 @@ def _run(args) -> int:
 
     config = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / config.name
-    outcome = run_pipeline(config, run_dir, address=args.address)
+    outcome = run_pipeline(config, run_dir, address=args.address, stages=args.stages)
     print(_summary(outcome.report))
     print(f"report: {outcome.report}")
     if outcome.failures:
@@ -63,6 +104,73 @@ def _summary(report_path: Path) -> str:
     start = text.find("## What came out")
     end = text.find("\n## ", start + 1)
     return text[start:end].strip() if start >= 0 else ""
+
+
+def _tune(args) -> int:
+    """`run --stage mix` with the search space from the command line on top of the config's."""
+    overrides = list(args.overrides)
+    for key in TUNE_GRID:
+        value = getattr(args, key)
+        if value is not None:
+            items = ["null" if v.strip() == "all" else v.strip() for v in value.split(",")]
+            overrides.append(f"mixture.{key}=[{','.join(items)}]")
+    for key in ("optimizer", "scheduler"):
+        if getattr(args, key) is not None:
+            overrides.append(f"mixture.{key}={getattr(args, key)}")
+    args.overrides, args.stages = overrides, ["mix"]
+    return _run(args)
+
+
+def _submit(args) -> int:
+    from modecotd.cluster import jobs
+
+    submission_id = jobs.submit(Path(args.config), address=args.address, run_dir=args.run_dir, stages=args.stages,
+                                overrides=args.overrides, pip=args.pip)
+    address = jobs.address_or_default(args.address)
+    print(f"submitted {submission_id} to {address}")
+    print(f"follow it: modecotd logs {submission_id} --follow --address {address}")
+    if not args.wait:
+        return 0
+    for chunk in jobs.logs(submission_id, args.address, follow=True):
+        print(chunk, end="", flush=True)
+    state = jobs.wait(submission_id, args.address)
+    print(f"{submission_id}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def _jobs(args) -> int:
+    from modecotd.cluster import jobs
+
+    if args.command == "status":
+        info = jobs.status(args.submission_id, args.address)
+        print(f"{info['submission_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+        print(f"  run {info['metadata'].get('run')}, stages {info['metadata'].get('stages')}, "
+              f"run folder {info['metadata'].get('run_dir')}")
+        return 0
+    if args.command == "logs":
+        for chunk in jobs.logs(args.submission_id, args.address, follow=args.follow):
+            print(chunk, end="", flush=True)
+        return 0
+    if args.command == "stop":
+        print(f"{args.submission_id}: {'stopping' if jobs.stop(args.submission_id, args.address) else 'not running'}")
+        return 0
+    for run in jobs.list_runs(args.address):
+        print(f"{run['submission_id']}  {run['status']:<10} run {run['run']}, stages {run['stages']}")
+    return 0
+
+
+def _report(args) -> int:
+    from modecotd.report import build_report
+
+    if not args.run_dir.is_dir():
+        raise UserError(f"{args.run_dir}: no such run folder")
+    try:
+        path = build_report(args.run_dir)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    print(_summary(path))
+    print(f"report: {path}")
+    return 0
 
 
 def _check(args) -> int:
@@ -94,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     from modecotd.cluster.auth import use_token_if_available
 
     use_token_if_available()  # before anything imports Ray
-    handlers = {"run": _run, "check": _check, "cluster": _cluster}
+    handlers = {"run": _run, "tune": _tune, "submit": _submit, "status": _jobs, "logs": _jobs, "stop": _jobs,
+                "list": _jobs, "report": _report, "check": _check, "cluster": _cluster}
     try:
         return handlers[args.command](args)
     except UserError as exc:

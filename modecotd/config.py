@@ -132,6 +132,7 @@ class EndpointConfig(Section):
 
 
 GENERATING_BACKENDS = ("transformers", "vllm", "openai")
+STAGES = ("teacher", "distill", "mix", "evaluate")  # the pipeline's stages, in order
 
 
 class TeacherConfig(Section):
@@ -292,6 +293,7 @@ class MixtureConfig(Section):
         "asha", description="stop settings whose first folds score poorly, per target task: ASHA or median "
         "stopping; none runs every setting to the end")
     cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per Tune trial (the student runs on one when > 0)")
     max_concurrent_trials: int = Field(2, ge=1)
 
     @field_validator("method", "budget", "bound", "l1", "top_k", mode="before")
@@ -334,6 +336,7 @@ class EvaluationConfig(Section):
     batch_size: int = Field(8, ge=1)
     actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per evaluator actor (decoding runs on one when > 0)")
 
 
 class ResourcesConfig(Section):

@@ -103,6 +103,7 @@ class Mixture:
         self.use_method(method)
         self.tokenizer = load_tokenizer(Path(student_dir), padding_side="right")
         self.model = load_lm(Path(student_dir), dtype, attention)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.encoder_decoder = is_encoder_decoder(self.model)
         self.weights: torch.Tensor | None = None
         self._gate_log: list[torch.Tensor] | None = None
@@ -123,6 +124,7 @@ class Mixture:
                                 scales.to(base.weight.dtype), self)
             setattr(holder, child, layer)
             self.layers[path] = layer
+        self.model.to(self.device)
 
     def use_method(self, method: str) -> None:
         """Switch how the experts are mixed (the student and experts stay loaded)."""
@@ -140,6 +142,7 @@ class Mixture:
             self.weights = None
             return
         w = weights if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float32)
+        w = w.to(self.device)
         if w.shape[-1] != len(self.names) or w.dim() not in (1, 2):
             raise ValueError(f"expected weights of shape [{len(self.names)}] or [rows, {len(self.names)}], "
                              f"got {list(w.shape)}")
@@ -160,7 +163,7 @@ class Mixture:
     def add_routers(self) -> None:
         """A fresh router per mixed layer, zero-initialised: every expert weighs 1/n at first."""
         for layer in self.layers.values():
-            layer.router = torch.nn.Linear(layer.a.shape[1], layer.n)
+            layer.router = torch.nn.Linear(layer.a.shape[1], layer.n, device=self.device)
             torch.nn.init.zeros_(layer.router.weight)
             torch.nn.init.zeros_(layer.router.bias)
 
@@ -216,7 +219,7 @@ class Mixture:
         examples, _ = tokenize_rows(rows, kind, self.tokenizer, max_length, self.encoder_decoder)
         if not examples:
             raise ValueError("no few-shot example fits in max_length")
-        return collate(examples, self.tokenizer.pad_token_id)
+        return collate(examples, self.tokenizer.pad_token_id, self.device)
 
     def _loss(self, batch: dict[str, torch.Tensor], candidates: int = 1) -> torch.Tensor:
         """Mean target-token cross-entropy of each candidate's rows (the batch holds ``candidates``
@@ -248,7 +251,7 @@ class Mixture:
 
     def loss_and_gradient(self, batch: dict[str, torch.Tensor], weights) -> tuple[float, list[float]]:
         """The few-shot loss at ``weights`` and its gradient with respect to them."""
-        w = torch.as_tensor(weights, dtype=torch.float32).clone().requires_grad_(True)
+        w = torch.as_tensor(weights, dtype=torch.float32, device=self.device).clone().requires_grad_(True)
         self.set_weights(w)
         with torch.enable_grad():
             loss = self._loss(batch)[0]

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from modecotd.artifacts import write_json
+from modecotd.config import GENERATING_BACKENDS
 from modecotd.evaluate import majority_baseline
 from modecotd.tasks.schema import Role, TaskData
 
@@ -18,19 +21,35 @@ def _manifest(folder: Path) -> dict | None:
         return None
 
 
-def collect(run_dir: Path, config, tasks: dict[str, TaskData]) -> dict:
-    """Everything the report shows, as one JSON-able dict."""
-    out: dict = {"run": config.name, "run_dir": str(run_dir),
-                 "teacher": {"backend": config.teacher.backend,
-                             "model": config.teacher.model if config.teacher.generates else None,
-                             "prompting": config.teacher.prompting if config.teacher.generates else None},
-                 "student": config.student.model_dump(mode="json"),
-                 "scoring": config.evaluation.scoring, "tasks": {}}
-    for name, data in tasks.items():
-        entry: dict = {"role": data.role.value, "kind": data.kind.value,
-                       "sizes": {"train": len(data.train), "fewshot": len(data.fewshot), "test": len(data.test)},
-                       "majority": majority_baseline([e.answer for e in data.train or data.fewshot],
-                                                     [e.answer for e in data.test])}
+TASKS_FILE = "tasks.json"
+
+
+def task_facts(tasks: dict[str, TaskData]) -> dict[str, dict]:
+    """What the report needs to know of each task's data (kept in the run folder as tasks.json, so
+    that the report can be rebuilt from the run folder alone)."""
+    return {name: {"role": data.role.value, "kind": data.kind.value,
+                   "sizes": {"train": len(data.train), "fewshot": len(data.fewshot), "test": len(data.test)},
+                   "majority": majority_baseline([e.answer for e in data.train or data.fewshot],
+                                                 [e.answer for e in data.test])}
+            for name, data in tasks.items()}
+
+
+def collect(run_dir: Path) -> dict:
+    """Everything the report shows, as one JSON-able dict, from the run folder's artifacts: its
+    config.yaml, tasks.json and the units' manifests."""
+    run_dir = Path(run_dir)
+    for needed in ("config.yaml", TASKS_FILE):
+        if not (run_dir / needed).is_file():
+            raise FileNotFoundError(f"{run_dir}: no {needed}; is this a modecotd run folder?")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    teacher = config["teacher"]
+    generates = teacher["backend"] in GENERATING_BACKENDS
+    out: dict = {"run": config["name"], "run_dir": str(run_dir),
+                 "teacher": {"backend": teacher["backend"], "model": teacher["model"] if generates else None,
+                             "prompting": teacher["prompting"] if generates else None},
+                 "student": config["student"], "scoring": config["evaluation"]["scoring"], "tasks": {}}
+    for name, facts in json.loads((run_dir / TASKS_FILE).read_text()).items():
+        entry: dict = dict(facts)
         teacher = _manifest(run_dir / "rationales" / name)
         if teacher:
             entry["teacher"] = teacher["summary"]
@@ -48,8 +67,25 @@ def collect(run_dir: Path, config, tasks: dict[str, TaskData]) -> dict:
         out["tasks"][name] = entry
     timings = run_dir / "timings.json"
     out["seconds"] = json.loads(timings.read_text()) if timings.is_file() else {}
+    out["resources"] = stage_resources(config)
     out["means"] = _means(out["tasks"])
     return out
+
+
+def stage_resources(config: dict) -> dict[str, str]:
+    """Each stage's resources as the config declares them, in words."""
+    def each(cpus, gpus) -> str:
+        return f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+
+    teacher, distill, mixture, evaluation = (config[k] for k in ("teacher", "distill", "mixture", "evaluation"))
+    return {
+        "teacher": f"{teacher['actors']} actors x {each(teacher['cpus_per_actor'], teacher['gpus_per_actor'])}",
+        "distill": (f"up to {distill['max_concurrent_jobs']} jobs x {distill['workers_per_job']} workers x "
+                    f"{each(distill['cpus_per_worker'], distill['gpus_per_worker'] if distill['use_gpu'] else 0)}"),
+        "mix": (f"up to {mixture['max_concurrent_trials']} trials x "
+                f"{each(mixture['cpus_per_trial'], mixture['gpus_per_trial'])}"),
+        "evaluate": f"{evaluation['actors']} actors x {each(evaluation['cpus_per_actor'], evaluation['gpus_per_actor'])}",
+    }
 
 
 def _means(tasks: dict) -> dict:
@@ -151,7 +187,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", "![training loss per expert](training.png)"]
     lines += ["", "## Mixtures", "", "The setting with the lowest cross-validated few-shot loss, out of those Ray "
               "Tune tried for the task.", "",
-              "| target | method | L1 | bound | budget | top-k | settings tried | CV loss | loss at w=0 | weights |",
+              "| target | method | L1 | bound | budget | top-k | settings tried (finished) | CV loss | loss at w=0 | "
+              "weights |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         if "mixture" in t:
@@ -159,13 +196,16 @@ def render_markdown(report: dict) -> str:
             weights = ", ".join(f"{k} {v:+.2f}" for k, v in m["weights"].items())
             zero = m.get("zero_weights_loss")
             lines.append(f"| {name} | {m.get('method', 'lorahub')} | {m['l1']} | {m.get('bound', '–')} | "
-                         f"{m.get('budget', '–')} | {m.get('top_k') or 'all'} | {len(m.get('candidates', []))} | "
+                         f"{m.get('budget', '–')} | {m.get('top_k') or 'all'} | "
+                         f"{m.get('settings_tried', '–')} ({len(m.get('candidates', []))}) | "
                          f"{m['cv_loss']:.3f} | {'–' if zero is None else f'{zero:.3f}'} | {weights} |")
     if any("mixture" in t for t in report["tasks"].values()):
         lines += ["", "![mixture weights, target task by expert](mixture_weights.png)",
                   "", "![weight search: best objective per evaluation](search.png)"]
     if report["seconds"]:
-        lines += ["", "## Wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in report["seconds"].items()]
+        lines += ["", "## Wall time and resources", "", "| stage | wall time | resources asked for |", "|---|---|---|"]
+        lines += [f"| {stage} | {seconds:.0f} s | {report['resources'].get(stage, '–')} |"
+                  for stage, seconds in report["seconds"].items()]
     lines += ["", "![accuracy by task and system](accuracy.png)", ""]
     return "\n".join(lines)
 
@@ -332,10 +372,10 @@ def plot_search(curves: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(run_dir: Path, config, tasks: dict[str, TaskData]) -> Path:
+def build_report(run_dir: Path) -> Path:
     """Write report.json, report.md and the plots (accuracy, training curves, mixture weights,
-    search curves) into the run folder; returns report.md."""
-    report = collect(Path(run_dir), config, tasks)
+    search curves) into the run folder, from its artifacts alone; returns report.md."""
+    report = collect(Path(run_dir))
     write_json(Path(run_dir) / "report.json", report)
     plot_accuracy(report, Path(run_dir) / "accuracy.png")
     curves = training_curves(Path(run_dir))
@@ -345,5 +385,30 @@ def build_report(run_dir: Path, config, tasks: dict[str, TaskData]) -> Path:
         plot_mixture_weights(report, Path(run_dir) / "mixture_weights.png")
         plot_search(search_curves(Path(run_dir)), Path(run_dir) / "search.png")
     path = Path(run_dir) / "report.md"
-    path.write_text(render_markdown(report))
+    text = render_markdown(report)
+    path.write_text(text)
+    write_html(text, Path(run_dir) / "report.html")
     return path
+
+
+def write_html(markdown_text: str, path: Path) -> None:
+    """report.md as one self-contained HTML page: the plots are embedded, nothing is fetched."""
+    import base64
+    import re
+
+    import markdown
+
+    def embed(match: re.Match) -> str:
+        image = path.parent / match.group(2)
+        if not image.is_file():
+            return match.group(0)
+        data = base64.b64encode(image.read_bytes()).decode()
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    body = markdown.markdown(re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", embed, markdown_text),
+                             extensions=["tables"])
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3}")
+    path.write_text(f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>modecotd report</title>"
+                    f"<style>{style}</style></head><body>\n{body}\n</body></html>\n")

@@ -5,7 +5,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
+import pytest
 import yaml
 
 from modecotd.cluster import auth, local
@@ -42,21 +46,114 @@ def test_token_mode_is_asked_for_only_when_a_token_exists(monkeypatch, tmp_path)
     assert auth.use_token_if_available() is False and os.environ["RAY_AUTH_MODE"] == "disabled"
 
 
-def test_run_with_address_on_a_started_cluster(tmp_path):
+@pytest.fixture(scope="module")
+def started_cluster():
+    """A local cluster started apart from the tests' process, with its dashboard (token auth on when a token
+    exists, as Ray 2.60 does); returns (Ray address, dashboard URL)."""
     import ray
 
     # `cluster down` stops every Ray process of this machine, so no other Ray may be running here.
     assert not ray.is_initialized(), "run this test before any test that starts Ray in-process"
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    address = local.up(num_cpus=2, port=free_port(), dashboard_port=free_port())
+    dashboard_port = free_port()
+    address = local.up(num_cpus=2, port=free_port(), dashboard_port=dashboard_port)
     try:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-        done = subprocess.run([sys.executable, "-m", "modecotd.cli", "run", str(config), "--address", address,
-                               "--run-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True,
-                              timeout=600)
+        yield address, f"http://127.0.0.1:{dashboard_port}"
     finally:
         local.down()
+
+
+def cli(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # the CLI finds the token itself
+    return subprocess.run([sys.executable, "-m", "modecotd.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_run_with_address_on_a_started_cluster(started_cluster, tmp_path):
+    address, _ = started_cluster
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    done = cli("run", str(config), "--address", address, "--run-dir", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"report: {tmp_path / 'run' / 'report.md'}" in done.stdout
     assert (tmp_path / "run" / "experts" / "coins" / "adapter_config.json").is_file()
+
+
+def rest(url: str, token: str | None):
+    """GET a dashboard URL, with Ray's token as a bearer token; returns (status, parsed JSON or None)."""
+    import json
+    import urllib.error
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, None
+
+
+def test_submitted_run_is_visible_through_the_dashboards_rest_api(started_cluster, tmp_path):
+    _, dashboard = started_cluster
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "name": "submitted"}))
+    done = cli("submit", str(config), "--address", dashboard, "--run-dir", str(tmp_path / "run"), "--wait")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    submission_id = done.stdout.split("submitted ", 1)[1].split()[0]
+    assert submission_id.startswith("modecotd-submitted-")
+    assert (tmp_path / "run" / "report.md").is_file()
+
+    listed = cli("list", "--address", dashboard)
+    assert submission_id in listed.stdout and "SUCCEEDED" in listed.stdout, listed.stderr[-2000:]
+    status = cli("status", submission_id, "--address", dashboard)
+    assert "SUCCEEDED" in status.stdout and "run submitted" in status.stdout
+    assert "report:" in cli("logs", submission_id, "--address", dashboard).stdout
+
+    token = auth.DEFAULT_TOKEN_FILE.read_text().strip() if auth.DEFAULT_TOKEN_FILE.is_file() else None
+    if token:  # security is on: nothing without the token
+        assert rest(f"{dashboard}/api/jobs/", None)[0] == 401
+    code, jobs = rest(f"{dashboard}/api/jobs/{submission_id}", token)
+    assert code == 200 and jobs["status"] == "SUCCEEDED"
+    assert jobs["metadata"]["run"] == "submitted" and jobs["metadata"]["stages"] == "all"
+    assert len(jobs["metadata"]["config_fingerprint"]) >= 16
+    code, actors = rest(f"{dashboard}/api/v0/actors?limit=1000&detail=true", token)
+    assert code == 200
+    names = {actor.get("name") for actor in actors["data"]["result"]["result"]}
+    assert {"teacher-0", "eval-0"} <= names, sorted(n for n in names if n)
+
+    # each stage's Ray metrics, on the port the dashboard's node view names (what Prometheus scrapes)
+    code, nodes = rest(f"{dashboard}/nodes?view=summary", token)
+    assert code == 200
+    ports = list(find_values(nodes, "metricsExportPort"))
+    assert ports, "the dashboard names no metrics port"
+    wanted = ["modecotd_teacher_questions", "modecotd_distill_experts_done", "modecotd_distill_final_loss",
+              "modecotd_mix_trials_done", "modecotd_eval_pairs_done"]
+    text = ""
+    deadline = time.time() + 60
+    while time.time() < deadline and not all(name in text for name in wanted):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=10).read().decode()
+        time.sleep(1)
+    assert all(name in text for name in wanted), [name for name in wanted if name not in text]
+
+
+def find_values(tree, key):
+    """Every value of ``key`` anywhere in a JSON tree."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == key:
+                yield v
+            yield from find_values(v, key)
+    elif isinstance(tree, list):
+        for item in tree:
+            yield from find_values(item, key)
+
+
+def test_plain_ray_job_submit_runs_modecotd(started_cluster, tmp_path):
+    _, dashboard = started_cluster
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "run.yaml").write_text(yaml.safe_dump({**CONFIG, "name": "plain"}))
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"} if auth.token_available() else dict(os.environ)
+    done = subprocess.run([ray_cli, "job", "submit", "--address", dashboard, "--working-dir", str(tmp_path / "job"),
+                           "--", "modecotd", "run", "run.yaml", "--run-dir", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "succeeded" in done.stdout.lower(), (done.stdout + done.stderr)[-3000:]
+    assert (tmp_path / "run" / "report.md").is_file()

@@ -99,6 +99,9 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
     assert (run_dir / "training.png").stat().st_size > 1000
     assert (run_dir / "mixture_weights.png").stat().st_size > 1000 and (run_dir / "search.png").stat().st_size > 1000
     assert "| letters | " in (run_dir / "report.md").read_text().split("## Mixtures")[1]
+    html = (run_dir / "report.html").read_text()  # self-contained: the plots are inside
+    assert html.count("data:image/png;base64,") >= 4 and 'src="accuracy.png"' not in html and "<table>" in html
+    assert "| distill | " in (run_dir / "report.md").read_text().split("## Wall time and resources")[1]
     assert "| coins | seen | 6 |" in (run_dir / "report.md").read_text()
     assert outcome.report == run_dir / "report.md"
 
@@ -142,3 +145,46 @@ def test_a_seq2seq_student_runs_end_to_end(ray_cluster, tiny_t5_dir, tmp_path):
     for unit in ["eval/coins/base", "eval/coins/expert", "eval/coins/mixture", "eval/letters/mixture"]:
         rows = read_jsonl(tmp_path / unit / "predictions.jsonl")
         assert len(rows) == 6 and all("Q:" not in row["output"] for row in rows)  # no echoed prompt
+
+
+def test_report_is_rebuilt_from_the_run_folder_alone(first_run, capsys):
+    from modecotd.cli import main
+
+    _, run_dir = first_run
+    before = (run_dir / "report.md").read_text()
+    for name in ("report.md", "report.json", "accuracy.png", "mixture_weights.png"):
+        (run_dir / name).unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.md").read_text() == before and (run_dir / "mixture_weights.png").is_file()
+    assert main(["report", str(run_dir / "experts")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_one_stage_runs_on_the_earlier_stages_artifacts(ray_cluster, tmp_path):
+    from modecotd.errors import UserError
+
+    config = parse_config(CONFIG)
+    outcome = run_pipeline(config, tmp_path, stages=["teacher"])
+    assert outcome.failures == {} and set(outcome.seconds) == {"teacher"}
+    assert (tmp_path / "rationales/coins/accepted.jsonl").is_file() and not (tmp_path / "experts").exists()
+    with pytest.raises(UserError, match="needs the distill stage's outputs.*experts/coins"):
+        run_pipeline(config, tmp_path, stages=["mix"])
+
+
+def test_tune_searches_only_the_mixer_with_a_space_from_the_command_line(first_run, tmp_path):
+    import yaml
+
+    from modecotd.cli import main
+
+    _, run_dir = first_run
+    evals_before = manifests(run_dir)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(CONFIG))
+    assert main(["tune", str(config_file), "--run-dir", str(run_dir), "--method", "delta", "--l1", "0.01,0.2",
+                 "--top-k", "all", "--budget", "3", "--scheduler", "none"]) == 0
+    mixture = json.loads((run_dir / "mixtures/letters/mixture.json").read_text())
+    assert mixture["method"] == "delta" and mixture["budget"] == 3
+    assert sorted(c["setting"] for c in mixture["candidates"]) == [
+        "delta-budget=3-bound=3.0-l1=0.01-top_k=all", "delta-budget=3-bound=3.0-l1=0.2-top_k=all"]
+    after = manifests(run_dir)
+    assert {u for u in UNITS if after[u] != evals_before[u]} == {"mixtures/coins", "mixtures/letters"}

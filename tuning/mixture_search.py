@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 METRIC = "cv_loss"
 _MIXTURES: dict[tuple, Mixture] = {}  # per Tune worker process, reused across its trials
 _LOADS: list[float] = []  # when this process loaded a student (a trial record says how often)
+_METRICS: dict = {}
 
 
 def _folds(n: int, k: int) -> list[list[int]]:
@@ -148,7 +149,21 @@ def mixture_trial(config: dict, context: dict) -> None:
     mixture.set_weights(torch.zeros(len(mixture.names)))
     record["zero_weights_loss"] = mixture.few_shot_loss(batch(everything))
     write_json(Path(context["trials_dir"]) / f"{task}--{setting_key(setting)}.json", record)
+    _trial_metrics(task, cv_loss)
     tune.report({METRIC: cv_loss, "objective": record["objective"], "done": True})
+
+
+def _trial_metrics(task: str, cv_loss: float) -> None:
+    """Ray metrics for the dashboard: finished mixer trials and the last CV loss, per target task
+    (made once per worker process, which runs many trials)."""
+    from ray.util.metrics import Counter, Gauge
+
+    if not _METRICS:
+        _METRICS["done"] = Counter("modecotd_mix_trials_done", "mixer settings scored to the end", ("task",))
+        _METRICS["cv_loss"] = Gauge("modecotd_mix_cv_loss", "CV few-shot loss of the last finished setting",
+                                    ("task",))
+    _METRICS["done"].inc(1, {"task": task})
+    _METRICS["cv_loss"].set(cv_loss, {"task": task})
 
 
 class PerTaskScheduler(FIFOScheduler):
@@ -226,7 +241,8 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
                                      for ex in tasks[name].fewshot]} for name in todo},
     }
     started = time.time()
-    trainable = tune.with_resources(tune.with_parameters(mixture_trial, context=context), {"cpu": cfg.cpus_per_trial})
+    trainable = tune.with_resources(tune.with_parameters(mixture_trial, context=context),
+                                    {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     space = {"task": tune.grid_search(todo), "setting": tune.grid_search(cfg.settings())}
     tuner = tune.Tuner(
         trainable,
@@ -259,7 +275,8 @@ def _commit(unit: Unit, records: list[dict], context: dict, cfg) -> dict:
     summary = {"status": "done", **{k: best[k] for k in ("method", "budget", "bound", "l1", "top_k", "setting")},
                "cv_loss": best["cv_loss"], "objective": best["objective"], "weights": best["weights"],
                "experts_mixed": best["experts_mixed"], "zero_weights_loss": best["zero_weights_loss"],
-               "candidates": [{"setting": r["setting"], "cv_loss": r["cv_loss"]} for r in records]}
+               "candidates": [{"setting": r["setting"], "cv_loss": r["cv_loss"]} for r in records],
+               "settings_tried": len(cfg.settings())}  # those missing from candidates were stopped early
     with unit.writing(summary) as staging:
         write_json(staging / "mixture.json", {**summary, "optimizer": cfg.optimizer, "experts": context["experts"]})
         write_json(staging / "search.json", {"trials": records})

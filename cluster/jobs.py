@@ -1,0 +1,125 @@
+"""Runs as Ray jobs: `modecotd submit|status|logs|stop|list` through the Ray Jobs API.
+
+A submitted run is the entrypoint ``modecotd run CONFIG --run-dir DIR`` with the config's folder
+as the job's working directory (so relative data paths still resolve), a readable submission id
+(``modecotd-<run name>-<time>``) and metadata that the dashboard shows: run name, stages, config
+fingerprint. The client sends Ray's token when one is at hand (see :mod:`modecotd.cluster.auth`,
+which the CLI calls before Ray is imported); nothing here turns authentication off.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from pathlib import Path
+
+from modecotd.errors import UserError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+DEFAULT_RUNS_DIR = "~/modecotd-runs"  # on the cluster's head node, where the job's driver runs
+WORKING_DIR_EXCLUDES = [".venv", ".git", "runs", "__pycache__", "*.safetensors", "*.gguf"]
+JOB_PREFIX = "modecotd-"
+
+
+def address_or_default(address: str | None) -> str:
+    return address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
+def client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    resolved = address_or_default(address)
+    try:
+        return JobSubmissionClient(resolved)
+    except Exception as exc:  # connection refused, 401 without a token, not a Ray dashboard
+        raise UserError(f"cannot reach the Ray Jobs API at {resolved}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def submit(config_path: Path, *, address: str | None = None, run_dir: str | None = None,
+           stages: list[str] | None = None, overrides: list[str] | None = None, pip: list[str] | None = None,
+           env: dict[str, str] | None = None) -> str:
+    """Submit a run; returns its submission id. ``env``: variables for the run's driver only."""
+    from modecotd.artifacts import fingerprint
+    from modecotd.config import load_config
+
+    config_path = Path(config_path)
+    config = load_config(config_path, overrides or [])  # a bad config fails here, not on the cluster
+    run_dir = run_dir or f"{DEFAULT_RUNS_DIR}/{config.name}"
+    words = ["modecotd", "run", config_path.name, "--run-dir", run_dir]
+    for stage in stages or []:
+        words += ["--stage", stage]
+    for override in overrides or []:
+        words += ["--set", override]
+    entrypoint = " ".join(_shell_word(w) for w in words)
+    # The run's own driver gives its workers their environment (ray_runtime.worker_env); the job's
+    # runtime environment must not set the same keys, or Ray refuses to merge the two.
+    runtime_env = {"working_dir": str(config_path.resolve().parent), "excludes": WORKING_DIR_EXCLUDES}
+    if env:
+        runtime_env["env_vars"] = dict(env)
+    if pip:
+        runtime_env["pip"] = list(pip)
+    submission_id = f"{JOB_PREFIX}{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    metadata = {"run": config.name, "stages": ",".join(stages or []) or "all", "run_dir": run_dir,
+                "config_fingerprint": fingerprint(config.model_dump(mode="json"))}
+    return client(address).submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                                      metadata=metadata)
+
+
+def _shell_word(word: str) -> str:
+    """Quoted for the shell, except a leading ``~/``, which the head node's shell expands."""
+    return "~/" + shlex.quote(word[2:]) if word.startswith("~/") else shlex.quote(word)
+
+
+def status(submission_id: str, address: str | None = None) -> dict:
+    info = client(address).get_job_info(submission_id)
+    return {"submission_id": submission_id, "status": str(info.status.value), "message": info.message,
+            "metadata": info.metadata, "entrypoint": info.entrypoint,
+            "start_time": info.start_time, "end_time": info.end_time}
+
+
+def wait(submission_id: str, address: str | None = None, timeout_s: float = 3600, poll_s: float = 2.0) -> str:
+    """Wait until the job ends; returns its final status (SUCCEEDED, FAILED or STOPPED)."""
+    jobs = client(address)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = str(jobs.get_job_status(submission_id).value)
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return state
+        time.sleep(poll_s)
+    raise TimeoutError(f"job {submission_id} still running after {timeout_s:.0f} s")
+
+
+def logs(submission_id: str, address: str | None = None, follow: bool = False):
+    """The job's log so far, or (``follow``) its lines as they come until it ends."""
+    jobs = client(address)
+    if not follow:
+        yield jobs.get_job_logs(submission_id)
+        return
+    import asyncio
+
+    async def tail():
+        async for chunk in jobs.tail_job_logs(submission_id):
+            yield chunk
+
+    iterator = tail().__aiter__()
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(iterator.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.close()
+
+
+def stop(submission_id: str, address: str | None = None) -> bool:
+    return client(address).stop_job(submission_id)
+
+
+def list_runs(address: str | None = None) -> list[dict]:
+    """modecotd's jobs on the cluster, newest first."""
+    jobs = [j for j in client(address).list_jobs() if (j.submission_id or "").startswith(JOB_PREFIX)]
+    jobs.sort(key=lambda j: j.start_time or 0, reverse=True)
+    return [{"submission_id": j.submission_id, "status": str(j.status.value), "run": (j.metadata or {}).get("run"),
+             "stages": (j.metadata or {}).get("stages"), "start_time": j.start_time} for j in jobs]
