@@ -5,12 +5,15 @@ share a cluster between runs, watch it in the dashboard, or submit jobs to it.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from modecotd.cluster.auth import token_available
 from modecotd.errors import UserError
 
 DEFAULT_GCS_PORT = 6379
@@ -26,18 +29,37 @@ def _ray_cli() -> str:
     return path
 
 
-def up(num_cpus: int | None = None, port: int = DEFAULT_GCS_PORT, dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> str:
-    """Start a head node (with the dashboard); returns the address to pass as --address."""
-    command = [_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=true",
-               f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
-    if num_cpus:
-        command.append(f"--num-cpus={num_cpus}")
+def up(num_cpus: int | None = None, port: int = DEFAULT_GCS_PORT, dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+       workers: int = 0, cpus_per_worker: float = 1) -> str:
+    """Start a head node with the dashboard and, with ``workers``, that many worker nodes on this
+    machine, each with its own CPUs and a resource ``worker-<i>`` (a multi-node cluster for tests
+    and demos; the head then keeps no CPUs, so all work lands on the workers). Returns the address
+    to pass as --address."""
+    head = [_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=true",
+            f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
+    if workers:
+        head.append("--num-cpus=0")
+    elif num_cpus:
+        head.append(f"--num-cpus={num_cpus}")
+    _ray_start(head)
+    for i in range(1, workers + 1):
+        # Its own temp folder, as a node on another machine has: nodes sharing one would clean up
+        # each other's unpacked job files (a job driver's working folder included).
+        temp = Path(tempfile.gettempdir()) / f"modecotd-ray-worker-{i}"
+        _ray_start([_ray_cli(), "start", f"--address=127.0.0.1:{port}", f"--num-cpus={cpus_per_worker:g}",
+                    f"--resources={json.dumps({f'worker-{i}': 1})}", f"--temp-dir={temp}", "--disable-usage-stats"])
+    return f"127.0.0.1:{port}"
+
+
+def _ray_start(command: list[str]) -> None:
     # Jobs submitted to this cluster run `modecotd ...`: keep this environment's commands on their PATH.
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    if token_available():  # a node joining a token-protected head must present the token
+        env.setdefault("RAY_AUTH_MODE", "token")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
+        down()
         raise UserError(f"ray start failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
-    return f"127.0.0.1:{port}"
 
 
 def down() -> None:

@@ -71,7 +71,10 @@ def _parser() -> argparse.ArgumentParser:
 
     cluster = commands.add_parser("cluster", help="start or stop a local Ray cluster with its dashboard")
     cluster.add_argument("action", choices=["up", "down"])
-    cluster.add_argument("--num-cpus", type=int)
+    cluster.add_argument("--num-cpus", type=int, help="CPUs of a single-node cluster")
+    cluster.add_argument("--workers", type=int, default=0,
+                         help="worker nodes to start beside the head on this machine (a multi-node cluster)")
+    cluster.add_argument("--cpus-per-worker", type=float, default=1)
     return parser
 
 
@@ -188,7 +191,9 @@ def _cluster(args) -> int:
     from modecotd.cluster import local
 
     if args.action == "up":
-        print(f"Ray cluster up: modecotd run CONFIG --address {local.up(args.num_cpus)}")
+        address = local.up(args.num_cpus, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
+        print(f"Ray cluster up ({1 + args.workers} nodes): modecotd run CONFIG --address {address}; "
+              f"dashboard and Jobs API: http://127.0.0.1:{local.DEFAULT_DASHBOARD_PORT}")
     else:
         local.down()
         print("Ray cluster stopped")

@@ -48,14 +48,15 @@ def test_token_mode_is_asked_for_only_when_a_token_exists(monkeypatch, tmp_path)
 
 @pytest.fixture(scope="module")
 def started_cluster():
-    """A local cluster started apart from the tests' process, with its dashboard (token auth on when a token
-    exists, as Ray 2.60 does); returns (Ray address, dashboard URL)."""
+    """A local multi-node cluster started apart from the tests' process: a head with the dashboard and two
+    one-CPU worker nodes (token auth on when a token exists, as Ray 2.60 does); returns (Ray address,
+    dashboard URL)."""
     import ray
 
     # `cluster down` stops every Ray process of this machine, so no other Ray may be running here.
     assert not ray.is_initialized(), "run this test before any test that starts Ray in-process"
     dashboard_port = free_port()
-    address = local.up(num_cpus=2, port=free_port(), dashboard_port=dashboard_port)
+    address = local.up(port=free_port(), dashboard_port=dashboard_port, workers=2, cpus_per_worker=1)
     try:
         yield address, f"http://127.0.0.1:{dashboard_port}"
     finally:
@@ -114,12 +115,15 @@ def test_submitted_run_is_visible_through_the_dashboards_rest_api(started_cluste
     assert code == 200 and jobs["status"] == "SUCCEEDED"
     assert jobs["metadata"]["run"] == "submitted" and jobs["metadata"]["stages"] == "all"
     assert len(jobs["metadata"]["config_fingerprint"]) >= 16
+    code, nodes = rest(f"{dashboard}/api/v0/nodes?limit=100", token)
+    assert code == 200 and len(nodes["data"]["result"]["result"]) == 3  # head + two workers
     code, actors = rest(f"{dashboard}/api/v0/actors?limit=1000&detail=true", token)
     assert code == 200
     names = {actor.get("name") for actor in actors["data"]["result"]["result"]}
     assert {"teacher-0", "eval-0"} <= names, sorted(n for n in names if n)
 
-    # each stage's Ray metrics, on the port the dashboard's node view names (what Prometheus scrapes)
+    # each stage's Ray metrics, on the ports the dashboard's node view names (what Prometheus scrapes; each
+    # node exports what ran on it)
     code, nodes = rest(f"{dashboard}/nodes?view=summary", token)
     assert code == 200
     ports = list(find_values(nodes, "metricsExportPort"))
@@ -129,7 +133,8 @@ def test_submitted_run_is_visible_through_the_dashboards_rest_api(started_cluste
     text = ""
     deadline = time.time() + 60
     while time.time() < deadline and not all(name in text for name in wanted):
-        text = urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=10).read().decode()
+        text = "".join(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+                       for port in set(ports))
         time.sleep(1)
     assert all(name in text for name in wanted), [name for name in wanted if name not in text]
 
