@@ -30,7 +30,7 @@ BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate
 RESOURCE_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "max_failures", "workers_per_job",
                  "gpus_per_worker", "use_gpu", "cpus_per_worker", "max_concurrent_jobs", "cpus_per_trial",
                  "gpus_per_trial", "max_concurrent_trials", "concurrency", "timeout_s", "max_retries", "backoff_s",
-                 "api_key_env"}
+                 "api_key_env", "mlflow_tracking_uri"}
 
 
 @dataclass

@@ -292,6 +292,9 @@ class MixtureConfig(Section):
     scheduler: Literal["none", "asha", "median"] = Field(
         "asha", description="stop settings whose first folds score poorly, per target task: ASHA or median "
         "stopping; none runs every setting to the end")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="also log every Tune trial to MLflow at this tracking URI (e.g. sqlite:///mlflow.db; "
+        "needs pip install 'modecotd[mlflow]'); TensorBoard logs are always written")
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per Tune trial (the student runs on one when > 0)")
     max_concurrent_trials: int = Field(2, ge=1)

@@ -162,3 +162,19 @@ def test_plain_ray_job_submit_runs_modecotd(started_cluster, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "succeeded" in done.stdout.lower(), (done.stdout + done.stderr)[-3000:]
     assert (tmp_path / "run" / "report.md").is_file()
+
+
+def test_a_submitted_run_can_be_stopped(started_cluster, tmp_path):
+    _, dashboard = started_cluster
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "name": "stopped", "distill": {**CONFIG["distill"], "epochs": 200}}))
+    done = cli("submit", str(config), "--address", dashboard, "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    submission_id = done.stdout.split("submitted ", 1)[1].split()[0]
+    stopped = cli("stop", submission_id, "--address", dashboard)
+    assert stopped.returncode == 0 and "stopping" in stopped.stdout
+    deadline, state = time.time() + 120, ""
+    while time.time() < deadline and "STOPPED" not in state:
+        state = cli("status", submission_id, "--address", dashboard).stdout
+        time.sleep(2)
+    assert f"{submission_id}: STOPPED" in state

@@ -180,11 +180,20 @@ def test_tune_searches_only_the_mixer_with_a_space_from_the_command_line(first_r
     evals_before = manifests(run_dir)
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(CONFIG))
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["tune", str(config_file), "--run-dir", str(run_dir), "--method", "delta", "--l1", "0.01,0.2",
-                 "--top-k", "all", "--budget", "3", "--scheduler", "none"]) == 0
+                 "--top-k", "all", "--budget", "3", "--scheduler", "none",
+                 "--set", f"mixture.mlflow_tracking_uri={mlflow_uri}"]) == 0
     mixture = json.loads((run_dir / "mixtures/letters/mixture.json").read_text())
     assert mixture["method"] == "delta" and mixture["budget"] == 3
     assert sorted(c["setting"] for c in mixture["candidates"]) == [
         "delta-budget=3-bound=3.0-l1=0.01-top_k=all", "delta-budget=3-bound=3.0-l1=0.2-top_k=all"]
     after = manifests(run_dir)
     assert {u for u in UNITS if after[u] != evals_before[u]} == {"mixtures/coins", "mixtures/letters"}
+    # every trial went to MLflow as well as to TensorBoard
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["modecotd-e2e"], output_format="list")
+    assert len(runs) == 4 and all("cv_loss" in run.data.metrics for run in runs)
+    assert list(run_dir.glob("ray/mix-*/*/events.out.tfevents.*"))

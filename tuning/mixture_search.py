@@ -22,6 +22,7 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
 
 from modecotd.artifacts import Unit, pending, write_json
+from modecotd.errors import UserError
 from modecotd.mixture import Mixture, export_adapter
 from modecotd.tasks.schema import AnswerKind
 from modecotd.weight_search import search_weights
@@ -210,6 +211,20 @@ def make_scheduler(kind: str, cv_folds: int):
         time_attr="training_iteration", metric=METRIC, mode="min", grace_period=1, min_samples_required=2))
 
 
+def tune_loggers(cfg, run_name: str) -> list:
+    """Ray Tune writes TensorBoard (and CSV, JSON) logs of every trial by itself; MLflow too when
+    the config asks for it."""
+    if not cfg.mlflow_tracking_uri:
+        return []
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise UserError("mixture.mlflow_tracking_uri needs MLflow: pip install 'modecotd[mlflow]'") from None
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(tracking_uri=cfg.mlflow_tracking_uri, experiment_name=f"modecotd-{run_name}")]
+
+
 def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expert_dirs: dict[str, Path],
                       student_dir: Path) -> dict[str, dict]:
     """Search mixtures for every target task whose unit is not done; commit the best per task."""
@@ -240,6 +255,7 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
                          "fewshot": [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale}
                                      for ex in tasks[name].fewshot]} for name in todo},
     }
+    callbacks = tune_loggers(cfg, config.name)
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(mixture_trial, context=context),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
@@ -253,7 +269,7 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
                                                                  f"{setting_key(t.config['setting'])}",
                                     trial_dirname_creator=lambda t: f"{t.config['task']}-{t.trial_id}"),
         run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=str((run_dir / "ray").resolve()),
-                                  verbose=0),
+                                  verbose=0, callbacks=callbacks),
     )
     grid = tuner.fit()
     errors = {r.config["task"]: str(r.error).splitlines()[0][:300] for r in grid if r.error}
