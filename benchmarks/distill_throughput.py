@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import tempfile
 import time
 from dataclasses import asdict
@@ -82,19 +81,10 @@ def dataset_loss(model, settings) -> float:
 
 
 def ours(settings) -> dict:
-    import torch.distributed as dist
+    from modecotd.distill import one_rank_group, train_expert
 
-    from modecotd.distill import train_expert
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with one_rank_group():
         summary = train_expert(settings, 0, 1)
-    finally:
-        dist.destroy_process_group()
     from peft import PeftModel
 
     from modecotd.models import load_lm

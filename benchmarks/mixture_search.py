@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -51,29 +50,20 @@ def rows(family: str, count: int, seed: int) -> list[dict]:
 
 def trained_experts(model_dir: Path) -> dict[str, Path]:
     """Three small experts (64 rows, 2 epochs each), trained once and kept in the model cache."""
-    import torch.distributed as dist
-
-    from modecotd.distill import DistillSettings, train_expert
+    from modecotd.distill import DistillSettings, one_rank_group, train_expert
     from modecotd.models import cache_dir
 
     root = cache_dir() / "benchmark-experts-v1"
     experts = {family: root / family for family in EXPERT_FAMILIES}
     if all((path / "adapter_model.safetensors").is_file() for path in experts.values()):
         return experts
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with one_rank_group():
         for family, kind in EXPERT_FAMILIES.items():
             experts[family].mkdir(parents=True, exist_ok=True)
             print(f"training the {family} expert (once)", flush=True)
             train_expert(DistillSettings(student_dir=str(model_dir), dtype="bf16", kind=kind, rows=rows(family, 64, 5),
                                          output_dir=str(experts[family]), learning_rate=2e-3, epochs=2,
                                          batch_size=8, max_length=256), 0, 1)
-    finally:
-        dist.destroy_process_group()
     return experts
 
 

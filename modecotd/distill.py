@@ -5,8 +5,10 @@ starts it on each Ray Train worker and forwards the metrics it reports.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -380,6 +382,25 @@ def validation_loss(engine, held_out: list[dict], micro: int, pad_id: int) -> fl
         return mean_target_loss(engine, held_out, micro, pad_id, engine.device)
     finally:
         engine.train()
+
+
+@contextlib.contextmanager
+def one_rank_group():
+    """A one-rank gloo process group in this process, as Ray Train makes for each worker: to run
+    :func:`train_expert` outside Ray (benchmarks)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 TRAINER_STATE = "trainer_state_rank{rank}.pt"

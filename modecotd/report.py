@@ -247,12 +247,26 @@ def _limits(name: str, task: dict, tasks: dict) -> list[str]:
             f"after the marker (format {_pct(mixture.get('format_rate'))}%)."]
 
 
-def plot_accuracy(report: dict, path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot drawing to files only (no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_accuracy(report: dict, path: Path) -> None:
+    plt = _pyplot()
     names = list(report["tasks"])
     systems = ["majority", *systems_in(report)]
     width = 0.8 / len(systems)
@@ -270,9 +284,7 @@ def plot_accuracy(report: dict, path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title(f"run {report['run']}: accuracy by task and system")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def training_curves(run_dir: Path) -> dict[str, dict]:
@@ -288,11 +300,7 @@ def training_curves(run_dir: Path) -> dict[str, dict]:
 
 def plot_training(curves: dict[str, dict], path: Path) -> None:
     """Training loss per optimizer step (and validation loss where there is one) for every expert."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, curve in curves.items():
         n = curve["accumulation"]
@@ -307,18 +315,12 @@ def plot_training(curves: dict[str, dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title("expert training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_mixture_weights(report: dict, path: Path) -> None:
     """A heat map of the chosen weights: one row per target task, one column per expert."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     mixed = {name: t["mixture"]["weights"] for name, t in report["tasks"].items() if "mixture" in t}
     experts = sorted({e for weights in mixed.values() for e in weights})
     grid = [[weights.get(e, 0.0) for e in experts] for weights in mixed.values()]
@@ -333,9 +335,7 @@ def plot_mixture_weights(report: dict, path: Path) -> None:
     ax.set_xlabel("expert")
     fig.colorbar(image, ax=ax)
     ax.set_title("mixture weights")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def search_curves(run_dir: Path) -> dict[str, list[float]]:
@@ -355,11 +355,7 @@ def search_curves(run_dir: Path) -> dict[str, list[float]]:
 
 
 def plot_search(curves: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), curve, label=name, linewidth=1.2)
@@ -367,9 +363,7 @@ def plot_search(curves: dict[str, list[float]], path: Path) -> None:
     ax.set_ylabel("best objective so far (few-shot loss + L1)")
     ax.legend(fontsize=8)
     ax.set_title("mixture weight search")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def build_report(run_dir: Path) -> Path:
