@@ -97,8 +97,7 @@ class Mixture:
         if not expert_dirs:
             raise ValueError("a mixture needs at least one expert")
         self.names = list(expert_dirs)
-        self.expert_dirs = {name: Path(path) for name, path in expert_dirs.items()}
-        loaded = {name: read_adapter(path) for name, path in self.expert_dirs.items()}
+        loaded = {name: read_adapter(Path(path)) for name, path in expert_dirs.items()}
         self.configs = {name: config for name, (config, _) in loaded.items()}
         self.use_method(method)
         self.tokenizer = load_tokenizer(Path(student_dir), padding_side="right")

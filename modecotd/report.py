@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from modecotd.artifacts import write_json
-from modecotd.config import GENERATING_BACKENDS
+from modecotd.config import GENERATING_BACKENDS, STAGES
 from modecotd.evaluate import majority_baseline
 from modecotd.tasks.schema import Role, TaskData
 
@@ -48,8 +48,9 @@ def collect(run_dir: Path) -> dict:
                  "teacher": {"backend": teacher["backend"], "model": teacher["model"] if generates else None,
                              "prompting": teacher["prompting"] if generates else None},
                  "student": config["student"], "scoring": config["evaluation"]["scoring"], "tasks": {}}
-    for name, facts in json.loads((run_dir / TASKS_FILE).read_text()).items():
-        entry: dict = dict(facts)
+    facts = json.loads((run_dir / TASKS_FILE).read_text())
+    for name in (task["name"] for task in config["tasks"]):  # in the config's order
+        entry: dict = dict(facts[name])
         teacher = _manifest(run_dir / "rationales" / name)
         if teacher:
             entry["teacher"] = teacher["summary"]
@@ -204,8 +205,8 @@ def render_markdown(report: dict) -> str:
                   "", "![weight search: best objective per evaluation](search.png)"]
     if report["seconds"]:
         lines += ["", "## Wall time and resources", "", "| stage | wall time | resources asked for |", "|---|---|---|"]
-        lines += [f"| {stage} | {seconds:.0f} s | {report['resources'].get(stage, '–')} |"
-                  for stage, seconds in report["seconds"].items()]
+        lines += [f"| {stage} | {report['seconds'][stage]:.0f} s | {report['resources'].get(stage, '–')} |"
+                  for stage in STAGES if stage in report["seconds"]]
     lines += ["", "![accuracy by task and system](accuracy.png)", ""]
     return "\n".join(lines)
 
