@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -95,8 +96,6 @@ def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict,
 
 def mixture_trial(config: dict, context: dict) -> None:
     """A Tune function trainable: score one mixer setting for one target task by CV, then fit it."""
-    import os
-
     task, setting = config["task"], config["setting"]
     spec = context["tasks"][task]
     kind = AnswerKind(spec["kind"])
