@@ -31,12 +31,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from modecotd.models import BUILTIN_SMOLLM2
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 GOAL_RATIO = 1.3
 GOAL_LOSS_GAP = 0.05
-MODEL = "builtin:smollm2-135m-instruct"
+MODEL = BUILTIN_SMOLLM2
 
 
 def rows_for(count: int, family: str = "arithmetic", seed: int = 3) -> list[dict]:

@@ -30,11 +30,13 @@ import os
 import time
 from pathlib import Path
 
+from modecotd.models import BUILTIN_SMOLLM2
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 GOAL_RATIO = 5.0
-MODEL = "builtin:smollm2-135m-instruct"
+MODEL = BUILTIN_SMOLLM2
 EXPERT_FAMILIES = {"arithmetic": "number", "last_letter_concatenation": "text",
                    "tracking_shuffled_objects": "choice"}
 TARGET_FAMILY, TARGET_KIND = "coin_flip", "yes_no"

@@ -21,12 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from modecotd.models import BUILTIN_SMOLLM2
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 GOAL_RATIO = 3.0
 GOAL_AGREEMENT = 0.95
-MODEL = "builtin:smollm2-135m-instruct"
+MODEL = BUILTIN_SMOLLM2
 
 
 def config_for(questions: int, max_new_tokens: int, batch_size: int, actors: int, dtype: str):

@@ -67,6 +67,9 @@ def run_pipeline(config, run_dir: Path, address: str | None = None, stages: list
     from modecotd.jobs.teacher_stage import run_teacher_stage
     from modecotd.tuning.mixture_search import run_mixture_stage
 
+    unknown = sorted(set(stages or []) - set(STAGES))
+    if unknown:  # before anything is loaded, written or started
+        raise UserError(f"unknown stage {', '.join(unknown)}; stages: {', '.join(STAGES)}")
     run_dir = Path(run_dir).resolve()
     tasks = load_tasks(config)  # bad data fails here, before anything is written
     student_dir = materialize(config.student.model)
@@ -79,9 +82,6 @@ def run_pipeline(config, run_dir: Path, address: str | None = None, stages: list
     cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard)
     log.info("run %s in %s (Ray dashboard: %s)", config.name, run_dir, cluster.get("dashboard"))
 
-    unknown = sorted(set(stages or []) - set(STAGES))
-    if unknown:
-        raise UserError(f"unknown stage {', '.join(unknown)}; stages: {', '.join(STAGES)}")
     last = max(STAGES.index(name) for name in stages) if stages else len(STAGES) - 1
 
     def stage(name: str, units, run) -> dict:

@@ -385,9 +385,25 @@ def validation_loss(engine, held_out: list[dict], micro: int, pad_id: int) -> fl
 
 
 @contextlib.contextmanager
-def one_rank_group():
-    """A one-rank gloo process group in this process, as Ray Train makes for each worker: to run
-    :func:`train_expert` outside Ray (benchmarks)."""
+def rank_zero_env(port: int):
+    """The variables torch.distributed's env:// start-up (and DeepSpeed) read for rank 0 of a
+    one-rank group, set only inside the block."""
+    env = dict(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def init_one_rank_group() -> int:
+    """Start a one-rank gloo process group in this process, as Ray Train makes for each worker;
+    returns its port (for :func:`rank_zero_env`)."""
     import socket
 
     import torch.distributed as dist
@@ -395,10 +411,20 @@ def one_rank_group():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    with rank_zero_env(port):
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    return port
+
+
+@contextlib.contextmanager
+def one_rank_group():
+    """A one-rank gloo group for the block, to run :func:`train_expert` outside Ray (benchmarks)."""
+    import torch.distributed as dist
+
+    port = init_one_rank_group()
     try:
-        yield
+        with rank_zero_env(port):
+            yield
     finally:
         dist.destroy_process_group()
 

@@ -1,7 +1,6 @@
 """Shared fixtures: offline hub, a tiny model, the paper's data folder, one local Ray per session."""
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -36,34 +35,15 @@ def paper_data() -> Path:
     return SHARED_DATA
 
 
-@contextlib.contextmanager
-def _rank_zero_env(port: int):
-    env = dict(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @pytest.fixture(scope="session")
 def _gloo_group():
     """One one-rank gloo group per session: DeepSpeed keeps the first group it sees, so a second
     one cannot be made in the same process."""
-    import socket
-
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with _rank_zero_env(port):
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    from modecotd.distill import init_one_rank_group
+
+    port = init_one_rank_group()
     yield port
     dist.destroy_process_group()
 
@@ -72,7 +52,9 @@ def _gloo_group():
 def process_group(_gloo_group):
     """Rank 0 of a one-rank gloo group, as Ray Train makes for each worker, for in-process DeepSpeed
     runs; the rank variables are set only while the test runs (Ray workers must not inherit them)."""
-    with _rank_zero_env(_gloo_group):
+    from modecotd.distill import rank_zero_env
+
+    with rank_zero_env(_gloo_group):
         yield
 
 

@@ -125,7 +125,8 @@ def mixture_trial(config: dict, context: dict) -> None:
         return mixture.few_shot_loss(batch(indices))
 
     everything = list(range(len(rows)))
-    chosen = list(range(len(mixture.names))) if gate else top_experts(mixture, batch(everything), setting["top_k"])
+    all_rows = batch(everything)  # tokenised once for expert selection, the zero-weight loss and the gate's mean
+    chosen = list(range(len(mixture.names))) if gate else top_experts(mixture, all_rows, setting["top_k"])
     held_out: list[float] = []
     for fold, held in enumerate(_folds(len(rows), context["cv_folds"])):
         weights, _, _ = fit([i for i in everything if i not in held])
@@ -142,12 +143,12 @@ def mixture_trial(config: dict, context: dict) -> None:
         routers = Path(context["trials_dir"]) / f"{task}--gate.routers.safetensors"
         mixture.save_routers(routers)
         record.update(routers=str(routers), weights=dict(zip(mixture.names, mixture.mean_gate_weights(
-            batch(everything)))))  # for the heat map: the gate's mean weights on the few-shot rows
+            all_rows))))  # for the heat map: the gate's mean weights on the few-shot rows
         mixture.use_method("delta")  # for the loss of the student as it is (w = 0)
     else:
         record["weights"] = dict(zip(mixture.names, weights))
     mixture.set_weights(torch.zeros(len(mixture.names)))
-    record["zero_weights_loss"] = mixture.few_shot_loss(batch(everything))
+    record["zero_weights_loss"] = mixture.few_shot_loss(all_rows)
     write_json(Path(context["trials_dir"]) / f"{task}--{setting_key(setting)}.json", record)
     _trial_metrics(task, cv_loss)
     tune.report({METRIC: cv_loss, "objective": record["objective"], "done": True})
