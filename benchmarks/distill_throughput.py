@@ -56,21 +56,6 @@ def settings_for(model_dir: Path, rows: list[dict], output_dir: str, args, kind:
                            batch_size=args.batch_size, max_length=256, zero_stage=2, seed=0)
 
 
-def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
-    """FLOP/s of a large square matmul in ``dtype_name`` on this process's threads."""
-    import torch
-
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    n = 1024
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    count, started = 0, time.time()
-    while time.time() - started < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.time() - started)
-
-
 def dataset_loss(model, settings) -> float:
     """Mean target-token loss of ``model`` over all the training rows (fp32, no dropout)."""
     from modecotd.distill import mean_target_loss, tokenize_rows
@@ -176,21 +161,30 @@ def concurrency(model_dir: Path, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=96)
+    parser.add_argument("--rows", type=int, help="default: 96 where bf16 is native, 32 elsewhere (fp32 on an "
+                        "AVX2 CPU is ~4x slower, and the benchmark must stay within ~10 minutes)")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--concurrency-rows", type=int, default=48)
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: as the pipeline picks it (bf16 where native, fp32 elsewhere)")
+    parser.add_argument("--concurrency-rows", type=int)
     parser.add_argument("--skip-concurrency", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     from modecotd.models import load_lm, materialize
+    from modecotd.precision import hardware_summary, matmul_peak, resolve_dtype
 
+    precision = resolve_dtype(args.dtype, "cpu")
+    args.dtype = precision.dtype  # the baseline runs in the same dtype
+    native = precision.dtype == "bf16"
+    args.rows = args.rows or (96 if native else 32)
+    args.concurrency_rows = args.concurrency_rows or (48 if native else 16)
+    print(f"dtype {precision.describe()}", flush=True)
     model_dir = materialize(MODEL)
     params = sum(p.numel() for p in load_lm(model_dir).parameters())
     rows = rows_for(args.rows)
-    peak = matmul_peak(args.dtype)
+    peak = matmul_peak(args.dtype, seconds=3.0, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         base = baseline(settings_for(model_dir, rows, tmp, args))
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,7 +203,7 @@ def main() -> None:
         "loss_gap": round(gap, 4), "mfu": round(mfu, 4), "matmul_peak_gflops": round(peak / 1e9, 1),
         "ours_seconds": round(mine["seconds"], 1), "baseline_seconds": round(base["seconds"], 1),
         "rows": len(rows), "epochs": args.epochs, "batch_size": args.batch_size, "dtype": args.dtype,
-        "model": MODEL,
+        "dtype_reason": precision.reason, **hardware_summary(), "model": MODEL,
     }
     if not args.skip_concurrency:
         result.update(concurrency(model_dir, args))

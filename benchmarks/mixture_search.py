@@ -63,7 +63,7 @@ def trained_experts(model_dir: Path) -> dict[str, Path]:
         for family, kind in EXPERT_FAMILIES.items():
             experts[family].mkdir(parents=True, exist_ok=True)
             print(f"training the {family} expert (once)", flush=True)
-            train_expert(DistillSettings(student_dir=str(model_dir), dtype="bf16", kind=kind, rows=rows(family, 64, 5),
+            train_expert(DistillSettings(student_dir=str(model_dir), dtype="auto", kind=kind, rows=rows(family, 64, 5),
                                          output_dir=str(experts[family]), learning_rate=2e-3, epochs=2,
                                          batch_size=8, max_length=256), 0, 1)
     return experts
@@ -127,7 +127,7 @@ def our_search(model_dir: Path, experts: dict[str, Path], fewshot: list[dict], t
     from modecotd.weight_search import search_weights
 
     loaded = time.time()
-    mixture = Mixture(model_dir, experts, "lorahub", "bf16", attention=training_attention())
+    mixture = Mixture(model_dir, experts, "lorahub", "auto", attention=training_attention())
     batch = mixture.batch_for(fewshot, AnswerKind(TARGET_KIND), 512)
     load_seconds = time.time() - loaded
     def search(stop_at):
@@ -139,7 +139,7 @@ def our_search(model_dir: Path, experts: dict[str, Path], fewshot: list[dict], t
 
     reached = search(target)
     full = search(None)  # the whole budget, to show where the search goes beyond the target
-    return {"best_objective_bf16": reached.objective, "weights": reached.weights, "seconds": reached.seconds,
+    return {"best_objective_own_dtype": reached.objective, "precision": mixture.precision.dtype, "weights": reached.weights, "seconds": reached.seconds,
             "evaluations": reached.evaluations, "load_seconds": load_seconds,
             "full_budget": {"objective_bf16": full.objective, "weights": full.weights, "seconds": full.seconds,
                             "evaluations": full.evaluations}}
@@ -155,6 +155,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from modecotd.models import materialize
+    from modecotd.precision import hardware_summary
 
     model_dir = materialize(MODEL)
     experts = trained_experts(model_dir)
@@ -169,7 +170,7 @@ def main() -> None:
         "goal": f"ratio >= {GOAL_RATIO} reaching the reference's best objective",
         "met": ratio >= GOAL_RATIO and rescored <= reference["best_objective"],
         "best_objective_reference": round(reference["best_objective"], 5),
-        "best_objective_ours": round(rescored, 5), "best_objective_ours_bf16": round(ours["best_objective_bf16"], 5),
+        "best_objective_ours": round(rescored, 5), "best_objective_ours_own_dtype": round(ours["best_objective_own_dtype"], 5),
         "evaluations_reference": reference["evaluations"], "evaluations_ours": ours["evaluations"],
         "seconds_reference": round(reference["seconds"], 2), "seconds_ours": round(ours["seconds"], 2),
         "reference_seconds_to_its_best": round(reference["seconds_to_best"], 2),
@@ -180,6 +181,7 @@ def main() -> None:
                              "weights": [round(w, 3) for w in ours["full_budget"]["weights"]]},
         "weights_reference": [round(w, 3) for w in reference["weights"]],
         "weights_ours": [round(w, 3) for w in ours["weights"]], "experts": list(experts), "model": MODEL,
+        "dtype_ours": ours["precision"], **hardware_summary(),
     }
     print(json.dumps(result))
 

@@ -20,6 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from modecotd.artifacts import Unit, pending, read_jsonl
 from modecotd.distill import DistillSettings, train_expert
+from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class RayTrainCheckpoints:
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the plain PyTorch + DeepSpeed loop of modecotd.distill."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ray").setLevel(logging.WARNING)  # no line per ray.train.report: the driver shows progress
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     settings = DistillSettings(**loop_config["settings"])
@@ -62,6 +64,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def report(metrics: dict) -> None:
         for key, gauge in gauges.items():
             gauge.set(float(metrics[key]), {"task": loop_config["task"]})
+        if rank == 0:
+            send("distill", loop_config["task"], metrics["step"], metrics["total_steps"], "step",
+                 note=f"loss {metrics['loss']:.3f}, {metrics['target_tokens_per_s']:.0f} target tokens/s")
         # Every rank reports at the same steps (Ray Train needs that); checkpoint steps report there.
         step = metrics["step"]
         if step % REPORT_EVERY_STEPS == 0 and not (checkpoint_every and step % checkpoint_every == 0):
@@ -192,6 +197,7 @@ def run_distill_stage(config, run_dir: Path, jobs: dict[str, ExpertJob], student
                 validation_fraction=cfg.validation_fraction, eval_every=cfg.eval_every,
                 early_stopping_patience=cfg.early_stopping_patience, checkpoint_every=cfg.checkpoint_every,
                 offload_optimizer=cfg.offload_optimizer, full_finetune=job.full_finetune,
+                gradient_checkpointing=cfg.gradient_checkpointing,
             )
             ref = fit_expert.options(name=f"distill:{name}").remote(
                 name, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker, storage,
@@ -207,6 +213,7 @@ def run_distill_stage(config, run_dir: Path, jobs: dict[str, ExpertJob], student
         except Exception as exc:  # a failed job is reported, the others go on
             Unit.abort(staging)
             results[name] = {"status": "failed", "error": root_cause(exc)}
+            send("distill", name, 0, None, "step", note="failed", finished=True)
             log.error("distill: %s failed: %s", name, results[name]["error"])
             stage_metrics()["failed"].inc(1, {"task": name})
             continue
@@ -214,6 +221,8 @@ def run_distill_stage(config, run_dir: Path, jobs: dict[str, ExpertJob], student
         stage_metrics()["done"].inc(1, tags)
         stage_metrics()["final_loss"].set(summary["final_loss"], tags)
         stage_metrics()["speed"].set(summary["target_tokens_per_s_rank0"], tags)
+        send("distill", name, summary["steps"], summary["steps"], "step", finished=True,
+             note=f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
         summary = {"status": "done", **{k: v for k, v in summary.items() if k != "losses"}}
         jobs[name].unit.commit(staging, summary, time.time() - started)
         results[name] = summary

@@ -18,6 +18,8 @@ from modecotd.artifacts import Unit, clean_staging, fingerprint, write_json
 from modecotd.config import STAGES
 from modecotd.errors import UserError
 from modecotd.models import materialize
+from modecotd.precision import resolve_dtype
+from modecotd.progress import ProgressBoard
 from modecotd.report import TASKS_FILE, build_report, task_facts
 from modecotd.tasks.build import load_task
 from modecotd.tasks.schema import Example, TaskData
@@ -30,7 +32,8 @@ BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate
 RESOURCE_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "max_failures", "workers_per_job",
                  "gpus_per_worker", "use_gpu", "cpus_per_worker", "max_concurrent_jobs", "cpus_per_trial",
                  "gpus_per_trial", "max_concurrent_trials", "concurrency", "timeout_s", "max_retries", "backoff_s",
-                 "api_key_env", "mlflow_tracking_uri"}
+                 "api_key_env", "mlflow_tracking_uri", "tensor_parallel_size", "gpu_memory_utilization",
+                 "gradient_checkpointing"}
 
 
 @dataclass
@@ -58,14 +61,13 @@ def load_tasks(config) -> dict[str, TaskData]:
     return {task.name: load_task(task) for task in config.tasks}
 
 
-def run_pipeline(config, run_dir: Path, address: str | None = None, stages: list[str] | None = None) -> RunOutcome:
+def run_pipeline(config, run_dir: Path, address: str | None = None, stages: list[str] | None = None,
+                 progress: ProgressBoard | None = None) -> RunOutcome:
     """Run the four stages on Ray (or only ``stages``, on the artifacts the earlier stages left in
-    ``run_dir``); returns where the report is and what failed."""
+    ``run_dir``); returns where the report is and what failed. Progress goes to ``progress``
+    (default: a board on standard error)."""
     from modecotd.jobs import ray_runtime
-    from modecotd.jobs.distill_stage import ExpertJob, run_distill_stage
-    from modecotd.jobs.evaluate_stage import run_evaluate_stage
-    from modecotd.jobs.teacher_stage import run_teacher_stage
-    from modecotd.tuning.mixture_search import run_mixture_stage
+    from modecotd.jobs.progress import progress_display
 
     unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:  # before anything is loaded, written or started
@@ -81,6 +83,29 @@ def run_pipeline(config, run_dir: Path, address: str | None = None, stages: list
     outcome = RunOutcome(run_dir=run_dir, report=None)
     cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard)
     log.info("run %s in %s (Ray dashboard: %s)", config.name, run_dir, cluster.get("dashboard"))
+    precision = resolve_dtype(config.student.dtype, "cpu")
+    log.info("student dtype %s on this node's CPU; each worker decides for its own device and the report "
+             "says what was used", precision.describe())
+    try:
+        with progress_display(progress):
+            _run_stages(config, run_dir, tasks, student_dir, teacher_dir, stages, outcome)
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping every job and actor of this run; finished units are kept and the same "
+                    "command resumes the run")
+        ray_runtime.shutdown()
+        raise
+    timings = run_dir / "timings.json"  # a run of some stages keeps the others' times
+    write_json(timings, {**(json.loads(timings.read_text()) if timings.is_file() else {}), **outcome.seconds})
+    outcome.report = build_report(run_dir)
+    return outcome
+
+
+def _run_stages(config, run_dir: Path, tasks: dict[str, TaskData], student_dir: Path, teacher_dir: Path | None,
+                stages: list[str] | None, outcome: RunOutcome) -> None:
+    from modecotd.jobs.distill_stage import ExpertJob, run_distill_stage
+    from modecotd.jobs.evaluate_stage import run_evaluate_stage
+    from modecotd.jobs.teacher_stage import run_teacher_stage
+    from modecotd.tuning.mixture_search import run_mixture_stage
 
     last = max(STAGES.index(name) for name in stages) if stages else len(STAGES) - 1
 
@@ -168,8 +193,3 @@ def run_pipeline(config, run_dir: Path, address: str | None = None, stages: list
                         fingerprint(common, key, test_key, eval_settings, config.student.model_dump(mode="json")))
             jobs.append((name, system_name, system, unit))
     stage("evaluate", [job[3] for job in jobs], lambda: run_evaluate_stage(config, tasks, jobs, student_dir))
-
-    timings = run_dir / "timings.json"  # a run of some stages keeps the others' times
-    write_json(timings, {**(json.loads(timings.read_text()) if timings.is_file() else {}), **outcome.seconds})
-    outcome.report = build_report(run_dir)
-    return outcome

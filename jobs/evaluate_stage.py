@@ -12,10 +12,11 @@ from pathlib import Path
 
 import ray
 from ray.util import ActorPool
-from tqdm import tqdm
 
 from modecotd.artifacts import Unit, write_jsonl
+from modecotd.config import EVALUATION_BATCH
 from modecotd.evaluate import load_system, predict, score_rows, summarize
+from modecotd.jobs.progress import send
 from modecotd.tasks.schema import Example
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,22 @@ class Evaluator:
         started = time.time()
         model = load_system(self.student_dir, self.dtype, system)
         batch = [Example(**e) for e in examples]
-        outputs = predict(model, self.tokenizer, batch, kind, batch_size=self.settings["batch_size"],
-                          max_new_tokens=self.settings["max_new_tokens"])
+        unit, done = f"{task} / {system_name}", 0
+        send("evaluate", unit, 0, len(batch), "question")
+
+        def on_batch(count: int) -> None:
+            nonlocal done
+            done += count
+            send("evaluate", unit, done, len(batch), "question", finished=done >= len(batch))
+
+        batch_size = EVALUATION_BATCH.resolve(self.settings["batch_size"], model.device)  # auto: by device
+        outputs = predict(model, self.tokenizer, batch, kind, batch_size=batch_size,
+                          max_new_tokens=self.settings["max_new_tokens"], on_batch=on_batch)
         rows = score_rows(batch, outputs, kind)
         tags = {"task": task, "system": system_name}
         self.done.inc(1, tags)
         self.accuracy.set(sum(r["correct"] for r in rows) / max(1, len(rows)), tags)
-        return task, system_name, rows, time.time() - started
+        return task, system_name, rows, time.time() - started, model.precision.as_dict()
 
 
 def run_evaluate_stage(config, tasks, jobs: list[tuple[str, str, dict, Unit]], student_dir: Path) -> dict:
@@ -66,10 +76,9 @@ def run_evaluate_stage(config, tasks, jobs: list[tuple[str, str, dict, Unit]], s
     work = [(task, system_name, system, tasks[task].kind, [asdict(ex) for ex in tasks[task].test])
             for task, system_name, system, _ in todo]
     try:
-        for task, system_name, rows, seconds in tqdm(
-                pool.map_unordered(lambda actor, job: actor.evaluate.remote(*job), work),
-                total=len(work), desc="evaluate", unit="pair"):
-            summary = summarize(rows, cfg.scoring)
+        for task, system_name, rows, seconds, precision in pool.map_unordered(
+                lambda actor, job: actor.evaluate.remote(*job), work):
+            summary = {**summarize(rows, cfg.scoring), "precision": precision}
             with units[(task, system_name)].writing(summary) as staging:
                 write_jsonl(staging / "predictions.jsonl", rows)
             results.setdefault(task, {})[system_name] = summary

@@ -27,6 +27,7 @@ import ray
 
 from modecotd.artifacts import Unit, fingerprint, pending
 from modecotd.errors import ModelError, UserError
+from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
 from modecotd.prompts import TeacherPrompts
 from modecotd.tasks.schema import Example, TaskData
@@ -253,13 +254,6 @@ class ActorPool:
         self.actors.clear()
 
 
-def _progress_bars(tasks: dict[str, TaskData], todo: list[str]):
-    from ray.experimental.tqdm_ray import tqdm
-
-    return {name: tqdm(total=len(tasks[name].train), desc=f"teacher {name}", unit="question", position=i)
-            for i, name in enumerate(todo)}
-
-
 def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: dict[str, Unit],
                       teacher_dir: Path | None) -> dict[str, dict]:
     """Generate and filter rationales for every seen task whose unit is not done yet."""
@@ -282,7 +276,9 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
 
     pool = ActorPool(max(1, min(cfg.actors, -(-questions // cfg.shard_size))), make, cfg.max_restarts)
     pool.check_ready()
-    bars = _progress_bars(tasks, todo)
+    answered: Counter = Counter()
+    for name in todo:
+        send("teacher", name, 0, len(tasks[name].train), "question")
     summaries: dict[str, dict] = {}
     feed = shard_feed(config, run_dir, tasks, units, todo)
     retry: deque[Shard] = deque()
@@ -330,15 +326,15 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
                 result = shard_result(failed, len(examples), 0.0)
             write_shard(shard_path(shard_dir(run_dir, shard.task, units[shard.task]), shard.index), result)
             outstanding[shard.task] -= 1
-            bars[shard.task].update(result["questions"])
+            answered[shard.task] += result["questions"]
+            speed = f"{result['tokens'] / result['seconds']:.0f} tokens/s" if result["tokens"] and result["seconds"] else ""
+            send("teacher", shard.task, answered[shard.task], len(tasks[shard.task].train), "question", note=speed)
             if shard.task in fed_all and outstanding[shard.task] == 0 and shard.task not in summaries:
                 summaries[shard.task] = _finish(run_dir, shard.task, units, cfg)
         for name in fed_all - set(summaries):
             summaries[name] = _finish(run_dir, name, units, cfg)
     finally:
         pool.kill_all()
-        for bar in bars.values():
-            bar.close()
     log.info("teacher stage took %.1f s", time.time() - started)
     return summaries
 
@@ -363,6 +359,8 @@ def _finish(run_dir: Path, name: str, units: dict[str, Unit], cfg) -> dict:
     with units[name].writing(summary) as staging:
         summary.update(merge_shards(folder, staging))
     shutil.rmtree(folder.parent, ignore_errors=True)
+    send("teacher", name, summary["questions"], summary["questions"], "question", finished=True,
+         note=f"{summary['accepted']} rationales kept")
     log.info("teacher: %s: %d of %d questions got a correct rationale (%d accepted, %d rejected samples, "
              "%d failed questions)", name, summary["questions_with_rationale"], summary["questions"],
              summary["accepted"], summary["rejected"], summary["failed"])

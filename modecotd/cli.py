@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -209,11 +210,35 @@ def main(argv: list[str] | None = None) -> int:
     use_token_if_available()  # before anything imports Ray
     handlers = {"run": _run, "tune": _tune, "submit": _submit, "status": _jobs, "logs": _jobs, "stop": _jobs,
                 "list": _jobs, "report": _report, "check": _check, "cluster": _cluster}
+    install_interrupt_handler()
     try:
         return handlers[args.command](args)
     except UserError as exc:
         print(f"modecotd: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("modecotd: interrupted; finished units are kept: run the same command again to resume",
+              file=sys.stderr)
+        return INTERRUPTED
+
+
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C raises KeyboardInterrupt in the main thread, which stops the run and shuts down the Ray
+    work it started; a second Ctrl-C while that clean-up runs exits at once. Ray Tune's own
+    handler (which lets running trials finish first) is switched off so that one Ctrl-C is enough."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    pressed = []
+
+    def on_sigint(signum, frame):
+        if pressed:
+            os._exit(INTERRUPTED)
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
 
 
 if __name__ == "__main__":

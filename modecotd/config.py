@@ -9,16 +9,56 @@ import itertools
 
 import re
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, \
+    model_validator
 
 from modecotd.errors import ConfigError
 from modecotd.tasks.schema import AnswerKind, Role
 
 TASK_NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]*$"
+
+
+@dataclass(frozen=True)
+class AutoSize:
+    """What ``auto`` means for a batch-like size: the small size that suits a CPU, or a larger one
+    on a GPU. It is resolved where the work runs (the actor or trial that holds the model), never
+    on the driver, which may have no GPU."""
+
+    cpu: int
+    gpu: int
+
+    def resolve(self, value: "int | str", device: Any) -> int:
+        """``value`` itself when it is a number; for ``auto`` the size for ``device`` (``"cpu"``,
+        ``"cuda"``, ``"cuda:1"`` or a ``torch.device``)."""
+        if value != "auto":
+            return int(value)
+        kind = str(getattr(device, "type", device)).split(":")[0]
+        return self.gpu if kind == "cuda" else self.cpu
+
+    def help(self, what: str) -> str:
+        return f"{what}; auto: {self.gpu} on a GPU, {self.cpu} on a CPU, decided where the work runs"
+
+
+def _int_or_auto(value: Any) -> "int | str":
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be a whole number >= 1 or 'auto', got {value!r}")
+    return value
+
+
+# A whole number >= 1 or "auto" (see AutoSize), with one clear message for anything else.
+AutoInt = Annotated[Union[int, Literal["auto"]], PlainValidator(_int_or_auto)]
+TEACHER_BATCH = AutoSize(cpu=8, gpu=64)
+EVALUATION_BATCH = AutoSize(cpu=8, gpu=64)
+# More candidates per round on a GPU: tpe, cmaes and random then ask in larger rounds (fewer
+# updates of the sampler within the budget), for fewer, larger forwards.
+MIXER_CANDIDATES = AutoSize(cpu=8, gpu=32)
 
 
 class Section(BaseModel):
@@ -131,7 +171,23 @@ class EndpointConfig(Section):
         return value.rstrip("/")
 
 
+class VLLMSettings(Section):
+    """The vLLM engine of teacher backend ``vllm`` (passed to ``vllm.LLM``)."""
+
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, description="GPUs one engine shards the model over; must equal teacher.gpus_per_actor "
+        "(default: that number)")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of each GPU's memory the engine may take (weights and KV cache)")
+    max_model_len: int | None = Field(
+        None, ge=16, description="context length the engine reserves KV cache for (prompt + new tokens); "
+        "lower it when a long-context model's KV cache does not fit; default: the model's own")
+
+
 GENERATING_BACKENDS = ("transformers", "vllm", "openai")
+DTYPE_HELP = ("auto: bf16 where the hardware computes it natively (a GPU with bf16, a CPU with AVX512-BF16 or "
+              "AMX), fp32 elsewhere, decided on the node that runs the work; bf16 on a CPU without it runs, "
+              "with a warning, many times slower")
 STAGES = ("teacher", "distill", "mix", "evaluate")  # the pipeline's stages, in order
 
 
@@ -148,8 +204,8 @@ class TeacherConfig(Section):
                        description="local model (builtin:NAME, a folder or a cached hub id); "
                        "for backend openai, the model name the server knows")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 on a GPU, fp32 on a CPU (on a CPU, bf16 generates ~1.4x faster but its "
-        "rounding makes greedy outputs depend on how prompts are batched)")
+        "auto", description=DTYPE_HELP + " (bf16 generates ~1.4x faster on such a CPU, but its rounding makes "
+        "greedy outputs depend on how prompts are batched; set fp32 where that matters)")
     prompting: Literal["zero_shot", "few_shot"] = Field(
         "zero_shot", description="zero_shot: 'Let's think step by step.' (Kojima et al.); few_shot: worked "
         "examples from the task's few-shot split before the question")
@@ -168,9 +224,12 @@ class TeacherConfig(Section):
     rationalize: bool = Field(
         False, description="for questions no sample got right, ask again with the gold answer as a hint "
         "(STaR); kept rows are marked rationalized")
-    batch_size: int = Field(8, ge=1, description="prompts per generate call (local backends)")
+    batch_size: AutoInt = Field("auto", description=TEACHER_BATCH.help("prompts per generate call (backend "
+                                "transformers; vLLM batches by itself)"))
     shard_size: int = Field(64, ge=1, description="questions per committed shard (the unit of resume)")
     endpoint: EndpointConfig | None = None
+    vllm: VLLMSettings | None = Field(None, description="engine settings for backend vllm (default: "
+                                      "tensor_parallel_size = gpus_per_actor, 0.9 of GPU memory, the model's context)")
     actors: int = Field(1, ge=1, description="teacher actors in the pool")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per teacher actor (backend vllm needs >= 1)")
@@ -190,7 +249,26 @@ class TeacherConfig(Section):
                                      f"({', '.join(GENERATING_BACKENDS)}), not {self.backend!r}")
         if self.backend == "vllm" and self.gpus_per_actor <= 0:
             raise ValueError("backend 'vllm' runs on GPUs: set teacher.gpus_per_actor (e.g. 1)")
+        if self.backend != "vllm" and self.vllm is not None:
+            raise ValueError(f"teacher.vllm is only used by backend 'vllm', not {self.backend!r}")
+        if self.backend == "vllm":
+            if not float(self.gpus_per_actor).is_integer():
+                raise ValueError(f"backend 'vllm' needs whole GPUs per actor: teacher.gpus_per_actor is "
+                                 f"{self.gpus_per_actor:g} (each engine shards the model over "
+                                 "teacher.vllm.tensor_parallel_size GPUs; use 1, 2, 4, ...)")
+            tp = self.vllm.tensor_parallel_size if self.vllm else None
+            if tp is not None and tp != int(self.gpus_per_actor):
+                raise ValueError(f"teacher.vllm.tensor_parallel_size is {tp} but teacher.gpus_per_actor is "
+                                 f"{self.gpus_per_actor:g}: each actor's engine uses exactly the GPUs Ray gives "
+                                 "it, so set them equal")
         return self
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """GPUs one vLLM engine shards the model over: the configured size, else gpus_per_actor."""
+        if self.vllm is not None and self.vllm.tensor_parallel_size is not None:
+            return self.vllm.tensor_parallel_size
+        return max(1, int(self.gpus_per_actor))
 
     @property
     def generates(self) -> bool:
@@ -201,7 +279,8 @@ class StudentConfig(Section):
     """The small model whose weights stay frozen."""
 
     model: str = "builtin:smollm2-135m-instruct"
-    dtype: Literal["bf16", "fp32"] = "bf16"
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description=DTYPE_HELP + "; used by training, the mixer and evaluation")
 
 
 class LoraSettings(Section):
@@ -247,14 +326,25 @@ class DistillConfig(Section):
     use_gpu: bool = Field(False, description="train on GPUs (NCCL between workers) instead of CPUs (gloo)")
     workers_per_job: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per training worker when use_gpu is on")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per training worker when use_gpu is on: a whole "
+                                   "number (two workers cannot share a GPU in NCCL)")
     max_concurrent_jobs: int = Field(2, ge=1)
-
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass instead of keeping them (less memory "
+        "for long rows or large students, ~30% more compute; the same losses)")
 
     @model_validator(mode="after")
     def _early_stopping_needs_validation(self) -> "DistillConfig":
         if self.early_stopping_patience is not None and self.validation_fraction <= 0:
             raise ValueError("early_stopping_patience needs validation_fraction > 0 (a held-out loss to watch)")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_gpus_per_worker(self) -> "DistillConfig":
+        if self.use_gpu and (self.gpus_per_worker < 1 or not float(self.gpus_per_worker).is_integer()):
+            raise ValueError(f"distill.gpus_per_worker is {self.gpus_per_worker:g}, but with use_gpu each training "
+                             "worker needs whole GPUs (1, 2, ...): workers sharing a GPU fail in NCCL; for more "
+                             "workers raise distill.workers_per_job")
         return self
 
 
@@ -280,15 +370,17 @@ class MixtureConfig(Section):
     top_k: list[int | None] = Field(default_factory=lambda: [None], min_length=1, description="mix only the k "
                                     "experts with the lowest few-shot loss on their own; null: all")
     start: float = Field(0.0, description="every weight's starting value (the paper's: 0, the student as it is)")
-    candidates_per_forward: int = Field(8, ge=1, description="weight candidates evaluated in one batched forward "
-                                        "(tpe, cmaes, random; ngopt is sequential)")
+    candidates_per_forward: AutoInt = Field("auto", description=MIXER_CANDIDATES.help(
+        "weight candidates asked for and evaluated together in batched forwards (tpe, cmaes, random; ngopt is "
+        "sequential); more per round means fewer sampler updates within the budget"))
     learning_rate: float = Field(0.2, gt=0, description="step size of the gradient optimizer")
     gate_steps: int = Field(50, ge=1, description="full-batch AdamW steps that train the gate's routers")
     gate_learning_rate: float = Field(1e-2, gt=0)
     gate_rows: Literal["task", "pooled"] = Field(
         "task", description="what the gate trains on: the target task's few-shot rows, or those pooled with "
         "every other task's few-shot rows")
-    cv_folds: int = Field(2, ge=2, description="folds over the few-shot examples that score each setting")
+    cv_folds: int = Field(2, ge=0, description="folds over the few-shot examples that score each setting; 0: no "
+                          "cross-validation (only with a single setting, where there is nothing to choose)")
     scheduler: Literal["none", "asha", "median"] = Field(
         "asha", description="stop settings whose first folds score poorly, per target task: ASHA or median "
         "stopping; none runs every setting to the end")
@@ -316,6 +408,11 @@ class MixtureConfig(Section):
             raise ValueError("every top_k must be >= 1 (or null for all experts)")
         if any(abs(self.start) > b for b in self.bound):
             raise ValueError(f"start {self.start} lies outside a bound")
+        if self.cv_folds == 1:
+            raise ValueError("cv_folds must be 0 (no cross-validation) or at least 2")
+        if self.cv_folds == 0 and len(self.settings()) > 1:
+            raise ValueError(f"cv_folds 0 leaves no way to choose between the {len(self.settings())} settings of the "
+                             "grid: set cv_folds >= 2 or give one value per key")
         return self
 
     def settings(self) -> list[dict]:
@@ -336,7 +433,7 @@ class EvaluationConfig(Section):
 
     scoring: Literal["strict", "reference"] = "strict"
     max_new_tokens: int = Field(256, ge=1, le=4096)
-    batch_size: int = Field(8, ge=1)
+    batch_size: AutoInt = Field("auto", description=EVALUATION_BATCH.help("test questions decoded together"))
     actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per evaluator actor (decoding runs on one when > 0)")

@@ -54,6 +54,7 @@ class DistillSettings:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: none
     offload_optimizer: bool = False
     full_finetune: bool = False  # train every student weight instead of a LoRA (a baseline)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
 
 
 def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int,
@@ -154,6 +155,11 @@ def length_bucketed_batches(examples: list[dict], batch_size: int, rng: random.R
     return batches
 
 
+def training_device() -> str:
+    """This worker's device: its GPU when one is visible (Ray Train pins one per worker), else the CPU."""
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
 def training_attention() -> str:
     """Eager attention on CPUs, SDPA on GPUs. For LoRA training of SmolLM2-135M on 2 CPU cores,
     eager ran 20-35% more tokens/s than SDPA's CPU flash kernel at 100-480 tokens per row (its
@@ -179,21 +185,39 @@ def add_lora(model, settings: DistillSettings):
     return get_peft_model(model, config)
 
 
+def enable_gradient_checkpointing(model, lora: bool) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them. The
+    non-reentrant implementation replays the RNG state, so dropout masks and losses stay the same.
+    With a LoRA on frozen weights, the embeddings' output is made to require grad so that the
+    checkpointed layers have something to backpropagate through. (transformers 5 renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``; either is used.)"""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if lora:
+        model.enable_input_require_grads()
+
+
 def micro_batch_size(settings: DistillSettings, world_size: int) -> int:
     """Rows per worker per forward pass: the batch is split over workers and accumulation steps."""
     return max(1, settings.batch_size // (world_size * settings.gradient_accumulation))
 
 
-def deepspeed_config(settings: DistillSettings, world_size: int) -> dict:
+def deepspeed_config(settings: DistillSettings, world_size: int, dtype: str) -> dict:
+    """DeepSpeed's settings for one job; ``dtype`` is the resolved compute dtype (bf16 or fp32)."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size(settings, world_size),
         "gradient_accumulation_steps": settings.gradient_accumulation,
         "gradient_clipping": GRADIENT_CLIPPING,
-        "zero_optimization": {"stage": settings.zero_stage,
+        # memory_efficient_linear (on by default under ZeRO-3) swaps torch.nn.functional.linear for the
+        # rest of the process, which would leak into the other models of a reused worker.
+        "zero_optimization": {"stage": settings.zero_stage, "memory_efficient_linear": False,
                               **({"offload_optimizer": {"device": "cpu"}} if settings.offload_optimizer else {})},
         # Our torch AdamW (no compiled ops) may run on offloaded states too.
         "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": settings.dtype == "bf16"},
+        "bf16": {"enabled": dtype == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -258,6 +282,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     import deepspeed
 
     from modecotd.models import is_encoder_decoder, load_lm, load_tokenizer
+    from modecotd.precision import resolve_dtype
 
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -268,7 +293,14 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     if not examples:
         raise ValueError(f"no training rows fit in max_length={settings.max_length}")
     examples, held_out = split_validation(examples, settings.validation_fraction, settings.seed)
-    base = load_lm(Path(settings.student_dir), "fp32", attention=training_attention())
+    device = training_device()
+    precision = resolve_dtype(settings.dtype, device)
+    if rank == 0:
+        log.info("training in %s", precision.describe())
+    # fp32 master weights; DeepSpeed casts the module to bf16 when that is the compute dtype.
+    base = load_lm(Path(settings.student_dir), "fp32", attention=training_attention(), device=device)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(base, lora=not settings.full_finetune)
     if settings.full_finetune:
         model = base
         for parameter in model.parameters():
@@ -286,7 +318,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total_steps, settings.warmup_ratio))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(settings, world_size),
+        config=deepspeed_config(settings, world_size, precision.dtype),
     )
     state = LoopState()
     best_state: dict | None = None
@@ -298,6 +330,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
                 log.info("resumed at optimizer step %d from %s", state.micro_step // accumulation, folder)
     engine.train()
     started, tokens_at_start = time.time(), state.target_tokens
+    unread: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, target tokens) per micro-step, on the device
     while state.micro_step < total_micro and not state.stopped_early:
         epoch, position = divmod(state.micro_step, batches_per_epoch)
         batches = epoch_batches(examples, micro * world_size, settings.seed, epoch)
@@ -310,13 +343,15 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
             engine.backward(loss)
             engine.step()
             state.micro_step += 1
-            state.losses.append(float(loss.detach()))
-            state.target_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            unread.append((loss.detach(), (batch["labels"] != IGNORE_INDEX).sum()))
             if state.micro_step % accumulation:
                 continue
+            read_back(unread, state)  # one host sync per optimizer step
             step = state.micro_step // accumulation
             metrics = {"step": step, "loss": sum(state.losses[-accumulation:]) / accumulation,
-                       "lr": scheduler.get_last_lr()[0], "target_tokens": state.target_tokens}
+                       "lr": scheduler.get_last_lr()[0], "target_tokens": state.target_tokens,
+                       "total_steps": total_steps,
+                       "target_tokens_per_s": (state.target_tokens - tokens_at_start) / max(1e-9, time.time() - started)}
             if held_out and (step % eval_every == 0 or step == total_steps):
                 metrics["validation_loss"] = validation_loss(engine, held_out, micro, tokenizer.pad_token_id)
                 state.validation.append((step, metrics["validation_loss"]))
@@ -338,6 +373,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
                 log.info("early stop at step %d: validation loss has not improved for %d evaluations",
                          step, state.evaluations_without_gain)
                 break
+    read_back(unread, state)  # nothing is left unread at an optimizer step's end; kept for safety
     losses = state.losses
     tail = losses[-5 * accumulation:]
     summary = {"steps": state.micro_step // accumulation, "planned_steps": total_steps, "rows": len(settings.rows),
@@ -348,11 +384,24 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
                "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
                "zero_stage": engine.zero_optimization_stage(), "world_size": world_size,
                "gradient_accumulation": accumulation, "resumed_from_step": state.resumed_from_step,
+               "precision": precision.as_dict(),
                "started_at": started, "finished_at": time.time(),
                "target_tokens_per_s_rank0": (state.target_tokens - tokens_at_start) / max(1e-9, time.time() - started)}
     save_adapter(engine, settings.output_dir, rank, settings.zero_stage, settings.student_dir, state=best_state,
                  full_finetune=settings.full_finetune)
     return summary
+
+
+def read_back(unread: list[tuple[torch.Tensor, torch.Tensor]], state: LoopState) -> None:
+    """Move the micro-steps' losses and target-token counts, kept on the device while the GPU
+    works ahead, into ``state`` in one transfer (float64 holds both exactly), and clear ``unread``."""
+    if not unread:
+        return
+    losses, tokens = torch.stack([torch.stack([loss for loss, _ in unread]).double(),
+                                  torch.stack([count for _, count in unread]).double()]).tolist()
+    state.losses.extend(losses)
+    state.target_tokens += int(sum(tokens))
+    unread.clear()
 
 
 def epoch_batches(examples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[dict]]:
@@ -401,9 +450,9 @@ def rank_zero_env(port: int):
                 os.environ[key] = value
 
 
-def init_one_rank_group() -> int:
-    """Start a one-rank gloo process group in this process, as Ray Train makes for each worker;
-    returns its port (for :func:`rank_zero_env`)."""
+def init_one_rank_group(backend: str = "gloo") -> int:
+    """Start a one-rank process group in this process, as Ray Train makes for each worker (gloo;
+    ``nccl`` for a GPU); returns its port (for :func:`rank_zero_env`)."""
     import socket
 
     import torch.distributed as dist
@@ -412,16 +461,17 @@ def init_one_rank_group() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with rank_zero_env(port):
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group(backend, rank=0, world_size=1)
     return port
 
 
 @contextlib.contextmanager
-def one_rank_group():
-    """A one-rank gloo group for the block, to run :func:`train_expert` outside Ray (benchmarks)."""
+def one_rank_group(backend: str = "gloo"):
+    """A one-rank group (gloo, or ``nccl`` on a GPU) for the block, to run :func:`train_expert`
+    outside Ray (benchmarks)."""
     import torch.distributed as dist
 
-    port = init_one_rank_group()
+    port = init_one_rank_group(backend)
     try:
         with rank_zero_env(port):
             yield
@@ -435,17 +485,29 @@ DEEPSPEED_TAG = "state"
 
 def save_training_state(engine, folder: Path, rank: int, state: LoopState) -> None:
     """DeepSpeed's own checkpoint (LoRA weights, optimizer, scheduler) plus this rank's loop
-    position and RNG states."""
+    position and RNG states: CPU, Python and, on a GPU, the CUDA generator of this worker's device
+    (LoRA dropout draws from it there)."""
     engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
-    torch.save({"loop": state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
-               Path(folder) / TRAINER_STATE.format(rank=rank))
+    saved = {"loop": state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available():
+        saved["cuda_rng"] = torch.cuda.get_rng_state()  # the current device: the one Ray Train gave this rank
+    torch.save(saved, Path(folder) / TRAINER_STATE.format(rank=rank))
 
 
 def load_training_state(engine, folder: Path, rank: int) -> LoopState:
+    """Restore what :func:`save_training_state` wrote. A checkpoint without a CUDA RNG state (written
+    on a CPU, or by an older version) still loads; a CUDA state is restored only where there is a GPU."""
     engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_module_strict=False)
     saved = torch.load(Path(folder) / TRAINER_STATE.format(rank=rank), weights_only=False)
     torch.set_rng_state(saved["torch_rng"])
     random.setstate(saved["python_rng"])
+    cuda_rng = saved.get("cuda_rng")
+    if cuda_rng is not None:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_rng)
+        else:
+            log.warning("%s holds a CUDA RNG state but no GPU is visible here; dropout after resuming will "
+                        "not repeat the interrupted run's", folder)
     return saved["loop"]
 
 
@@ -460,7 +522,7 @@ def trained_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
     gather = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
               if zero_stage == 3 else contextlib.nullcontext())
     with gather:
-        return {n: p.detach().float().clone() for n, p in params}
+        return {n: p.detach().float().cpu().clone() for n, p in params}  # host memory, not the GPU's
 
 
 def save_adapter(engine, output_dir: str, rank: int, zero_stage: int, student_dir: str,
@@ -485,9 +547,9 @@ def check_model(output_dir: str, state: dict) -> None:
     """A fully fine-tuned model folder loads with ``from_pretrained`` and carries the trained weights."""
     from modecotd.models import load_lm
 
-    loaded = dict(load_lm(Path(output_dir)).named_parameters())
+    loaded = dict(load_lm(Path(output_dir), device="cpu").named_parameters())
     name, tensor = next(iter(state.items()))
-    if name not in loaded or not torch.allclose(loaded[name].float(), tensor):
+    if name not in loaded or not torch.allclose(loaded[name].float().cpu(), tensor.cpu()):
         raise RuntimeError(f"{output_dir}: the fine-tuned model does not load back with from_pretrained")
 
 
@@ -506,7 +568,7 @@ def check_adapter(output_dir: str, student_dir: str, expected_tensors: int) -> N
     if len(saved) != expected_tensors or not any(bool(t.abs().sum() > 0) for t in saved.values()):
         raise RuntimeError(f"{output_dir}: the saved adapter is empty or incomplete "
                            f"({len(saved)} of {expected_tensors} LoRA tensors)")
-    loaded = PeftModel.from_pretrained(load_lm(Path(student_dir), "fp32"), output_dir)
+    loaded = PeftModel.from_pretrained(load_lm(Path(student_dir), "fp32", device="cpu"), output_dir)
     weights = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
     name, tensor = next(iter(saved.items()))
     match = [w for n, w in weights.items() if n.replace(".default", "").endswith(name.split("base_model.model.")[-1])]

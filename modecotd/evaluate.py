@@ -22,11 +22,9 @@ def load_system(student_dir: Path, dtype: str, system: dict):
     | {"kind": "full", "model": dir}.
 
     Adapters stay unmerged, the way training computed them (a separate LoRA path beside the bf16
-    weights); merging would round the update into the bf16 weights. On a GPU when one is visible."""
-    import torch
-
-    model = _load_system(student_dir, dtype, system)
-    return model.to("cuda") if torch.cuda.is_available() else model
+    weights); merging would round the update into the bf16 weights. ``dtype`` may be ``auto`` (see
+    :mod:`modecotd.precision`); the model is loaded straight onto a GPU when one is visible."""
+    return _load_system(student_dir, dtype, system)
 
 
 def _load_system(student_dir: Path, dtype: str, system: dict):

@@ -22,11 +22,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from modecotd.config import AutoSize
 from modecotd.distill import collate, token_losses, tokenize_rows
 from modecotd.models import is_encoder_decoder
 from modecotd.tasks.schema import AnswerKind
 
 METHODS = ("lorahub", "delta", "gate")
+# Rows in one forward of candidate_losses (few-shot rows x candidates): more on a GPU, where a
+# forward of a few rows leaves it idle; the logits of this many rows must fit its memory.
+ROWS_PER_FORWARD = AutoSize(cpu=32, gpu=128)
 PEFT_PREFIX = "base_model.model."
 
 
@@ -92,6 +96,9 @@ class Mixture:
 
     def __init__(self, student_dir: Path, expert_dirs: dict[str, Path], method: str = "lorahub",
                  dtype: str = "fp32", attention: str | None = None):
+        """``dtype`` may be ``auto`` (see :mod:`modecotd.precision`); ``attention`` defaults to the
+        training loop's choice for this process's device, made here, where the model runs."""
+        from modecotd.distill import training_attention
         from modecotd.models import load_lm, load_tokenizer
 
         if not expert_dirs:
@@ -101,8 +108,9 @@ class Mixture:
         self.configs = {name: config for name, (config, _) in loaded.items()}
         self.use_method(method)
         self.tokenizer = load_tokenizer(Path(student_dir), padding_side="right")
-        self.model = load_lm(Path(student_dir), dtype, attention)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_lm(Path(student_dir), dtype, attention or training_attention())
+        self.precision = self.model.precision
+        self.device = torch.device(self.precision.device)
         self.encoder_decoder = is_encoder_decoder(self.model)
         self.weights: torch.Tensor | None = None
         self._gate_log: list[torch.Tensor] | None = None
@@ -234,10 +242,12 @@ class Mixture:
 
     @torch.no_grad()
     def candidate_losses(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor,
-                         max_rows: int = 32) -> list[float]:
+                         max_rows: int | None = None) -> list[float]:
         """The few-shot loss of each candidate weight vector (``[candidates, n]``), many candidates
         per forward: the batch is repeated once per candidate with that candidate's weights on its
-        rows, in forwards of at most ``max_rows`` rows."""
+        rows, in forwards of at most ``max_rows`` rows (default: :data:`ROWS_PER_FORWARD` for the
+        model's device)."""
+        max_rows = ROWS_PER_FORWARD.resolve("auto" if max_rows is None else max_rows, self.device)
         examples = batch["input_ids"].shape[0]
         per_forward = max(1, max_rows // examples)
         out: list[float] = []

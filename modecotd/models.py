@@ -73,12 +73,13 @@ def _smollm2_package_dir() -> Path:
     return folder
 
 
-def _build_once(target: Path, build) -> Path:
-    """Run ``build(tmp_folder)`` once and publish its folder atomically at ``target``."""
-    if (target / "config.json").is_file():
+def _build_once(target: Path, build, marker: str = "config.json") -> Path:
+    """Run ``build(tmp_folder)`` once and publish its folder atomically at ``target`` (built when
+    it holds ``marker``)."""
+    if (target / marker).is_file():
         return target
     with _exclusive(target.with_suffix(".lock")):
-        if (target / "config.json").is_file():
+        if (target / marker).is_file():
             return target
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -111,7 +112,8 @@ def _convert_smollm2(out: Path) -> None:
 
 
 def _smollm2_tokenizer_dir() -> Path:
-    return _build_once(cache_dir() / "smollm2-tokenizer", lambda d: _smollm2_tokenizer().save_pretrained(d))
+    return _build_once(cache_dir() / "smollm2-tokenizer", lambda d: _smollm2_tokenizer().save_pretrained(d),
+                       marker="tokenizer_config.json")
 
 
 def _build_tiny(out: Path, seq2seq: bool = False) -> None:
@@ -159,12 +161,6 @@ def materialize(reference: str) -> Path:
         ) from None
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 def load_tokenizer(folder: Path, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
@@ -187,16 +183,25 @@ def is_encoder_decoder(model_or_folder) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def load_lm(folder: Path, dtype: str = "fp32", attention: str | None = None):
+def load_lm(folder: Path, dtype: str = "fp32", attention: str | None = None, device: str | None = None):
     """Load a language model (causal, or seq2seq when its config says encoder-decoder) for
-    inference or as a frozen base: eval mode, no grads. ``attention`` picks transformers'
-    attention implementation (default: the model's own choice, usually SDPA)."""
+    inference or as a frozen base: eval mode, no grads, on ``device`` (default: a GPU when one is
+    visible) and in ``dtype`` (``auto``: see :mod:`modecotd.precision`; the choice is kept as the
+    model's ``precision`` attribute). ``attention`` picks transformers' attention implementation
+    (default: the model's own choice, usually SDPA)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from modecotd.precision import default_device, resolve_dtype
+
+    device = device or default_device()
+    precision = resolve_dtype(dtype, device)
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder(folder) else AutoModelForCausalLM
     extra = {"attn_implementation": attention} if attention else {}
-    model = auto.from_pretrained(folder, dtype=torch_dtype(dtype), **extra)
+    if precision.device != "cpu":  # straight onto the device, never a full copy in host memory first
+        extra["device_map"] = {"": device}
+    model = auto.from_pretrained(folder, dtype=precision.torch_dtype, **extra)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    model.precision = precision
     return model

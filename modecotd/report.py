@@ -68,6 +68,7 @@ def collect(run_dir: Path) -> dict:
         out["tasks"][name] = entry
     timings = run_dir / "timings.json"
     out["seconds"] = json.loads(timings.read_text()) if timings.is_file() else {}
+    out["precision"] = precisions_used(out["tasks"])
     out["resources"] = stage_resources(config)
     out["means"] = _means(out["tasks"])
     return out
@@ -125,7 +126,8 @@ def render_markdown(report: dict) -> str:
         f"# modecotd run `{report['run']}`",
         "",
         f"- Teacher: {teacher_text}",
-        f"- Student (frozen): {report['student']['model']} ({report['student']['dtype']})",
+        f"- Student (frozen): {report['student']['model']} (dtype {report['student']['dtype']})",
+        *[f"- Computed in {use}" for use in report.get("precision", [])],
         f"- Scoring: {report['scoring']} (accuracy in %, exact match after answer normalisation)",
         "",
         "## Accuracy by task and system",
@@ -199,7 +201,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {name} | {m.get('method', 'lorahub')} | {m['l1']} | {m.get('bound', '–')} | "
                          f"{m.get('budget', '–')} | {m.get('top_k') or 'all'} | "
                          f"{m.get('settings_tried', '–')} ({len(m.get('candidates', []))}) | "
-                         f"{m['cv_loss']:.3f} | {'–' if zero is None else f'{zero:.3f}'} | {weights} |")
+                         f"{_cv_text(m)} | {'–' if zero is None else f'{zero:.3f}'} | {weights} |")
     if any("mixture" in t for t in report["tasks"].values()):
         lines += ["", "![mixture weights, target task by expert](mixture_weights.png)",
                   "", "![weight search: best objective per evaluation](search.png)"]
@@ -407,3 +409,26 @@ def write_html(markdown_text: str, path: Path) -> None:
              "text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3}")
     path.write_text(f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>modecotd report</title>"
                     f"<style>{style}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def _cv_text(mixture: dict) -> str:
+    """The CV loss, or without cross-validation (a single setting) the fitted objective."""
+    if mixture.get("cv_loss") is not None:
+        return f"{mixture['cv_loss']:.3f}"
+    objective = mixture.get("objective")
+    return "– (no CV" + (f"; fit {objective:.3f})" if objective is not None else ")")
+
+
+def precisions_used(tasks: dict) -> list[str]:
+    """Which dtype each stage computed in and why, as the workers recorded it (one line per
+    distinct choice: nodes of a cluster may differ)."""
+    seen: dict[str, set[str]] = {}
+    for entry in tasks.values():
+        found = [("distill", entry.get("expert", {}).get("precision")),
+                 ("mix", entry.get("mixture", {}).get("precision"))]
+        found += [("evaluate", result.get("precision")) for result in entry.get("eval", {}).values()]
+        for stage, precision in found:
+            if precision:
+                seen.setdefault(stage, set()).add(f"{precision['dtype']} ({precision['requested']}: "
+                                                  f"{precision['reason']})")
+    return [f"{stage}: {'; '.join(sorted(choices))}" for stage, choices in seen.items()]

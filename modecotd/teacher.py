@@ -216,8 +216,12 @@ def make_backend(config, model_dir: Path | None, api_key: str | None = None) -> 
                                           max_prompt_tokens=config.max_prompt_tokens)
     elif config.backend == "vllm":
         from modecotd.backends.vllm_local import VLLMGenerator
+        from modecotd.config import VLLMSettings
 
-        generator = VLLMGenerator(model_dir, dtype=config.dtype)
+        engine = config.vllm or VLLMSettings()
+        generator = VLLMGenerator(model_dir, dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
+                                  gpu_memory_utilization=engine.gpu_memory_utilization,
+                                  max_model_len=engine.max_model_len)
     elif config.backend == "openai":
         from modecotd.backends.openai_api import OpenAIGenerator
 

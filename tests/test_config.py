@@ -151,6 +151,14 @@ def test_every_example_config_validates(path):
     ({"backend": "precomputed", "rationalize": True}, "needs a generating backend"),
     ({"backend": "scripted", "prompting": "few_shot"}, "needs a generating backend"),
     ({"backend": "vllm"}, "set teacher.gpus_per_actor"),
+    ({"backend": "vllm", "gpus_per_actor": 0.5}, "needs whole GPUs per actor: teacher.gpus_per_actor is 0.5"),
+    ({"backend": "vllm", "gpus_per_actor": 2, "vllm": {"tensor_parallel_size": 4}},
+     "teacher.vllm.tensor_parallel_size is 4 but teacher.gpus_per_actor is 2"),
+    ({"backend": "vllm", "gpus_per_actor": 1, "vllm": {"gpu_memory_utilization": 1.5}},
+     "teacher.vllm.gpu_memory_utilization: Input should be less than or equal to 1"),
+    ({"backend": "vllm", "gpus_per_actor": 1, "vllm": {"max_model_len": 4}},
+     "teacher.vllm.max_model_len: Input should be greater than or equal to 16"),
+    ({"backend": "transformers", "vllm": {"max_model_len": 4096}}, "teacher.vllm is only used by backend 'vllm'"),
     ({"backend": "transformers", "endpoint": {"url": "http://x"}}, "only used by backend 'openai'"),
 ])
 def test_teacher_settings_that_cannot_work_are_rejected(teacher, message):
@@ -174,3 +182,89 @@ def test_teacher_template_needs_exactly_the_question_field(tmp_path):
         """))
     with pytest.raises(ConfigError, match=r"run.yaml:6: tasks.0.teacher_template: .*\{question\}"):
         load_config(path)
+
+
+def _minimal(**sections) -> dict:
+    return {"name": "t", "tasks": [{"name": "a", "role": "seen",
+                                    "source": {"kind": "generated", "family": "arithmetic"}}], **sections}
+
+
+def test_vllm_engine_settings_default_to_the_actors_gpus():
+    from modecotd.config import parse_config
+
+    config = parse_config(_minimal(teacher={"backend": "vllm", "gpus_per_actor": 2}))
+    assert config.teacher.vllm is None and config.teacher.tensor_parallel_size == 2
+    config = parse_config(_minimal(teacher={"backend": "vllm", "gpus_per_actor": 4, "vllm": {
+        "tensor_parallel_size": 4, "gpu_memory_utilization": 0.8, "max_model_len": 8192}}))
+    assert config.teacher.tensor_parallel_size == 4
+    assert (config.teacher.vllm.gpu_memory_utilization, config.teacher.vllm.max_model_len) == (0.8, 8192)
+
+
+@pytest.mark.parametrize("gpus", [0.5, 0.25, 1.5])
+def test_fractional_gpus_per_training_worker_are_rejected_with_use_gpu(gpus):
+    from modecotd.config import parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(_minimal(distill={"use_gpu": True, "gpus_per_worker": gpus}))
+    message = str(info.value)
+    assert f"distill.gpus_per_worker is {gpus:g}" in message and "whole GPUs" in message and "NCCL" in message
+    assert "\n" not in message
+    # Without use_gpu the value is not used, so it is not checked; whole numbers pass.
+    assert parse_config(_minimal(distill={"use_gpu": False, "gpus_per_worker": gpus})).distill.gpus_per_worker == gpus
+    assert parse_config(_minimal(distill={"use_gpu": True, "gpus_per_worker": 2})).distill.gpus_per_worker == 2
+
+
+def test_gradient_checkpointing_is_off_by_default_and_can_be_set():
+    from modecotd.config import parse_config
+
+    assert parse_config(_minimal()).distill.gradient_checkpointing is False
+    assert parse_config(_minimal(distill={"gradient_checkpointing": True})).distill.gradient_checkpointing is True
+
+
+def test_batch_sizes_default_to_auto_and_keep_explicit_numbers(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert (config.teacher.batch_size, config.evaluation.batch_size, config.mixture.candidates_per_forward) == \
+        ("auto", "auto", "auto")
+    config = load_config(write(tmp_path, GOOD), ["teacher.batch_size=4", "evaluation.batch_size=16",
+                                                 "mixture.candidates_per_forward=2"])
+    assert (config.teacher.batch_size, config.evaluation.batch_size, config.mixture.candidates_per_forward) == \
+        (4, 16, 2)
+    assert load_config(write(tmp_path, GOOD), ["evaluation.batch_size=auto"]).evaluation.batch_size == "auto"
+
+
+@pytest.mark.parametrize("override", ["evaluation.batch_size=0", "evaluation.batch_size=big",
+                                      "teacher.batch_size=2.5", "mixture.candidates_per_forward=true"])
+def test_bad_batch_sizes_name_the_key_and_the_allowed_values(tmp_path, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: Value error, must be a whole number >= 1 or 'auto'")):
+        load_config(write(tmp_path, GOOD), [override])
+
+
+def test_auto_sizes_resolve_by_device():
+    import torch
+
+    from modecotd.config import EVALUATION_BATCH, MIXER_CANDIDATES, TEACHER_BATCH, AutoSize
+
+    size = AutoSize(cpu=8, gpu=64)
+    assert [size.resolve("auto", d) for d in ("cpu", "cuda", "cuda:1", torch.device("cpu"))] == [8, 64, 64, 8]
+    assert size.resolve(5, "cuda") == 5 and size.resolve(5, "cpu") == 5  # a number is kept as it is
+    for auto in (TEACHER_BATCH, EVALUATION_BATCH, MIXER_CANDIDATES):
+        assert auto.resolve("auto", "cpu") == 8  # the CPU sizes of before: CPU runs are unchanged
+        assert auto.resolve("auto", "cuda") > auto.resolve("auto", "cpu")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    (["mixture.cv_folds=1"], "cv_folds must be 0 (no cross-validation) or at least 2"),
+    (["mixture.cv_folds=0", "mixture.l1=[0.01,0.05]"], "cv_folds 0 leaves no way to choose between the 2 settings"),
+])
+def test_cross_validation_is_off_only_where_there_is_nothing_to_choose(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, GOOD), override)
+    assert load_config(write(tmp_path, GOOD), ["mixture.cv_folds=0"]).mixture.cv_folds == 0
+
+
+def test_student_dtype_defaults_to_auto(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert config.student.dtype == config.teacher.dtype == "auto"
+    with pytest.raises(ConfigError, match="student.dtype"):
+        load_config(write(tmp_path, GOOD), ["student.dtype=fp16"])

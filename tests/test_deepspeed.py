@@ -91,11 +91,46 @@ def test_a_crashed_run_resumes_from_its_checkpoint_to_the_same_adapter(process_g
         assert (before[name] - after[name]).abs().max() < 1e-5, name
 
 
-def test_gradient_accumulation_counts_optimizer_steps(process_group, tiny_model_dir, tmp_path):
+def test_gradient_accumulation_counts_optimizer_steps(process_group, tiny_model_dir, tmp_path, monkeypatch):
+    from modecotd import distill
+
+    read_backs = []  # micro-steps read from the device at each read-back: once per optimizer step
+
+    def spy(unread, state):
+        read_backs.append(len(unread))
+        real_read_back(unread, state)
+
+    real_read_back = distill.read_back
+    monkeypatch.setattr(distill, "read_back", spy)
     summary = train_expert(_settings(tiny_model_dir, tmp_path, gradient_accumulation=2), 0, 1)
     assert summary["gradient_accumulation"] == 2
     assert summary["steps"] == 6 and len(summary["losses"]) == 12  # micro-batches of 2, optimizer batch 4
+    assert read_backs == [2] * 6 + [0]  # the last call finds nothing left
     assert summary["final_loss"] < summary["first_loss"]
+
+
+def test_gradient_checkpointing_trains_with_the_same_losses(process_group, tiny_model_dir, tmp_path, monkeypatch):
+    from modecotd import distill
+
+    layer_calls = []  # forwards inside the first decoder layer: twice per micro-step when they are recomputed
+
+    def spy(model, lora):
+        real_enable(model, lora)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) and lora
+        # a pre-hook: torch stops a recomputation once it has every tensor backward needs
+        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *args: layer_calls.append(1))
+
+    real_enable = distill.enable_gradient_checkpointing
+    monkeypatch.setattr(distill, "enable_gradient_checkpointing", spy)
+    plain = train_expert(_settings(tiny_model_dir, tmp_path / "plain", epochs=1), 0, 1)
+    assert layer_calls == []  # off by default
+    recomputed = train_expert(_settings(tiny_model_dir, tmp_path / "checkpointed", epochs=1,
+                                        gradient_checkpointing=True), 0, 1)
+    assert len(layer_calls) == 2 * len(recomputed["losses"]) == 2 * 3
+    assert recomputed["losses"][0] == plain["losses"][0]
+    # the same dropout masks are replayed in the recomputation, so the updates and later losses match too
+    assert recomputed["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert (tmp_path / "checkpointed" / "adapter_model.safetensors").is_file()
 
 
 def test_validation_loss_and_early_stopping(process_group, tiny_model_dir, tmp_path):

@@ -62,3 +62,81 @@ def test_target_loss_equals_the_models_own_loss(tiny_model_dir):
                      {"input_ids": list(range(30, 39)), "labels": [-100] * 4 + list(range(34, 39))}], pad_id=0)
     expected = model(**batch).loss
     assert torch.allclose(target_loss(model, batch), expected, atol=1e-5)
+
+
+def test_read_back_moves_losses_and_token_counts_in_one_go_unchanged():
+    import torch
+
+    from modecotd.distill import LoopState, read_back
+
+    losses = [torch.tensor(x, dtype=torch.float32) for x in (2.718281828, 1.0 / 3.0, 0.1)]
+    counts = [torch.tensor(n) for n in (17, 0, 123456789)]
+    state = LoopState(losses=[5.0], target_tokens=10)
+    unread = list(zip(losses, counts))
+    read_back(unread, state)
+    assert unread == []
+    # exactly what float(loss) and int(count) per micro-step gave
+    assert state.losses == [5.0] + [float(x) for x in losses]
+    assert state.target_tokens == 10 + 17 + 0 + 123456789
+    read_back(unread, state)  # nothing unread: nothing changes
+    assert len(state.losses) == 4
+
+
+class _FakeEngine:
+    """What save/load_training_state ask of a DeepSpeed engine."""
+
+    def save_checkpoint(self, folder, tag, exclude_frozen_parameters):
+        pass
+
+    def load_checkpoint(self, folder, tag, load_module_strict):
+        pass
+
+
+def _pretend_gpu(monkeypatch, cuda_state, restored):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device="cuda": restored.append(new_state))
+
+
+def test_checkpoints_keep_the_cuda_rng_state_on_a_gpu(tmp_path, monkeypatch):
+    import torch
+
+    from modecotd.distill import TRAINER_STATE, LoopState, load_training_state, save_training_state
+
+    cuda_state, restored = torch.arange(16, dtype=torch.uint8), []
+    _pretend_gpu(monkeypatch, cuda_state, restored)
+    save_training_state(_FakeEngine(), tmp_path, 1, LoopState(micro_step=6))
+    saved = torch.load(tmp_path / TRAINER_STATE.format(rank=1), weights_only=False)
+    assert torch.equal(saved["cuda_rng"], cuda_state)
+    assert load_training_state(_FakeEngine(), tmp_path, 1).micro_step == 6
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+
+
+def test_checkpoints_without_a_cuda_rng_state_still_load(tmp_path, monkeypatch):
+    import torch
+
+    from modecotd.distill import TRAINER_STATE, LoopState, load_training_state, save_training_state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    save_training_state(_FakeEngine(), tmp_path, 0, LoopState(micro_step=4))  # written on a CPU
+    assert "cuda_rng" not in torch.load(tmp_path / TRAINER_STATE.format(rank=0), weights_only=False)
+    restored: list = []
+    _pretend_gpu(monkeypatch, torch.zeros(4, dtype=torch.uint8), restored)  # resumed on a GPU
+    assert load_training_state(_FakeEngine(), tmp_path, 0).micro_step == 4
+    assert restored == []
+
+
+def test_a_cuda_rng_state_is_skipped_where_there_is_no_gpu(tmp_path, monkeypatch, caplog):
+    import torch
+
+    from modecotd.distill import LoopState, load_training_state, save_training_state
+
+    restored: list = []
+    _pretend_gpu(monkeypatch, torch.ones(4, dtype=torch.uint8), restored)
+    save_training_state(_FakeEngine(), tmp_path, 0, LoopState(micro_step=2))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert load_training_state(_FakeEngine(), tmp_path, 0).micro_step == 2
+    assert restored == [] and "no GPU is visible" in caplog.text

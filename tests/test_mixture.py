@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modecotd.distill import DistillSettings, add_lora
+from modecotd.distill import DistillSettings, add_lora, training_attention
 from modecotd.mixture import Mixture, export_adapter, read_adapter
 from modecotd.models import load_lm
 from modecotd.tasks.schema import AnswerKind
@@ -69,7 +69,8 @@ def expert_update(tensors, config, path, x):
 def test_zero_weights_reproduce_the_base_model_exactly(tiny_model_dir, experts, same_alpha_experts, batch, method):
     mixture = Mixture(tiny_model_dir, same_alpha_experts if method == "lorahub" else experts, method)
     mixture.set_weights([0.0, 0.0])
-    assert torch.equal(logits(mixture.model, batch), logits(load_lm(tiny_model_dir), batch))
+    base = load_lm(tiny_model_dir, attention=training_attention())  # the mixture's own choice on this device
+    assert torch.equal(logits(mixture.model, batch), logits(base, batch))
 
 
 def test_delta_is_the_weighted_sum_of_the_experts_updates(tiny_model_dir, experts):
@@ -138,6 +139,24 @@ def test_candidates_in_one_batch_match_one_at_a_time(tiny_model_dir, experts, ba
         one_by_one.append(mixture.few_shot_loss(batch))
     assert batched == pytest.approx(one_by_one, rel=1e-5)
     assert len(set(round(x, 4) for x in batched)) == 3
+
+
+def test_candidate_forwards_default_to_the_devices_row_cap(tiny_model_dir, experts, batch):
+    from modecotd.mixture import ROWS_PER_FORWARD
+
+    mixture = Mixture(tiny_model_dir, experts, "delta")
+    assert mixture.device.type == "cpu"
+    rows_per_forward = []
+    hook = mixture.model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        candidates = torch.rand(12, 2)  # 12 candidates x 3 rows = 36 rows: more than the CPU's 32
+        assert mixture.candidate_losses(batch, candidates) == pytest.approx(
+            mixture.candidate_losses(batch, candidates, max_rows=36), rel=1e-5)
+    finally:
+        hook.remove()
+    assert ROWS_PER_FORWARD.resolve("auto", "cpu") == 32 and ROWS_PER_FORWARD.resolve("auto", "cuda") > 32
+    assert rows_per_forward == [30, 6, 36]  # 10 + 2 candidates by default on a CPU; one forward at 36
 
 
 def test_gradient_matches_finite_differences(tiny_model_dir, same_alpha_experts, batch):

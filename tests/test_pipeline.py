@@ -2,6 +2,7 @@
 search and evaluator actors, with a tiny model on two small generated tasks; then resume."""
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from modecotd.artifacts import read_jsonl
 from modecotd.config import parse_config
 from modecotd.jobs.driver import run_pipeline
+from modecotd.progress import ProgressBoard
 
 CONFIG = {
     "name": "e2e",
@@ -43,8 +45,22 @@ def manifests(run_dir) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def first_run(ray_cluster, tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    outcome = run_pipeline(parse_config(CONFIG), run_dir)
-    return outcome, run_dir
+    board = ProgressBoard(io.StringIO(), tty=False, line_every_s=0)
+    outcome = run_pipeline(parse_config(CONFIG), run_dir, progress=board)
+    return outcome, run_dir, board.stream.getvalue().splitlines()
+
+
+def test_every_stage_shows_progress_from_where_its_work_runs(first_run):
+    """Lines come from the teacher stage (driver), Ray Train's rank 0 (distill), the Tune callback (mix)
+    and the evaluator actors, each unit ending in a finished line."""
+    lines = first_run[2]
+    finished = [line for line in lines if "done in" in line]
+    for unit in ("teacher coins: 12/12 questions", "distill coins: ", "distill multitask: ",
+                 "mix coins: 3/3 settings", "mix letters: 3/3 settings", "evaluate coins / expert: 6/6 questions",
+                 "evaluate letters / mixture: 6/6 questions"):
+        assert any(line.startswith(unit) for line in finished), (unit, lines)
+    steps = [line for line in lines if line.startswith("distill coins: ") and "done in" not in line]
+    assert steps and all("loss" in line and "target tokens/s" in line for line in steps), lines
 
 
 def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
@@ -52,7 +68,7 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
 
     from modecotd.models import load_lm
 
-    outcome, run_dir = first_run
+    outcome, run_dir, _ = first_run
     assert outcome.failures == {}
     accepted = read_jsonl(run_dir / "rationales/coins/accepted.jsonl")
     assert len(accepted) == 12 and all(r["rationale"] for r in accepted)
@@ -107,7 +123,7 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
 
 
 def test_rerun_skips_finished_units(first_run):
-    outcome, run_dir = first_run
+    outcome, run_dir, _ = first_run
     before = manifests(run_dir)
     again = run_pipeline(parse_config(CONFIG), run_dir)
     assert again.failures == {}
@@ -115,7 +131,7 @@ def test_rerun_skips_finished_units(first_run):
 
 
 def test_changed_mixer_setting_redoes_only_what_depends_on_it(first_run):
-    outcome, run_dir = first_run
+    outcome, run_dir, _ = first_run
     before = manifests(run_dir)
     changed = json.loads(json.dumps(CONFIG))
     changed["mixture"]["budget"] = 3
@@ -150,7 +166,7 @@ def test_a_seq2seq_student_runs_end_to_end(ray_cluster, tiny_t5_dir, tmp_path):
 def test_report_is_rebuilt_from_the_run_folder_alone(first_run, capsys):
     from modecotd.cli import main
 
-    _, run_dir = first_run
+    _, run_dir, _ = first_run
     before = (run_dir / "report.md").read_text()
     for name in ("report.md", "report.json", "accuracy.png", "mixture_weights.png"):
         (run_dir / name).unlink()
@@ -176,7 +192,7 @@ def test_tune_searches_only_the_mixer_with_a_space_from_the_command_line(first_r
 
     from modecotd.cli import main
 
-    _, run_dir = first_run
+    _, run_dir, _ = first_run
     evals_before = manifests(run_dir)
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(CONFIG))
@@ -197,3 +213,20 @@ def test_tune_searches_only_the_mixer_with_a_space_from_the_command_line(first_r
     runs = mlflow.search_runs(experiment_names=["modecotd-e2e"], output_format="list")
     assert len(runs) == 4 and all("cv_loss" in run.data.metrics for run in runs)
     assert list(run_dir.glob("ray/mix-*/*/events.out.tfevents.*"))
+
+
+def test_a_single_setting_is_fitted_without_cross_validation(first_run, tmp_path):
+    """cv_folds 0: nothing to choose between, so the weights are fitted once on all few-shot rows."""
+    import yaml
+
+    from modecotd.cli import main
+
+    _, run_dir, _ = first_run
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(CONFIG))
+    assert main(["tune", str(config_file), "--run-dir", str(run_dir), "--method", "lorahub", "--l1", "0.05",
+                 "--budget", "3", "--scheduler", "asha", "--set", "mixture.cv_folds=0"]) == 0
+    mixture = json.loads((run_dir / "mixtures/letters/mixture.json").read_text())
+    trial = json.loads((run_dir / "mixtures/letters/search.json").read_text())["trials"][0]
+    assert mixture["cv_loss"] is None and trial["fold_losses"] == [] and len(trial["history"]) == 3
+    assert "– (no CV; fit" in (run_dir / "report.md").read_text()

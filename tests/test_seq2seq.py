@@ -65,7 +65,7 @@ def test_zero_trains_a_seq2seq_expert_that_reloads(process_group, tiny_t5_dir, t
 def test_mixer_and_generation_work_on_a_seq2seq_student(tiny_t5_dir, tmp_path):
     from peft import PeftModel
 
-    from modecotd.distill import add_lora
+    from modecotd.distill import add_lora, training_attention
     from modecotd.evaluate import predict
     from modecotd.mixture import Mixture
     from modecotd.tasks.schema import Example
@@ -85,13 +85,13 @@ def test_mixer_and_generation_work_on_a_seq2seq_student(tiny_t5_dir, tmp_path):
     mixer = Mixture(tiny_t5_dir, experts)
     batch = mixer.batch_for([ROW, {**ROW, "rationale": "Two plus three makes five."}], AnswerKind.NUMBER, 128)
     mixer.set_weights([0.0, 0.0])
-    base = load_lm(tiny_t5_dir)
+    base = load_lm(tiny_t5_dir, attention=training_attention())  # the mixture's own choice on this device
     with torch.no_grad():
         assert torch.equal(mixer.model(**batch).logits, base(**batch).logits)
     zero = mixer.few_shot_loss(batch)
     assert len(mixer.layers) == 6 * 2  # q and v of encoder self, decoder self and cross attention
     mixer.set_weights([1.0, 0.0])
-    expert = PeftModel.from_pretrained(load_lm(tiny_t5_dir), str(experts["alpha"]))
+    expert = PeftModel.from_pretrained(load_lm(tiny_t5_dir, attention=training_attention()), str(experts["alpha"]))
     with torch.no_grad():
         torch.testing.assert_close(mixer.model(**batch).logits, expert(**batch).logits)
     assert mixer.few_shot_loss(batch) != pytest.approx(zero)

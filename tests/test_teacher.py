@@ -170,6 +170,16 @@ def test_transformers_teacher_samples_k_rationales_and_fails_overlong_prompts(ti
     assert out.tokens > 0
 
 
+def test_transformers_teacher_batch_size_auto_is_resolved_on_the_models_device(tiny_model_dir):
+    from modecotd.config import TEACHER_BATCH
+
+    assert make_backend(TeacherConfig(backend="transformers", dtype="fp32", batch_size=3),
+                        tiny_model_dir).generator.batch_size == 3
+    teacher = make_backend(TeacherConfig(backend="transformers", dtype="fp32"), tiny_model_dir)  # auto
+    assert teacher.generator.model.device.type == "cpu"
+    assert teacher.generator.batch_size == TEACHER_BATCH.cpu == 8
+
+
 def test_the_vllm_backend_is_selected_by_config_and_says_what_is_missing(tiny_model_dir):
     import importlib.util
 

@@ -129,6 +129,9 @@ def fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", fake)
     _pretend_vllm_installed(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
     return fake
 
 
@@ -140,17 +143,57 @@ def _gen(gen, prompts, **over):
 
 @pytest.mark.parametrize(("ours", "theirs"), [("bf16", "bfloat16"), ("fp32", "float32")])
 def test_engine_arguments_and_dtype_mapping(fake_vllm, tmp_path, ours, theirs):
-    VLLMGenerator(tmp_path, dtype=ours, seed=3, gpu_memory_utilization=0.5, max_model_len=128)
+    VLLMGenerator(tmp_path, dtype=ours, seed=3, tensor_parallel_size=2, gpu_memory_utilization=0.5,
+                  max_model_len=128)
     (llm,) = FakeLLM.instances
-    assert llm.kwargs == {"model": str(tmp_path), "dtype": theirs, "seed": 3,
+    assert llm.kwargs == {"model": str(tmp_path), "dtype": theirs, "seed": 3, "tensor_parallel_size": 2,
                           "gpu_memory_utilization": 0.5, "max_model_len": 128}
 
 
 def test_engine_defaults_leave_max_model_len_to_vllm(fake_vllm):
     gen = VLLMGenerator("/models/t")
     (llm,) = FakeLLM.instances
-    assert llm.kwargs == {"model": "/models/t", "dtype": "bfloat16", "seed": 0, "gpu_memory_utilization": 0.9}
+    assert llm.kwargs == {"model": "/models/t", "dtype": "bfloat16", "seed": 0, "tensor_parallel_size": 1,
+                          "gpu_memory_utilization": 0.9}
     assert gen.max_model_len == 64  # read back from the engine's model config
+
+
+@pytest.mark.parametrize(("bf16_on_gpu", "theirs"), [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_is_resolved_on_the_gpu_not_passed_to_vllm(fake_vllm, monkeypatch, bf16_on_gpu, theirs):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_on_gpu)
+    VLLMGenerator("/models/t", dtype="auto")
+    (llm,) = FakeLLM.instances
+    assert llm.kwargs["dtype"] == theirs
+
+
+def test_more_tensor_parallel_ranks_than_visible_gpus_is_a_model_error(fake_vllm):
+    with pytest.raises(ModelError, match="tensor_parallel_size 4 needs that many GPUs, but 2 are visible"):
+        VLLMGenerator("/models/t", tensor_parallel_size=4)
+    assert FakeLLM.instances == []
+
+
+def test_make_backend_passes_the_vllm_section_to_the_engine(fake_vllm, tmp_path):
+    from modecotd.config import TeacherConfig
+    from modecotd.teacher import make_backend
+
+    config = TeacherConfig(backend="vllm", gpus_per_actor=2,
+                           vllm={"gpu_memory_utilization": 0.6, "max_model_len": 2048})
+    teacher = make_backend(config, tmp_path)
+    (llm,) = FakeLLM.instances
+    assert teacher.generator.llm is llm
+    assert llm.kwargs == {"model": str(tmp_path), "dtype": "bfloat16", "seed": 0,  # teacher dtype auto, bf16 GPU
+                          "tensor_parallel_size": 2,  # from gpus_per_actor
+                          "gpu_memory_utilization": 0.6, "max_model_len": 2048}
+
+
+def test_make_backend_without_a_vllm_section_uses_the_defaults(fake_vllm, tmp_path):
+    from modecotd.config import TeacherConfig
+    from modecotd.teacher import make_backend
+
+    make_backend(TeacherConfig(backend="vllm", gpus_per_actor=1, dtype="fp32"), tmp_path)
+    (llm,) = FakeLLM.instances
+    assert llm.kwargs == {"model": str(tmp_path), "dtype": "float32", "seed": 0, "tensor_parallel_size": 1,
+                          "gpu_memory_utilization": 0.9}
 
 
 def test_unknown_dtype_is_a_model_error(fake_vllm):

@@ -23,7 +23,9 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
 
 from modecotd.artifacts import Unit, pending, write_json
+from modecotd.config import MIXER_CANDIDATES
 from modecotd.errors import UserError
+from modecotd.jobs.progress import send
 from modecotd.mixture import Mixture, export_adapter
 from modecotd.tasks.schema import AnswerKind
 from modecotd.weight_search import search_weights
@@ -54,7 +56,7 @@ def _mixture(context: dict, method: str) -> Mixture:
     if key not in _MIXTURES:
         _MIXTURES.clear()  # one student in memory per worker
         _MIXTURES[key] = Mixture(Path(context["student_dir"]), {n: Path(p) for n, p in context["experts"].items()},
-                                 method, context["dtype"], attention=context["attention"])
+                                 method, context["dtype"])
         _LOADS.append(time.time())
     mixture = _MIXTURES[key]
     mixture.use_method(method)
@@ -89,8 +91,8 @@ def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict,
     result = search_weights(
         candidate_losses, len(chosen), optimizer=context["optimizer"], budget=setting["budget"],
         bound=setting["bound"], l1=setting["l1"], seed=context["seed"], start=[context["start"]] * len(chosen),
-        batch=context["candidates_per_forward"], loss_and_gradient=loss_and_gradient,
-        learning_rate=context["learning_rate"])
+        batch=MIXER_CANDIDATES.resolve(context["candidates_per_forward"], mixture.device),  # auto: by device
+        loss_and_gradient=loss_and_gradient, learning_rate=context["learning_rate"])
     return result, full(result.weights).tolist()
 
 
@@ -128,17 +130,21 @@ def mixture_trial(config: dict, context: dict) -> None:
     all_rows = batch(everything)  # tokenised once for expert selection, the zero-weight loss and the gate's mean
     chosen = list(range(len(mixture.names))) if gate else top_experts(mixture, all_rows, setting["top_k"])
     held_out: list[float] = []
-    for fold, held in enumerate(_folds(len(rows), context["cv_folds"])):
-        weights, _, _ = fit([i for i in everything if i not in held])
+    evaluations = 0
+    folds = _folds(len(rows), context["cv_folds"]) if context["cv_folds"] else []  # 0: one setting, no choice
+    for fold, held in enumerate(folds):
+        weights, fold_history, _ = fit([i for i in everything if i not in held])
+        evaluations += len(fold_history)
         held_out.append(loss_at(weights, held))
-        tune.report({METRIC: sum(held_out) / len(held_out), "fold": fold})
+        tune.report({METRIC: sum(held_out) / len(held_out), "fold": fold, "evaluations": evaluations})
         print(f"{label}: fold {fold + 1} held-out loss {held_out[-1]:.3f}", flush=True)
-    cv_loss = sum(held_out) / len(held_out)
+    cv_loss = sum(held_out) / len(held_out) if held_out else None
     weights, history, seconds = fit(everything)
+    evaluations += len(history)
     record = {"task": task, **setting, "setting": setting_key(setting), "cv_loss": cv_loss, "fold_losses": held_out,
               "objective": min(h["objective"] for h in history), "experts_mixed": [mixture.names[i] for i in chosen],
               "history": history, "search_seconds": seconds, "worker_pid": os.getpid(),
-              "student_loads_in_worker": len(_LOADS)}
+              "student_loads_in_worker": len(_LOADS), "precision": mixture.precision.as_dict()}
     if gate:
         routers = Path(context["trials_dir"]) / f"{task}--gate.routers.safetensors"
         mixture.save_routers(routers)
@@ -151,10 +157,11 @@ def mixture_trial(config: dict, context: dict) -> None:
     record["zero_weights_loss"] = mixture.few_shot_loss(all_rows)
     write_json(Path(context["trials_dir"]) / f"{task}--{setting_key(setting)}.json", record)
     _trial_metrics(task, cv_loss)
-    tune.report({METRIC: cv_loss, "objective": record["objective"], "done": True})
+    final = {"objective": record["objective"], "evaluations": evaluations, "done": True}
+    tune.report(final if cv_loss is None else {METRIC: cv_loss, **final})
 
 
-def _trial_metrics(task: str, cv_loss: float) -> None:
+def _trial_metrics(task: str, cv_loss: float | None) -> None:
     """Ray metrics for the dashboard: finished mixer trials and the last CV loss, per target task
     (made once per worker process, which runs many trials)."""
     from ray.util.metrics import Counter, Gauge
@@ -164,7 +171,8 @@ def _trial_metrics(task: str, cv_loss: float) -> None:
         _METRICS["cv_loss"] = Gauge("modecotd_mix_cv_loss", "CV few-shot loss of the last finished setting",
                                     ("task",))
     _METRICS["done"].inc(1, {"task": task})
-    _METRICS["cv_loss"].set(cv_loss, {"task": task})
+    if cv_loss is not None:
+        _METRICS["cv_loss"].set(cv_loss, {"task": task})
 
 
 class PerTaskScheduler(FIFOScheduler):
@@ -201,7 +209,7 @@ class PerTaskScheduler(FIFOScheduler):
 
 
 def make_scheduler(kind: str, cv_folds: int):
-    if kind == "none":
+    if kind == "none" or not cv_folds:  # without folds there is nothing to stop early on
         return FIFOScheduler()
     if kind == "asha":
         return PerTaskScheduler(lambda: AsyncHyperBandScheduler(
@@ -209,6 +217,40 @@ def make_scheduler(kind: str, cv_folds: int):
             reduction_factor=2))
     return PerTaskScheduler(lambda: MedianStoppingRule(
         time_attr="training_iteration", metric=METRIC, mode="min", grace_period=1, min_samples_required=2))
+
+
+class TrialProgress(tune.Callback):
+    """Per target task on the driver's terminal: mixer settings scored, objective evaluations so far
+    and the best CV loss."""
+
+    def __init__(self, settings_per_task: int):
+        self.total = settings_per_task
+        self.trials: dict[str, dict[str, dict]] = {}  # task -> trial id -> its last result
+
+    def _send(self, task: str) -> None:
+        trials = self.trials[task]
+        finished = sum(r.get("ended", False) for r in trials.values())
+        evaluations = sum(r.get("evaluations", 0) for r in trials.values())
+        losses = [r[METRIC] for r in trials.values() if METRIC in r]
+        best = f", best CV loss {min(losses):.3f}" if losses else ""
+        send("mix", task, finished, self.total, "setting", note=f"{evaluations} evaluations{best}",
+             finished=finished >= self.total)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        task = trial.config["task"]
+        self.trials.setdefault(task, {})[trial.trial_id] = {**result, "ended": False}
+        self._send(task)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial)
+
+    def _ended(self, trial) -> None:
+        task = trial.config["task"]
+        self.trials.setdefault(task, {}).setdefault(trial.trial_id, {})["ended"] = True
+        self._send(task)
 
 
 def tune_loggers(cfg, run_name: str) -> list:
@@ -228,8 +270,6 @@ def tune_loggers(cfg, run_name: str) -> list:
 def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expert_dirs: dict[str, Path],
                       student_dir: Path) -> dict[str, dict]:
     """Search mixtures for every target task whose unit is not done; commit the best per task."""
-    from modecotd.distill import training_attention
-
     todo = pending(units, "mix", log)
     if not todo:
         return {}
@@ -243,7 +283,7 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
         for stale in trials_dir.glob(f"{name}--*.json"):
             stale.unlink()
     context = {
-        "student_dir": str(student_dir), "dtype": config.student.dtype, "attention": training_attention(),
+        "student_dir": str(student_dir), "dtype": config.student.dtype,
         "experts": {n: str(p) for n, p in expert_dirs.items()}, "optimizer": cfg.optimizer, "start": cfg.start,
         "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
         "seed": config.seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
@@ -255,7 +295,7 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
                          "fewshot": [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale}
                                      for ex in tasks[name].fewshot]} for name in todo},
     }
-    callbacks = tune_loggers(cfg, config.name)
+    callbacks = tune_loggers(cfg, config.name) + [TrialProgress(len(cfg.settings()))]
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(mixture_trial, context=context),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
@@ -287,10 +327,11 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
 
 def _commit(unit: Unit, records: list[dict], context: dict, cfg) -> dict:
     """Keep the best setting's mixture: its weights, the merged adapter, and every trial's search."""
-    best = min(records, key=lambda r: r["cv_loss"])
+    best = min(records, key=lambda r: r["cv_loss"] if r["cv_loss"] is not None else r["objective"])
     summary = {"status": "done", **{k: best[k] for k in ("method", "budget", "bound", "l1", "top_k", "setting")},
                "cv_loss": best["cv_loss"], "objective": best["objective"], "weights": best["weights"],
                "experts_mixed": best["experts_mixed"], "zero_weights_loss": best["zero_weights_loss"],
+               "precision": best.get("precision"),
                "candidates": [{"setting": r["setting"], "cv_loss": r["cv_loss"]} for r in records],
                "settings_tried": len(cfg.settings())}  # those missing from candidates were stopped early
     with unit.writing(summary) as staging:
@@ -301,6 +342,7 @@ def _commit(unit: Unit, records: list[dict], context: dict, cfg) -> dict:
         else:
             experts = {n: Path(p) for n, p in context["experts"].items()}
             export_adapter(experts, best["method"], [best["weights"][n] for n in experts], staging / "adapter")
-    log.info("mix: %s: %s, cv loss %.3f, weights %s", best["task"], best["setting"], best["cv_loss"],
+    log.info("mix: %s: %s, cv loss %s, weights %s", best["task"], best["setting"],
+             "–" if best["cv_loss"] is None else f"{best['cv_loss']:.3f}",
              {k: round(v, 2) for k, v in best["weights"].items()})
     return summary

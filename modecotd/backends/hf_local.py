@@ -16,20 +16,17 @@ log = logging.getLogger(__name__)
 
 
 class TransformersGenerator:
-    def __init__(self, model_dir: Path | str, *, dtype: str = "auto", batch_size: int = 8,
+    def __init__(self, model_dir: Path | str, *, dtype: str = "auto", batch_size: int | str = "auto",
                  max_prompt_tokens: int | None = None):
-        import torch
-
+        """``batch_size`` may be ``auto``: a larger batch when the model landed on a GPU (see
+        :data:`modecotd.config.TEACHER_BATCH`)."""
+        from modecotd.config import TEACHER_BATCH
         from modecotd.models import load_lm, load_tokenizer
 
-        gpu = torch.cuda.is_available()
-        if dtype == "auto":
-            dtype = "bf16" if gpu else "fp32"
-        self.model = load_lm(Path(model_dir), dtype)
-        if gpu:
-            self.model.to("cuda")
+        self.model = load_lm(Path(model_dir), dtype)  # straight onto a GPU when one is visible
+        self.precision = self.model.precision
         self.tokenizer = load_tokenizer(Path(model_dir))
-        self.batch_size = batch_size
+        self.batch_size = TEACHER_BATCH.resolve(batch_size, self.model.device)
         self.max_prompt_tokens = max_prompt_tokens
         self.context = getattr(self.model.config, "max_position_embeddings", None)
 

@@ -4,7 +4,7 @@ vLLM is imported only inside functions, so this module imports fine on a CPU-onl
 engine itself is built only after :func:`check_vllm_usable` has said it can run here.
 
 vLLM API used (offline inference): ``vllm.LLM(model=..., dtype=..., seed=...,
-gpu_memory_utilization=..., max_model_len=...)``, ``LLM.get_tokenizer()``,
+tensor_parallel_size=..., gpu_memory_utilization=..., max_model_len=...)``, ``LLM.get_tokenizer()``,
 ``LLM.llm_engine.model_config.max_model_len``, ``vllm.SamplingParams(n=..., temperature=...,
 max_tokens=..., stop=[...], seed=...)`` and ``LLM.generate(prompts, params, use_tqdm=False)``,
 which returns one ``RequestOutput`` per prompt in prompt order, each with ``.outputs``: a list of
@@ -19,9 +19,10 @@ from typing import Any
 from modecotd.backends import Completion, cut_at_stop
 from modecotd.errors import ModelError
 
-# Our config's dtype names -> vLLM's; vLLM's own names pass through unchanged.
+# Our config's dtype names -> vLLM's; vLLM's own names pass through unchanged. Our ``auto`` is
+# resolved on this node's GPU first (see VLLMGenerator), never handed to vLLM as "auto".
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
-           "bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "auto": "auto"}
+           "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 def check_vllm_usable() -> None:
@@ -37,6 +38,10 @@ def check_vllm_usable() -> None:
 
 
 def _vllm_dtype(dtype: str) -> str:
+    if dtype == "auto":  # what our auto means on this node's GPU (bf16 where it is native, else fp32)
+        from modecotd.precision import resolve_dtype
+
+        dtype = resolve_dtype("auto", "cuda").dtype
     try:
         return _DTYPES[dtype]
     except KeyError:
@@ -57,12 +62,20 @@ def _engine_max_model_len(llm: Any) -> int | None:
 class VLLMGenerator:
     """A :class:`~modecotd.backends.TextGenerator` on a local vLLM engine (needs a CUDA GPU)."""
 
-    def __init__(self, model_dir: str | Path, *, dtype: str = "bf16", seed: int = 0,
+    def __init__(self, model_dir: str | Path, *, dtype: str = "bf16", seed: int = 0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None):
+        """``dtype`` ``auto`` is resolved here, on the GPU the engine runs on (see
+        :func:`modecotd.precision.resolve_dtype`); ``tensor_parallel_size`` GPUs must be visible."""
         check_vllm_usable()
+        import torch
         import vllm
 
+        visible = torch.cuda.device_count()
+        if tensor_parallel_size > visible:
+            raise ModelError(f"teacher.backend vllm: tensor_parallel_size {tensor_parallel_size} needs that many GPUs, "
+                             f"but {visible} are visible to this actor (teacher.gpus_per_actor)")
         kwargs: dict[str, Any] = {"model": str(model_dir), "dtype": _vllm_dtype(dtype), "seed": seed,
+                                  "tensor_parallel_size": tensor_parallel_size,
                                   "gpu_memory_utilization": gpu_memory_utilization}
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
