@@ -62,8 +62,11 @@ def cpu_bf16_support() -> tuple[bool, str]:
         # PyTorch can be told to use a lower kernel set (ATEN_CPU_CAPABILITY); then the bf16
         # instructions go unused even where the CPU has them.
         native = bool(instructions) and capability.startswith("AVX512")
-        have = " and ".join(instructions) if instructions else "no AVX512-BF16 or AMX"
-        return native, f"CPU {capability}, {have}"
+        if not instructions:
+            return False, f"CPU {capability}, no AVX512-BF16 or AMX"
+        if not native:
+            return False, f"CPU {capability} kernels ({' and '.join(instructions)} present but unused at that level)"
+        return True, f"CPU {capability}, {' and '.join(instructions)}"
     if machine in ("aarch64", "arm64"):
         native = "bf16" in _cpu_flags()
         return native, f"CPU {capability} (arm64){', BF16' if native else ', no BF16'}"

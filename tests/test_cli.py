@@ -89,7 +89,7 @@ def test_check_lists_tasks(capsys):
     code, out, _ = run_cli(capsys, "check", "quickstart")
     assert code == 0
     assert "coin_flip: unseen, yes_no" in out
-    assert "arithmetic: seen, number, train 128" in out
+    assert "arithmetic: seen, number, train 64" in out
 
 
 def test_bad_override(capsys):

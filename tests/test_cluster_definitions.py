@@ -57,7 +57,8 @@ def test_kuberay_rayjob_runs_modecotd_on_the_mounted_config():
 
 MODEL_AND_RESOURCE_KEYS = {"name", "backend", "model", "dtype", "resources", "use_gpu", "actors", "cpus_per_actor",
                            "gpus_per_actor", "workers_per_job", "cpus_per_worker", "gpus_per_worker",
-                           "max_concurrent_jobs", "cpus_per_trial", "gpus_per_trial", "max_concurrent_trials"}
+                           "max_concurrent_jobs", "cpus_per_trial", "gpus_per_trial", "max_concurrent_trials",
+                           "batch_size"}
 
 
 def _without_models_and_resources(value):

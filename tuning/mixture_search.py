@@ -72,8 +72,10 @@ def top_experts(mixture: Mixture, batch: dict, k: int | None) -> list[int]:
     return sorted(sorted(range(n), key=lambda i: alone[i])[:k])
 
 
-def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict, context: dict):
-    """Search the weights of the ``chosen`` experts (the others stay at 0) on ``batch``."""
+def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict, context: dict,
+                on_evaluations=lambda count: None):
+    """Search the weights of the ``chosen`` experts (the others stay at 0) on ``batch``;
+    ``on_evaluations`` hears how many objective evaluations each forward made."""
     n = len(mixture.names)
 
     def full(weights) -> torch.Tensor:
@@ -82,10 +84,13 @@ def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict,
         return w
 
     def candidate_losses(candidates):
-        return mixture.candidate_losses(batch, torch.stack([full(w) for w in candidates]))
+        losses = mixture.candidate_losses(batch, torch.stack([full(w) for w in candidates]))
+        on_evaluations(len(candidates))
+        return losses
 
     def loss_and_gradient(weights):
         loss, gradient = mixture.loss_and_gradient(batch, full(weights))
+        on_evaluations(1)
         return loss, [gradient[i] for i in chosen]
 
     result = search_weights(
@@ -110,6 +115,15 @@ def mixture_trial(config: dict, context: dict) -> None:
     def batch(indices, extra=()):
         return mixture.batch_for([rows[i] for i in indices] + list(extra), kind, context["max_length"])
 
+    folds = _folds(len(rows), context["cv_folds"]) if context["cv_folds"] else []  # 0: one setting, no choice
+    per_fit = context["gate_steps"] if gate else setting["budget"]
+    progress = {"done": 0, "planned": per_fit * (len(folds) + 1)}
+
+    def counted(count: int) -> None:  # the driver's terminal shows each trial's evaluations as they happen
+        progress["done"] += count
+        send("mix", f"{task} / {setting_key(setting)}", progress["done"], progress["planned"],
+             "gate step" if gate else "evaluation", finished=progress["done"] >= progress["planned"])
+
     def fit(indices):
         """Fit on these few-shot rows; returns (weights or None, history, seconds)."""
         if gate:
@@ -117,8 +131,9 @@ def mixture_trial(config: dict, context: dict) -> None:
             losses = mixture.fit_gate(batch(indices, pooled), steps=context["gate_steps"],
                                       learning_rate=context["gate_learning_rate"], seed=context["seed"])
             history = [{"evaluation": i, "loss": loss, "objective": loss} for i, loss in enumerate(losses)]
+            counted(len(losses))
             return None, history, time.time() - started
-        result, weights = fit_weights(mixture, batch(indices), chosen, setting, context)
+        result, weights = fit_weights(mixture, batch(indices), chosen, setting, context, counted)
         return weights, result.history, result.seconds
 
     def loss_at(weights, indices) -> float:
@@ -131,7 +146,6 @@ def mixture_trial(config: dict, context: dict) -> None:
     chosen = list(range(len(mixture.names))) if gate else top_experts(mixture, all_rows, setting["top_k"])
     held_out: list[float] = []
     evaluations = 0
-    folds = _folds(len(rows), context["cv_folds"]) if context["cv_folds"] else []  # 0: one setting, no choice
     for fold, held in enumerate(folds):
         weights, fold_history, _ = fit([i for i in everything if i not in held])
         evaluations += len(fold_history)
