@@ -8,7 +8,6 @@ drains it every half second into a :class:`~modecotd.progress.ProgressBoard`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 from dataclasses import asdict
@@ -38,9 +37,10 @@ class ProgressHub:
         return taken
 
 
-@functools.lru_cache(maxsize=1)
 def _hub():
-    """This process's handle on the run's hub, or None when the run has none (e.g. in tests)."""
+    """The run's hub, or None when the run has none (e.g. a stage run alone in a test). Looked up
+    at every update (a few per second at most), never cached: a Ray worker process may serve
+    several runs of one driver, each with its own hub."""
     try:
         return ray.get_actor(HUB_NAME)
     except ValueError:
@@ -64,7 +64,6 @@ def progress_display(board: ProgressBoard | None = None):
     """Start the hub and the drawing thread for the block; the board is closed at its end."""
     board = board or ProgressBoard()
     hub = ProgressHub.options(name=HUB_NAME).remote()
-    _hub.cache_clear()
     stop = threading.Event()
 
     def drain_once() -> None:
@@ -91,4 +90,3 @@ def progress_display(board: ProgressBoard | None = None):
         board.close()
         with contextlib.suppress(Exception):
             ray.kill(hub)
-        _hub.cache_clear()
