@@ -549,12 +549,10 @@ class CountingModel:
 
 
 def evaluation_batch_size(device: str) -> int:
-    """The evaluation stage's default batch size on ``device`` (``auto``: by device)."""
-    from modecotd import config
+    """The evaluation stage's default batch size (``auto``) on ``device``."""
+    from modecotd.config import EVALUATION_BATCH
 
-    default = config.EvaluationConfig.model_fields["batch_size"].default
-    resolver = getattr(config, "EVALUATION_BATCH", None)
-    return resolver.resolve(default, device) if resolver is not None else int(default)
+    return EVALUATION_BATCH.resolve("auto", device)
 
 
 # -- the run ------------------------------------------------------------------------------------------

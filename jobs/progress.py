@@ -49,12 +49,14 @@ def _hub():
 
 def send(stage: str, unit: str, done: float, total: float | None, what: str, note: str = "",
          finished: bool = False) -> None:
-    """Tell the driver where a unit of work stands (fire and forget; never raises)."""
-    hub = _hub()
-    if hub is None:
+    """Tell the driver where a unit of work stands (fire and forget; never raises, and never starts
+    a Ray of its own outside one)."""
+    if not ray.is_initialized():
         return
     try:
-        hub.push.remote(asdict(Update(stage, unit, done, total, what, note, finished)))
+        hub = _hub()
+        if hub is not None:
+            hub.push.remote(asdict(Update(stage, unit, done, total, what, note, finished)))
     except Exception as exc:  # progress must never break the work
         log.debug("progress update lost: %s", exc)
 
