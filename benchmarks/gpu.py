@@ -298,7 +298,8 @@ def plain_training(model_dir: Path, rows: list[dict], batch: int, max_length: in
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from modecotd.distill import GRADIENT_CLIPPING, IGNORE_INDEX, DistillSettings, warmup_then_linear
+    from modecotd.distill import GRADIENT_CLIPPING, DistillSettings, warmup_then_linear
+    from modecotd.losses import IGNORE_INDEX
     from modecotd.models import load_tokenizer
 
     defaults = DistillSettings(student_dir="", dtype=dtype, kind="yes_no", rows=[], output_dir="")

@@ -18,11 +18,11 @@ from typing import Callable, ContextManager, Protocol
 import torch
 
 from modecotd import prompts
+from modecotd.losses import IGNORE_INDEX, target_loss, token_losses
 from modecotd.tasks.schema import AnswerKind
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 GRADIENT_CLIPPING = 1.0
 PROGRESS_EVERY_STEPS = 10
 
@@ -105,41 +105,6 @@ def collate(examples: list[dict], pad_id: int, device=None) -> dict[str, torch.T
     labels = _right_padded([e["labels"] for e in examples], IGNORE_INDEX)
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     return batch if device is None else {k: v.to(device) for k, v in batch.items()}
-
-
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of every target token and the mask saying which positions are targets (both
-    [batch, positions]).
-
-    A causal LM predicts the token after each position; its logits are computed only from the
-    earliest target in the batch on (``logits_to_keep``): the vocabulary projection is a large
-    share of a small model's compute, and prompts come first in every row. An encoder-decoder
-    predicts its labels directly from the decoder (which gets them shifted right).
-    """
-    import torch.nn.functional as F
-
-    from modecotd.models import is_encoder_decoder
-
-    if is_encoder_decoder(model):
-        targets = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=targets).logits
-    else:
-        shifted = batch["labels"][:, 1:]
-        wanted = shifted != IGNORE_INDEX
-        first = int(wanted.to(torch.int8).argmax(dim=1).min()) if wanted.any() else 0
-        keep = torch.arange(first, shifted.shape[1], device=shifted.device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=keep).logits
-        targets = shifted[:, first:]
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-    return losses, (targets != IGNORE_INDEX).float()
-
-
-def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the batch's target tokens (the model's own loss with ``labels``)."""
-    losses, mask = token_losses(model, batch)
-    return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
 def length_bucketed_batches(examples: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:

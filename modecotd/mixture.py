@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from modecotd.config import AutoSize
-from modecotd.distill import collate, token_losses, tokenize_rows
+from modecotd.distill import collate, tokenize_rows
+from modecotd.losses import token_losses
 from modecotd.models import is_encoder_decoder
 from modecotd.tasks.schema import AnswerKind
 

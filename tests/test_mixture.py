@@ -147,8 +147,8 @@ def test_candidate_forwards_default_to_the_devices_row_cap(tiny_model_dir, exper
     mixture = Mixture(tiny_model_dir, experts, "delta")
     assert mixture.device.type == "cpu"
     rows_per_forward = []
-    hook = mixture.model.register_forward_pre_hook(
-        lambda module, args, kwargs: rows_per_forward.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    hook = mixture.model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: rows_per_forward.append(args[0].shape[0]))
     try:
         candidates = torch.rand(12, 2)  # 12 candidates x 3 rows = 36 rows: more than the CPU's 32
         assert mixture.candidate_losses(batch, candidates) == pytest.approx(

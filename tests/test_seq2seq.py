@@ -7,7 +7,8 @@ import safetensors.torch
 import torch
 
 from modecotd import prompts
-from modecotd.distill import IGNORE_INDEX, DistillSettings, collate, target_loss, tokenize_rows, train_expert
+from modecotd.distill import DistillSettings, collate, tokenize_rows, train_expert
+from modecotd.losses import IGNORE_INDEX, target_loss
 from modecotd.models import is_encoder_decoder, load_lm, load_tokenizer
 from modecotd.tasks.generators import generate
 from modecotd.tasks.schema import AnswerKind
