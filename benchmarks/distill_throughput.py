@@ -39,6 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 GOAL_RATIO = 1.3
 GOAL_LOSS_GAP = 0.05
+HELD_OUT_ROWS, HELD_OUT_SEED = 64, 99
 MODEL = BUILTIN_SMOLLM2
 
 
@@ -57,15 +58,22 @@ def settings_for(model_dir: Path, rows: list[dict], output_dir: str, args, kind:
                            batch_size=args.batch_size, max_length=256, zero_stage=2, seed=0)
 
 
-def dataset_loss(model, settings) -> float:
-    """Mean target-token loss of ``model`` over all the training rows (fp32, no dropout)."""
+def dataset_loss(model, settings, rows: list[dict] | None = None) -> float:
+    """Mean target-token loss of ``model`` over ``rows`` (default: the training rows), in fp32
+    without dropout."""
     from modecotd.distill import mean_target_loss, tokenize_rows
     from modecotd.models import load_tokenizer
     from modecotd.tasks.schema import AnswerKind
 
     tokenizer = load_tokenizer(Path(settings.student_dir), padding_side="right")
-    examples, _ = tokenize_rows(settings.rows, AnswerKind(settings.kind), tokenizer, settings.max_length)
+    examples, _ = tokenize_rows(rows or settings.rows, AnswerKind(settings.kind), tokenizer, settings.max_length)
     return mean_target_loss(model.float().eval(), examples, 8, tokenizer.pad_token_id)
+
+
+def losses_of(model, settings) -> dict:
+    """The trained model's loss on its training rows and on rows it never saw (other questions)."""
+    return {"final_loss": dataset_loss(model, settings),
+            "held_out_loss": dataset_loss(model, settings, rows_for(HELD_OUT_ROWS, seed=HELD_OUT_SEED))}
 
 
 def ours(settings) -> dict:
@@ -78,7 +86,7 @@ def ours(settings) -> dict:
     from modecotd.models import load_lm
 
     trained = PeftModel.from_pretrained(load_lm(Path(settings.student_dir)), settings.output_dir)
-    return {"target_tokens_per_s": summary["target_tokens_per_s_rank0"], "final_loss": dataset_loss(trained, settings),
+    return {"target_tokens_per_s": summary["target_tokens_per_s_rank0"], **losses_of(trained, settings),
             "target_tokens": summary["target_tokens_rank0"], "steps": summary["steps"],
             "seconds": summary["target_tokens_rank0"] / summary["target_tokens_per_s_rank0"]}
 
@@ -127,7 +135,7 @@ def baseline(settings) -> dict:
         seconds = time.time() - started
     torch.set_grad_enabled(True)
     epochs_done = settings.epochs
-    return {"target_tokens_per_s": target_tokens * epochs_done / seconds, "final_loss": dataset_loss(model, settings),
+    return {"target_tokens_per_s": target_tokens * epochs_done / seconds, **losses_of(model, settings),
             "target_tokens": int(target_tokens * epochs_done), "steps": len(losses), "seconds": seconds}
 
 

@@ -5,6 +5,7 @@ A system is the base student, a task's own expert, or the task's mixture. Each p
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict
@@ -15,7 +16,8 @@ from ray.util import ActorPool
 
 from modecotd.artifacts import Unit, write_jsonl
 from modecotd.config import EVALUATION_BATCH
-from modecotd.evaluate import load_system, predict, score_rows, summarize
+from modecotd.evaluate import attach_system, load_system, predict, score_rows, summarize
+from modecotd.models import load_lm
 from modecotd.jobs.progress import send
 from modecotd.tasks.schema import Example
 
@@ -24,7 +26,9 @@ log = logging.getLogger(__name__)
 
 @ray.remote
 class Evaluator:
-    """Decodes test questions with one system at a time; the tokenizer is loaded once."""
+    """Decodes test questions with one system at a time. The tokenizer and the student are loaded
+    once; each system (but a fully fine-tuned copy) is wired into that student for its pair and
+    taken off again."""
 
     def __init__(self, student_dir: str, dtype: str, settings: dict):
         from modecotd.models import load_tokenizer
@@ -33,6 +37,7 @@ class Evaluator:
         self.dtype = dtype
         self.settings = settings
         self.tokenizer = load_tokenizer(self.student_dir)
+        self.student = None  # loaded at the first pair that needs it
         from ray.util.metrics import Counter, Gauge
 
         self.done = Counter("modecotd_eval_pairs_done", "(task, system) pairs evaluated", ("task", "system"))
@@ -40,7 +45,33 @@ class Evaluator:
 
     def evaluate(self, task: str, system_name: str, system: dict, kind, examples: list[dict]):
         started = time.time()
-        model = load_system(self.student_dir, self.dtype, system)
+        with self._system(system) as model:
+            return self._evaluate(model, task, system_name, kind, examples, started)
+
+    @contextlib.contextmanager
+    def _system(self, system: dict):
+        """The system's model for one pair; a student left in an unknown state (a system that failed
+        to attach or detach) is dropped and loaded afresh for the next pair."""
+        if system["kind"] == "full":
+            yield load_system(self.student_dir, self.dtype, system)
+            return
+        if self.student is None:
+            self.student = load_lm(self.student_dir, self.dtype)
+        try:
+            model, detach = attach_system(self.student, self.student_dir, system)
+        except BaseException:
+            self.student = None
+            raise
+        try:
+            yield model
+        finally:
+            try:
+                detach()
+            except BaseException:
+                self.student = None
+                raise
+
+    def _evaluate(self, model, task: str, system_name: str, kind, examples: list[dict], started: float):
         batch = [Example(**e) for e in examples]
         unit, done = f"{task} / {system_name}", 0
         send("evaluate", unit, 0, len(batch), "question")

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 GRADIENT_CLIPPING = 1.0
 PROGRESS_EVERY_STEPS = 10
+BUCKET_WINDOW = 2  # batches per sorted window; see length_bucketed_batches
 
 
 @dataclass
@@ -108,10 +109,16 @@ def collate(examples: list[dict], pad_id: int, device=None) -> dict[str, torch.T
 
 
 def length_bucketed_batches(examples: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
-    """Shuffle, then group examples of similar length so that batches pad little."""
+    """Shuffle, then group examples of similar length so that batches pad less: each window of
+    BUCKET_WINDOW batches is sorted by length before it is cut into batches.
+
+    Wider windows pad less but make batches alike, and that fits worse: on SmolLM2-135M with 96
+    arithmetic rationales (24 steps of 8, fp32, three seeds each) the final training loss was 0.095
+    with windows of 8 batches, 0.085 with 2, 0.082 with shuffled batches and 0.079 for the
+    Trainer's random batches; padding 2.5%, 6.3% and 10.5% of the tokens."""
     shuffled = examples[:]
     rng.shuffle(shuffled)
-    window = batch_size * 8
+    window = batch_size * BUCKET_WINDOW
     batches = []
     for start in range(0, len(shuffled), window):
         chunk = sorted(shuffled[start : start + window], key=lambda e: len(e["input_ids"]))

@@ -24,31 +24,36 @@ def load_system(student_dir: Path, dtype: str, system: dict):
     Adapters stay unmerged, the way training computed them (a separate LoRA path beside the bf16
     weights); merging would round the update into the bf16 weights. ``dtype`` may be ``auto`` (see
     :mod:`modecotd.precision`); the model is loaded straight onto a GPU when one is visible."""
-    return _load_system(student_dir, dtype, system)
-
-
-def _load_system(student_dir: Path, dtype: str, system: dict):
     from modecotd.models import load_lm
 
+    if system["kind"] == "full":
+        return load_lm(Path(system["model"]), dtype)
+    model, _ = attach_system(load_lm(student_dir, dtype), student_dir, system)
+    return model
+
+
+def attach_system(student, student_dir: Path, system: dict):
+    """``system`` built in place on ``student``, a student already loaded (any system but "full");
+    returns the model and a function that takes the system off again, leaving ``student`` as it was,
+    so that one loaded student serves many systems in turn."""
     kind = system["kind"]
     if kind == "base":
-        return load_lm(student_dir, dtype)
-    if kind == "full":  # a fully fine-tuned copy of the student (a baseline)
-        return load_lm(Path(system["model"]), dtype)
+        return student, lambda: None
     if kind == "expert":
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_lm(student_dir, dtype), str(system["adapter"])).eval()
+        model = PeftModel.from_pretrained(student, str(system["adapter"])).eval()
+        return model, model.unload
     if kind == "mixture":
         from modecotd.mixture import Mixture
 
         experts = {name: Path(path) for name, path in system["experts"].items()}
-        mixture = Mixture(student_dir, experts, system.get("method", "lorahub"), dtype)
+        mixture = Mixture(student_dir, experts, system.get("method", "lorahub"), model=student)
         if mixture.method == "gate":
             mixture.load_routers(Path(system["routers"]))
         else:
             mixture.set_weights([system["weights"][name] for name in mixture.names])
-        return mixture.model
+        return mixture.model, mixture.detach
     raise ValueError(f"unknown system kind {kind!r}")
 
 

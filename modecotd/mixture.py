@@ -96,9 +96,12 @@ class Mixture:
     """The frozen student with its adapted layers wrapped in :class:`MixedLinear`."""
 
     def __init__(self, student_dir: Path, expert_dirs: dict[str, Path], method: str = "lorahub",
-                 dtype: str = "fp32", attention: str | None = None):
+                 dtype: str = "fp32", attention: str | None = None, model=None):
         """``dtype`` may be ``auto`` (see :mod:`modecotd.precision`); ``attention`` defaults to the
-        training loop's choice for this process's device, made here, where the model runs."""
+        training loop's choice for this process's device, made here, where the model runs. With
+        ``model`` (the student, already loaded by :func:`~modecotd.models.load_lm`), the experts are
+        wired into it in place instead (``dtype`` and ``attention`` are then its own), until
+        :meth:`detach`."""
         from modecotd.distill import training_attention
         from modecotd.models import load_lm, load_tokenizer
 
@@ -109,7 +112,8 @@ class Mixture:
         self.configs = {name: config for name, (config, _) in loaded.items()}
         self.use_method(method)
         self.tokenizer = load_tokenizer(Path(student_dir), padding_side="right")
-        self.model = load_lm(Path(student_dir), dtype, attention or training_attention())
+        self.model = model if model is not None else load_lm(Path(student_dir), dtype,
+                                                             attention or training_attention())
         self.precision = self.model.precision
         self.device = torch.device(self.precision.device)
         self.encoder_decoder = is_encoder_decoder(self.model)
@@ -133,6 +137,13 @@ class Mixture:
             setattr(holder, child, layer)
             self.layers[path] = layer
         self.model.to(self.device)
+
+    def detach(self) -> None:
+        """Put the student's own linear layers back: the model is the plain student again."""
+        for path, layer in self.layers.items():
+            parent, _, child = path.rpartition(".")
+            setattr(self.model.get_submodule(parent), child, layer.base)
+        self.layers = {}
 
     def use_method(self, method: str) -> None:
         """Switch how the experts are mixed (the student and experts stay loaded)."""
