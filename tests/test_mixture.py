@@ -207,6 +207,7 @@ def test_one_loaded_student_serves_systems_in_turn_and_is_left_unchanged(tiny_mo
     before = {k: v.clone() for k, v in student.state_dict().items()}
     plain = logits(student, batch)
     systems = [{"kind": "expert", "adapter": str(experts["alpha"])},
+               {"kind": "expert", "adapter": str(experts["beta"])},
                {"kind": "mixture", "experts": {k: str(v) for k, v in experts.items()},
                 "weights": {"alpha": W[0], "beta": W[1]}, "method": "delta"},
                {"kind": "base"}]
