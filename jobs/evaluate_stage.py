@@ -6,19 +6,20 @@ A system is the base student, a task's own expert, or the task's mixture. Each p
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import ray
-from ray.util import ActorPool
 
 from modecotd.artifacts import Unit, write_jsonl
 from modecotd.config import EVALUATION_BATCH
 from modecotd.evaluate import attach_system, load_system, predict, score_rows, summarize
-from modecotd.models import load_lm
 from modecotd.jobs.progress import send
+from modecotd.jobs.ray_runtime import root_cause
+from modecotd.models import load_lm
 from modecotd.tasks.schema import Example
 
 log = logging.getLogger(__name__)
@@ -92,29 +93,52 @@ class Evaluator:
 
 
 def run_evaluate_stage(config, tasks, jobs: list[tuple[str, str, dict, Unit]], student_dir: Path) -> dict:
-    """Evaluate every (task, system) job whose unit is not done; returns {task: {system: summary}}."""
+    """Evaluate every (task, system) job whose unit is not done; returns {"task/system": summary}.
+    A pair that fails (its system does not load, its actor dies) is recorded as failed and the
+    other pairs go on; a dead actor is replaced."""
     cfg = config.evaluation
     todo = [job for job in jobs if not job[3].done()]
     log.info("evaluate: %d of %d (task, system) pairs to run", len(todo), len(jobs))
     results: dict[str, dict] = {}
-    if not todo:
-        return results
-    units = {(task, system): unit for task, system, _, unit in todo}
     settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
-    actors = [Evaluator.options(name=f"eval-{i}", num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor).remote(
-        str(student_dir), config.student.dtype, settings) for i in range(min(cfg.actors, len(todo)))]
-    pool = ActorPool(actors)
-    work = [(task, system_name, system, tasks[task].kind, [asdict(ex) for ex in tasks[task].test])
-            for task, system_name, system, _ in todo]
+    started = itertools.count()
+
+    def new_actor():
+        return Evaluator.options(name=f"eval-{next(started)}", num_cpus=cfg.cpus_per_actor,
+                                 num_gpus=cfg.gpus_per_actor).remote(str(student_dir), config.student.dtype, settings)
+
+    queue = [(task, name, system, tasks[task].kind, [asdict(ex) for ex in tasks[task].test], unit)
+             for task, name, system, unit in todo]
+    actors = [new_actor() for _ in range(min(cfg.actors, len(queue)))]
+    running: dict = {}  # future -> (actor slot, job)
+
+    def submit(slot: int) -> None:
+        if queue:
+            job = queue.pop(0)
+            running[actors[slot].evaluate.remote(*job[:5])] = (slot, job)
+
+    for slot in range(len(actors)):
+        submit(slot)
     try:
-        for task, system_name, rows, seconds, precision in pool.map_unordered(
-                lambda actor, job: actor.evaluate.remote(*job), work):
-            summary = {**summarize(rows, cfg.scoring), "precision": precision}
-            with units[(task, system_name)].writing(summary) as staging:
-                write_jsonl(staging / "predictions.jsonl", rows)
-            results.setdefault(task, {})[system_name] = summary
-            log.info("evaluate: %s / %s: accuracy %.3f (format %.2f) in %.0f s", task, system_name,
-                     summary["accuracy"], summary["format_rate"], seconds)
+        while running:
+            [future], _ = ray.wait(list(running), num_returns=1)
+            slot, (task, name, _, _, _, unit) = running.pop(future)
+            try:
+                _, _, rows, seconds, precision = ray.get(future)
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                if isinstance(exc, ray.exceptions.RayActorError):
+                    actors[slot] = new_actor()
+                results[f"{task}/{name}"] = {"status": "failed", "error": root_cause(exc)}
+                send("evaluate", f"{task} / {name}", 0, None, "question", note="failed", finished=True)
+                log.error("evaluate: %s / %s failed: %s", task, name, results[f"{task}/{name}"]["error"])
+            else:
+                summary = {**summarize(rows, cfg.scoring), "precision": precision}
+                with unit.writing(summary) as staging:
+                    write_jsonl(staging / "predictions.jsonl", rows)
+                results[f"{task}/{name}"] = summary
+                log.info("evaluate: %s / %s: accuracy %.3f (format %.2f) in %.0f s", task, name,
+                         summary["accuracy"], summary["format_rate"], seconds)
+            submit(slot)
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -21,3 +21,25 @@ def test_rows_and_summary_keep_every_score():
     assert summary["n"] == 3 and summary["accuracy"] == summary["accuracy_strict"] == 1 / 3
     assert summary["format_rate"] == 2 / 3 and summary["partial_credit"] == 0.5
     assert summarize(rows, "reference")["accuracy"] == summary["accuracy_reference"]
+
+
+def test_a_failed_pair_is_recorded_and_the_others_go_on(ray_cluster, tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from modecotd.artifacts import Unit
+    from modecotd.jobs.evaluate_stage import run_evaluate_stage
+    from modecotd.tasks.schema import AnswerKind, Example
+
+    evaluation = SimpleNamespace(batch_size=4, max_new_tokens=4, actors=1, cpus_per_actor=1, gpus_per_actor=0,
+                                 scoring="strict")
+    config = SimpleNamespace(evaluation=evaluation, student=SimpleNamespace(dtype="fp32"))
+    tasks = {"sums": SimpleNamespace(kind=AnswerKind.NUMBER,
+                                     test=[Example(question="What is 1 + 1?", answer="2", source="t:1")])}
+    jobs = [("sums", name, system, Unit(tmp_path / "eval" / "sums" / name, "k"))
+            for name, system in [("expert", {"kind": "expert", "adapter": str(tmp_path / "no-such-adapter")}),
+                                 ("base", {"kind": "base"})]]
+    results = run_evaluate_stage(config, tasks, jobs, tiny_model_dir)
+
+    assert results["sums/expert"]["status"] == "failed" and "no-such-adapter" in results["sums/expert"]["error"]
+    assert results["sums/base"]["n"] == 1  # after the failure, on the same actor, with a fresh student
+    assert jobs[1][3].done() and not jobs[0][3].done()
