@@ -122,15 +122,19 @@ class Mixture:
         scales = torch.tensor([lora_scale(self.configs[name]) for name in self.names])
         self.layers: dict[str, MixedLinear] = {}
         tensors = {name: t for name, (_, t) in loaded.items()}
+        # Every path is checked before the first layer is replaced, so that a student passed in as
+        # ``model`` is never left half-wired by experts that do not fit it.
+        wiring = []
         for path in sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors[self.names[0]]}):
             keys = {part: f"{PEFT_PREFIX}{path}.lora_{part}.weight" for part in ("A", "B")}
             missing = [n for n in self.names if any(k not in tensors[n] for k in keys.values())]
             if missing:
                 raise ValueError(f"experts {missing} have no LoRA for {path}")
-            a = torch.stack([tensors[n][keys["A"]] for n in self.names])
-            b = torch.stack([tensors[n][keys["B"]] for n in self.names])
             parent, _, child = path.rpartition(".")
             holder = self.model.get_submodule(parent)
+            wiring.append((path, holder, child, torch.stack([tensors[n][keys["A"]] for n in self.names]),
+                           torch.stack([tensors[n][keys["B"]] for n in self.names])))
+        for path, holder, child, a, b in wiring:
             base = getattr(holder, child)
             layer = MixedLinear(base, a.to(base.weight.dtype), b.to(base.weight.dtype),
                                 scales.to(base.weight.dtype), self)

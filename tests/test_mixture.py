@@ -222,3 +222,21 @@ def test_one_loaded_student_serves_systems_in_turn_and_is_left_unchanged(tiny_mo
         assert student.state_dict().keys() == before.keys()
         assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
         assert not any("lora" in n or "Mixed" in type(m).__name__ for n, m in student.named_modules())
+
+
+def test_experts_that_do_not_fit_leave_a_passed_in_student_untouched(tiny_model_dir, experts, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(experts["alpha"], broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    last = sorted(tensors)[-1].rsplit(".lora_", 1)[0]  # one layer's LoRA goes missing: the last one wired
+    kept = {k: v for k, v in tensors.items() if not k.startswith(last + ".")}
+    save_file(kept, str(broken / "adapter_model.safetensors"))
+    student = load_lm(tiny_model_dir)
+    modules = [type(m) for m in student.modules()]
+    with pytest.raises(ValueError, match="have no LoRA for"):
+        Mixture(tiny_model_dir, {"alpha": experts["alpha"], "broken": broken}, "delta", model=student)
+    assert [type(m) for m in student.modules()] == modules
