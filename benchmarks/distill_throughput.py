@@ -99,7 +99,7 @@ def baseline(settings) -> dict:
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from modecotd.distill import add_lora, tokenize_rows, warmup_then_linear
+    from modecotd.distill import add_lora, optimizer_steps, tokenize_rows, warmup_then_linear
     from modecotd.losses import IGNORE_INDEX
     from modecotd.models import load_lm, load_tokenizer
     from modecotd.tasks.schema import AnswerKind
@@ -117,7 +117,7 @@ def baseline(settings) -> dict:
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    total_steps = max(1, math.ceil(math.ceil(len(examples) / settings.batch_size) * settings.epochs))  # as ours
+    total_steps = optimizer_steps(math.ceil(len(examples) / settings.batch_size), settings.epochs)  # as ours
     with tempfile.TemporaryDirectory() as out:
         arguments = TrainingArguments(
             output_dir=out, per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,

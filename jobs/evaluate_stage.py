@@ -107,22 +107,22 @@ def run_evaluate_stage(config, tasks, jobs: list[tuple[str, str, dict, Unit]], s
         return Evaluator.options(name=f"eval-{next(started)}", num_cpus=cfg.cpus_per_actor,
                                  num_gpus=cfg.gpus_per_actor).remote(str(student_dir), config.student.dtype, settings)
 
-    queue = [(task, name, system, tasks[task].kind, [asdict(ex) for ex in tasks[task].test], unit)
+    queue = [(unit, (task, name, system, tasks[task].kind, [asdict(ex) for ex in tasks[task].test]))
              for task, name, system, unit in todo]
     actors = [new_actor() for _ in range(min(cfg.actors, len(queue)))]
-    running: dict = {}  # future -> (actor slot, job)
+    running: dict = {}  # future -> (actor slot, task, system name, unit)
 
     def submit(slot: int) -> None:
         if queue:
-            job = queue.pop(0)
-            running[actors[slot].evaluate.remote(*job[:5])] = (slot, job)
+            unit, args = queue.pop(0)
+            running[actors[slot].evaluate.remote(*args)] = (slot, args[0], args[1], unit)
 
     for slot in range(len(actors)):
         submit(slot)
     try:
         while running:
             [future], _ = ray.wait(list(running), num_returns=1)
-            slot, (task, name, _, _, _, unit) = running.pop(future)
+            slot, task, name, unit = running.pop(future)
             try:
                 _, _, rows, seconds, precision = ray.get(future)
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:

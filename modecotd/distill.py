@@ -195,6 +195,11 @@ def deepspeed_config(settings: DistillSettings, world_size: int, dtype: str) -> 
     }
 
 
+def optimizer_steps(batches_per_epoch: int, epochs: float, accumulation: int = 1) -> int:
+    """How many optimizer steps a training of ``epochs`` makes (at least one)."""
+    return max(1, math.ceil(batches_per_epoch * epochs / accumulation))
+
+
 def warmup_then_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     warmup = max(1, int(total_steps * warmup_ratio))
 
@@ -283,7 +288,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     micro = micro_batch_size(settings, world_size)
     accumulation = settings.gradient_accumulation
     batches_per_epoch = math.ceil(len(examples) / (micro * world_size))
-    total_steps = max(1, math.ceil(batches_per_epoch * settings.epochs / accumulation))  # optimizer steps
+    total_steps = optimizer_steps(batches_per_epoch, settings.epochs, accumulation)
     total_micro = total_steps * accumulation
     eval_every = settings.eval_every or max(1, batches_per_epoch // accumulation)
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)

@@ -54,7 +54,9 @@ class TokenCrossEntropy(torch.autograd.Function):
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return TokenCrossEntropy.apply(logits, targets)
+    """:class:`TokenCrossEntropy` of ``logits`` [..., vocabulary] against ``targets`` [...], shaped
+    like ``targets``."""
+    return TokenCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).view(targets.shape)
 
 
 def plain_head_lm(model):
@@ -94,8 +96,7 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     if is_encoder_decoder(model):
         targets = batch["labels"]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=targets).logits
-        losses = token_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).view(targets.shape)
-        return losses, (targets != IGNORE_INDEX).float()
+        return token_cross_entropy(logits, targets), (targets != IGNORE_INDEX).float()
     shifted = batch["labels"][:, 1:]
     wanted = shifted != IGNORE_INDEX
     lm = plain_head_lm(model)
@@ -109,7 +110,7 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     keep = torch.arange(first, shifted.shape[1], device=shifted.device)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     targets = shifted[:, first:]
-    losses = token_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).view(targets.shape)
+    losses = token_cross_entropy(logits, targets)
     full = torch.zeros(shifted.shape, dtype=losses.dtype, device=losses.device)
     full[:, first:] = losses
     return full, wanted.float()
