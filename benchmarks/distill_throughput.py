@@ -5,21 +5,23 @@ Both train the same q,v LoRA on the frozen SmolLM2-135M-Instruct, on the same ra
 decay, epochs and dtype, in one process run. The baseline is set up like the reference code's:
 ``Trainer`` with a ``DataCollatorForSeq2Seq`` padding each random batch to its longest row
 (``bf16=True`` is autocast over fp32 weights). Ours is :func:`modecotd.distill.train_expert` on a
-one-rank gloo group (what each Ray Train worker runs): length-bucketed batches, bf16 weights in a
-DeepSpeed ZeRO-2 engine. Compared: target tokens per second of the training loop (model loading
+one-rank gloo group (what each Ray Train worker runs): shuffled batches, the frozen weights in the
+compute dtype (bf16 where native) in a DeepSpeed ZeRO-2 engine, logits only at target positions,
+freed memory kept by the C allocator (:mod:`modecotd.allocator`; the baseline runs first, without it). Compared: target tokens per second of the training loop (model loading
 excluded for both) and the final loss: the trained adapter's mean target-token loss over all the
 training rows, computed the same way for both after training (per-step losses are not comparable:
 the two see batches of different make-up), and beside it the loss on 64 questions neither saw.
 Given the same LoRA initialisation, batches and no dropout the two loops give the same losses
 (1.07428 vs 1.07430 after 4 steps); what separates their final losses is batch order and make-up,
-which in a 24-step run moves the final loss by about +-5% between seeds. MFU is achieved model FLOP/s
+which in a 24-step run moves the final loss by about +-5% between seeds: each side runs ``--seeds``
+times (3), and the figures are pooled (tokens/s over the summed time, losses averaged). MFU is achieved model FLOP/s
 (4 x parameters x tokens: forward, and backward through the activations of the frozen weights)
 over a bf16 matmul peak measured in the same run.
 
 Then two experts trained at once on two single-CPU Ray Train workers against the same two trained
 one after the other with two CPUs each (wall-clock ratio).
 
-    python -m benchmarks.distill_throughput [--rows 96] [--epochs 1] [--skip-concurrency]
+    python -m benchmarks.distill_throughput [--rows 96] [--epochs 2] [--seeds 3] [--skip-concurrency]
 
 The last line printed is one JSON object with the figures.
 """
@@ -29,10 +31,11 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from modecotd.models import BUILTIN_SMOLLM2
@@ -80,10 +83,11 @@ def losses_of(model, settings) -> dict:
 
 
 def ours(settings) -> dict:
-    from modecotd.distill import one_rank_group, train_expert
+    """Our loop, inside the one-rank group that the caller holds (DeepSpeed keeps the group it first
+    saw, so every run of a process shares one)."""
+    from modecotd.distill import train_expert
 
-    with one_rank_group():
-        summary = train_expert(settings, 0, 1)
+    summary = train_expert(settings, 0, 1)
     from peft import PeftModel
 
     from modecotd.models import load_lm
@@ -142,6 +146,21 @@ def baseline(settings) -> dict:
             "target_tokens": int(target_tokens * epochs_done), "steps": len(losses), "seconds": seconds}
 
 
+def baseline_alone(settings) -> dict:
+    """:func:`baseline` in a process of its own, outside our one-rank group (whose variables it inherits)."""
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    return baseline(settings)
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One side's figures over its seeds: tokens/s over the summed time, losses averaged."""
+    seconds = sum(r["seconds"] for r in runs)
+    return {"seconds": seconds, "target_tokens_per_s": sum(r["target_tokens"] for r in runs) / seconds,
+            "final_loss": sum(r["final_loss"] for r in runs) / len(runs),
+            "held_out_loss": sum(r["held_out_loss"] for r in runs) / len(runs)}
+
+
 def concurrency(model_dir: Path, args) -> dict:
     """Two experts at once (1 CPU each) against one after the other (2 CPUs each), on Ray."""
     import ray
@@ -183,6 +202,9 @@ def main() -> None:
                         help="24 optimizer steps at batch 8 and 2 epochs: with fewer, the final losses depend on "
                              "each side's batch order more than on the loop (fp32 on an AVX2 CPU: ~12 minutes)")
     parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="runs per side, each seed its own LoRA initialisation and batch order: one run's final "
+                             "loss moves about +-5%% with the seed, as much as the goal's tolerance")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: as the pipeline picks it (bf16 where native, fp32 elsewhere)")
@@ -191,6 +213,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    from modecotd.distill import one_rank_group
     from modecotd.models import load_lm, materialize
     from modecotd.precision import hardware_summary, matmul_peak, resolve_dtype
 
@@ -203,12 +226,21 @@ def main() -> None:
     params = sum(p.numel() for p in load_lm(model_dir).parameters())
     rows = rows_for(args.rows)
     peak = matmul_peak(args.dtype, seconds=3.0, device="cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        base = baseline(settings_for(model_dir, rows, tmp, args))
-    with tempfile.TemporaryDirectory() as tmp:
-        mine = ours(settings_for(model_dir, rows, tmp, args))
+    runs: dict[str, list[dict]] = {"baseline": [], "ours": []}
+    # The baseline runs in a fresh process each time, with the C allocator's defaults (ours keeps
+    # freed memory, a process-wide setting that would carry over to a baseline run after it).
+    fresh = multiprocessing.get_context("spawn")
+    with one_rank_group(), fresh.Pool(1, maxtasksperchild=1) as pool:
+        for seed in range(args.seeds):
+            for side in ("baseline", "ours"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    settings = replace(settings_for(model_dir, rows, tmp, args), seed=seed)
+                    runs[side].append(pool.apply(baseline_alone, (settings,)) if side == "baseline" else ours(settings))
+                print(f"seed {seed} {side}: {runs[side][-1]['target_tokens_per_s']:.1f} target tokens/s, "
+                      f"final loss {runs[side][-1]['final_loss']:.4f}", flush=True)
+    base, mine = pooled(runs["baseline"]), pooled(runs["ours"])
     all_tokens = _all_tokens(model_dir, rows, args)
-    mfu = 4 * params * all_tokens * args.epochs / mine["seconds"] / peak
+    mfu = 4 * params * all_tokens * args.epochs * args.seeds / mine["seconds"] / peak
     ratio = mine["target_tokens_per_s"] / base["target_tokens_per_s"]
     gap = abs(mine["final_loss"] - base["final_loss"]) / base["final_loss"]
     result = {
@@ -222,7 +254,10 @@ def main() -> None:
         "held_out_loss_baseline": round(base["held_out_loss"], 4),
         "mfu": round(mfu, 4), "matmul_peak_gflops": round(peak / 1e9, 1),
         "ours_seconds": round(mine["seconds"], 1), "baseline_seconds": round(base["seconds"], 1),
-        "rows": len(rows), "epochs": args.epochs, "batch_size": args.batch_size, "dtype": args.dtype,
+        "loss_per_seed_ours": [round(r["final_loss"], 4) for r in runs["ours"]],
+        "loss_per_seed_baseline": [round(r["final_loss"], 4) for r in runs["baseline"]],
+        "allocator": "ours keeps freed memory (modecotd.allocator); the baseline runs with glibc's defaults",
+        "seeds": args.seeds, "rows": len(rows), "epochs": args.epochs, "batch_size": args.batch_size, "dtype": args.dtype,
         "dtype_reason": precision.reason, **hardware_summary(), "model": MODEL,
     }
     if not args.skip_concurrency:

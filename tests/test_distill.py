@@ -1,10 +1,8 @@
-"""Training data: loss on the target tokens only; batches pad little."""
+"""Training data: loss on the target tokens only; every example once per epoch."""
 from __future__ import annotations
 
-import random
-
 from modecotd import prompts
-from modecotd.distill import collate, length_bucketed_batches, tokenize_rows, warmup_then_linear
+from modecotd.distill import collate, tokenize_rows, warmup_then_linear
 from modecotd.losses import IGNORE_INDEX
 from modecotd.models import load_tokenizer
 from modecotd.tasks.schema import AnswerKind
@@ -37,19 +35,16 @@ def test_collate_pads_right_and_ignores_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-def test_length_bucketing_keeps_every_example_once():
-    examples = [{"input_ids": [0] * n, "labels": [0] * n} for n in range(1, 41)]
-    batches = length_bucketed_batches(examples, 4, random.Random(0))
-    lengths = sorted(len(e["input_ids"]) for b in batches for e in b)
-    assert lengths == list(range(1, 41))
+def test_an_epoch_keeps_every_example_once_in_an_order_its_seed_fixes():
+    from modecotd.distill import epoch_batches
 
-    def waste(batches):
-        return sum(max(len(e["input_ids"]) for e in b) * len(b) - sum(len(e["input_ids"]) for e in b) for b in batches)
-
-    shuffled = examples[:]
-    random.Random(0).shuffle(shuffled)
-    plain = [shuffled[i:i + 4] for i in range(0, len(shuffled), 4)]
-    assert waste(batches) < 0.75 * waste(plain)
+    examples = [{"input_ids": [0] * n, "labels": [0] * n} for n in range(1, 42)]
+    first = epoch_batches(examples, 4, seed=3, epoch=0)
+    assert [len(b) for b in first] == [4] * 10 + [1]
+    assert sorted(len(e["input_ids"]) for b in first for e in b) == list(range(1, 42))
+    assert first == epoch_batches(examples, 4, seed=3, epoch=0)  # a resumed run sees the same batches
+    assert first != epoch_batches(examples, 4, seed=3, epoch=1) != epoch_batches(examples, 4, seed=4, epoch=0)
+    assert [len(e["input_ids"]) for b in first for e in b] != list(range(1, 42))
 
 
 def test_schedule_warms_up_then_decays():
