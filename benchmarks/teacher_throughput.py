@@ -90,17 +90,19 @@ def ours(config, run_dir: Path, model_dir: Path) -> tuple[dict[str, str | None],
     from modecotd.jobs import ray_runtime
     from modecotd.jobs.driver import load_tasks
     from modecotd.jobs.teacher_stage import run_teacher_stage
+    from modecotd.plan import RunLayout
 
     ray_runtime.connect(None, num_cpus=2, dashboard=False)
     tasks = load_tasks(config)
-    units = {"arithmetic": Unit(run_dir / "rationales" / "arithmetic", "bench")}
+    layout = RunLayout(run_dir)
+    units = {"arithmetic": Unit(layout.rationales("arithmetic"), "bench")}
     started = time.time()
-    summary = run_teacher_stage(config, run_dir, tasks, units, model_dir)["arithmetic"]
+    summary = run_teacher_stage(config, layout, tasks, units, model_dir)["arithmetic"]
     seconds = time.time() - started
     ray_runtime.shutdown()
     answers = {}
     for name in ("accepted", "rejected"):
-        for row in read_jsonl(run_dir / "rationales" / "arithmetic" / f"{name}.jsonl"):
+        for row in read_jsonl(layout.rationales("arithmetic") / f"{name}.jsonl"):
             answers[row["question"]] = row["predicted"]
     return answers, summary["generated_tokens"], seconds
 

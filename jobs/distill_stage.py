@@ -11,7 +11,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import ray
@@ -22,6 +22,7 @@ from modecotd.artifacts import Unit, pending, read_jsonl
 from modecotd.distill import DistillSettings, train_expert
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
+from modecotd.plan import RunLayout, Training
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +138,7 @@ def concurrent_jobs(cfg, cluster: dict) -> tuple[int, str | None]:
     return max(1, min(cfg.max_concurrent_jobs, *fits)), None
 
 
-@dataclass
-class ExpertJob:
-    """One training job: an expert (one task's rationales) or a baseline (several tasks pooled, or
-    every weight fine-tuned)."""
-
-    unit: Unit
-    sources: list[tuple[Path, str]]  # (rationale folder, answer kind) per task it trains on
-    full_finetune: bool = False
-
-
-def read_rows(cfg, job: ExpertJob) -> list[dict]:
+def read_rows(cfg, job: Training) -> list[dict]:
     """The accepted rationales a job trains on; pooled rows carry their task's answer kind."""
     rows = []
     for folder, kind in job.sources:
@@ -160,11 +151,11 @@ def read_rows(cfg, job: ExpertJob) -> list[dict]:
     return rows
 
 
-def run_distill_stage(config, run_dir: Path, jobs: dict[str, ExpertJob], student_dir: Path) -> dict[str, dict]:
+def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training], student_dir: Path) -> dict[str, dict]:
     """Train every job whose unit is not done, as many at once as allowed; returns summaries and
     failures by job name."""
     cfg = config.distill
-    storage = str((run_dir / "ray").resolve())
+    storage = str(layout.ray_storage)
     todo = pending({name: job.unit for name, job in jobs.items()}, "distill", log)
     results: dict[str, dict] = {}
     if not todo:

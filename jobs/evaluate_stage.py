@@ -14,12 +14,13 @@ from pathlib import Path
 
 import ray
 
-from modecotd.artifacts import Unit, write_jsonl
+from modecotd.artifacts import write_jsonl
 from modecotd.config import EVALUATION_BATCH
 from modecotd.evaluate import attach_system, load_system, predict, score_rows, summarize
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
 from modecotd.models import load_lm
+from modecotd.plan import Evaluation
 from modecotd.tasks.schema import Example
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,13 @@ class Evaluator:
         return task, system_name, rows, time.time() - started, model.precision.as_dict()
 
 
-def run_evaluate_stage(config, tasks, jobs: list[tuple[str, str, dict, Unit]], student_dir: Path) -> dict:
-    """Evaluate every (task, system) job whose unit is not done; returns {"task/system": summary}.
-    A pair that fails (its system does not load, its actor dies) is recorded as failed and the
-    other pairs go on; a dead actor is replaced."""
+def run_evaluate_stage(config, tasks, evaluations: list[Evaluation], student_dir: Path) -> dict:
+    """Run every evaluation whose unit is not done; returns {"task/system": summary}. A pair that
+    fails (its system does not load, its actor dies) is recorded as failed and the other pairs go
+    on; a dead actor is replaced."""
     cfg = config.evaluation
-    todo = [job for job in jobs if not job[3].done()]
-    log.info("evaluate: %d of %d (task, system) pairs to run", len(todo), len(jobs))
+    todo = [e for e in evaluations if not e.unit.done()]
+    log.info("evaluate: %d of %d (task, system) pairs to run", len(todo), len(evaluations))
     results: dict[str, dict] = {}
     settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
     started = itertools.count()
@@ -107,8 +108,8 @@ def run_evaluate_stage(config, tasks, jobs: list[tuple[str, str, dict, Unit]], s
         return Evaluator.options(name=f"eval-{next(started)}", num_cpus=cfg.cpus_per_actor,
                                  num_gpus=cfg.gpus_per_actor).remote(str(student_dir), config.student.dtype, settings)
 
-    queue = [(unit, (task, name, system, tasks[task].kind, [asdict(ex) for ex in tasks[task].test]))
-             for task, name, system, unit in todo]
+    queue = [(e.unit, (e.task, e.system.name, e.system.spec(), tasks[e.task].kind,
+                       [asdict(ex) for ex in tasks[e.task].test])) for e in todo]
     actors = [new_actor() for _ in range(min(cfg.actors, len(queue)))]
     running: dict = {}  # future -> (actor slot, task, system name, unit)
 

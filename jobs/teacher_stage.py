@@ -29,13 +29,13 @@ from modecotd.artifacts import Unit, fingerprint, pending
 from modecotd.errors import ModelError, UserError
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
+from modecotd.plan import RunLayout
 from modecotd.prompts import TeacherPrompts
 from modecotd.tasks.schema import Example, TaskData
 from modecotd.teacher import ShardOutput, failed_shard, make_backend, prompts_for, teach
 
 log = logging.getLogger(__name__)
 
-SHARDS_DIR = ".shards"
 IN_FLIGHT_PER_ACTOR = 2
 ROW_FILES = ("accepted", "rejected", "failed")
 
@@ -124,8 +124,8 @@ def shard_result(out: ShardOutput, questions: int, seconds: float) -> dict:
 # --- shards on disk ----------------------------------------------------------------------------
 
 
-def shard_dir(run_dir: Path, task: str, unit: Unit) -> Path:
-    return run_dir / "rationales" / SHARDS_DIR / task / unit.key
+def shard_dir(layout: RunLayout, task: str, unit: Unit) -> Path:
+    return layout.rationale_shards(task) / unit.key
 
 
 def shard_path(folder: Path, index: int) -> Path:
@@ -193,13 +193,13 @@ def merge_shards(folder: Path, staging: Path) -> dict:
 # --- the queue ---------------------------------------------------------------------------------
 
 
-def shard_feed(config, run_dir: Path, tasks: dict[str, TaskData], units: dict[str, Unit], todo: list[str]
+def shard_feed(config, layout: RunLayout, tasks: dict[str, TaskData], units: dict[str, Unit], todo: list[str]
                ) -> Iterator[Shard | TaskEnd]:
     """Shards not yet on disk, task after task, read lazily from each task's train stream."""
     size = config.teacher.shard_size
     for name in todo:
         data = tasks[name]
-        folder = shard_dir(run_dir, name, units[name])
+        folder = shard_dir(layout, name, units[name])
         prompts = prompts_for(config.teacher, config.task(name), data.kind, data.fewshot)
         chunk: list[Example] = []
         index = 0
@@ -254,14 +254,14 @@ class ActorPool:
         self.actors.clear()
 
 
-def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: dict[str, Unit],
+def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], units: dict[str, Unit],
                       teacher_dir: Path | None) -> dict[str, dict]:
     """Generate and filter rationales for every seen task whose unit is not done yet."""
     todo = pending(units, "teacher", log)
     if not todo:
         return {}
     cfg = config.teacher
-    _drop_stale_shards(run_dir, units, todo)
+    _drop_stale_shards(layout, units, todo)
     api_key = _api_key(cfg)
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.gpus_per_actor > gpus:
@@ -280,7 +280,7 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
     for name in todo:
         send("teacher", name, 0, len(tasks[name].train), "question")
     summaries: dict[str, dict] = {}
-    feed = shard_feed(config, run_dir, tasks, units, todo)
+    feed = shard_feed(config, layout, tasks, units, todo)
     retry: deque[Shard] = deque()
     in_flight: dict = {}
     outstanding: Counter = Counter()
@@ -290,7 +290,7 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
         while True:
             for slot in pool.idle():
                 shard = retry.popleft() if retry else _next_shard(feed, fed_all, outstanding, summaries,
-                                                                  lambda n: _finish(run_dir, n, units, cfg))
+                                                                  lambda n: _finish(layout, n, units, cfg))
                 if shard is None:
                     break
                 actor = pool.actors[slot]
@@ -324,15 +324,15 @@ def run_teacher_stage(config, run_dir: Path, tasks: dict[str, TaskData], units: 
                 examples = [Example(**e) for e in shard.examples]
                 failed = failed_shard(examples, shard.prompts, first_id=shard.first_id, reason=reason)
                 result = shard_result(failed, len(examples), 0.0)
-            write_shard(shard_path(shard_dir(run_dir, shard.task, units[shard.task]), shard.index), result)
+            write_shard(shard_path(shard_dir(layout, shard.task, units[shard.task]), shard.index), result)
             outstanding[shard.task] -= 1
             answered[shard.task] += result["questions"]
             speed = f"{result['tokens'] / result['seconds']:.0f} tokens/s" if result["tokens"] and result["seconds"] else ""
             send("teacher", shard.task, answered[shard.task], len(tasks[shard.task].train), "question", note=speed)
             if shard.task in fed_all and outstanding[shard.task] == 0 and shard.task not in summaries:
-                summaries[shard.task] = _finish(run_dir, shard.task, units, cfg)
+                summaries[shard.task] = _finish(layout, shard.task, units, cfg)
         for name in fed_all - set(summaries):
-            summaries[name] = _finish(run_dir, name, units, cfg)
+            summaries[name] = _finish(layout, name, units, cfg)
     finally:
         pool.kill_all()
     log.info("teacher stage took %.1f s", time.time() - started)
@@ -351,9 +351,9 @@ def _next_shard(feed, fed_all: set[str], outstanding: Counter, summaries: dict, 
     return None
 
 
-def _finish(run_dir: Path, name: str, units: dict[str, Unit], cfg) -> dict:
+def _finish(layout: RunLayout, name: str, units: dict[str, Unit], cfg) -> dict:
     """Merge a task's shards into its unit and drop the shards."""
-    folder = shard_dir(run_dir, name, units[name])
+    folder = shard_dir(layout, name, units[name])
     folder.mkdir(parents=True, exist_ok=True)
     summary = {"backend": cfg.backend, "model": cfg.model if cfg.generates else None}
     with units[name].writing(summary) as staging:
@@ -367,10 +367,10 @@ def _finish(run_dir: Path, name: str, units: dict[str, Unit], cfg) -> dict:
     return summary
 
 
-def _drop_stale_shards(run_dir: Path, units: dict[str, Unit], todo: list[str]) -> None:
+def _drop_stale_shards(layout: RunLayout, units: dict[str, Unit], todo: list[str]) -> None:
     """Remove shards written under other settings (their key differs): they can never be used."""
     for name in todo:
-        folder = run_dir / "rationales" / SHARDS_DIR / name
+        folder = layout.rationale_shards(name)
         if folder.is_dir():
             for stale in folder.iterdir():
                 if stale.name != units[name].key:

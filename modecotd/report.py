@@ -6,9 +6,10 @@ from pathlib import Path
 
 import yaml
 
-from modecotd.artifacts import write_json
+from modecotd.artifacts import MANIFEST, write_json
 from modecotd.config import GENERATING_BACKENDS, STAGES
 from modecotd.evaluate import majority_baseline
+from modecotd.plan import RunLayout
 from modecotd.tasks.schema import Role, TaskData
 
 SYSTEMS = ("base", "expert", "mixture", "multitask", "full_finetune")
@@ -16,12 +17,9 @@ SYSTEMS = ("base", "expert", "mixture", "multitask", "full_finetune")
 
 def _manifest(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / "manifest.json").read_text())
+        return json.loads((folder / MANIFEST).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-TASKS_FILE = "tasks.json"
 
 
 def task_facts(tasks: dict[str, TaskData]) -> dict[str, dict]:
@@ -37,37 +35,36 @@ def task_facts(tasks: dict[str, TaskData]) -> dict[str, dict]:
 def collect(run_dir: Path) -> dict:
     """Everything the report shows, as one JSON-able dict, from the run folder's artifacts: its
     config.yaml, tasks.json and the units' manifests."""
-    run_dir = Path(run_dir)
-    for needed in ("config.yaml", TASKS_FILE):
-        if not (run_dir / needed).is_file():
-            raise FileNotFoundError(f"{run_dir}: no {needed}; is this a modecotd run folder?")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    layout = RunLayout(Path(run_dir))
+    for needed in (layout.config, layout.tasks):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{run_dir}: no {needed.name}; is this a modecotd run folder?")
+    config = yaml.safe_load(layout.config.read_text())
     teacher = config["teacher"]
     generates = teacher["backend"] in GENERATING_BACKENDS
     out: dict = {"run": config["name"], "run_dir": str(run_dir),
                  "teacher": {"backend": teacher["backend"], "model": teacher["model"] if generates else None,
                              "prompting": teacher["prompting"] if generates else None},
                  "student": config["student"], "scoring": config["evaluation"]["scoring"], "tasks": {}}
-    facts = json.loads((run_dir / TASKS_FILE).read_text())
+    facts = json.loads(layout.tasks.read_text())
     for name in (task["name"] for task in config["tasks"]):  # in the config's order
         entry: dict = dict(facts[name])
-        teacher = _manifest(run_dir / "rationales" / name)
+        teacher = _manifest(layout.rationales(name))
         if teacher:
             entry["teacher"] = teacher["summary"]
-        expert = _manifest(run_dir / "experts" / name)
+        expert = _manifest(layout.expert(name))
         if expert:
             entry["expert"] = expert["summary"] | {"seconds": expert.get("seconds")}
-        mixture = _manifest(run_dir / "mixtures" / name)
+        mixture = _manifest(layout.mixture(name))
         if mixture:
             entry["mixture"] = mixture["summary"]
         entry["eval"] = {}
         for system in SYSTEMS:
-            result = _manifest(run_dir / "eval" / name / system)
+            result = _manifest(layout.evaluation(name, system))
             if result:
                 entry["eval"][system] = result["summary"]
         out["tasks"][name] = entry
-    timings = run_dir / "timings.json"
-    out["seconds"] = json.loads(timings.read_text()) if timings.is_file() else {}
+    out["seconds"] = json.loads(layout.timings.read_text()) if layout.timings.is_file() else {}
     out["precision"] = precisions_used(out["tasks"])
     out["resources"] = stage_resources(config)
     out["means"] = _means(out["tasks"])
@@ -293,7 +290,7 @@ def plot_accuracy(report: dict, path: Path) -> None:
 def training_curves(run_dir: Path) -> dict[str, dict]:
     """Each expert's loss per micro-batch and validation losses, from its training.json."""
     curves = {}
-    for path in sorted((Path(run_dir) / "experts").glob("*/training.json")):
+    for path in sorted(RunLayout(Path(run_dir)).experts.glob("*/training.json")):
         summary = json.loads(path.read_text())
         curves[path.parent.name] = {"losses": summary.get("losses", []),
                                     "accumulation": summary.get("gradient_accumulation", 1),
@@ -344,7 +341,7 @@ def plot_mixture_weights(report: dict, path: Path) -> None:
 def search_curves(run_dir: Path) -> dict[str, list[float]]:
     """Best objective so far per evaluation of the chosen setting's final search, per target task."""
     curves = {}
-    for path in sorted((Path(run_dir) / "mixtures").glob("*/search.json")):
+    for path in sorted(RunLayout(Path(run_dir)).mixtures.glob("*/search.json")):
         mixture = json.loads((path.parent / "mixture.json").read_text())
         trial = next((t for t in json.loads(path.read_text())["trials"]
                       if t.get("setting") == mixture.get("setting")), None)
@@ -372,19 +369,20 @@ def plot_search(curves: dict[str, list[float]], path: Path) -> None:
 def build_report(run_dir: Path) -> Path:
     """Write report.json, report.md and the plots (accuracy, training curves, mixture weights,
     search curves) into the run folder, from its artifacts alone; returns report.md."""
-    report = collect(Path(run_dir))
-    write_json(Path(run_dir) / "report.json", report)
-    plot_accuracy(report, Path(run_dir) / "accuracy.png")
-    curves = training_curves(Path(run_dir))
+    layout = RunLayout(Path(run_dir))
+    report = collect(layout.root)
+    write_json(layout.report("report.json"), report)
+    plot_accuracy(report, layout.report("accuracy.png"))
+    curves = training_curves(layout.root)
     if curves:
-        plot_training(curves, Path(run_dir) / "training.png")
+        plot_training(curves, layout.report("training.png"))
     if any("mixture" in t for t in report["tasks"].values()):
-        plot_mixture_weights(report, Path(run_dir) / "mixture_weights.png")
-        plot_search(search_curves(Path(run_dir)), Path(run_dir) / "search.png")
-    path = Path(run_dir) / "report.md"
+        plot_mixture_weights(report, layout.report("mixture_weights.png"))
+        plot_search(search_curves(layout.root), layout.report("search.png"))
+    path = layout.report("report.md")
     text = render_markdown(report)
     path.write_text(text)
-    write_html(text, Path(run_dir) / "report.html")
+    write_html(text, layout.report("report.html"))
     return path
 
 

@@ -94,7 +94,8 @@ def test_jobs_queue_to_what_the_cluster_holds():
 def test_concurrency_limit_and_a_failed_expert_does_not_stop_the_others(ray_cluster, tiny_model_dir, tmp_path):
     from modecotd.artifacts import Unit, write_jsonl
     from modecotd.config import parse_config
-    from modecotd.jobs.distill_stage import ExpertJob, run_distill_stage
+    from modecotd.jobs.distill_stage import run_distill_stage
+    from modecotd.plan import RunLayout, Training
 
     tasks_config = [{"name": name, "role": "seen", "source": {"kind": "generated", "family": "coin_flip", "size": 2}}
                     for name in ("one", "two", "bad")]
@@ -113,8 +114,8 @@ def test_concurrency_limit_and_a_failed_expert_does_not_stop_the_others(ray_clus
             rows = [{**row, "rationale": "word " * 400} for row in rows]  # nothing fits in max_length
         write_jsonl(folder / "accepted.jsonl", rows)
         units[name] = Unit(tmp_path / "experts" / name, f"key-{name}")
-        jobs[name] = ExpertJob(units[name], [(folder, "yes_no")])
-    results = run_distill_stage(config, tmp_path, jobs, tiny_model_dir)
+        jobs[name] = Training(name, units[name], ((folder, "yes_no"),))
+    results = run_distill_stage(config, RunLayout(tmp_path), jobs, tiny_model_dir)
     assert results["bad"]["status"] == "failed" and "max_length" in results["bad"]["error"]
     assert results["one"]["status"] == results["two"]["status"] == "done"
     assert units["one"].done() and units["two"].done() and not units["bad"].done()

@@ -28,6 +28,7 @@ def test_a_failed_pair_is_recorded_and_the_others_go_on(ray_cluster, tiny_model_
 
     from modecotd.artifacts import Unit
     from modecotd.jobs.evaluate_stage import run_evaluate_stage
+    from modecotd.plan import Evaluation, System
     from modecotd.tasks.schema import AnswerKind, Example
 
     evaluation = SimpleNamespace(batch_size=4, max_new_tokens=4, actors=1, cpus_per_actor=1, gpus_per_actor=0,
@@ -35,11 +36,11 @@ def test_a_failed_pair_is_recorded_and_the_others_go_on(ray_cluster, tiny_model_
     config = SimpleNamespace(evaluation=evaluation, student=SimpleNamespace(dtype="fp32"))
     tasks = {"sums": SimpleNamespace(kind=AnswerKind.NUMBER,
                                      test=[Example(question="What is 1 + 1?", answer="2", source="t:1")])}
-    jobs = [("sums", name, system, Unit(tmp_path / "eval" / "sums" / name, "k"))
-            for name, system in [("expert", {"kind": "expert", "adapter": str(tmp_path / "no-such-adapter")}),
-                                 ("base", {"kind": "base"})]]
+    missing = System("expert", "expert", "k", Unit(tmp_path / "no-such-adapter", "k"))
+    jobs = [Evaluation("sums", system, Unit(tmp_path / "eval" / "sums" / system.name, "k"))
+            for system in (missing, System("base", "base", "tiny"))]
     results = run_evaluate_stage(config, tasks, jobs, tiny_model_dir)
 
     assert results["sums/expert"]["status"] == "failed" and "no-such-adapter" in results["sums/expert"]["error"]
     assert results["sums/base"]["n"] == 1  # after the failure, on the same actor, with a fresh student
-    assert jobs[1][3].done() and not jobs[0][3].done()
+    assert jobs[1].unit.done() and not jobs[0].unit.done()

@@ -67,10 +67,11 @@ def openai_teacher(stub: StubServer, **changes) -> dict:
 def run_stage(config, run_dir: Path, model_dir=None):
     from modecotd.jobs.driver import load_tasks
     from modecotd.jobs.teacher_stage import run_teacher_stage
+    from modecotd.plan import RunLayout
 
     tasks = load_tasks(config)
     units = {"plus": Unit(run_dir / "rationales" / "plus", "key")}
-    return run_teacher_stage(config, run_dir, tasks, units, model_dir)
+    return run_teacher_stage(config, RunLayout(run_dir), tasks, units, model_dir)
 
 
 def rows(run_dir: Path, name: str) -> list[dict]:

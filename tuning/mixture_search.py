@@ -27,6 +27,7 @@ from modecotd.config import MIXER_CANDIDATES
 from modecotd.errors import UserError
 from modecotd.jobs.progress import send
 from modecotd.mixture import Mixture, export_adapter
+from modecotd.plan import RunLayout
 from modecotd.tasks.schema import AnswerKind
 from modecotd.weight_search import search_weights
 
@@ -281,7 +282,7 @@ def tune_loggers(cfg, run_name: str) -> list:
     return [MLflowLoggerCallback(tracking_uri=cfg.mlflow_tracking_uri, experiment_name=f"modecotd-{run_name}")]
 
 
-def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expert_dirs: dict[str, Path],
+def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], expert_dirs: dict[str, Path],
                       student_dir: Path) -> dict[str, dict]:
     """Search mixtures for every target task whose unit is not done; commit the best per task."""
     todo = pending(units, "mix", log)
@@ -291,7 +292,7 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
         return {name: {"status": "failed", "error": "no expert was trained"} for name in todo}
 
     cfg = config.mixture
-    trials_dir = run_dir / "mixtures" / ".trials"
+    trials_dir = layout.mixture_trials
     trials_dir.mkdir(parents=True, exist_ok=True)
     for name in todo:  # records of an earlier search with other settings must not be read back
         for stale in trials_dir.glob(f"{name}--*.json"):
@@ -322,7 +323,7 @@ def run_mixture_stage(config, run_dir: Path, tasks, units: dict[str, Unit], expe
                                     trial_name_creator=lambda t: f"mix:{t.config['task']}:"
                                                                  f"{setting_key(t.config['setting'])}",
                                     trial_dirname_creator=lambda t: f"{t.config['task']}-{t.trial_id}"),
-        run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=str((run_dir / "ray").resolve()),
+        run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=str(layout.ray_storage),
                                   verbose=0, callbacks=callbacks),
     )
     grid = tuner.fit()

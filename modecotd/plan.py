@@ -1,0 +1,234 @@
+"""A run, typed: where its files live (:class:`RunLayout`) and every unit of work each stage does,
+fingerprinted in this one place (:func:`plan`).
+
+Fingerprints chain from stage to stage (an expert's key includes its rationales' key, a mixture's
+its experts' keys, an evaluation its system's key), so a change anywhere redoes exactly what
+depends on it, and a unit already on disk with the same key is skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modecotd.artifacts import Unit, fingerprint
+from modecotd.tasks.schema import Example, TaskData
+
+PIPELINE_VERSION = 1
+# Settings that change where or how fast work runs, never what it produces.
+RESOURCE_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "max_failures", "workers_per_job",
+                 "gpus_per_worker", "use_gpu", "cpus_per_worker", "max_concurrent_jobs", "cpus_per_trial",
+                 "gpus_per_trial", "max_concurrent_trials", "concurrency", "timeout_s", "max_retries", "backoff_s",
+                 "api_key_env", "mlflow_tracking_uri", "tensor_parallel_size", "gpu_memory_utilization",
+                 "gradient_checkpointing"}
+# Settings of the training baselines only: adding a baseline must not retrain the experts.
+BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate"}
+SHARDS = ".shards"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of one run, under its root folder."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def tasks(self) -> Path:
+        """What the report needs of each task's data (see :func:`modecotd.report.task_facts`)."""
+        return self.root / "tasks.json"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
+    def report(self, name: str) -> Path:
+        """A file of the report: report.md, report.json, report.html, a plot."""
+        return self.root / name
+
+    def rationales(self, task: str) -> Path:
+        return self.root / "rationales" / task
+
+    def rationale_shards(self, task: str) -> Path:
+        """The teacher's finished shards of a task, kept until its unit is committed."""
+        return self.root / "rationales" / SHARDS / task
+
+    @property
+    def experts(self) -> Path:
+        return self.root / "experts"
+
+    def expert(self, task: str) -> Path:
+        return self.experts / task
+
+    def baseline(self, name: str) -> Path:
+        return self.root / "baselines" / name
+
+    @property
+    def mixtures(self) -> Path:
+        return self.root / "mixtures"
+
+    def mixture(self, task: str) -> Path:
+        return self.mixtures / task
+
+    @property
+    def mixture_trials(self) -> Path:
+        """Each Tune trial's record and (gate) routers, read back by the driver."""
+        return self.mixtures / ".trials"
+
+    def evaluation(self, task: str, system: str) -> Path:
+        return self.root / "eval" / task / system
+
+    @property
+    def ray_storage(self) -> Path:
+        """Ray Train's and Tune's storage_path."""
+        return self.root / "ray"
+
+
+@dataclass(frozen=True)
+class Training:
+    """One training job of the distill stage: a seen task's expert, or a baseline (several tasks'
+    rationales pooled, or every weight fine-tuned on one task)."""
+
+    name: str
+    unit: Unit
+    sources: tuple[tuple[Path, str], ...]  # (rationales folder, answer kind) per task it trains on
+    baseline: bool = False
+    full_finetune: bool = False
+
+
+@dataclass(frozen=True)
+class System:
+    """What is evaluated: the base student, or the student with what a unit built on it."""
+
+    name: str  # base | expert | mixture | multitask | full_finetune
+    kind: str  # base | expert (a LoRA adapter) | full (fine-tuned weights) | mixture
+    key: str
+    built_by: Unit | None = None  # None: the base student
+    experts: dict[str, Path] = field(default_factory=dict)  # a mixture's experts
+
+    def ready(self) -> bool:
+        return self.built_by is None or self.built_by.done()
+
+    def spec(self) -> dict:
+        """The evaluator's description of this system (see :mod:`modecotd.evaluate`); a mixture's
+        weights come from its committed unit."""
+        if self.kind == "base":
+            return {"kind": "base"}
+        path = str(self.built_by.path)
+        if self.kind == "expert":
+            return {"kind": "expert", "adapter": path}
+        if self.kind == "full":
+            return {"kind": "full", "model": path}
+        summary = self.built_by.manifest()["summary"]
+        spec = {"kind": "mixture", "method": summary["method"], "weights": summary["weights"],
+                "experts": {name: str(self.experts[name]) for name in summary["weights"]}}
+        if summary["method"] == "gate":
+            spec["routers"] = str(self.built_by.path / "routers.safetensors")
+        return spec
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    task: str
+    system: System
+    unit: Unit
+
+
+def settings_key(section) -> dict:
+    """A config section's settings that decide what it produces (resources left out)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in RESOURCE_KEYS}
+        return value
+
+    return strip(section.model_dump(mode="json"))
+
+
+def examples_key(examples: list[Example]) -> str:
+    return fingerprint([(e.question, e.answer, e.rationale) for e in examples])
+
+
+class Plan:
+    """Every unit of a run: rationales and an expert per seen task and the baselines asked for,
+    known from the config alone; a mixture per target task of the experts trained so far; and each
+    target evaluated on the base student and on every system built for it (its expert, its
+    mixture, each baseline)."""
+
+    def __init__(self, config, tasks: dict[str, TaskData], layout: RunLayout):
+        self.config, self.tasks, self.layout = config, tasks, layout
+        self.common = {"version": PIPELINE_VERSION, "seed": config.seed}
+        self.rationales: dict[str, Unit] = {name: Unit(layout.rationales(name), fingerprint(
+            self.common, settings_key(config.teacher), tasks[name].train.key, tasks[name].kind.value,
+            config.task(name).teacher_template,
+            examples_key(tasks[name].fewshot) if config.teacher.prompting == "few_shot" else None))
+            for name in (t.name for t in config.seen_tasks)}
+        self.trainings: dict[str, Training] = self._trainings()  # experts by seen task, then baselines
+
+    @property
+    def experts(self) -> dict[str, Training]:
+        return {name: t for name, t in self.trainings.items() if not t.baseline}
+
+    def trained_experts(self) -> dict[str, Path]:
+        return {name: t.unit.path for name, t in self.experts.items() if t.unit.done()}
+
+    def mixtures(self) -> dict[str, Unit]:
+        """A mixture per target task, of the experts trained so far (their keys are in its key)."""
+        experts_key = fingerprint(sorted((n, t.unit.key) for n, t in self.experts.items() if t.unit.done()))
+        return {task.name: Unit(self.layout.mixture(task.name), fingerprint(
+            self.common, experts_key, settings_key(self.config.mixture),
+            examples_key(self.tasks[task.name].fewshot), self.config.distill.max_length))
+            for task in self.config.tasks}
+
+    def systems(self, task: str, mixtures: dict[str, Unit]) -> list[System]:
+        """What ``task`` is evaluated on, built or not yet."""
+        systems = [System("base", "base", self.config.student.model)]
+        if task in self.experts:
+            systems.append(System("expert", "expert", self.experts[task].unit.key, self.experts[task].unit))
+        systems.append(System("mixture", "mixture", mixtures[task].key, mixtures[task],
+                              {n: t.unit.path for n, t in self.experts.items()}))
+        systems += [System(t.name, "full" if t.full_finetune else "expert", t.unit.key, t.unit)
+                    for t in self.trainings.values() if t.baseline]
+        return systems
+
+    def evaluations(self, built_only: bool = True) -> list[Evaluation]:
+        """Each target task on every system that is built (or on every system)."""
+        mixtures = self.mixtures()
+        settings = (settings_key(self.config.evaluation), self.config.student.model_dump(mode="json"))
+        return [Evaluation(task.name, system, Unit(self.layout.evaluation(task.name, system.name), fingerprint(
+            self.common, system.key, examples_key(self.tasks[task.name].test), *settings)))
+            for task in self.config.tasks for system in self.systems(task.name, mixtures)
+            if system.ready() or not built_only]
+
+    def units(self, stage: str) -> list[Unit]:
+        """The units a stage makes."""
+        if stage == "teacher":
+            return list(self.rationales.values())
+        if stage == "distill":
+            return [t.unit for t in self.trainings.values()]
+        if stage == "mix":
+            return list(self.mixtures().values())
+        return [e.unit for e in self.evaluations()]
+
+    def _trainings(self) -> dict[str, Training]:
+        config, rationales = self.config, self.rationales
+        distill = {k: v for k, v in settings_key(config.distill).items() if k not in BASELINE_KEYS}
+        shared = (self.common, distill, config.student.model_dump(mode="json"))
+
+        def source(name: str) -> tuple[Path, str]:
+            return rationales[name].path, self.tasks[name].kind.value
+
+        trainings = {name: Training(name, Unit(self.layout.expert(name), fingerprint(*shared, unit.key)),
+                                    (source(name),)) for name, unit in rationales.items()}
+        if "multitask" in config.distill.baselines:
+            key = fingerprint(*shared, "multitask", sorted((n, u.key) for n, u in rationales.items()))
+            trainings["multitask"] = Training("multitask", Unit(self.layout.baseline("multitask"), key),
+                                              tuple(source(n) for n in rationales), baseline=True)
+        if "full_finetune" in config.distill.baselines:
+            task = config.distill.full_finetune_task or next(iter(rationales))
+            key = fingerprint(*shared, "full_finetune", rationales[task].key,
+                              config.distill.full_finetune_learning_rate)
+            trainings["full_finetune"] = Training("full_finetune", Unit(self.layout.baseline("full_finetune"), key),
+                                                  (source(task),), baseline=True, full_finetune=True)
+        return trainings

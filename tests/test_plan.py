@@ -1,0 +1,104 @@
+"""The typed plan: every unit of a run, where it lives, and which settings its fingerprint follows."""
+from __future__ import annotations
+
+import copy
+
+from modecotd.artifacts import write_json
+from modecotd.config import parse_config
+from modecotd.jobs.driver import load_tasks
+from modecotd.plan import Plan, RunLayout
+
+CONFIG = {
+    "name": "plan",
+    "tasks": [
+        {"name": "coins", "role": "seen", "source": {"kind": "generated", "family": "coin_flip", "size": 2},
+         "sizes": {"train": 8, "fewshot": 2, "test": 4}},
+        {"name": "sums", "role": "seen", "source": {"kind": "generated", "family": "arithmetic", "size": 2},
+         "sizes": {"train": 8, "fewshot": 2, "test": 4}},
+        {"name": "letters", "role": "unseen",
+         "source": {"kind": "generated", "family": "last_letter_concatenation", "size": 2},
+         "sizes": {"train": 0, "fewshot": 2, "test": 4}},
+    ],
+    "teacher": {"backend": "scripted"},
+    "student": {"model": "builtin:tiny", "dtype": "fp32"},
+    "distill": {"baselines": ["multitask"]},
+}
+
+
+def plan_of(raw: dict, root) -> Plan:
+    config = parse_config(raw)
+    return Plan(config, load_tasks(config), RunLayout(root))
+
+
+def keys(plan: Plan) -> dict[str, str]:
+    """Every unit's key by its path in the run folder (evaluations of every system, built or not)."""
+    units = plan.units("teacher") + plan.units("distill") + plan.units("mix")
+    units += [e.unit for e in plan.evaluations(built_only=False)]
+    return {str(u.path.relative_to(plan.layout.root)): u.key for u in units}
+
+
+def commit(unit, summary: dict | None = None) -> None:
+    unit.path.mkdir(parents=True, exist_ok=True)
+    write_json(unit.manifest_path, {"fingerprint": unit.key, "summary": summary or {}})
+
+
+def test_every_unit_lives_under_the_run_folder_in_its_stage_folder(tmp_path):
+    plan = plan_of(CONFIG, tmp_path)
+    assert sorted(keys(plan)) == sorted([
+        "rationales/coins", "rationales/sums", "experts/coins", "experts/sums", "baselines/multitask",
+        "mixtures/coins", "mixtures/sums", "mixtures/letters",
+        *(f"eval/{task}/{system}" for task in ("coins", "sums") for system in ("base", "expert", "mixture", "multitask")),
+        "eval/letters/base", "eval/letters/mixture", "eval/letters/multitask"])
+    assert [t.name for t in plan.trainings.values() if t.baseline] == ["multitask"]
+    assert plan.trainings["multitask"].sources == tuple(plan.trainings[n].sources[0] for n in ("coins", "sums"))
+
+
+def test_resource_settings_change_no_key_and_a_changed_setting_redoes_what_depends_on_it(tmp_path):
+    before = keys(plan_of(CONFIG, tmp_path))
+    resources = copy.deepcopy(CONFIG)
+    resources["distill"].update(cpus_per_worker=2, max_concurrent_jobs=1, gradient_checkpointing=True)
+    resources["evaluation"] = {"actors": 3}
+    assert keys(plan_of(resources, tmp_path)) == before
+
+    taught = copy.deepcopy(CONFIG)
+    taught["teacher"]["samples"] = 3
+    after = keys(plan_of(taught, tmp_path))
+    changed = {path for path in before if before[path] != after[path]}
+    # the rationales, then every expert and baseline on them, then what evaluates those (with no
+    # expert trained yet, the mixtures' keys follow no expert: see the last test)
+    assert changed == {path for path in before if not path.endswith(("/base", "/mixture"))
+                       and not path.startswith("mixtures/")}
+
+    mixed = copy.deepcopy(CONFIG)
+    mixed["mixture"] = {"l1": 0.2}
+    after = keys(plan_of(mixed, tmp_path))
+    assert {path for path in before if before[path] != after[path]} == {
+        "mixtures/coins", "mixtures/sums", "mixtures/letters",
+        "eval/coins/mixture", "eval/sums/mixture", "eval/letters/mixture"}
+
+
+def test_adding_a_baseline_retrains_no_expert(tmp_path):
+    more = copy.deepcopy(CONFIG)
+    more["distill"]["baselines"] = ["multitask", "full_finetune"]
+    before, after = keys(plan_of(CONFIG, tmp_path)), keys(plan_of(more, tmp_path))
+    assert after["experts/coins"] == before["experts/coins"] and after["experts/sums"] == before["experts/sums"]
+    assert "baselines/full_finetune" in after and "baselines/full_finetune" not in before
+
+
+def test_mixtures_follow_the_experts_trained_and_only_built_systems_are_evaluated(tmp_path):
+    plan = plan_of(CONFIG, tmp_path)
+    assert [(e.task, e.system.name) for e in plan.evaluations()] == [("coins", "base"), ("sums", "base"),
+                                                                       ("letters", "base")]
+    nothing_trained = plan.mixtures()["letters"].key
+    commit(plan.trainings["coins"].unit)
+    one_trained = plan.mixtures()["letters"]
+    assert one_trained.key != nothing_trained
+    assert ("coins", "expert") in [(e.task, e.system.name) for e in plan.evaluations()]
+
+    commit(one_trained, {"method": "lorahub", "weights": {"coins": 0.5}})
+    evaluation = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("letters", "mixture"))
+    assert evaluation.system.spec() == {"kind": "mixture", "method": "lorahub", "weights": {"coins": 0.5},
+                                        "experts": {"coins": str(tmp_path / "experts" / "coins")}}
+    assert evaluation.unit.path == tmp_path / "eval" / "letters" / "mixture"
+    expert = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("coins", "expert"))
+    assert expert.system.spec() == {"kind": "expert", "adapter": str(tmp_path / "experts" / "coins")}
