@@ -61,6 +61,11 @@ EVALUATION_BATCH = AutoSize(cpu=8, gpu=64)
 MIXER_CANDIDATES = AutoSize(cpu=8, gpu=32)
 
 
+# Marks a setting that changes where or how fast work runs, never what it produces: it stays out of
+# every unit's fingerprint (modecotd.plan.settings_key), so changing it redoes nothing.
+RUNTIME = {"fingerprint": False}
+
+
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors."""
 
@@ -157,11 +162,13 @@ class EndpointConfig(Section):
     api: Literal["chat", "completions"] = Field("chat", description="chat completions or legacy text completions")
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="environment variable holding the API key (the key itself is never "
-        "written to the config, logs or run folder); null: no key")
-    concurrency: int = Field(8, ge=1, le=1024, description="requests in flight per teacher actor")
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(5, ge=0, le=100, description="retries on 429, 5xx, timeouts and connection errors")
-    backoff_s: float = Field(1.0, ge=0, description="first retry wait; doubles each retry")
+        "written to the config, logs or run folder); null: no key", json_schema_extra=RUNTIME)
+    concurrency: int = Field(8, ge=1, le=1024, description="requests in flight per teacher actor",
+                             json_schema_extra=RUNTIME)
+    timeout_s: float = Field(120.0, gt=0, json_schema_extra=RUNTIME)
+    max_retries: int = Field(5, ge=0, le=100, description="retries on 429, 5xx, timeouts and connection errors",
+                             json_schema_extra=RUNTIME)
+    backoff_s: float = Field(1.0, ge=0, description="first retry wait; doubles each retry", json_schema_extra=RUNTIME)
 
     @field_validator("url")
     @classmethod
@@ -176,9 +183,10 @@ class VLLMSettings(Section):
 
     tensor_parallel_size: int | None = Field(
         None, ge=1, description="GPUs one engine shards the model over; must equal teacher.gpus_per_actor "
-        "(default: that number)")
+        "(default: that number)", json_schema_extra=RUNTIME)
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="share of each GPU's memory the engine may take (weights and KV cache)")
+        0.9, gt=0, le=1, description="share of each GPU's memory the engine may take (weights and KV cache)",
+        json_schema_extra=RUNTIME)
     max_model_len: int | None = Field(
         None, ge=16, description="context length the engine reserves KV cache for (prompt + new tokens); "
         "lower it when a long-context model's KV cache does not fit; default: the model's own")
@@ -230,10 +238,12 @@ class TeacherConfig(Section):
     endpoint: EndpointConfig | None = None
     vllm: VLLMSettings | None = Field(None, description="engine settings for backend vllm (default: "
                                       "tensor_parallel_size = gpus_per_actor, 0.9 of GPU memory, the model's context)")
-    actors: int = Field(1, ge=1, description="teacher actors in the pool")
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per teacher actor (backend vllm needs >= 1)")
-    max_restarts: int = Field(3, ge=0, description="how many times a dead teacher actor is replaced")
+    actors: int = Field(1, ge=1, description="teacher actors in the pool", json_schema_extra=RUNTIME)
+    cpus_per_actor: float = Field(1.0, gt=0, json_schema_extra=RUNTIME)
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per teacher actor (backend vllm needs >= 1)",
+                                  json_schema_extra=RUNTIME)
+    max_restarts: int = Field(3, ge=0, description="how many times a dead teacher actor is replaced",
+                              json_schema_extra=RUNTIME)
 
     @model_validator(mode="after")
     def _check_backend(self) -> "TeacherConfig":
@@ -314,7 +324,8 @@ class DistillConfig(Section):
         None, ge=1, description="stop after this many validations without a better loss (the best adapter is "
         "kept); needs validation_fraction > 0")
     checkpoint_every: int = Field(50, ge=0, description="optimizer steps between Ray Train checkpoints; 0: none")
-    max_failures: int = Field(2, ge=0, description="times Ray Train restarts a failed job from its last checkpoint")
+    max_failures: int = Field(2, ge=0, description="times Ray Train restarts a failed job from its last checkpoint",
+                              json_schema_extra=RUNTIME)
     baselines: list[Literal["multitask", "full_finetune"]] = Field(
         default_factory=list, description="extra systems trained and evaluated beside the experts: multitask (one "
         "LoRA on all seen tasks pooled) and full_finetune (every student weight trained on one task)")
@@ -323,15 +334,16 @@ class DistillConfig(Section):
     full_finetune_learning_rate: float = Field(2e-5, gt=0, le=1.0)
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (DeepSpeed ZeRO-Offload)")
-    use_gpu: bool = Field(False, description="train on GPUs (NCCL between workers) instead of CPUs (gloo)")
-    workers_per_job: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = Field(False, description="train on GPUs (NCCL between workers) instead of CPUs (gloo)",
+                          json_schema_extra=RUNTIME)
+    workers_per_job: int = Field(1, ge=1, json_schema_extra=RUNTIME)
+    cpus_per_worker: float = Field(1.0, gt=0, json_schema_extra=RUNTIME)
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per training worker when use_gpu is on: a whole "
-                                   "number (two workers cannot share a GPU in NCCL)")
-    max_concurrent_jobs: int = Field(2, ge=1)
+                                   "number (two workers cannot share a GPU in NCCL)", json_schema_extra=RUNTIME)
+    max_concurrent_jobs: int = Field(2, ge=1, json_schema_extra=RUNTIME)
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass instead of keeping them (less memory "
-        "for long rows or large students, ~30% more compute; the same losses)")
+        "for long rows or large students, ~30% more compute; the same losses)", json_schema_extra=RUNTIME)
 
     @model_validator(mode="after")
     def _early_stopping_needs_validation(self) -> "DistillConfig":
@@ -386,10 +398,11 @@ class MixtureConfig(Section):
         "stopping; none runs every setting to the end")
     mlflow_tracking_uri: str | None = Field(
         None, description="also log every Tune trial to MLflow at this tracking URI (e.g. sqlite:///mlflow.db; "
-        "needs pip install 'modecotd[mlflow]'); TensorBoard logs are always written")
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per Tune trial (the student runs on one when > 0)")
-    max_concurrent_trials: int = Field(2, ge=1)
+        "needs pip install 'modecotd[mlflow]'); TensorBoard logs are always written", json_schema_extra=RUNTIME)
+    cpus_per_trial: float = Field(1.0, gt=0, json_schema_extra=RUNTIME)
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per Tune trial (the student runs on one when > 0)",
+                                  json_schema_extra=RUNTIME)
+    max_concurrent_trials: int = Field(2, ge=1, json_schema_extra=RUNTIME)
 
     @field_validator("method", "budget", "bound", "l1", "top_k", mode="before")
     @classmethod
@@ -434,9 +447,10 @@ class EvaluationConfig(Section):
     scoring: Literal["strict", "reference"] = "strict"
     max_new_tokens: int = Field(256, ge=1, le=4096)
     batch_size: AutoInt = Field("auto", description=EVALUATION_BATCH.help("test questions decoded together"))
-    actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per evaluator actor (decoding runs on one when > 0)")
+    actors: int = Field(1, ge=1, json_schema_extra=RUNTIME)
+    cpus_per_actor: float = Field(1.0, gt=0, json_schema_extra=RUNTIME)
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per evaluator actor (decoding runs on one when > 0)",
+                                  json_schema_extra=RUNTIME)
 
 
 class ResourcesConfig(Section):

@@ -1,5 +1,5 @@
 """A run, typed: where its files live (:class:`RunLayout`) and every unit of work each stage does,
-fingerprinted in this one place (:func:`plan`).
+fingerprinted in this one place (:class:`Plan`).
 
 Fingerprints chain from stage to stage (an expert's key includes its rationales' key, a mixture's
 its experts' keys, an evaluation its system's key), so a change anywhere redoes exactly what
@@ -10,16 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from modecotd.artifacts import Unit, fingerprint
 from modecotd.tasks.schema import Example, TaskData
 
 PIPELINE_VERSION = 1
-# Settings that change where or how fast work runs, never what it produces.
-RESOURCE_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "max_restarts", "max_failures", "workers_per_job",
-                 "gpus_per_worker", "use_gpu", "cpus_per_worker", "max_concurrent_jobs", "cpus_per_trial",
-                 "gpus_per_trial", "max_concurrent_trials", "concurrency", "timeout_s", "max_retries", "backoff_s",
-                 "api_key_env", "mlflow_tracking_uri", "tensor_parallel_size", "gpu_memory_utilization",
-                 "gradient_checkpointing"}
 # Settings of the training baselines only: adding a baseline must not retrain the experts.
 BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate"}
 SHARDS = ".shards"
@@ -137,13 +133,20 @@ class Evaluation:
 
 
 def settings_key(section) -> dict:
-    """A config section's settings that decide what it produces (resources left out)."""
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in RESOURCE_KEYS}
-        return value
+    """A config section's settings that decide what it produces: every field but those the config
+    marks as runtime settings (``json_schema_extra=RUNTIME``: resources, retries, endpoints' limits)."""
+    dumped = section.model_dump(mode="json")
 
-    return strip(section.model_dump(mode="json"))
+    def keep(model, values: dict) -> dict:
+        kept = {}
+        for name, spec in type(model).model_fields.items():
+            if (spec.json_schema_extra or {}).get("fingerprint") is False:
+                continue
+            value = getattr(model, name)
+            kept[name] = keep(value, values[name]) if isinstance(value, BaseModel) else values[name]
+        return kept
+
+    return keep(section, dumped)
 
 
 def examples_key(examples: list[Example]) -> str:

@@ -57,6 +57,8 @@ def test_resource_settings_change_no_key_and_a_changed_setting_redoes_what_depen
     before = keys(plan_of(CONFIG, tmp_path))
     resources = copy.deepcopy(CONFIG)
     resources["distill"].update(cpus_per_worker=2, max_concurrent_jobs=1, gradient_checkpointing=True)
+    resources["teacher"].update(actors=4, max_restarts=0)
+    resources["mixture"] = {"cpus_per_trial": 2, "max_concurrent_trials": 1}
     resources["evaluation"] = {"actors": 3}
     assert keys(plan_of(resources, tmp_path)) == before
 
