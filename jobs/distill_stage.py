@@ -151,6 +151,23 @@ def read_rows(cfg, job: Training) -> list[dict]:
     return rows
 
 
+def distill_settings(config, job: Training, rows: list[dict], output_dir: Path, student_dir: Path) -> DistillSettings:
+    cfg = config.distill
+    return DistillSettings(
+        student_dir=str(student_dir), dtype=config.student.dtype, kind=job.sources[0][1],
+        rows=rows, output_dir=str(output_dir), lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
+        learning_rate=cfg.full_finetune_learning_rate if job.full_finetune else cfg.learning_rate,
+        epochs=cfg.epochs, batch_size=cfg.batch_size,
+        max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio, zero_stage=cfg.zero_stage,
+        seed=config.seed, gradient_accumulation=cfg.gradient_accumulation,
+        validation_fraction=cfg.validation_fraction, eval_every=cfg.eval_every,
+        early_stopping_patience=cfg.early_stopping_patience, checkpoint_every=cfg.checkpoint_every,
+        offload_optimizer=cfg.offload_optimizer, full_finetune=job.full_finetune,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+
+
 def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training], student_dir: Path) -> dict[str, dict]:
     """Train every job whose unit is not done, as many at once as allowed; returns summaries and
     failures by job name."""
@@ -177,19 +194,7 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training], stud
                 log.error("distill: %s: no rationales to train on", name)
                 continue
             staging = job.unit.begin()
-            settings = DistillSettings(
-                student_dir=str(student_dir), dtype=config.student.dtype, kind=job.sources[0][1],
-                rows=rows, output_dir=str(staging), lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
-                learning_rate=cfg.full_finetune_learning_rate if job.full_finetune else cfg.learning_rate,
-                epochs=cfg.epochs, batch_size=cfg.batch_size,
-                max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio, zero_stage=cfg.zero_stage,
-                seed=config.seed, gradient_accumulation=cfg.gradient_accumulation,
-                validation_fraction=cfg.validation_fraction, eval_every=cfg.eval_every,
-                early_stopping_patience=cfg.early_stopping_patience, checkpoint_every=cfg.checkpoint_every,
-                offload_optimizer=cfg.offload_optimizer, full_finetune=job.full_finetune,
-                gradient_checkpointing=cfg.gradient_checkpointing,
-            )
+            settings = distill_settings(config, job, rows, staging, student_dir)
             ref = fit_expert.options(name=f"distill:{name}").remote(
                 name, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker, storage,
                 f"distill-{name}-{job.unit.key}", cfg.max_failures, cfg.gpus_per_worker if cfg.use_gpu else 0)

@@ -263,19 +263,8 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
     cfg = config.teacher
     _drop_stale_shards(layout, units, todo)
     api_key = _api_key(cfg)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.gpus_per_actor > gpus:
-        raise UserError(f"teacher.gpus_per_actor is {cfg.gpus_per_actor}, but the Ray cluster has "
-                        f"{gpus:g} GPU(s); backend {cfg.backend!r} needs a GPU node")
-    questions = sum(len(tasks[name].train) for name in todo)
-    teacher = cfg.model_dump(mode="json")
-
-    def make(name: str):
-        return TeacherWorker.options(name=name, num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor).remote(
-            teacher, str(teacher_dir) if teacher_dir else None, api_key)
-
-    pool = ActorPool(max(1, min(cfg.actors, -(-questions // cfg.shard_size))), make, cfg.max_restarts)
-    pool.check_ready()
+    _check_gpus(cfg)
+    pool = _teacher_pool(cfg, teacher_dir, api_key, sum(len(tasks[name].train) for name in todo))
     answered: Counter = Counter()
     for name in todo:
         send("teacher", name, 0, len(tasks[name].train), "question")
@@ -301,29 +290,11 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
                 break
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             slot, actor, shard = in_flight.pop(ref)
-            current = pool.actors.get(slot) is actor
-            if current:
-                pool.busy[slot] -= 1
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
-                log.warning("teacher: actor %s died with shard %s/%d in hand (%s); re-queued",
-                            slot, shard.task, shard.index, root_cause(exc))
+            result = _shard_outcome(ref, slot, actor, shard, pool, cfg.max_restarts)
+            if result is None:  # its actor died: the shard goes round again
                 retry.append(shard)
                 outstanding[shard.task] -= 1
-                if current:  # the other shards that actor held come back through this same branch
-                    pool.replace(slot)
-                if not pool.actors:
-                    raise ModelError(f"every teacher actor died and none has restarts left "
-                                     f"(teacher.max_restarts={cfg.max_restarts}); finished shards are kept, "
-                                     f"run again to go on") from None
                 continue
-            except ray.exceptions.RayTaskError as exc:
-                reason = f"teacher error: {root_cause(exc)}"
-                log.error("teacher: shard %s/%d failed: %s", shard.task, shard.index, reason)
-                examples = [Example(**e) for e in shard.examples]
-                failed = failed_shard(examples, shard.prompts, first_id=shard.first_id, reason=reason)
-                result = shard_result(failed, len(examples), 0.0)
             write_shard(shard_path(shard_dir(layout, shard.task, units[shard.task]), shard.index), result)
             outstanding[shard.task] -= 1
             answered[shard.task] += result["questions"]
@@ -337,6 +308,51 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
         pool.kill_all()
     log.info("teacher stage took %.1f s", time.time() - started)
     return summaries
+
+
+def _teacher_pool(cfg, teacher_dir: Path | None, api_key: Secret | None, questions: int) -> ActorPool:
+    """As many teacher actors as asked, or as there are shards if fewer, each ready."""
+    teacher = cfg.model_dump(mode="json")
+
+    def make(name: str):
+        return TeacherWorker.options(name=name, num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor).remote(
+            teacher, str(teacher_dir) if teacher_dir else None, api_key)
+
+    pool = ActorPool(max(1, min(cfg.actors, -(-questions // cfg.shard_size))), make, cfg.max_restarts)
+    pool.check_ready()
+    return pool
+
+
+def _check_gpus(cfg) -> None:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.gpus_per_actor > gpus:
+        raise UserError(f"teacher.gpus_per_actor is {cfg.gpus_per_actor}, but the Ray cluster has "
+                        f"{gpus:g} GPU(s); backend {cfg.backend!r} needs a GPU node")
+
+
+def _shard_outcome(ref, slot: int, actor, shard: Shard, pool: ActorPool, max_restarts: int) -> dict | None:
+    """A finished shard's result; a shard whose task raised comes back with every question failed
+    (and the reason); None when its actor died (then the actor is replaced, if restarts are left)."""
+    current = pool.actors.get(slot) is actor
+    if current:
+        pool.busy[slot] -= 1
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as exc:
+        log.warning("teacher: actor %s died with shard %s/%d in hand (%s); re-queued",
+                    slot, shard.task, shard.index, root_cause(exc))
+        if current:  # the other shards that actor held come back through this same branch
+            pool.replace(slot)
+        if not pool.actors:
+            raise ModelError(f"every teacher actor died and none has restarts left (teacher.max_restarts="
+                             f"{max_restarts}); finished shards are kept, run again to go on") from None
+        return None
+    except ray.exceptions.RayTaskError as exc:
+        reason = f"teacher error: {root_cause(exc)}"
+        log.error("teacher: shard %s/%d failed: %s", shard.task, shard.index, reason)
+        examples = [Example(**e) for e in shard.examples]
+        failed = failed_shard(examples, shard.prompts, first_id=shard.first_id, reason=reason)
+        return shard_result(failed, len(examples), 0.0)
 
 
 def _next_shard(feed, fed_all: set[str], outstanding: Counter, summaries: dict, finish) -> Shard | None:

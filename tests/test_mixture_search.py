@@ -51,7 +51,7 @@ def test_top_k_picks_the_experts_with_the_lowest_loss_alone(tiny_model_dir, tmp_
 
     from modecotd.mixture import Mixture
     from modecotd.tasks.schema import AnswerKind
-    from modecotd.tuning.mixture_search import top_experts
+    from modecotd.mixture_fit import top_experts
     from tests.test_mixture import ROWS, make_expert
 
     experts = {name: make_expert(tiny_model_dir, tmp_path / name, seed) for seed, name in enumerate("xyz")}
@@ -61,3 +61,36 @@ def test_top_k_picks_the_experts_with_the_lowest_loss_alone(tiny_model_dir, tmp_
     best_two = sorted(sorted(range(3), key=lambda i: alone[i])[:2])
     assert top_experts(mixture, batch, 2) == best_two
     assert top_experts(mixture, batch, None) == top_experts(mixture, batch, 5) == [0, 1, 2]
+
+
+def test_a_setting_is_scored_fold_by_fold_then_fitted_on_every_row(tiny_model_dir, tmp_path):
+    """The method alone (modecotd.mixture_fit), without Tune: each fold's loss is that of weights
+    fitted without its rows, and the record's weights are those of the fit on every row."""
+    import torch
+
+    from modecotd.mixture import Mixture
+    from modecotd.mixture_fit import FitOptions, SettingFit
+    from modecotd.tasks.schema import AnswerKind
+    from tests.test_mixture import ROWS, make_expert
+
+    experts = {name: make_expert(tiny_model_dir, tmp_path / name, seed) for seed, name in enumerate("xy")}
+    mixture = Mixture(tiny_model_dir, experts, "lorahub")
+    rows = ROWS * 2  # six rows, three folds of two
+    options = FitOptions(optimizer="ngopt", start=0.0, candidates_per_forward=4, learning_rate=0.1, seed=0,
+                         cv_folds=3, max_length=128, gate_steps=3, gate_learning_rate=0.01)
+    setting = {"method": "lorahub", "budget": 6, "bound": 1.5, "l1": 0.05, "top_k": None}
+    counted = []
+    fit = SettingFit(mixture, "sums", rows, AnswerKind.NUMBER, setting, options, on_evaluations=counted.append)
+    assert fit.folds == [[0, 3], [1, 4], [2, 5]] and fit.cv_loss is None
+    losses = [fit.fold(i) for i in range(3)]
+    assert fit.cv_loss == sum(losses) / 3
+    record = fit.final(routers=tmp_path / "unused")
+    assert record["fold_losses"] == losses and record["cv_loss"] == fit.cv_loss
+    assert record["evaluations"] == sum(counted) and len(record["history"]) <= sum(counted)
+    assert set(record["weights"]) == {"x", "y"} and all(abs(w) <= 1.5 for w in record["weights"].values())
+    # the record's weights give the objective the search reports (loss + l1 * mean |w| on all rows)
+    weights = [record["weights"]["x"], record["weights"]["y"]]
+    mixture.set_weights(torch.tensor(weights))
+    loss = mixture.few_shot_loss(mixture.batch_for(rows, AnswerKind.NUMBER, 128))
+    assert abs(record["objective"] - (loss + 0.05 * sum(map(abs, weights)) / 2)) < 1e-3
+    assert record["zero_weights_loss"] > 0 and record["experts_mixed"] == ["x", "y"]

@@ -1,13 +1,13 @@
 """Stage 3 on Ray Tune: the mixture of experts for every target task.
 
-One Tune trial = one target task and one setting of the mixer (method, budget, bound, L1, top-k).
-Inside the trial the whole weight search runs through its optimizer's ask/tell interface (a Tune
-trial per weight candidate would cost more in overhead than the objective itself). The student
-and the experts are loaded once per Tune worker process and reused by every trial it runs
-(``reuse_actors``). A trial scores its setting by cross-validation over the few-shot examples
-(weights fitted on k-1 folds, loss on the held-out fold), reported fold by fold so that a poor
-setting can be stopped early (ASHA or median stopping, within its target task); then it refits the
-weights on all few-shot examples. The setting with the lowest CV loss wins. Test data never enters.
+One Tune trial = one target task and one setting of the mixer (method, budget, bound, L1, top-k),
+fitted by :class:`modecotd.mixture_fit.SettingFit` (the method: CV folds, top-k, weight search,
+the gate). Inside the trial the whole weight search runs through its optimizer's ask/tell
+interface (a Tune trial per weight candidate would cost more in overhead than the objective
+itself). The student and the experts are loaded once per Tune worker and reused by every trial it
+runs (``reuse_actors``). Each fold's held-out loss is reported as a step, so that a poor setting
+can be stopped early (ASHA or median stopping, within its target task). The setting with the
+lowest CV loss wins.
 """
 from __future__ import annotations
 
@@ -18,176 +18,82 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
 
+from ray.util.metrics import Counter, Gauge
+
 from modecotd.artifacts import Unit, pending, write_json
-from modecotd.config import MIXER_CANDIDATES
 from modecotd.errors import UserError
 from modecotd.jobs.progress import send
 from modecotd.mixture import Mixture, export_adapter
+from modecotd.mixture_fit import FitOptions, SettingFit, setting_key
 from modecotd.plan import RunLayout
 from modecotd.tasks.schema import AnswerKind
-from modecotd.weight_search import search_weights
 
 log = logging.getLogger(__name__)
 METRIC = "cv_loss"
-_MIXTURES: dict[tuple, Mixture] = {}  # per Tune worker process, reused across its trials
-_LOADS: list[float] = []  # when this process loaded a student (a trial record says how often)
-_METRICS: dict = {}
 
 
-def _folds(n: int, k: int) -> list[list[int]]:
-    k = max(2, min(k, n))
-    return [list(range(i, n, k)) for i in range(k)]
+class MixtureTrial(tune.Trainable):
+    """One Tune trial: one mixer setting for one target task, one cross-validation fold per step
+    (so that a scheduler can stop a poor setting early), then the fit on every few-shot row.
 
+    With ``reuse_actors`` Tune hands the next trial to the same object (:meth:`reset_config`), which
+    keeps its loaded student and experts: each Tune worker loads them once."""
 
-def setting_key(setting: dict) -> str:
-    """A readable name for one mixer setting (trial names, record files)."""
-    if setting["method"] == "gate":
-        return "gate"
-    top_k = "all" if setting["top_k"] is None else setting["top_k"]
-    return f"{setting['method']}-budget={setting['budget']}-bound={setting['bound']}-l1={setting['l1']}-top_k={top_k}"
+    def setup(self, config: dict, context: dict):
+        self.context = context
+        self.options = FitOptions(**{k: context[k] for k in FitOptions.__dataclass_fields__})
+        self.mixture: Mixture | None = None
+        self.metrics = {"done": Counter("modecotd_mix_trials_done", "mixer settings scored to the end", ("task",)),
+                        "cv_loss": Gauge("modecotd_mix_cv_loss", "CV few-shot loss of the last finished setting",
+                                         ("task",))}
+        self._start(config)
 
+    def reset_config(self, new_config: dict) -> bool:
+        self._start(new_config)
+        return True
 
-def _mixture(context: dict, method: str) -> Mixture:
-    """This worker's student with the experts, loaded on its first trial and reused after."""
-    key = (context["student_dir"], tuple(sorted(context["experts"].items())), context["dtype"])
-    if key not in _MIXTURES:
-        _MIXTURES.clear()  # one student in memory per worker
-        _MIXTURES[key] = Mixture(Path(context["student_dir"]), {n: Path(p) for n, p in context["experts"].items()},
-                                 method, context["dtype"])
-        _LOADS.append(time.time())
-    mixture = _MIXTURES[key]
-    mixture.use_method(method)
-    return mixture
-
-
-def top_experts(mixture: Mixture, batch: dict, k: int | None) -> list[int]:
-    """Indices of the k experts with the lowest few-shot loss on their own (all when k is None)."""
-    n = len(mixture.names)
-    if k is None or k >= n:
-        return list(range(n))
-    alone = mixture.candidate_losses(batch, torch.eye(n))
-    return sorted(sorted(range(n), key=lambda i: alone[i])[:k])
-
-
-def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict, context: dict,
-                on_evaluations=lambda count: None):
-    """Search the weights of the ``chosen`` experts (the others stay at 0) on ``batch``;
-    ``on_evaluations`` hears how many objective evaluations each forward made."""
-    n = len(mixture.names)
-
-    def full(weights) -> torch.Tensor:
-        w = torch.zeros(n)
-        w[chosen] = torch.as_tensor(weights, dtype=torch.float32)
-        return w
-
-    def candidate_losses(candidates):
-        losses = mixture.candidate_losses(batch, torch.stack([full(w) for w in candidates]))
-        on_evaluations(len(candidates))
-        return losses
-
-    def loss_and_gradient(weights):
-        loss, gradient = mixture.loss_and_gradient(batch, full(weights))
-        on_evaluations(1)
-        return loss, [gradient[i] for i in chosen]
-
-    result = search_weights(
-        candidate_losses, len(chosen), optimizer=context["optimizer"], budget=setting["budget"],
-        bound=setting["bound"], l1=setting["l1"], seed=context["seed"], start=[context["start"]] * len(chosen),
-        batch=MIXER_CANDIDATES.resolve(context["candidates_per_forward"], mixture.device),  # auto: by device
-        loss_and_gradient=loss_and_gradient, learning_rate=context["learning_rate"])
-    return result, full(result.weights).tolist()
-
-
-def mixture_trial(config: dict, context: dict) -> None:
-    """A Tune function trainable: score one mixer setting for one target task by CV, then fit it."""
-    task, setting = config["task"], config["setting"]
-    spec = context["tasks"][task]
-    kind = AnswerKind(spec["kind"])
-    mixture = _mixture(context, setting["method"])
-    rows = spec["fewshot"]
-    label = f"mix:{task}:{setting_key(setting)}"
-    gate = setting["method"] == "gate"
-    pooled = [r for name, other in context["pooled"].items() if name != task for r in other] if gate else []
-
-    def batch(indices, extra=()):
-        return mixture.batch_for([rows[i] for i in indices] + list(extra), kind, context["max_length"])
-
-    folds = _folds(len(rows), context["cv_folds"]) if context["cv_folds"] else []  # 0: one setting, no choice
-    per_fit = context["gate_steps"] if gate else setting["budget"]
-    progress = {"done": 0, "planned": per_fit * (len(folds) + 1)}
-
-    def counted(count: int) -> None:  # the driver's terminal shows each trial's evaluations as they happen
-        progress["done"] += count
-        send("mix", f"{task} / {setting_key(setting)}", progress["done"], progress["planned"],
-             "gate step" if gate else "evaluation", finished=progress["done"] >= progress["planned"])
-
-    def fit(indices):
-        """Fit on these few-shot rows; returns (weights or None, history, seconds)."""
-        if gate:
+    def _start(self, config: dict) -> None:
+        task, setting = config["task"], config["setting"]
+        self.label = f"{task} / {setting_key(setting)}"
+        self.load_seconds = 0.0  # stays 0 when this worker's student is reused
+        if self.mixture is None:
             started = time.time()
-            losses = mixture.fit_gate(batch(indices, pooled), steps=context["gate_steps"],
-                                      learning_rate=context["gate_learning_rate"], seed=context["seed"])
-            history = [{"evaluation": i, "loss": loss, "objective": loss} for i, loss in enumerate(losses)]
-            counted(len(losses))
-            return None, history, time.time() - started
-        result, weights = fit_weights(mixture, batch(indices), chosen, setting, context, counted)
-        return weights, result.history, result.seconds
+            self.mixture = Mixture(Path(self.context["student_dir"]),
+                                   {n: Path(p) for n, p in self.context["experts"].items()},
+                                   setting["method"], self.context["dtype"])
+            self.load_seconds = time.time() - started
+        spec = self.context["tasks"][task]
+        pooled = [r for name, other in self.context["pooled"].items() if name != task for r in other]
+        self.fit = SettingFit(self.mixture, task, spec["fewshot"], AnswerKind(spec["kind"]), setting, self.options,
+                              pooled, self._counted)
+        self.planned = self.fit.evaluations_per_fit * (len(self.fit.folds) + 1)
+        self.counted = 0
+        self.next_fold = 0
 
-    def loss_at(weights, indices) -> float:
-        if not gate:
-            mixture.set_weights(weights)
-        return mixture.few_shot_loss(batch(indices))
+    def _counted(self, count: int) -> None:  # the driver's terminal shows each trial's evaluations as they happen
+        self.counted += count
+        send("mix", self.label, self.counted, self.planned, "gate step" if self.fit.gate else "evaluation",
+             finished=self.counted >= self.planned)
 
-    everything = list(range(len(rows)))
-    all_rows = batch(everything)  # tokenised once for expert selection, the zero-weight loss and the gate's mean
-    chosen = list(range(len(mixture.names))) if gate else top_experts(mixture, all_rows, setting["top_k"])
-    held_out: list[float] = []
-    evaluations = 0
-    for fold, held in enumerate(folds):
-        weights, fold_history, _ = fit([i for i in everything if i not in held])
-        evaluations += len(fold_history)
-        held_out.append(loss_at(weights, held))
-        tune.report({METRIC: sum(held_out) / len(held_out), "fold": fold, "evaluations": evaluations})
-        print(f"{label}: fold {fold + 1} held-out loss {held_out[-1]:.3f}", flush=True)
-    cv_loss = sum(held_out) / len(held_out) if held_out else None
-    weights, history, seconds = fit(everything)
-    evaluations += len(history)
-    record = {"task": task, **setting, "setting": setting_key(setting), "cv_loss": cv_loss, "fold_losses": held_out,
-              "objective": min(h["objective"] for h in history), "experts_mixed": [mixture.names[i] for i in chosen],
-              "history": history, "search_seconds": seconds, "worker_pid": os.getpid(),
-              "student_loads_in_worker": len(_LOADS), "precision": mixture.precision.as_dict()}
-    if gate:
-        routers = Path(context["trials_dir"]) / f"{task}--gate.routers.safetensors"
-        mixture.save_routers(routers)
-        record.update(routers=str(routers), weights=dict(zip(mixture.names, mixture.mean_gate_weights(
-            all_rows))))  # for the heat map: the gate's mean weights on the few-shot rows
-        mixture.use_method("delta")  # for the loss of the student as it is (w = 0)
-    else:
-        record["weights"] = dict(zip(mixture.names, weights))
-    mixture.set_weights(torch.zeros(len(mixture.names)))
-    record["zero_weights_loss"] = mixture.few_shot_loss(all_rows)
-    write_json(Path(context["trials_dir"]) / f"{task}--{setting_key(setting)}.json", record)
-    _trial_metrics(task, cv_loss)
-    final = {"objective": record["objective"], "evaluations": evaluations, "done": True}
-    tune.report(final if cv_loss is None else {METRIC: cv_loss, **final})
-
-
-def _trial_metrics(task: str, cv_loss: float | None) -> None:
-    """Ray metrics for the dashboard: finished mixer trials and the last CV loss, per target task
-    (made once per worker process, which runs many trials)."""
-    from ray.util.metrics import Counter, Gauge
-
-    if not _METRICS:
-        _METRICS["done"] = Counter("modecotd_mix_trials_done", "mixer settings scored to the end", ("task",))
-        _METRICS["cv_loss"] = Gauge("modecotd_mix_cv_loss", "CV few-shot loss of the last finished setting",
-                                    ("task",))
-    _METRICS["done"].inc(1, {"task": task})
-    if cv_loss is not None:
-        _METRICS["cv_loss"].set(cv_loss, {"task": task})
+    def step(self) -> dict:
+        fit = self.fit
+        if self.next_fold < len(fit.folds):
+            loss = fit.fold(self.next_fold)
+            print(f"mix:{self.label}: fold {self.next_fold + 1} held-out loss {loss:.3f}", flush=True)
+            self.next_fold += 1
+            return {METRIC: fit.cv_loss, "fold": self.next_fold - 1, "evaluations": fit.evaluations}
+        trials = Path(self.context["trials_dir"])
+        record = fit.final(routers=trials / f"{fit.task}--gate.routers.safetensors")
+        record.update(worker_pid=os.getpid(), load_seconds=self.load_seconds)
+        write_json(trials / f"{fit.task}--{setting_key(fit.setting)}.json", record)
+        self.metrics["done"].inc(1, {"task": fit.task})
+        if fit.cv_loss is not None:
+            self.metrics["cv_loss"].set(fit.cv_loss, {"task": fit.task})
+        final = {"objective": record["objective"], "evaluations": fit.evaluations, "done": True}
+        return final if fit.cv_loss is None else {METRIC: fit.cv_loss, **final}
 
 
 class PerTaskScheduler(FIFOScheduler):
@@ -312,7 +218,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], 
     }
     callbacks = tune_loggers(cfg, config.name) + [TrialProgress(len(cfg.settings()))]
     started = time.time()
-    trainable = tune.with_resources(tune.with_parameters(mixture_trial, context=context),
+    trainable = tune.with_resources(tune.with_parameters(MixtureTrial, context=context),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     space = {"task": tune.grid_search(todo), "setting": tune.grid_search(cfg.settings())}
     tuner = tune.Tuner(
@@ -324,7 +230,9 @@ def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], 
                                                                  f"{setting_key(t.config['setting'])}",
                                     trial_dirname_creator=lambda t: f"{t.config['task']}-{t.trial_id}"),
         run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=str(layout.ray_storage),
-                                  verbose=0, callbacks=callbacks),
+                                  verbose=0, callbacks=callbacks,
+                                  # a trial keeps nothing to resume from (see PerTaskScheduler)
+                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
     )
     grid = tuner.fit()
     errors = {r.config["task"]: str(r.error).splitlines()[0][:300] for r in grid if r.error}

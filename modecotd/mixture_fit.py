@@ -1,0 +1,168 @@
+"""Stage 3's method: one mixer setting fitted to one target task's few-shot rows.
+
+A setting (method, budget, bound, L1, top-k) is scored by cross-validation over the few-shot rows:
+weights fitted on k-1 folds, the loss on the held-out fold, fold after fold (so that a search can
+stop a poor setting early); then the weights are fitted on all rows. ``lorahub`` and ``delta``
+search one weight per expert (the ``top_k`` experts with the lowest loss alone, the others at 0)
+with :func:`modecotd.weight_search.search_weights`; ``gate`` trains per-token routers instead
+(on the task's rows, plus the other tasks' rows when they are pooled). Test data never enters.
+How the settings are searched in parallel is Ray Tune's part (``tuning/mixture_search.py``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from modecotd.config import MIXER_CANDIDATES
+from modecotd.mixture import Mixture
+from modecotd.tasks.schema import AnswerKind
+from modecotd.weight_search import search_weights
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The settings every mixer setting of a run shares."""
+
+    optimizer: str
+    start: float
+    candidates_per_forward: int | str
+    learning_rate: float
+    seed: int
+    cv_folds: int  # 0: no cross-validation (one setting, nothing to choose)
+    max_length: int
+    gate_steps: int
+    gate_learning_rate: float
+
+
+def fold_indices(n: int, k: int) -> list[list[int]]:
+    """``k`` interleaved folds of ``n`` rows (at least 2, at most one row each)."""
+    k = max(2, min(k, n))
+    return [list(range(i, n, k)) for i in range(k)]
+
+
+def setting_key(setting: dict) -> str:
+    """A readable name for one mixer setting (trial names, record files)."""
+    if setting["method"] == "gate":
+        return "gate"
+    top_k = "all" if setting["top_k"] is None else setting["top_k"]
+    return f"{setting['method']}-budget={setting['budget']}-bound={setting['bound']}-l1={setting['l1']}-top_k={top_k}"
+
+
+def top_experts(mixture: Mixture, batch: dict, k: int | None) -> list[int]:
+    """Indices of the k experts with the lowest few-shot loss on their own (all when k is None)."""
+    n = len(mixture.names)
+    if k is None or k >= n:
+        return list(range(n))
+    alone = mixture.candidate_losses(batch, torch.eye(n))
+    return sorted(sorted(range(n), key=lambda i: alone[i])[:k])
+
+
+def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict, options: FitOptions,
+                on_evaluations: Callable[[int], None] = lambda count: None):
+    """Search the weights of the ``chosen`` experts (the others stay at 0) on ``batch``;
+    ``on_evaluations`` hears how many objective evaluations each forward made. Returns the search
+    result and the full weight vector."""
+    n = len(mixture.names)
+
+    def full(weights) -> torch.Tensor:
+        w = torch.zeros(n)
+        w[chosen] = torch.as_tensor(weights, dtype=torch.float32)
+        return w
+
+    def candidate_losses(candidates):
+        losses = mixture.candidate_losses(batch, torch.stack([full(w) for w in candidates]))
+        on_evaluations(len(candidates))
+        return losses
+
+    def loss_and_gradient(weights):
+        loss, gradient = mixture.loss_and_gradient(batch, full(weights))
+        on_evaluations(1)
+        return loss, [gradient[i] for i in chosen]
+
+    result = search_weights(
+        candidate_losses, len(chosen), optimizer=options.optimizer, budget=setting["budget"],
+        bound=setting["bound"], l1=setting["l1"], seed=options.seed, start=[options.start] * len(chosen),
+        batch=MIXER_CANDIDATES.resolve(options.candidates_per_forward, mixture.device),  # auto: by device
+        loss_and_gradient=loss_and_gradient, learning_rate=options.learning_rate)
+    return result, full(result.weights).tolist()
+
+
+class SettingFit:
+    """One mixer setting on one target task: :meth:`fold` scores it fold by fold, :meth:`final`
+    fits it on every few-shot row and returns its record."""
+
+    def __init__(self, mixture: Mixture, task: str, rows: list[dict], kind: AnswerKind, setting: dict,
+                 options: FitOptions, pooled: list[dict] = (),
+                 on_evaluations: Callable[[int], None] = lambda count: None):
+        self.mixture, self.task, self.rows, self.kind = mixture, task, rows, kind
+        self.setting, self.options, self.on_evaluations = setting, options, on_evaluations
+        self.gate = setting["method"] == "gate"
+        self.pooled = list(pooled) if self.gate else []
+        mixture.use_method(setting["method"])
+        self.folds = fold_indices(len(rows), options.cv_folds) if options.cv_folds else []
+        self.every_row = list(range(len(rows)))
+        self.all_rows = self._batch(self.every_row)  # tokenised once: expert choice, zero-weight loss, gate means
+        self.chosen = (list(range(len(mixture.names))) if self.gate
+                       else top_experts(mixture, self.all_rows, setting["top_k"]))
+        self.held_out: list[float] = []
+        self.evaluations = 0
+
+    @property
+    def evaluations_per_fit(self) -> int:
+        return self.options.gate_steps if self.gate else self.setting["budget"]
+
+    @property
+    def cv_loss(self) -> float | None:
+        return sum(self.held_out) / len(self.held_out) if self.held_out else None
+
+    def fold(self, index: int) -> float:
+        """Fit on every fold but ``index``; the loss on that one."""
+        held = self.folds[index]
+        weights, history, _ = self._fit([i for i in self.every_row if i not in held])
+        self.evaluations += len(history)
+        if not self.gate:
+            self.mixture.set_weights(weights)
+        self.held_out.append(self.mixture.few_shot_loss(self._batch(held)))
+        return self.held_out[-1]
+
+    def final(self, routers: Path) -> dict:
+        """Fit on every few-shot row; the setting's record (a gate's routers are saved to ``routers``)."""
+        weights, history, seconds = self._fit(self.every_row)
+        self.evaluations += len(history)
+        mixture = self.mixture
+        record = {"task": self.task, **self.setting, "setting": setting_key(self.setting), "cv_loss": self.cv_loss,
+                  "fold_losses": self.held_out, "objective": min(h["objective"] for h in history),
+                  "experts_mixed": [mixture.names[i] for i in self.chosen], "history": history,
+                  "search_seconds": seconds, "evaluations": self.evaluations, "precision": mixture.precision.as_dict()}
+        if self.gate:
+            mixture.save_routers(routers)
+            # for the heat map: the gate's mean weights on the few-shot rows
+            record.update(routers=str(routers), weights=dict(zip(mixture.names,
+                                                                 mixture.mean_gate_weights(self.all_rows))))
+            mixture.use_method("delta")  # for the loss of the student as it is (w = 0)
+        else:
+            record["weights"] = dict(zip(mixture.names, weights))
+        mixture.set_weights(torch.zeros(len(mixture.names)))
+        record["zero_weights_loss"] = mixture.few_shot_loss(self.all_rows)
+        return record
+
+    def _batch(self, indices, extra=()) -> dict:
+        return self.mixture.batch_for([self.rows[i] for i in indices] + list(extra), self.kind,
+                                      self.options.max_length)
+
+    def _fit(self, indices: list[int]):
+        """Fit on these few-shot rows; returns (weights or None for a gate, history, seconds)."""
+        if self.gate:
+            started = time.time()
+            losses = self.mixture.fit_gate(self._batch(indices, self.pooled), steps=self.options.gate_steps,
+                                           learning_rate=self.options.gate_learning_rate, seed=self.options.seed)
+            self.on_evaluations(len(losses))
+            return None, [{"evaluation": i, "loss": loss, "objective": loss} for i, loss in enumerate(losses)], \
+                time.time() - started
+        result, weights = fit_weights(self.mixture, self._batch(indices), self.chosen, self.setting, self.options,
+                                      self.on_evaluations)
+        return weights, result.history, result.seconds
