@@ -200,7 +200,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=96,
                         help="24 optimizer steps at batch 8 and 2 epochs: with fewer, the final losses depend on "
-                             "each side's batch order more than on the loop (fp32 on an AVX2 CPU: ~12 minutes)")
+                             "each side's batch order more than on the loop (3 seeds in fp32: ~11 minutes with AVX2 "
+                             "kernels on the development CPU, about 4x that on an AVX2-only EPYC)")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--seeds", type=int, default=3,
                         help="runs per side, each seed its own LoRA initialisation and batch order: one run's final "
