@@ -69,3 +69,30 @@ def ray_cluster():
              logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server on 127.0.0.1 (SeaweedFS), for the whole session."""
+    from tests import s3_server as s3
+
+    server = s3.start(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This process reaches the S3 server through the environment only (as the storage requires)."""
+    for name, value in s3_server.environment.items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_server) -> str:
+    """One bucket for the session (the server makes volumes per bucket): tests use their own prefixes."""
+    from tests.s3_server import create_bucket
+
+    create_bucket(s3_server, "modecotd-tests")
+    return "modecotd-tests"
