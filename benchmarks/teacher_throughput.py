@@ -86,23 +86,24 @@ def naive_loop(model_dir: Path, config, examples) -> tuple[dict[str, str | None]
 
 def ours(config, run_dir: Path, model_dir: Path) -> tuple[dict[str, str | None], int, float]:
     """Answers, generated tokens and wall seconds of the teacher stage on a local Ray."""
-    from modecotd.artifacts import Unit, read_jsonl
+    from modecotd.artifacts import read_jsonl
     from modecotd.jobs import ray_runtime
     from modecotd.jobs.driver import load_tasks
     from modecotd.jobs.teacher_stage import run_teacher_stage
     from modecotd.plan import RunLayout
+    from modecotd.storage import Storage
 
     ray_runtime.connect(None, num_cpus=2, dashboard=False)
     tasks = load_tasks(config)
-    layout = RunLayout(run_dir)
-    units = {"arithmetic": Unit(layout.rationales("arithmetic"), "bench")}
+    layout = RunLayout(Storage(run_dir))
+    units = {"arithmetic": layout.unit(layout.rationales("arithmetic"), "bench")}
     started = time.time()
-    summary = run_teacher_stage(config, layout, tasks, units, model_dir)["arithmetic"]
+    summary = run_teacher_stage(config, layout, tasks, units)["arithmetic"]
     seconds = time.time() - started
     ray_runtime.shutdown()
     answers = {}
     for name in ("accepted", "rejected"):
-        for row in read_jsonl(layout.rationales("arithmetic") / f"{name}.jsonl"):
+        for row in read_jsonl(units["arithmetic"].local() / f"{name}.jsonl"):
             answers[row["question"]] = row["predicted"]
     return answers, summary["generated_tokens"], seconds
 

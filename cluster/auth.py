@@ -28,3 +28,11 @@ def use_token_if_available() -> bool:
         os.environ["RAY_AUTH_MODE"] = "token"
         return True
     return False
+
+
+def read_token() -> str:
+    """The token itself, from wherever Ray would take it (for a node that cannot see the file)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or DEFAULT_TOKEN_FILE)
+    return path.read_text().strip()

@@ -43,8 +43,12 @@ def submit(config_path: Path, *, address: str | None = None, run_dir: str | None
     from modecotd.config import load_config
 
     config_path = Path(config_path)
+    from modecotd.storage import is_uri
+
     config = load_config(config_path, overrides or [])  # a bad config fails here, not on the cluster
-    run_dir = run_dir or f"{DEFAULT_RUNS_DIR}/{config.name}"
+    # an object store is the same seen from anywhere; a relative folder means one on the head node
+    run_dir = run_dir or (config.run_location() if is_uri(config.storage) or Path(config.storage).is_absolute()
+                          else f"{DEFAULT_RUNS_DIR}/{config.name}")
     words = ["modecotd", "run", config_path.name, "--run-dir", run_dir]
     for stage in stages or []:
         words += ["--stage", stage]

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from modecotd.cluster.auth import token_available
+from modecotd.cluster.auth import read_token, token_available
 from modecotd.errors import UserError
 
 DEFAULT_GCS_PORT = 6379
@@ -30,11 +31,13 @@ def _ray_cli() -> str:
 
 
 def up(num_cpus: int | None = None, port: int = DEFAULT_GCS_PORT, dashboard_port: int = DEFAULT_DASHBOARD_PORT,
-       workers: int = 0, cpus_per_worker: float = 1) -> str:
+       workers: int = 0, cpus_per_worker: float = 1, isolated: bool = False) -> str:
     """Start a head node with the dashboard and, with ``workers``, that many worker nodes on this
     machine, each with its own CPUs and a resource ``worker-<i>`` (a multi-node cluster for tests
-    and demos; the head then keeps no CPUs, so all work lands on the workers). Returns the address
-    to pass as --address."""
+    and demos; the head then keeps no CPUs, so all work lands on the workers). With ``isolated``
+    each worker node runs in its own mount namespace where /tmp, the home folder, ./runs and the
+    model caches are empty private folders, as on a machine that shares no disk with this one
+    (needs root, for ``unshare --mount``). Returns the address to pass as --address."""
     head = [_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=true",
             f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
     if workers:
@@ -46,16 +49,39 @@ def up(num_cpus: int | None = None, port: int = DEFAULT_GCS_PORT, dashboard_port
         # Its own temp folder, as a node on another machine has: nodes sharing one would clean up
         # each other's unpacked job files (a job driver's working folder included).
         temp = Path(tempfile.gettempdir()) / f"modecotd-ray-worker-{i}"
-        _ray_start([_ray_cli(), "start", f"--address=127.0.0.1:{port}", f"--num-cpus={cpus_per_worker:g}",
-                    f"--resources={json.dumps({f'worker-{i}': 1})}", f"--temp-dir={temp}", "--disable-usage-stats"])
+        command = [_ray_cli(), "start", f"--address=127.0.0.1:{port}", f"--num-cpus={cpus_per_worker:g}",
+                   f"--resources={json.dumps({f'worker-{i}': 1})}", f"--temp-dir={temp}", "--disable-usage-stats"]
+        _ray_start(_in_own_mount_namespace(command) if isolated else command, isolated)
     return f"127.0.0.1:{port}"
 
 
-def _ray_start(command: list[str]) -> None:
+def private_paths() -> list[Path]:
+    """What an isolated worker node must not share with this machine: the temp folder, the home
+    folder (caches, Ray's token file), ./runs and the model caches wherever they are set."""
+    paths = [Path(tempfile.gettempdir()), Path.home(), Path.cwd() / "runs"]
+    paths += [Path(os.environ[name]) for name in ("MODECOTD_CACHE", "HF_HOME") if os.environ.get(name)]
+    kept: list[Path] = []
+    for path in paths:
+        path = path.resolve()
+        if path.is_dir() and path != Path("/") and not any(path.is_relative_to(k) for k in kept):
+            kept.append(path)
+    return kept
+
+
+def _in_own_mount_namespace(command: list[str]) -> list[str]:
+    if shutil.which("unshare") is None:
+        raise UserError("--isolated needs the 'unshare' command (util-linux)")
+    mounts = "; ".join(f"mount -t tmpfs modecotd-private {shlex.quote(str(p))}" for p in private_paths())
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"set -e; {mounts}; exec {shlex.join(command)}"]
+
+
+def _ray_start(command: list[str], isolated: bool = False) -> None:
     # Jobs submitted to this cluster run `modecotd ...`: keep this environment's commands on their PATH.
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     if token_available():  # a node joining a token-protected head must present the token
         env.setdefault("RAY_AUTH_MODE", "token")
+        if isolated and not env.get("RAY_AUTH_TOKEN"):  # its home folder, with the token file, is hidden
+            env["RAY_AUTH_TOKEN"] = read_token()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         down()

@@ -2,7 +2,9 @@
 
 Each job's ``fit()`` runs in its own Ray task (no CPUs of its own: the CPUs belong to the
 training workers), so jobs for different tasks run concurrently and queue when CPUs run out.
-The adapter is written by rank 0 into the unit's staging folder and published by the driver.
+Every worker resolves the student on its own node; rank 0 writes the adapter into a staging folder
+on its node and commits the unit to the run's storage itself, so nothing it wrote has to be read
+back from its node's disk. Ray Train's checkpoints live in the run's storage too.
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from modecotd.artifacts import Unit, pending, read_jsonl
+from modecotd.artifacts import Unit, pending
 from modecotd.distill import DistillSettings, train_expert
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
+from modecotd.models import materialize
 from modecotd.plan import RunLayout, Training
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)  # no line per ray.train.report: the driver shows progress
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    settings = DistillSettings(**loop_config["settings"])
+    unit: Unit = loop_config["unit"]
+    staging = unit.begin() if rank == 0 else None
+    settings = DistillSettings(**{**loop_config["settings"], "student_dir": str(materialize(loop_config["student"])),
+                                  "output_dir": str(staging or "")})
     checkpoint_every = settings.checkpoint_every
 
     gauges = {}
@@ -73,9 +79,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if step % REPORT_EVERY_STEPS == 0 and not (checkpoint_every and step % checkpoint_every == 0):
             ray.train.report(dict(metrics))
 
-    summary = train_expert(settings, rank, world, report=report, checkpoints=RayTrainCheckpoints())
-    if rank == 0:
-        (Path(settings.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary))
+    started = time.time()
+    try:
+        summary = train_expert(settings, rank, world, report=report, checkpoints=RayTrainCheckpoints())
+        if rank == 0:
+            (staging / SUMMARY_FILE).write_text(json.dumps(summary))
+            unit.commit(staging, {"status": "done", **{k: v for k, v in summary.items() if k != "losses"}},
+                        time.time() - started)
+    finally:
+        if staging is not None:
+            Unit.abort(staging)  # gone already when committed
     ray.train.report({"step": summary["steps"], "loss": summary["final_loss"], "done": True})
 
 
@@ -98,27 +111,32 @@ def stage_metrics() -> dict:
 
 
 @ray.remote(num_cpus=0)
-def fit_expert(task: str, settings: dict, workers: int, cpus_per_worker: float, storage: str, run_name: str,
-               max_failures: int, gpus_per_worker: float = 0) -> dict:
-    """Run one expert's Ray Train job to completion; returns its training summary.
+def fit_expert(task: str, unit: Unit, student: str, settings: dict, workers: int, cpus_per_worker: float,
+               ray_storage: tuple, run_name: str, max_failures: int, gpus_per_worker: float = 0) -> dict:
+    """Run one expert's Ray Train job to completion; returns the summary of its committed unit.
 
     ``run_name`` is the same for every attempt at the same expert, so a job started again after
-    a driver crash finds the checkpoints of the last attempt in ``storage`` and resumes from them.
-    With GPUs, Ray Train sets up NCCL instead of gloo; the training code is the same.
+    a driver crash finds the checkpoints of the last attempt in ``ray_storage`` (the run storage and
+    the path in it) and resumes from them. With GPUs, Ray Train sets up NCCL instead of gloo; the
+    training code is the same.
     """
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
+    storage, path = ray_storage
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"settings": settings, "task": task},
+        train_loop_config={"settings": settings, "task": task, "unit": unit, "student": student},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage,
+            name=run_name, storage_path=storage.path(path), storage_filesystem=storage.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
     trainer.fit()
-    return json.loads((Path(settings["output_dir"]) / SUMMARY_FILE).read_text())
+    manifest = unit.manifest()
+    if manifest is None or manifest.get("fingerprint") != unit.key:
+        raise RuntimeError(f"{unit.where}: the training job ended without committing its unit")
+    return manifest["summary"]
 
 
 def concurrent_jobs(cfg, cluster: dict) -> tuple[int, str | None]:
@@ -141,8 +159,8 @@ def concurrent_jobs(cfg, cluster: dict) -> tuple[int, str | None]:
 def read_rows(cfg, job: Training) -> list[dict]:
     """The accepted rationales a job trains on; pooled rows carry their task's answer kind."""
     rows = []
-    for folder, kind in job.sources:
-        task_rows = read_jsonl(folder / "accepted.jsonl")
+    for rationales, kind in job.sources:
+        task_rows = [json.loads(line) for line in rationales.read_file("accepted.jsonl").splitlines() if line.strip()]
         if not cfg.use_rationalized:
             task_rows = [r for r in task_rows if not r.get("rationalized")]
         if cfg.max_rows_per_task:
@@ -151,11 +169,12 @@ def read_rows(cfg, job: Training) -> list[dict]:
     return rows
 
 
-def distill_settings(config, job: Training, rows: list[dict], output_dir: Path, student_dir: Path) -> DistillSettings:
+def distill_settings(config, job: Training, rows: list[dict]) -> DistillSettings:
+    """The job's settings; each worker fills in where the student and its output are on its node."""
     cfg = config.distill
     return DistillSettings(
-        student_dir=str(student_dir), dtype=config.student.dtype, kind=job.sources[0][1],
-        rows=rows, output_dir=str(output_dir), lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+        student_dir="", dtype=config.student.dtype, kind=job.sources[0][1],
+        rows=rows, output_dir="", lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
         learning_rate=cfg.full_finetune_learning_rate if job.full_finetune else cfg.learning_rate,
         epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -168,11 +187,11 @@ def distill_settings(config, job: Training, rows: list[dict], output_dir: Path, 
     )
 
 
-def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training], student_dir: Path) -> dict[str, dict]:
+def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> dict[str, dict]:
     """Train every job whose unit is not done, as many at once as allowed; returns summaries and
     failures by job name."""
     cfg = config.distill
-    storage = str(layout.ray_storage)
+    ray_storage = (layout.storage, layout.ray)
     todo = pending({name: job.unit for name, job in jobs.items()}, "distill", log)
     results: dict[str, dict] = {}
     if not todo:
@@ -193,21 +212,20 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training], stud
                 results[name] = {"status": "failed", "error": "the teacher kept no rationale for this task"}
                 log.error("distill: %s: no rationales to train on", name)
                 continue
-            staging = job.unit.begin()
-            settings = distill_settings(config, job, rows, staging, student_dir)
+            settings = distill_settings(config, job, rows)
             ref = fit_expert.options(name=f"distill:{name}").remote(
-                name, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker, storage,
-                f"distill-{name}-{job.unit.key}", cfg.max_failures, cfg.gpus_per_worker if cfg.use_gpu else 0)
-            running[ref] = (name, staging, time.time())
+                name, job.unit, config.student.model, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker,
+                ray_storage, f"distill-{name}-{job.unit.key}", cfg.max_failures,
+                cfg.gpus_per_worker if cfg.use_gpu else 0)
+            running[ref] = name
             log.info("distill: %s started (%d rows, ZeRO-%d)", name, len(rows), cfg.zero_stage)
         if not running:
             continue
         ready, _ = ray.wait(list(running), num_returns=1)
-        name, staging, started = running.pop(ready[0])
+        name = running.pop(ready[0])
         try:
             summary = ray.get(ready[0])
         except Exception as exc:  # a failed job is reported, the others go on
-            Unit.abort(staging)
             results[name] = {"status": "failed", "error": root_cause(exc)}
             send("distill", name, 0, None, "step", note="failed", finished=True)
             log.error("distill: %s failed: %s", name, results[name]["error"])
@@ -219,8 +237,6 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training], stud
         stage_metrics()["speed"].set(summary["target_tokens_per_s_rank0"], tags)
         send("distill", name, summary["steps"], summary["steps"], "step", finished=True,
              note=f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
-        summary = {"status": "done", **{k: v for k, v in summary.items() if k != "losses"}}
-        jobs[name].unit.commit(staging, summary, time.time() - started)
         results[name] = summary
         log.info("distill: %s done: loss %.3f -> %.3f in %d steps", name, summary["first_loss"],
                  summary["final_loss"], summary["steps"])

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import yaml
 
-from modecotd.artifacts import clean_staging, write_json
+from modecotd.artifacts import clean_staging
 from modecotd.config import STAGES
 from modecotd.errors import UserError
-from modecotd.models import materialize
+from modecotd.models import check_reference
 from modecotd.plan import Plan, RunLayout
 from modecotd.precision import resolve_dtype
 from modecotd.progress import ProgressBoard
 from modecotd.report import build_report, task_facts
+from modecotd.storage import Storage
 from modecotd.tasks.build import load_task
 from modecotd.tasks.schema import TaskData
 
@@ -26,47 +27,51 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunOutcome:
-    run_dir: Path
-    report: Path | None
+    storage: Storage  # the run's
+    report: str | None  # where report.md is (a path, or a URI in an object store)
     failures: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class Work:
-    """What the stages run on: the plan, the tasks' data and the models on this node."""
+    """What the stages run on: the plan and the tasks' data (every worker resolves the models it
+    needs on its own node)."""
 
     config: object
     tasks: dict[str, TaskData]
     plan: Plan
-    student_dir: Path
-    teacher_dir: Path | None
 
 
 def load_tasks(config) -> dict[str, TaskData]:
     return {task.name: load_task(task) for task in config.tasks}
 
 
-def run_pipeline(config, run_dir: Path, address: str | None = None, stages: list[str] | None = None,
-                 progress: ProgressBoard | None = None) -> RunOutcome:
+def run_pipeline(config, run_dir: str | Path | None = None, address: str | None = None,
+                 stages: list[str] | None = None, progress: ProgressBoard | None = None) -> RunOutcome:
     """Run the four stages on Ray (or only ``stages``, on the artifacts the earlier stages left in
-    ``run_dir``); returns where the report is and what failed. Progress goes to ``progress``
-    (default: a board on standard error)."""
+    the run's storage: ``run_dir``, a folder or a URI, by default ``<config.storage>/<name>``);
+    returns where the report is and what failed. Progress goes to ``progress`` (default: a board on
+    standard error)."""
     from modecotd.jobs import ray_runtime
     from modecotd.jobs.progress import progress_display
+    from modecotd.jobs.storage_check import check_every_node_reaches
 
     unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:  # before anything is loaded, written or started
         raise UserError(f"unknown stage {', '.join(unknown)}; stages: {', '.join(STAGES)}")
-    layout = RunLayout(Path(run_dir).resolve())
+    layout = RunLayout(Storage(run_dir or config.run_location()))
     tasks = load_tasks(config)  # bad data fails here, before anything is written
-    generates = config.teacher.backend in ("transformers", "vllm")
-    work = Work(config, tasks, Plan(config, tasks, layout), materialize(config.student.model),
-                materialize(config.teacher.model) if generates else None)
-    _start_run_folder(layout, config, tasks)
-    outcome = RunOutcome(run_dir=layout.root, report=None)
+    for model in {config.student.model} | ({config.teacher.model} if config.teacher.loads_model else set()):
+        check_reference(model)  # so does a model that no node could resolve
+    work = Work(config, tasks, Plan(config, tasks, layout))
+    if not layout.storage.is_local:  # an object store that cannot be reached fails before Ray starts
+        layout.storage.check_reachable()
     cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard)
-    log.info("run %s in %s (Ray dashboard: %s)", config.name, layout.root, cluster.get("dashboard"))
+    check_every_node_reaches(layout.storage)
+    _start_run_folder(layout, config, tasks)
+    outcome = RunOutcome(storage=layout.storage, report=None)
+    log.info("run %s in %s (Ray dashboard: %s)", config.name, layout.storage.describe(), cluster.get("dashboard"))
     log.info("student dtype %s on this node's CPU; each worker decides for its own device and the report "
              "says what was used", resolve_dtype(config.student.dtype, "cpu").describe())
     try:
@@ -78,17 +83,19 @@ def run_pipeline(config, run_dir: Path, address: str | None = None, stages: list
                     "command resumes the run")
         ray_runtime.shutdown()
         raise
-    timings = json.loads(layout.timings.read_text()) if layout.timings.is_file() else {}
-    write_json(layout.timings, {**timings, **outcome.seconds})  # a run of some stages keeps the others' times
-    outcome.report = build_report(layout.root)
+    storage = layout.storage
+    timings = json.loads(storage.read_text(layout.timings)) if storage.exists(layout.timings) else {}
+    # a run of some stages keeps the others' times
+    storage.write_text(layout.timings, json.dumps({**timings, **outcome.seconds}, indent=2, sort_keys=True))
+    outcome.report = build_report(storage)
     return outcome
 
 
 def _start_run_folder(layout: RunLayout, config, tasks: dict[str, TaskData]) -> None:
-    layout.root.mkdir(parents=True, exist_ok=True)
-    clean_staging(layout.root)
-    layout.config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    write_json(layout.tasks, task_facts(tasks))
+    storage = layout.storage
+    clean_staging(storage)
+    storage.write_text(layout.config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    storage.write_text(layout.tasks, json.dumps(task_facts(tasks), indent=2, sort_keys=True))
 
 
 def _run_stage(name: str, work: Work, stages: list[str] | None, outcome: RunOutcome) -> None:
@@ -96,10 +103,10 @@ def _run_stage(name: str, work: Work, stages: list[str] | None, outcome: RunOutc
     stage's units are done (a later one is left alone)."""
     if stages and name not in stages:
         last = max(STAGES.index(s) for s in stages)
-        missing = [str(u.path.relative_to(work.plan.layout.root)) for u in work.plan.units(name) if not u.done()]
+        missing = [u.prefix for u in work.plan.units(name) if not u.done()]
         if STAGES.index(name) < last and missing:
             raise UserError(f"--stage {','.join(stages)} needs the {name} stage's outputs, and "
-                            f"{work.plan.layout.root} lacks {', '.join(missing[:4])}"
+                            f"{work.plan.layout.storage.describe()} lacks {', '.join(missing[:4])}"
                             f"{' ...' if len(missing) > 4 else ''}: run that stage first")
         return
     started = time.time()
@@ -113,26 +120,26 @@ def _run_stage(name: str, work: Work, stages: list[str] | None, outcome: RunOutc
 def _teacher(work: Work) -> dict:
     from modecotd.jobs.teacher_stage import run_teacher_stage
 
-    return run_teacher_stage(work.config, work.plan.layout, work.tasks, work.plan.rationales, work.teacher_dir)
+    return run_teacher_stage(work.config, work.plan.layout, work.tasks, work.plan.rationales)
 
 
 def _distill(work: Work) -> dict:
     from modecotd.jobs.distill_stage import run_distill_stage
 
-    return run_distill_stage(work.config, work.plan.layout, work.plan.trainings, work.student_dir)
+    return run_distill_stage(work.config, work.plan.layout, work.plan.trainings)
 
 
 def _mix(work: Work) -> dict:
     from modecotd.tuning.mixture_search import run_mixture_stage
 
     return run_mixture_stage(work.config, work.plan.layout, work.tasks, work.plan.mixtures(),
-                             work.plan.trained_experts(), work.student_dir)
+                             work.plan.trained_experts())
 
 
 def _evaluate(work: Work) -> dict:
     from modecotd.jobs.evaluate_stage import run_evaluate_stage
 
-    return run_evaluate_stage(work.config, work.tasks, work.plan.evaluations(), work.student_dir)
+    return run_evaluate_stage(work.config, work.tasks, work.plan.evaluations())
 
 
 STAGE_RUNNERS = {"teacher": _teacher, "distill": _distill, "mix": _mix, "evaluate": _evaluate}

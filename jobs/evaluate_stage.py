@@ -10,7 +10,6 @@ import itertools
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import ray
 
@@ -32,10 +31,10 @@ class Evaluator:
     once; each system (but a fully fine-tuned copy) is wired into that student for its pair and
     taken off again."""
 
-    def __init__(self, student_dir: str, dtype: str, settings: dict):
-        from modecotd.models import load_tokenizer
+    def __init__(self, student: str, dtype: str, settings: dict):
+        from modecotd.models import load_tokenizer, materialize
 
-        self.student_dir = Path(student_dir)
+        self.student_dir = materialize(student)  # on this actor's node
         self.dtype = dtype
         self.settings = settings
         self.tokenizer = load_tokenizer(self.student_dir)
@@ -93,7 +92,7 @@ class Evaluator:
         return task, system_name, rows, time.time() - started, model.precision.as_dict()
 
 
-def run_evaluate_stage(config, tasks, evaluations: list[Evaluation], student_dir: Path) -> dict:
+def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
     """Run every evaluation whose unit is not done; returns {"task/system": summary}. A pair that
     fails (its system does not load, its actor dies) is recorded as failed and the other pairs go
     on; a dead actor is replaced."""
@@ -106,7 +105,7 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation], student_dir
 
     def new_actor():
         return Evaluator.options(name=f"eval-{next(started)}", num_cpus=cfg.cpus_per_actor,
-                                 num_gpus=cfg.gpus_per_actor).remote(str(student_dir), config.student.dtype, settings)
+                                 num_gpus=cfg.gpus_per_actor).remote(config.student.model, config.student.dtype, settings)
 
     queue = [(e.unit, (e.task, e.system.name, e.system.spec(), tasks[e.task].kind,
                        [asdict(ex) for ex in tasks[e.task].test])) for e in todo]

@@ -13,13 +13,13 @@ from modecotd.cluster.auth import token_available
 
 log = logging.getLogger(__name__)
 
-# Passed to every worker so that actors and Ray Train workers never try to reach a model hub.
+# Passed to every worker when the driver has them (whether models may be downloaded, where the
+# caches are). Credentials are never forwarded: each node has its own (see modecotd.storage).
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODECOTD_CACHE", "HF_HOME")
 
 
 def worker_env() -> dict[str, str]:
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no per-load progress bars in every actor's log
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

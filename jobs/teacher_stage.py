@@ -12,12 +12,10 @@ the reason). The driver holds at most a few shards in memory, whatever the numbe
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import shutil
 import time
-import uuid
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +27,10 @@ from modecotd.artifacts import Unit, fingerprint, pending
 from modecotd.errors import ModelError, UserError
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
+from modecotd.models import materialize
 from modecotd.plan import RunLayout
 from modecotd.prompts import TeacherPrompts
+from modecotd.storage import Storage
 from modecotd.tasks.schema import Example, TaskData
 from modecotd.teacher import ShardOutput, failed_shard, make_backend, prompts_for, teach
 
@@ -76,15 +76,15 @@ class TaskEnd:
 class TeacherWorker:
     """Holds one teacher backend; turns shards of questions into rows. Reports Ray metrics."""
 
-    def __init__(self, teacher: dict, model_dir: str | None, api_key: Secret | None):
+    def __init__(self, teacher: dict, api_key: Secret | None):
         from ray.util.metrics import Counter as MetricCounter
         from ray.util.metrics import Gauge
 
         from modecotd.config import TeacherConfig
 
         self.config = TeacherConfig.model_validate(teacher)
-        self.backend = make_backend(self.config, Path(model_dir) if model_dir else None,
-                                    api_key.reveal() if api_key else None)
+        model_dir = materialize(self.config.model) if self.config.loads_model else None  # on this actor's node
+        self.backend = make_backend(self.config, model_dir, api_key.reveal() if api_key else None)
         tags = ("task",)
         self.metrics = {
             "questions": MetricCounter("modecotd_teacher_questions", "questions answered by the teacher", tags),
@@ -124,37 +124,40 @@ def shard_result(out: ShardOutput, questions: int, seconds: float) -> dict:
 # --- shards on disk ----------------------------------------------------------------------------
 
 
-def shard_dir(layout: RunLayout, task: str, unit: Unit) -> Path:
-    return layout.rationale_shards(task) / unit.key
+def shard_dir(layout: RunLayout, task: str, unit: Unit) -> str:
+    return f"{layout.rationale_shards(task)}/{unit.key}"
 
 
-def shard_path(folder: Path, index: int) -> Path:
-    return folder / f"{index:06d}.jsonl"
+def shard_name(index: int) -> str:
+    return f"{index:06d}.jsonl"
 
 
-def write_shard(path: Path, result: dict) -> None:
-    """Write one finished shard atomically: a header line, then every row with its status."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as handle:
-        header = {k: result[k] for k in ("questions", "tokens", "seconds")}
-        handle.write(json.dumps({"shard": header}) + "\n")
-        for status in ROW_FILES:
-            for row in result[status]:
-                handle.write(json.dumps({"status": status, **row}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def shard_path(folder: str, index: int) -> str:
+    return f"{folder}/{shard_name(index)}"
 
 
-def merge_shards(folder: Path, staging: Path) -> dict:
-    """Stream every shard of a task, in order, into the unit's three row files; returns stats."""
+def write_shard(storage: Storage, path: str, result: dict) -> None:
+    """Write one finished shard whole: a header line, then every row with its status."""
+    header = {k: result[k] for k in ("questions", "tokens", "seconds")}
+    lines = [json.dumps({"shard": header})]
+    lines += [json.dumps({"status": status, **row}, ensure_ascii=False) for status in ROW_FILES
+              for row in result[status]]
+    storage.write_text(path, "\n".join(lines) + "\n")
+
+
+def merge_shards(storage: Storage, folder: str, staging: Path) -> dict:
+    """Stream every shard of a task, in order (one in memory at a time), into the unit's three row
+    files; returns stats."""
     stats = Counter()
     rejected_reasons: Counter = Counter()
     failed_reasons: Counter = Counter()
     handles = {status: open(staging / f"{status}.jsonl", "w") for status in ROW_FILES}
     try:
-        for path in sorted(folder.glob("*.jsonl")):
+        for name in storage.files(folder):
+            if not name.endswith(".jsonl"):
+                continue
             answered: set[int] = set()
-            with open(path) as shard:
+            with io.StringIO(storage.read_text(f"{folder}/{name}")) as shard:
                 header = json.loads(shard.readline())["shard"]
                 stats["questions"] += header["questions"]
                 stats["tokens"] += header["tokens"]
@@ -195,21 +198,22 @@ def merge_shards(folder: Path, staging: Path) -> dict:
 
 def shard_feed(config, layout: RunLayout, tasks: dict[str, TaskData], units: dict[str, Unit], todo: list[str]
                ) -> Iterator[Shard | TaskEnd]:
-    """Shards not yet on disk, task after task, read lazily from each task's train stream."""
+    """Shards not yet in storage, task after task, read lazily from each task's train stream."""
     size = config.teacher.shard_size
     for name in todo:
         data = tasks[name]
         folder = shard_dir(layout, name, units[name])
+        written = set(layout.storage.files(folder))
         prompts = prompts_for(config.teacher, config.task(name), data.kind, data.fewshot)
         chunk: list[Example] = []
         index = 0
         for example in data.train:
             chunk.append(example)
             if len(chunk) == size:
-                if not shard_path(folder, index).exists():
+                if shard_name(index) not in written:
                     yield _shard(config, name, index, chunk, prompts)
                 chunk, index = [], index + 1
-        if chunk and not shard_path(folder, index).exists():
+        if chunk and shard_name(index) not in written:
             yield _shard(config, name, index, chunk, prompts)
         yield TaskEnd(name)
 
@@ -254,8 +258,7 @@ class ActorPool:
         self.actors.clear()
 
 
-def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], units: dict[str, Unit],
-                      teacher_dir: Path | None) -> dict[str, dict]:
+def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], units: dict[str, Unit]) -> dict[str, dict]:
     """Generate and filter rationales for every seen task whose unit is not done yet."""
     todo = pending(units, "teacher", log)
     if not todo:
@@ -264,7 +267,7 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
     _drop_stale_shards(layout, units, todo)
     api_key = _api_key(cfg)
     _check_gpus(cfg)
-    pool = _teacher_pool(cfg, teacher_dir, api_key, sum(len(tasks[name].train) for name in todo))
+    pool = _teacher_pool(cfg, api_key, sum(len(tasks[name].train) for name in todo))
     answered: Counter = Counter()
     for name in todo:
         send("teacher", name, 0, len(tasks[name].train), "question")
@@ -295,7 +298,8 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
                 retry.append(shard)
                 outstanding[shard.task] -= 1
                 continue
-            write_shard(shard_path(shard_dir(layout, shard.task, units[shard.task]), shard.index), result)
+            write_shard(layout.storage, shard_path(shard_dir(layout, shard.task, units[shard.task]), shard.index),
+                        result)
             outstanding[shard.task] -= 1
             answered[shard.task] += result["questions"]
             speed = f"{result['tokens'] / result['seconds']:.0f} tokens/s" if result["tokens"] and result["seconds"] else ""
@@ -310,13 +314,13 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
     return summaries
 
 
-def _teacher_pool(cfg, teacher_dir: Path | None, api_key: Secret | None, questions: int) -> ActorPool:
+def _teacher_pool(cfg, api_key: Secret | None, questions: int) -> ActorPool:
     """As many teacher actors as asked, or as there are shards if fewer, each ready."""
     teacher = cfg.model_dump(mode="json")
 
     def make(name: str):
         return TeacherWorker.options(name=name, num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor).remote(
-            teacher, str(teacher_dir) if teacher_dir else None, api_key)
+            teacher, api_key)
 
     pool = ActorPool(max(1, min(cfg.actors, -(-questions // cfg.shard_size))), make, cfg.max_restarts)
     pool.check_ready()
@@ -370,11 +374,10 @@ def _next_shard(feed, fed_all: set[str], outstanding: Counter, summaries: dict, 
 def _finish(layout: RunLayout, name: str, units: dict[str, Unit], cfg) -> dict:
     """Merge a task's shards into its unit and drop the shards."""
     folder = shard_dir(layout, name, units[name])
-    folder.mkdir(parents=True, exist_ok=True)
     summary = {"backend": cfg.backend, "model": cfg.model if cfg.generates else None}
     with units[name].writing(summary) as staging:
-        summary.update(merge_shards(folder, staging))
-    shutil.rmtree(folder.parent, ignore_errors=True)
+        summary.update(merge_shards(layout.storage, folder, staging))
+    layout.storage.delete(layout.rationale_shards(name))
     send("teacher", name, summary["questions"], summary["questions"], "question", finished=True,
          note=f"{summary['accepted']} rationales kept")
     log.info("teacher: %s: %d of %d questions got a correct rationale (%d accepted, %d rejected samples, "
@@ -387,10 +390,8 @@ def _drop_stale_shards(layout: RunLayout, units: dict[str, Unit], todo: list[str
     """Remove shards written under other settings (their key differs): they can never be used."""
     for name in todo:
         folder = layout.rationale_shards(name)
-        if folder.is_dir():
-            for stale in folder.iterdir():
-                if stale.name != units[name].key:
-                    shutil.rmtree(stale, ignore_errors=True)
+        for key in {path.split("/")[0] for path in layout.storage.files(folder)} - {units[name].key}:
+            layout.storage.delete(f"{folder}/{key}")
 
 
 def _api_key(cfg) -> Secret | None:

@@ -1,9 +1,12 @@
-"""Units of work on disk: fingerprinted, committed atomically, skipped when done.
+"""Units of work in a run's storage: fingerprinted, committed whole, verified, skipped when done.
 
-A unit is a folder (a task's rationales, an expert, a mixture, an evaluation). It is written in
-a hidden staging folder beside its final place; ``manifest.json`` is written last and the folder
-is then renamed into place, so a reader never sees half an artifact and a crash leaves only a
-staging folder that the next run removes.
+A unit is a folder of files (a task's rationales, an expert, a mixture, an evaluation) under one
+prefix of the run's :class:`~modecotd.storage.Storage`. It is written in a local staging folder;
+the commit publishes its files and then ``manifest.json``, which lists every file's size and
+sha256, so a unit is done only when its manifest is there, its fingerprint is the one asked for
+and its files match. On a local folder the staging folder sits beside the unit and is renamed into
+place; on an object store (no rename) the files are uploaded under the prefix and the manifest
+last. A crash leaves no manifest, and a unit without one is written again, never read.
 """
 from __future__ import annotations
 
@@ -12,12 +15,16 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from modecotd.storage import Storage, StorageError, sha256_of
+
 MANIFEST = "manifest.json"
+ROUTERS_FILE = "routers.safetensors"  # a gate mixture's unit holds its routers under this name
 FINGERPRINT_LENGTH = 16
 
 
@@ -48,51 +55,119 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-class Unit:
-    """One unit of work at ``path`` whose content is determined by ``key``."""
+def scratch_dir() -> Path:
+    """This node's folder for staging and for copies of units fetched from an object store."""
+    from modecotd.models import cache_dir
 
-    def __init__(self, path: Path, key: str):
-        self.path = Path(path)
+    return cache_dir() / "units"
+
+
+def listed_files(folder: Path) -> dict[str, dict]:
+    """Every file under ``folder`` (but a manifest) with its size and sha256, by relative path."""
+    return {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": sha256_of(path)}
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+
+
+class Unit:
+    """One unit of work under ``prefix`` in ``storage``, whose content is determined by ``key``.
+    Picklable: a worker on any node commits or reads it through the storage."""
+
+    def __init__(self, storage: Storage, prefix: str, key: str):
+        self.storage = storage
+        self.prefix = prefix.strip("/")
         self.key = key
+        self._verified: tuple | None = None  # what was last checked, so an unchanged unit is hashed once
+
+    def __repr__(self) -> str:
+        return f"Unit({self.where}, {self.key})"
+
+    def __getstate__(self):
+        return {"storage": self.storage, "prefix": self.prefix, "key": self.key, "_verified": None}
 
     @property
-    def manifest_path(self) -> Path:
-        return self.path / MANIFEST
+    def where(self) -> str:
+        return self.storage.describe(self.prefix)
+
+    def _file(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
 
     def manifest(self) -> dict | None:
         try:
-            return json.loads(self.manifest_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            return json.loads(self.storage.read_text(self._file(MANIFEST)))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
 
-    def done(self) -> bool:
-        """True when a complete unit with the same fingerprint is already on disk."""
+    def problem(self) -> str | None:
+        """Why this unit is not done, in words; None when it is."""
         manifest = self.manifest()
-        return manifest is not None and manifest.get("fingerprint") == self.key
+        if manifest is None:
+            return "not written yet"
+        if manifest.get("fingerprint") != self.key:
+            return "written with other settings"
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            return "its manifest lists no files (written by an older version)"
+        state = [json.dumps(manifest, sort_keys=True)]
+        for name, facts in files.items():
+            size = self.storage.size(self._file(name))
+            if size is None:
+                return f"{name} is missing"
+            if size != facts.get("size"):
+                return f"{name} has {size} bytes, its manifest says {facts.get('size')}"
+            if self.storage.is_local:  # an object store's files are checked when they are fetched
+                path = self.storage.local_root / self.prefix / name
+                state.append((name, path.stat().st_mtime_ns))
+        if self._verified != tuple(state):
+            if self.storage.is_local:
+                for name, facts in files.items():
+                    if sha256_of(self.storage.local_root / self.prefix / name) != facts.get("sha256"):
+                        return f"{name} was changed after it was written (sha256 differs from its manifest)"
+            self._verified = tuple(state)
+        return None
+
+    def done(self) -> bool:
+        """True when a complete unit with this fingerprint, its files as committed, is in storage."""
+        return self.problem() is None
 
     def begin(self) -> Path:
-        """Create and return a fresh staging folder for this unit."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.parent / f".{self.path.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        return staging
+        """A fresh local staging folder for this unit (beside it on a local folder, so that the
+        commit is a rename; in this node's scratch folder otherwise)."""
+        name = f".{Path(self.prefix).name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if self.storage.is_local:
+            parent = (self.storage.local_root / self.prefix).parent
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = parent / name
+            staging.mkdir()
+            return staging
+        scratch_dir().mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=name, dir=scratch_dir()))
 
     def commit(self, staging: Path, summary: dict | None = None, seconds: float | None = None) -> None:
-        """Write the manifest last, then move the staging folder into place (replacing an older unit)."""
+        """Publish ``staging``'s files, then the manifest (replacing an older unit); removes ``staging``."""
         manifest = {
             "fingerprint": self.key,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "seconds": None if seconds is None else round(seconds, 3),
             "summary": summary or {},
+            "files": listed_files(staging),
         }
-        write_json(staging / MANIFEST, manifest)
-        if self.path.exists():
-            retired = self.path.parent / f".{self.path.name}.retired-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, retired)
-            os.replace(staging, self.path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, self.path)
+        if self.storage.is_local:
+            write_json(staging / MANIFEST, manifest)
+            target = self.storage.local_root / self.prefix
+            if target.exists():
+                retired = target.parent / f".{target.name}.retired-{uuid.uuid4().hex[:8]}"
+                os.replace(target, retired)
+                os.replace(staging, target)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+            return
+        self.storage.delete(self._file(MANIFEST))  # the old unit stops being done before its files go
+        self.storage.delete(self.prefix)
+        for name in manifest["files"]:
+            self.storage.upload(staging / name, self._file(name))
+        self.storage.write_text(self._file(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        shutil.rmtree(staging, ignore_errors=True)
 
     @staticmethod
     def abort(staging: Path) -> None:
@@ -111,18 +186,66 @@ class Unit:
             self.abort(staging)
             raise
 
+    def local(self) -> Path:
+        """A folder of this node holding the committed unit: the unit itself on a local folder,
+        otherwise a copy fetched once per node and checked against the manifest's sha256."""
+        manifest = self.manifest()
+        if manifest is None or manifest.get("fingerprint") != self.key:
+            raise StorageError(f"{self.where}: not done ({self.problem()}); it cannot be read")
+        if self.storage.is_local:
+            return self.storage.local_root / self.prefix
+        identity = hashlib.sha256(f"{self.storage.uri}|{self.prefix}".encode()).hexdigest()[:16]
+        version = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+        target = scratch_dir() / "fetched" / identity / version
+        if (target / MANIFEST).is_file():
+            return target
+        from modecotd.models import exclusive
+
+        with exclusive(target.with_name(version + ".lock")):
+            if (target / MANIFEST).is_file():
+                return target
+            tmp = target.with_name(f"{version}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            for name, facts in manifest["files"].items():
+                self.storage.download(self._file(name), tmp / name)
+                if sha256_of(tmp / name) != facts["sha256"]:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    self.storage.delete(self._file(MANIFEST))  # never read again: the next run redoes it
+                    raise StorageError(f"{self.where}/{name}: does not match its manifest (sha256); "
+                                       "the unit is dropped and the next run writes it again")
+            write_json(tmp / MANIFEST, manifest)
+            os.replace(tmp, target)
+        return target
+
+    def read_file(self, name: str) -> str:
+        """One file of the committed unit, read straight from storage."""
+        return self.storage.read_text(self._file(name))
+
+
+def local_folder(where: "Unit | str | Path") -> Path:
+    """A folder on this node: a committed unit's (fetched when its storage is remote), or a path."""
+    return where.local() if isinstance(where, Unit) else Path(where)
+
 
 def pending(units: dict[str, Unit], stage: str, log) -> list[str]:
     """Names of the units not done yet; logs the ones skipped because they are."""
-    todo = [name for name, unit in units.items() if not unit.done()]
-    for name in units:
-        if name not in todo:
+    todo = []
+    for name, unit in units.items():
+        problem = unit.problem()
+        if problem is None:
             log.info("%s: %s already done, skipped", stage, name)
+            continue
+        todo.append(name)
+        if unit.manifest() is not None:
+            log.warning("%s: %s is written again: %s", stage, name, problem)
     return todo
 
 
-def clean_staging(folder: Path) -> None:
-    """Remove staging and retired folders left by a crashed run under ``folder``."""
+def clean_staging(storage: Storage) -> None:
+    """Remove the staging and retired folders a crashed run left in a local storage (an object
+    store keeps no staging: a half-uploaded unit has no manifest and is replaced when redone)."""
+    if not storage.is_local:
+        return
     for pattern in ("**/.*.staging-*", "**/.*.retired-*"):
-        for stale in Path(folder).glob(pattern):
+        for stale in storage.local_root.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)

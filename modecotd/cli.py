@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the four stages (teacher, distill, mix, evaluate) on Ray")
     run.add_argument("config", help="YAML config file, or a built-in name such as 'quickstart'")
     run.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
-    run.add_argument("--run-dir", type=Path, help="where artifacts go (default: runs/<name>)")
+    run.add_argument("--storage", help="where runs live (config key storage; default runs): a folder, a mount "
+                                       "every node shares, or s3://bucket/prefix; the run goes to <storage>/<name>")
+    run.add_argument("--run-dir", help="this run's own folder or URI (default: <storage>/<name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set distill.epochs=1 (repeatable)")
     run.add_argument("--stage", dest="stages", action="append", choices=STAGES, metavar="STAGE",
@@ -35,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="run only the mixer search (the mix stage) on a run's experts")
     tune.add_argument("config")
     tune.add_argument("--address")
-    tune.add_argument("--run-dir", type=Path)
+    tune.add_argument("--storage")
+    tune.add_argument("--run-dir")
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     for key, example in TUNE_GRID.items():
         tune.add_argument(f"--{key.replace('_', '-')}", metavar="V[,V...]",
@@ -48,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", help=f"the cluster's dashboard (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})")
     submit.add_argument("--run-dir", help="the run folder on the cluster's head node (default: "
                                           "~/modecotd-runs/<run name>)")
+    submit.add_argument("--storage", help="where runs live, seen from the cluster: s3://bucket/prefix, or a "
+                                          "folder every node mounts (config key storage)")
     submit.add_argument("--stage", dest="stages", action="append", choices=STAGES, metavar="STAGE")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--pip", action="append", metavar="REQUIREMENT",
@@ -63,8 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="modecotd runs submitted to a cluster, newest first")
     listing.add_argument("--address")
 
-    report = commands.add_parser("report", help="rebuild report.md, report.json and the plots of a run folder")
-    report.add_argument("run_dir", type=Path)
+    report = commands.add_parser("report", help="rebuild report.md, report.json and the plots of a run")
+    report.add_argument("run", help="the run's folder or URI; with --storage, its name")
+    report.add_argument("--storage", help="where runs live (a folder or s3://bucket/prefix)")
+    pull = commands.add_parser("pull", help="copy a run from its storage to a local folder")
+    pull.add_argument("run", help="the run's name (with --storage) or its URI")
+    pull.add_argument("--storage", help="where runs live, e.g. s3://bucket/prefix")
+    pull.add_argument("--to", type=Path, help="the local folder (default: runs/<run name>)")
 
     check = commands.add_parser("check", help="validate a config and load its tasks, without running")
     check.add_argument("config")
@@ -76,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--workers", type=int, default=0,
                          help="worker nodes to start beside the head on this machine (a multi-node cluster)")
     cluster.add_argument("--cpus-per-worker", type=float, default=1)
+    cluster.add_argument("--isolated", action="store_true",
+                         help="each worker node in its own mount namespace, sharing no /tmp, home, ./runs or "
+                              "model cache with this machine, as a node on another machine (needs root)")
     return parser
 
 
@@ -90,10 +103,10 @@ def _run(args) -> int:
     from modecotd.config import load_config
     from modecotd.jobs.driver import run_pipeline
 
-    config = load_config(args.config, args.overrides)
-    run_dir = args.run_dir or Path("runs") / config.name
-    outcome = run_pipeline(config, run_dir, address=args.address, stages=args.stages)
-    print(_summary(outcome.report))
+    overrides = list(args.overrides) + ([f"storage={args.storage}"] if args.storage else [])
+    config = load_config(args.config, overrides)
+    outcome = run_pipeline(config, args.run_dir, address=args.address, stages=args.stages)
+    print(_summary(outcome.storage.read_text("report.md")))
     print(f"report: {outcome.report}")
     if outcome.failures:
         for unit, error in outcome.failures.items():
@@ -102,9 +115,8 @@ def _run(args) -> int:
     return 0
 
 
-def _summary(report_path: Path) -> str:
+def _summary(text: str) -> str:
     """The report's "What came out" section, for the terminal."""
-    text = report_path.read_text()
     start = text.find("## What came out")
     end = text.find("\n## ", start + 1)
     return text[start:end].strip() if start >= 0 else ""
@@ -128,8 +140,9 @@ def _tune(args) -> int:
 def _submit(args) -> int:
     from modecotd.cluster import jobs
 
+    overrides = list(args.overrides) + ([f"storage={args.storage}"] if args.storage else [])
     submission_id = jobs.submit(Path(args.config), address=args.address, run_dir=args.run_dir, stages=args.stages,
-                                overrides=args.overrides, pip=args.pip)
+                                overrides=overrides, pip=args.pip)
     address = jobs.address_or_default(args.address)
     print(f"submitted {submission_id} to {address}")
     print(f"follow it: modecotd logs {submission_id} --follow --address {address}")
@@ -163,17 +176,43 @@ def _jobs(args) -> int:
     return 0
 
 
+def _run_storage(args):
+    """The storage of the run named on the command line (a folder, a URI, or a name under --storage)."""
+    from modecotd.storage import Storage
+
+    location = f"{args.storage.rstrip('/')}/{args.run}" if args.storage else args.run
+    storage = Storage(location)
+    if not storage.exists("config.yaml"):
+        raise UserError(f"{storage.describe()}: no modecotd run there (no config.yaml)")
+    return storage
+
+
 def _report(args) -> int:
     from modecotd.report import build_report
 
-    if not args.run_dir.is_dir():
-        raise UserError(f"{args.run_dir}: no such run folder")
+    storage = _run_storage(args)
     try:
-        path = build_report(args.run_dir)
+        path = build_report(storage)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
-    print(_summary(path))
+    print(_summary(storage.read_text("report.md")))
     print(f"report: {path}")
+    return 0
+
+
+def _pull(args) -> int:
+    """Every file of a run (but Ray's own checkpoints and unfinished shards) into a local folder."""
+    storage = _run_storage(args)
+    target = args.to or Path("runs") / args.run.rstrip("/").rsplit("/", 1)[-1]
+    files = [f for f in storage.files() if not f.startswith(("ray/", "rationales/.shards/", "mixtures/.trials/"))]
+    total = 0
+    for index, name in enumerate(files, 1):
+        storage.download(name, target / name)
+        total += (target / name).stat().st_size
+        print(f"\rpull: {index}/{len(files)} files, {total / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(f"pulled {storage.describe()} into {target} ({len(files)} files); "
+          f"report: {target / 'report.md'}")
     return 0
 
 
@@ -192,7 +231,8 @@ def _cluster(args) -> int:
     from modecotd.cluster import local
 
     if args.action == "up":
-        address = local.up(args.num_cpus, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
+        address = local.up(args.num_cpus, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                           isolated=args.isolated)
         print(f"Ray cluster up ({1 + args.workers} nodes): modecotd run CONFIG --address {address}; "
               f"dashboard and Jobs API: http://127.0.0.1:{local.DEFAULT_DASHBOARD_PORT}")
     else:
@@ -204,12 +244,11 @@ def _cluster(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from modecotd.cluster.auth import use_token_if_available
 
     use_token_if_available()  # before anything imports Ray
     handlers = {"run": _run, "tune": _tune, "submit": _submit, "status": _jobs, "logs": _jobs, "stop": _jobs,
-                "list": _jobs, "report": _report, "check": _check, "cluster": _cluster}
+                "list": _jobs, "report": _report, "pull": _pull, "check": _check, "cluster": _cluster}
     install_interrupt_handler()
     try:
         return handlers[args.command](args)

@@ -284,6 +284,11 @@ class TeacherConfig(Section):
     def generates(self) -> bool:
         return self.backend in GENERATING_BACKENDS
 
+    @property
+    def loads_model(self) -> bool:
+        """Whether each teacher actor loads ``model`` itself (an endpoint's model is the server's)."""
+        return self.backend in ("transformers", "vllm")
+
 
 class StudentConfig(Section):
     """The small model whose weights stay frozen."""
@@ -465,6 +470,10 @@ class RunConfig(Section):
 
     name: str = Field(pattern=TASK_NAME_PATTERN)
     seed: int = 0
+    storage: str = Field("runs", min_length=1, json_schema_extra=RUNTIME,
+                         description="where runs live, the run in <storage>/<name>: a local folder (one machine), "
+                                     "a folder every node mounts (NFS, a ReadWriteMany volume) or s3://bucket/prefix, "
+                                     "gs://...; credentials from the environment only")
     tasks: list[TaskConfig] = Field(min_length=1)
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
@@ -489,6 +498,22 @@ class RunConfig(Section):
             if bad:
                 raise ValueError(f"teacher backend 'scripted' needs generated tasks; not generated: {', '.join(bad)}")
         return self
+
+    @field_validator("storage")
+    @classmethod
+    def _check_storage(cls, value: str) -> str:
+        from modecotd.errors import ConfigError
+        from modecotd.storage import checked_uri
+
+        try:
+            checked_uri(value)  # refuses credentials in it
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    def run_location(self) -> str:
+        """Where this run's artifacts live: <storage>/<name>."""
+        return f"{self.storage.rstrip('/')}/{self.name}"
 
     def task(self, name: str) -> TaskConfig:
         for t in self.tasks:

@@ -10,6 +10,7 @@ import collections
 from pathlib import Path
 
 from modecotd import prompts
+from modecotd.artifacts import ROUTERS_FILE, local_folder
 from modecotd.generation import generate_texts
 from modecotd.tasks.answers import END_MARK, extract_answer, has_answer_format, is_correct, partial_credit, \
     reference_is_correct
@@ -17,9 +18,9 @@ from modecotd.tasks.schema import AnswerKind, Example
 
 
 def load_system(student_dir: Path, dtype: str, system: dict):
-    """A generation-ready model for ``system``: {"kind": "base"} | {"kind": "expert", "adapter": dir}
-    | {"kind": "mixture", "experts": {name: dir}, "weights": {name: w}, "method": m, "routers": file (gate)}
-    | {"kind": "full", "model": dir}.
+    """A generation-ready model for ``system``: {"kind": "base"} | {"kind": "expert", "adapter": A}
+    | {"kind": "mixture", "experts": {name: A}, "weights": {name: w}, "method": m, "routers": A (gate)}
+    | {"kind": "full", "model": A}, where each A is a committed unit (fetched to this node) or a folder.
 
     Adapters stay unmerged, the way training computed them (a separate LoRA path beside the bf16
     weights); merging would round the update into the bf16 weights. ``dtype`` may be ``auto`` (see
@@ -27,7 +28,7 @@ def load_system(student_dir: Path, dtype: str, system: dict):
     from modecotd.models import load_lm
 
     if system["kind"] == "full":
-        return load_lm(Path(system["model"]), dtype)
+        return load_lm(local_folder(system["model"]), dtype)
     model, _ = attach_system(load_lm(student_dir, dtype), student_dir, system)
     return model
 
@@ -42,15 +43,15 @@ def attach_system(student, student_dir: Path, system: dict):
     if kind == "expert":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(student, str(system["adapter"])).eval()
+        model = PeftModel.from_pretrained(student, str(local_folder(system["adapter"]))).eval()
         return model, model.unload
     if kind == "mixture":
         from modecotd.mixture import Mixture
 
-        experts = {name: Path(path) for name, path in system["experts"].items()}
+        experts = {name: local_folder(where) for name, where in system["experts"].items()}
         mixture = Mixture(student_dir, experts, system.get("method", "lorahub"), model=student)
         if mixture.method == "gate":
-            mixture.load_routers(Path(system["routers"]))
+            mixture.load_routers(local_folder(system["routers"]) / ROUTERS_FILE)
         else:
             mixture.set_weights([system["weights"][name] for name in mixture.names])
         return mixture.model, mixture.detach

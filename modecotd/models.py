@@ -6,7 +6,13 @@ References:
 - ``builtin:tiny``: a small random Llama built from a config (SmolLM2's tokenizer), for tests;
 - ``builtin:tiny-t5``: a small random T5 (encoder-decoder, like the paper's Flan-T5 students) built
   the same way, for tests;
-- a local folder, or a hub id already in the local Hugging Face cache (we never download).
+- a local folder of this node;
+- a folder in an object store (``s3://bucket/prefix/model``), copied once into this node's cache;
+- a hub id, downloaded into this node's Hugging Face cache, or looked up there only when
+  ``HF_HUB_OFFLINE=1``.
+
+Every process resolves a reference on its own node (``materialize``): a worker never gets a path
+that only the driver's node has.
 """
 from __future__ import annotations
 
@@ -50,7 +56,7 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path):
+def exclusive(lock_path: Path):
     """A file lock so that concurrent processes convert a model once."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as handle:
@@ -78,7 +84,7 @@ def _build_once(target: Path, build, marker: str = "config.json") -> Path:
     it holds ``marker``)."""
     if (target / marker).is_file():
         return target
-    with _exclusive(target.with_suffix(".lock")):
+    with exclusive(target.with_suffix(".lock")):
         if (target / marker).is_file():
             return target
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
@@ -145,20 +151,78 @@ def materialize(reference: str) -> Path:
         return _build_once(cache_dir() / "tiny-t5", lambda out: _build_tiny(out, seq2seq=True))
     if reference.startswith("builtin:"):
         raise ModelError(f"unknown built-in model {reference!r}; built-ins: {', '.join(BUILTINS)}")
-    path = Path(reference).expanduser()
+    from modecotd.storage import is_uri
+
+    if is_uri(reference) and not reference.startswith("file://"):
+        return _copy_from_storage(reference)
+    path = Path(reference.removeprefix("file://")).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: not a model folder (no config.json)")
         return path.resolve()
+    if path.is_absolute() or reference.startswith("."):
+        raise ModelError(f"model folder {path} does not exist on node {_node_name()}: give every node the "
+                         "folder (a shared mount), or put the model in the run's storage (s3://...)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(reference, local_files_only=True))
-    except Exception as exc:  # any hub error means: not available offline
-        raise ModelError(
-            f"model {reference!r} is neither a local folder nor in the local Hugging Face cache "
-            f"({type(exc).__name__}); built-ins: {', '.join(BUILTINS)}"
-        ) from None
+        return Path(snapshot_download(reference, local_files_only=offline))
+    except Exception as exc:  # any hub error: not in the cache, or no way to download it
+        where = ("nor in this node's Hugging Face cache (HF_HUB_OFFLINE=1: nothing is downloaded)" if offline
+                 else "and it could not be downloaded from the hub")
+        raise ModelError(f"model {reference!r} is neither a local folder {where} on node {_node_name()} "
+                         f"({type(exc).__name__}); built-ins: {', '.join(BUILTINS)}") from None
+
+
+def check_reference(reference: str) -> None:
+    """Fail now, on the driver, for a model reference that no node could resolve: an unknown
+    built-in, a folder or object-store prefix without a model, a hub id missing from the cache when
+    nothing may be downloaded. What a worker will download is not checked here."""
+    from modecotd.storage import Storage, is_uri
+
+    if reference.startswith("builtin:"):
+        if reference not in BUILTINS:
+            raise ModelError(f"unknown built-in model {reference!r}; built-ins: {', '.join(BUILTINS)}")
+        return
+    if is_uri(reference) and not reference.startswith("file://"):
+        if not Storage(reference).exists("config.json"):
+            raise ModelError(f"{Storage(reference).describe()}: not a model folder (no config.json)")
+        return
+    path = Path(reference.removeprefix("file://")).expanduser()
+    if path.is_dir() or path.is_absolute() or reference.startswith(".") or \
+            os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        materialize(reference)  # a folder, or the local hub cache only: cheap, and the same rule
+
+
+def _node_name() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _copy_from_storage(uri: str) -> Path:
+    """A model folder in an object store, copied once into this node's cache (a file lock keeps
+    several processes of one node from copying it at once)."""
+    import hashlib
+
+    from modecotd.storage import Storage, StorageError
+
+    storage = Storage(uri)
+    target = cache_dir() / "remote-models" / hashlib.sha256(storage.uri.encode()).hexdigest()[:16]
+
+    def copy(out: Path) -> None:
+        files = storage.files()
+        if "config.json" not in files:
+            raise ModelError(f"{storage.describe()}: not a model folder (no config.json)")
+        log.info("copying model %s to this node (%d files)", storage.describe(), len(files))
+        for name in files:
+            storage.download(name, out / name)
+
+    try:
+        return _build_once(target, copy)
+    except StorageError as error:
+        raise ModelError(str(error)) from None
 
 
 def load_tokenizer(folder: Path, padding_side: str = "left"):

@@ -8,11 +8,11 @@ depends on it, and a unit already on disk with the same key is skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydantic import BaseModel
 
 from modecotd.artifacts import Unit, fingerprint
+from modecotd.storage import Storage
 from modecotd.tasks.schema import Example, TaskData
 
 PIPELINE_VERSION = 1
@@ -23,63 +23,42 @@ SHARDS = ".shards"
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Every path of one run, under its root folder."""
+    """Every path of one run, relative to its storage (see :mod:`modecotd.storage`)."""
 
-    root: Path
+    storage: Storage
+    config: str = "config.yaml"
+    tasks: str = "tasks.json"  # what the report needs of each task's data (modecotd.report.task_facts)
+    timings: str = "timings.json"
+    experts: str = "experts"
+    mixtures: str = "mixtures"
+    mixture_trials: str = "mixtures/.trials"  # each Tune trial's gate routers, until its mixture is committed
+    ray: str = "ray"  # Ray Train's and Tune's storage
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
+    def unit(self, prefix: str, key: str) -> Unit:
+        return Unit(self.storage, prefix, key)
 
-    @property
-    def tasks(self) -> Path:
-        """What the report needs of each task's data (see :func:`modecotd.report.task_facts`)."""
-        return self.root / "tasks.json"
-
-    @property
-    def timings(self) -> Path:
-        return self.root / "timings.json"
-
-    def report(self, name: str) -> Path:
+    def report(self, name: str) -> str:
         """A file of the report: report.md, report.json, report.html, a plot."""
-        return self.root / name
+        return name
 
-    def rationales(self, task: str) -> Path:
-        return self.root / "rationales" / task
+    def rationales(self, task: str) -> str:
+        return f"rationales/{task}"
 
-    def rationale_shards(self, task: str) -> Path:
+    def rationale_shards(self, task: str) -> str:
         """The teacher's finished shards of a task, kept until its unit is committed."""
-        return self.root / "rationales" / SHARDS / task
+        return f"rationales/{SHARDS}/{task}"
 
-    @property
-    def experts(self) -> Path:
-        return self.root / "experts"
+    def expert(self, task: str) -> str:
+        return f"{self.experts}/{task}"
 
-    def expert(self, task: str) -> Path:
-        return self.experts / task
+    def baseline(self, name: str) -> str:
+        return f"baselines/{name}"
 
-    def baseline(self, name: str) -> Path:
-        return self.root / "baselines" / name
+    def mixture(self, task: str) -> str:
+        return f"{self.mixtures}/{task}"
 
-    @property
-    def mixtures(self) -> Path:
-        return self.root / "mixtures"
-
-    def mixture(self, task: str) -> Path:
-        return self.mixtures / task
-
-    @property
-    def mixture_trials(self) -> Path:
-        """Each Tune trial's record and (gate) routers, read back by the driver."""
-        return self.mixtures / ".trials"
-
-    def evaluation(self, task: str, system: str) -> Path:
-        return self.root / "eval" / task / system
-
-    @property
-    def ray_storage(self) -> Path:
-        """Ray Train's and Tune's storage_path."""
-        return self.root / "ray"
+    def evaluation(self, task: str, system: str) -> str:
+        return f"eval/{task}/{system}"
 
 
 @dataclass(frozen=True)
@@ -89,7 +68,7 @@ class Training:
 
     name: str
     unit: Unit
-    sources: tuple[tuple[Path, str], ...]  # (rationales folder, answer kind) per task it trains on
+    sources: tuple[tuple[Unit, str], ...]  # (rationales unit, answer kind) per task it trains on
     baseline: bool = False
     full_finetune: bool = False
 
@@ -102,26 +81,26 @@ class System:
     kind: str  # base | expert (a LoRA adapter) | full (fine-tuned weights) | mixture
     key: str
     built_by: Unit | None = None  # None: the base student
-    experts: dict[str, Path] = field(default_factory=dict)  # a mixture's experts
+    experts: dict[str, Unit] = field(default_factory=dict)  # a mixture's experts
 
     def ready(self) -> bool:
         return self.built_by is None or self.built_by.done()
 
     def spec(self) -> dict:
-        """The evaluator's description of this system (see :mod:`modecotd.evaluate`); a mixture's
-        weights come from its committed unit."""
+        """The evaluator's description of this system (see :mod:`modecotd.evaluate`): the units it
+        reads, which the evaluator fetches on its own node; a mixture's weights come from its
+        committed unit."""
         if self.kind == "base":
             return {"kind": "base"}
-        path = str(self.built_by.path)
         if self.kind == "expert":
-            return {"kind": "expert", "adapter": path}
+            return {"kind": "expert", "adapter": self.built_by}
         if self.kind == "full":
-            return {"kind": "full", "model": path}
+            return {"kind": "full", "model": self.built_by}
         summary = self.built_by.manifest()["summary"]
         spec = {"kind": "mixture", "method": summary["method"], "weights": summary["weights"],
-                "experts": {name: str(self.experts[name]) for name in summary["weights"]}}
+                "experts": {name: self.experts[name] for name in summary["weights"]}}
         if summary["method"] == "gate":
-            spec["routers"] = str(self.built_by.path / "routers.safetensors")
+            spec["routers"] = self.built_by
         return spec
 
 
@@ -162,7 +141,7 @@ class Plan:
     def __init__(self, config, tasks: dict[str, TaskData], layout: RunLayout):
         self.config, self.tasks, self.layout = config, tasks, layout
         self.common = {"version": PIPELINE_VERSION, "seed": config.seed}
-        self.rationales: dict[str, Unit] = {name: Unit(layout.rationales(name), fingerprint(
+        self.rationales: dict[str, Unit] = {name: layout.unit(layout.rationales(name), fingerprint(
             self.common, settings_key(config.teacher), tasks[name].train.key, tasks[name].kind.value,
             config.task(name).teacher_template,
             examples_key(tasks[name].fewshot) if config.teacher.prompting == "few_shot" else None))
@@ -173,13 +152,13 @@ class Plan:
     def experts(self) -> dict[str, Training]:
         return {name: t for name, t in self.trainings.items() if not t.baseline}
 
-    def trained_experts(self) -> dict[str, Path]:
-        return {name: t.unit.path for name, t in self.experts.items() if t.unit.done()}
+    def trained_experts(self) -> dict[str, Unit]:
+        return {name: t.unit for name, t in self.experts.items() if t.unit.done()}
 
     def mixtures(self) -> dict[str, Unit]:
         """A mixture per target task, of the experts trained so far (their keys are in its key)."""
         experts_key = fingerprint(sorted((n, t.unit.key) for n, t in self.experts.items() if t.unit.done()))
-        return {task.name: Unit(self.layout.mixture(task.name), fingerprint(
+        return {task.name: self.layout.unit(self.layout.mixture(task.name), fingerprint(
             self.common, experts_key, settings_key(self.config.mixture),
             examples_key(self.tasks[task.name].fewshot), self.config.distill.max_length))
             for task in self.config.tasks}
@@ -190,7 +169,7 @@ class Plan:
         if task in self.experts:
             systems.append(System("expert", "expert", self.experts[task].unit.key, self.experts[task].unit))
         systems.append(System("mixture", "mixture", mixtures[task].key, mixtures[task],
-                              {n: t.unit.path for n, t in self.experts.items()}))
+                              {n: t.unit for n, t in self.experts.items()}))
         systems += [System(t.name, "full" if t.full_finetune else "expert", t.unit.key, t.unit)
                     for t in self.trainings.values() if t.baseline]
         return systems
@@ -199,7 +178,7 @@ class Plan:
         """Each target task on every system that is built (or on every system)."""
         mixtures = self.mixtures()
         settings = (settings_key(self.config.evaluation), self.config.student.model_dump(mode="json"))
-        return [Evaluation(task.name, system, Unit(self.layout.evaluation(task.name, system.name), fingerprint(
+        return [Evaluation(task.name, system, self.layout.unit(self.layout.evaluation(task.name, system.name), fingerprint(
             self.common, system.key, examples_key(self.tasks[task.name].test), *settings)))
             for task in self.config.tasks for system in self.systems(task.name, mixtures)
             if system.ready() or not built_only]
@@ -219,19 +198,19 @@ class Plan:
         distill = {k: v for k, v in settings_key(config.distill).items() if k not in BASELINE_KEYS}
         shared = (self.common, distill, config.student.model_dump(mode="json"))
 
-        def source(name: str) -> tuple[Path, str]:
-            return rationales[name].path, self.tasks[name].kind.value
+        def source(name: str) -> tuple[Unit, str]:
+            return rationales[name], self.tasks[name].kind.value
 
-        trainings = {name: Training(name, Unit(self.layout.expert(name), fingerprint(*shared, unit.key)),
+        trainings = {name: Training(name, self.layout.unit(self.layout.expert(name), fingerprint(*shared, unit.key)),
                                     (source(name),)) for name, unit in rationales.items()}
         if "multitask" in config.distill.baselines:
             key = fingerprint(*shared, "multitask", sorted((n, u.key) for n, u in rationales.items()))
-            trainings["multitask"] = Training("multitask", Unit(self.layout.baseline("multitask"), key),
+            trainings["multitask"] = Training("multitask", self.layout.unit(self.layout.baseline("multitask"), key),
                                               tuple(source(n) for n in rationales), baseline=True)
         if "full_finetune" in config.distill.baselines:
             task = config.distill.full_finetune_task or next(iter(rationales))
             key = fingerprint(*shared, "full_finetune", rationales[task].key,
                               config.distill.full_finetune_learning_rate)
-            trainings["full_finetune"] = Training("full_finetune", Unit(self.layout.baseline("full_finetune"), key),
+            trainings["full_finetune"] = Training("full_finetune", self.layout.unit(self.layout.baseline("full_finetune"), key),
                                                   (source(task),), baseline=True, full_finetune=True)
         return trainings

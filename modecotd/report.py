@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -10,16 +11,21 @@ from modecotd.artifacts import MANIFEST, write_json
 from modecotd.config import GENERATING_BACKENDS, STAGES
 from modecotd.evaluate import majority_baseline
 from modecotd.plan import RunLayout
+from modecotd.storage import Storage
 from modecotd.tasks.schema import Role, TaskData
 
 SYSTEMS = ("base", "expert", "mixture", "multitask", "full_finetune")
 
 
-def _manifest(folder: Path) -> dict | None:
+def _manifest(storage: Storage, prefix: str) -> dict | None:
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        return json.loads(storage.read_text(f"{prefix}/{MANIFEST}"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def _storage(run: "Storage | str | Path") -> Storage:
+    return run if isinstance(run, Storage) else Storage(run)
 
 
 def task_facts(tasks: dict[str, TaskData]) -> dict[str, dict]:
@@ -32,39 +38,40 @@ def task_facts(tasks: dict[str, TaskData]) -> dict[str, dict]:
             for name, data in tasks.items()}
 
 
-def collect(run_dir: Path) -> dict:
-    """Everything the report shows, as one JSON-able dict, from the run folder's artifacts: its
-    config.yaml, tasks.json and the units' manifests."""
-    layout = RunLayout(Path(run_dir))
+def collect(run: "Storage | str | Path") -> dict:
+    """Everything the report shows, as one JSON-able dict, from the run's artifacts (a folder or a
+    URI): its config.yaml, tasks.json and the units' manifests."""
+    storage = _storage(run)
+    layout = RunLayout(storage)
     for needed in (layout.config, layout.tasks):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{run_dir}: no {needed.name}; is this a modecotd run folder?")
-    config = yaml.safe_load(layout.config.read_text())
+        if not storage.exists(needed):
+            raise FileNotFoundError(f"{storage.describe()}: no {needed}; is this a modecotd run?")
+    config = yaml.safe_load(storage.read_text(layout.config))
     teacher = config["teacher"]
     generates = teacher["backend"] in GENERATING_BACKENDS
-    out: dict = {"run": config["name"], "run_dir": str(run_dir),
+    out: dict = {"run": config["name"], "run_dir": storage.describe(),
                  "teacher": {"backend": teacher["backend"], "model": teacher["model"] if generates else None,
                              "prompting": teacher["prompting"] if generates else None},
                  "student": config["student"], "scoring": config["evaluation"]["scoring"], "tasks": {}}
-    facts = json.loads(layout.tasks.read_text())
+    facts = json.loads(storage.read_text(layout.tasks))
     for name in (task["name"] for task in config["tasks"]):  # in the config's order
         entry: dict = dict(facts[name])
-        teacher = _manifest(layout.rationales(name))
+        teacher = _manifest(storage, layout.rationales(name))
         if teacher:
             entry["teacher"] = teacher["summary"]
-        expert = _manifest(layout.expert(name))
+        expert = _manifest(storage, layout.expert(name))
         if expert:
             entry["expert"] = expert["summary"] | {"seconds": expert.get("seconds")}
-        mixture = _manifest(layout.mixture(name))
+        mixture = _manifest(storage, layout.mixture(name))
         if mixture:
             entry["mixture"] = mixture["summary"]
         entry["eval"] = {}
         for system in SYSTEMS:
-            result = _manifest(layout.evaluation(name, system))
+            result = _manifest(storage, layout.evaluation(name, system))
             if result:
                 entry["eval"][system] = result["summary"]
         out["tasks"][name] = entry
-    out["seconds"] = json.loads(layout.timings.read_text()) if layout.timings.is_file() else {}
+    out["seconds"] = json.loads(storage.read_text(layout.timings)) if storage.exists(layout.timings) else {}
     out["precision"] = precisions_used(out["tasks"])
     out["resources"] = stage_resources(config)
     out["means"] = _means(out["tasks"])
@@ -287,12 +294,15 @@ def plot_accuracy(report: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def training_curves(run_dir: Path) -> dict[str, dict]:
+def training_curves(run: "Storage | str | Path") -> dict[str, dict]:
     """Each expert's loss per micro-batch and validation losses, from its training.json."""
+    storage, experts = _storage(run), RunLayout.experts
     curves = {}
-    for path in sorted(RunLayout(Path(run_dir)).experts.glob("*/training.json")):
-        summary = json.loads(path.read_text())
-        curves[path.parent.name] = {"losses": summary.get("losses", []),
+    for path in storage.files(experts):
+        if path.count("/") != 1 or not path.endswith("/training.json") or path.startswith("."):
+            continue
+        summary = json.loads(storage.read_text(f"{experts}/{path}"))
+        curves[path.split("/")[0]] = {"losses": summary.get("losses", []),
                                     "accumulation": summary.get("gradient_accumulation", 1),
                                     "validation": summary.get("validation_losses", [])}
     return curves
@@ -338,19 +348,23 @@ def plot_mixture_weights(report: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def search_curves(run_dir: Path) -> dict[str, list[float]]:
+def search_curves(run: "Storage | str | Path") -> dict[str, list[float]]:
     """Best objective so far per evaluation of the chosen setting's final search, per target task."""
+    storage, mixtures = _storage(run), RunLayout.mixtures
     curves = {}
-    for path in sorted(RunLayout(Path(run_dir)).mixtures.glob("*/search.json")):
-        mixture = json.loads((path.parent / "mixture.json").read_text())
-        trial = next((t for t in json.loads(path.read_text())["trials"]
+    for path in storage.files(mixtures):
+        if path.count("/") != 1 or not path.endswith("/search.json") or path.startswith("."):
+            continue
+        task = path.split("/")[0]
+        mixture = json.loads(storage.read_text(f"{mixtures}/{task}/mixture.json"))
+        trial = next((t for t in json.loads(storage.read_text(f"{mixtures}/{path}"))["trials"]
                       if t.get("setting") == mixture.get("setting")), None)
         if trial and trial["history"]:
             best, curve = float("inf"), []
             for h in trial["history"]:
                 best = min(best, h["objective"])
                 curve.append(best)
-            curves[path.parent.name] = curve
+            curves[task] = curve
     return curves
 
 
@@ -366,24 +380,31 @@ def plot_search(curves: dict[str, list[float]], path: Path) -> None:
     _save(fig, path)
 
 
-def build_report(run_dir: Path) -> Path:
-    """Write report.json, report.md and the plots (accuracy, training curves, mixture weights,
-    search curves) into the run folder, from its artifacts alone; returns report.md."""
-    layout = RunLayout(Path(run_dir))
-    report = collect(layout.root)
-    write_json(layout.report("report.json"), report)
-    plot_accuracy(report, layout.report("accuracy.png"))
-    curves = training_curves(layout.root)
-    if curves:
-        plot_training(curves, layout.report("training.png"))
-    if any("mixture" in t for t in report["tasks"].values()):
-        plot_mixture_weights(report, layout.report("mixture_weights.png"))
-        plot_search(search_curves(layout.root), layout.report("search.png"))
-    path = layout.report("report.md")
-    text = render_markdown(report)
-    path.write_text(text)
-    write_html(text, layout.report("report.html"))
-    return path
+def build_report(run: "Storage | str | Path") -> str:
+    """Write report.json, report.md, report.html and the plots (accuracy, training curves, mixture
+    weights, search curves) into the run's storage, from its artifacts alone; returns where
+    report.md is (a path for a local folder)."""
+    storage = _storage(run)
+    layout = RunLayout(storage)
+    report = collect(storage)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        write_json(folder / "report.json", report)
+        plot_accuracy(report, folder / "accuracy.png")
+        curves = training_curves(storage)
+        if curves:
+            plot_training(curves, folder / "training.png")
+        if any("mixture" in t for t in report["tasks"].values()):
+            plot_mixture_weights(report, folder / "mixture_weights.png")
+            plot_search(search_curves(storage), folder / "search.png")
+        text = render_markdown(report)
+        (folder / "report.md").write_text(text)
+        write_html(text, folder / "report.html")
+        for file in sorted(folder.iterdir()):  # report.md last: it is what says the report is there
+            if file.name != "report.md":
+                storage.upload(file, layout.report(file.name))
+        storage.upload(folder / "report.md", layout.report("report.md"))
+    return str(storage.local_root / "report.md") if storage.is_local else storage.describe("report.md")
 
 
 def write_html(markdown_text: str, path: Path) -> None:

@@ -58,6 +58,17 @@ def checked_uri(location: str) -> str:
     return location
 
 
+def with_endpoint(uri: str) -> str:
+    """An ``s3://`` URI with the endpoint of ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` written into
+    it (when it names none), so that every node reaches the same server (an endpoint is no secret)."""
+    parts = urlsplit(uri)
+    endpoint = next((os.environ[name] for name in ENDPOINT_VARIABLES if os.environ.get(name)), None)
+    query = parse_qs(parts.query)
+    if parts.scheme != "s3" or not endpoint or "endpoint_override" in query:
+        return uri
+    return urlunsplit(parts._replace(query=urlencode({**query, "endpoint_override": endpoint}, doseq=True)))
+
+
 def redacted(location: str) -> str:
     """``location`` without anything that could be a secret (user info, secret query keys)."""
     parts = urlsplit(str(location))
@@ -71,7 +82,7 @@ class Storage:
     """One storage root. Picklable (only the URI travels; each process opens its own filesystem)."""
 
     def __init__(self, location: str | Path):
-        self.uri = checked_uri(str(location))
+        self.uri = with_endpoint(checked_uri(str(location)))
         self._fs = None
         self._root = None
 
@@ -106,14 +117,8 @@ class Storage:
 
         if self.is_local:
             return pafs.LocalFileSystem(), self.uri
-        parts = urlsplit(self.uri)
-        query = parse_qs(parts.query)
-        endpoint = next((os.environ[name] for name in ENDPOINT_VARIABLES if os.environ.get(name)), None)
-        uri = self.uri
-        if parts.scheme == "s3" and endpoint and "endpoint_override" not in query:
-            uri = urlunsplit(parts._replace(query=urlencode({**query, "endpoint_override": endpoint}, doseq=True)))
         try:
-            return pafs.FileSystem.from_uri(uri)
+            return pafs.FileSystem.from_uri(self.uri)
         except (OSError, ValueError, TypeError) as error:  # pyarrow raises ArrowInvalid (a ValueError)
             raise StorageError(f"storage {redacted(self.uri)}: {error}") from error
 

@@ -64,7 +64,11 @@ def ray_cluster():
     import ray
 
     from modecotd.jobs.ray_runtime import worker_env
+    from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
+    # Every node of the test cluster has the test S3 server's keys in its environment, as a real
+    # cluster's nodes have theirs (credentials never travel with a run).
+    os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_EC2_METADATA_DISABLED="true")
     ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": worker_env()},
              logging_level="WARNING")
     yield ray

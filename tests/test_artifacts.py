@@ -1,11 +1,14 @@
-"""Fingerprints and atomic units: a reader never sees half an artifact; re-runs skip done work."""
+"""Fingerprints and units: a reader never sees half an artifact; a unit whose files do not match
+its manifest is not done; re-runs skip done work. On a local folder and on a real S3 server."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
 from modecotd.artifacts import MANIFEST, Unit, clean_staging, fingerprint
+from modecotd.storage import Storage, StorageError
 
 
 def test_fingerprint_is_stable_and_sensitive():
@@ -16,54 +19,109 @@ def test_fingerprint_is_stable_and_sensitive():
     assert len(a) == 16
 
 
-def test_unit_commit_then_done(tmp_path):
-    unit = Unit(tmp_path / "experts" / "gsm8k", "abc")
-    assert not unit.done()
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODECOTD_CACHE", str(tmp_path / "node-cache"))  # this "node"'s scratch and fetched units
+    if request.param == "local":
+        return Storage(tmp_path / "run")
+    server = request.getfixturevalue("s3_env")
+    return Storage(server.uri(request.getfixturevalue("s3_bucket"), f"runs/{uuid.uuid4().hex[:10]}"))
+
+
+def test_unit_commit_then_done_with_every_file_listed(storage):
+    unit = Unit(storage, "experts/gsm8k", "abc")
+    assert not unit.done() and unit.problem() == "not written yet"
     summary = {}
     with unit.writing(summary) as staging:
         (staging / "adapter.bin").write_text("weights")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "x.json").write_text("{}")
         summary["loss"] = 0.5
-        assert not unit.path.exists()  # nothing visible before the commit
+        assert storage.files("experts/gsm8k") == []  # nothing visible before the commit
     assert unit.done()
-    manifest = json.loads((unit.path / MANIFEST).read_text())
+    manifest = unit.manifest()
     assert manifest["summary"] == {"loss": 0.5} and manifest["fingerprint"] == "abc"
-    assert (unit.path / "adapter.bin").read_text() == "weights"
-    assert not Unit(unit.path, "other-key").done()  # other settings: not done
+    assert manifest["files"]["adapter.bin"]["size"] == 7 and len(manifest["files"]["sub/x.json"]["sha256"]) == 64
+    assert (unit.local() / "adapter.bin").read_text() == "weights"
+    assert unit.read_file("sub/x.json") == "{}"
+    assert not Unit(storage, "experts/gsm8k", "other-key").done()  # other settings: not done
 
 
-def test_crash_while_writing_leaves_nothing(tmp_path):
-    unit = Unit(tmp_path / "u", "k")
+def test_crash_while_writing_leaves_nothing(storage):
+    unit = Unit(storage, "u", "k")
     with pytest.raises(RuntimeError):
         with unit.writing() as staging:
             (staging / "half.jsonl").write_text("{")
             raise RuntimeError("killed")
-    assert not unit.path.exists()
-    assert list(tmp_path.iterdir()) == []
+    assert storage.files() == [] and not unit.done()
 
 
-def test_recommit_replaces_the_old_unit(tmp_path):
-    old = Unit(tmp_path / "u", "v1")
-    with old.writing() as staging:
+def test_recommit_replaces_the_old_unit(storage):
+    with Unit(storage, "u", "v1").writing() as staging:
         (staging / "old.txt").write_text("1")
-    new = Unit(tmp_path / "u", "v2")
+    new = Unit(storage, "u", "v2")
     with new.writing() as staging:
         (staging / "new.txt").write_text("2")
-    assert new.done() and not old.done()
-    assert sorted(p.name for p in new.path.iterdir()) == [MANIFEST, "new.txt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["u"]
+    assert new.done() and not Unit(storage, "u", "v1").done()
+    assert storage.files("u") == [MANIFEST, "new.txt"]
 
 
-def test_unit_without_manifest_is_not_done(tmp_path):
-    (tmp_path / "u").mkdir()
-    (tmp_path / "u" / "accepted.jsonl").write_text("{}\n")
-    assert not Unit(tmp_path / "u", "k").done()
-    (tmp_path / "u" / MANIFEST).write_text("{not json")
-    assert not Unit(tmp_path / "u", "k").done()
+def test_files_without_a_manifest_are_not_done(storage):
+    storage.write_text("u/accepted.jsonl", "{}\n")
+    assert not Unit(storage, "u", "k").done()
+    storage.write_text(f"u/{MANIFEST}", "{not json")
+    assert not Unit(storage, "u", "k").done()
+
+
+def test_a_manifest_from_an_older_version_without_file_list_is_redone(storage):
+    storage.write_text(f"u/{MANIFEST}", json.dumps({"fingerprint": "k", "summary": {}}))
+    assert "older version" in Unit(storage, "u", "k").problem()
+
+
+def test_a_missing_or_truncated_file_makes_the_unit_not_done(storage, tmp_path):
+    unit = Unit(storage, "u", "k")
+    with unit.writing() as staging:
+        (staging / "a.bin").write_bytes(b"x" * 100)
+        (staging / "b.bin").write_bytes(b"y" * 10)
+    storage.write_bytes("u/a.bin", b"x" * 50)  # truncated after the commit
+    assert "a.bin has 50 bytes" in unit.problem()
+    storage.delete("u/b.bin")
+    storage.write_bytes("u/a.bin", b"x" * 100)
+    assert unit.problem() == "b.bin is missing"
+
+
+def test_an_edited_file_of_the_same_size_is_caught(storage):
+    unit = Unit(storage, "u", "k")
+    with unit.writing() as staging:
+        (staging / "w.bin").write_bytes(b"a" * 64)
+    assert unit.done()
+    storage.write_bytes("u/w.bin", b"b" * 64)
+    if storage.is_local:  # local files are hashed whenever they changed on disk
+        assert "sha256" in unit.problem()
+    else:  # an object store's files are hashed where they are fetched; the unit is then dropped
+        with pytest.raises(StorageError, match="sha256"):
+            Unit(storage, "u", "k").local()
+        assert not unit.done()
 
 
 def test_clean_staging_removes_leftovers(tmp_path):
-    unit = Unit(tmp_path / "stage" / "task", "k")
-    staging = unit.begin()
+    storage = Storage(tmp_path)
+    staging = Unit(storage, "stage/task", "k").begin()
     (staging / "x").write_text("x")
-    clean_staging(tmp_path)
+    clean_staging(storage)
     assert not staging.exists()
+
+
+def test_a_unit_on_an_object_store_is_staged_on_this_node_and_fetched_once(tmp_path, monkeypatch, s3_env, s3_bucket):
+    monkeypatch.setenv("MODECOTD_CACHE", str(tmp_path / "node"))
+    storage = Storage(s3_env.uri(s3_bucket, f"runs/{uuid.uuid4().hex[:10]}"))
+    unit = Unit(storage, "experts/a", "k")
+    staging = unit.begin()
+    assert str(staging).startswith(str(tmp_path / "node"))
+    (staging / "f.txt").write_text("hello")
+    unit.commit(staging)
+    assert not staging.exists()
+    first = unit.local()
+    assert str(first).startswith(str(tmp_path / "node")) and (first / "f.txt").read_text() == "hello"
+    storage.delete("experts/a/f.txt")  # a second fetch would fail: the node's copy is used
+    assert unit.local() == first

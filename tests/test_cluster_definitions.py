@@ -77,3 +77,45 @@ def test_gpu_example_differs_from_the_quickstart_only_in_models_and_resources():
     assert _without_models_and_resources(gpu) == _without_models_and_resources(quickstart)
     config = load_config(ROOT / "examples/gpu-cluster.yaml")
     assert config.teacher.gpus_per_actor >= 1 and config.distill.use_gpu and config.mixture.gpus_per_trial > 0
+
+
+def _pod_specs(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+
+
+def test_every_kuberay_pod_mounts_the_same_runs_volume_and_workers_get_shared_memory():
+    """Nodes that share no disk reach one storage: the ReadWriteMany claim at /runs on every pod
+    (or an object store, whose keys every pod may read from one Secret)."""
+    claim = yaml.safe_load((ROOT / "cluster/kuberay/storage.yaml").read_text())
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        manifest = yaml.safe_load((ROOT / "cluster/kuberay" / name).read_text())
+        spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        for pod in _pod_specs(spec):
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            container = pod["containers"][0]
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert volumes[mounts["/runs"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], name
+            assert {"secretRef": {"name": "modecotd-s3", "optional": True}} in container["envFrom"], name
+        for group in spec["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+            assert {v["name"]: v for v in pod["volumes"]}[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    rayjob = yaml.safe_load((ROOT / "cluster/kuberay/rayjob.yaml").read_text())
+    assert "--storage /runs" in rayjob["spec"]["entrypoint"]
+
+
+def test_the_image_leaves_local_environments_and_runs_out():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv", "runs", ".git"} <= ignored
+
+
+def test_ray_up_keeps_the_token_pins_ray_and_copies_no_local_state():
+    config = yaml.safe_load((ROOT / "cluster/ray-up-gpu.yaml").read_text())
+    assert "~/.ray/auth_token" in config["file_mounts"]
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if c.strip().endswith("6379") or "--head" in c)
+    assert {".venv", "runs", ".git"} <= set(config["rsync_exclude"])
+    assert any("ray[default,train,tune]==" in c for c in config["setup_commands"])
+    for node in config["available_node_types"].values():  # every node reaches the S3 storage through its role
+        assert "IamInstanceProfile" in node["node_config"]

@@ -33,16 +33,17 @@ def alive_train_workers() -> list:
 def test_a_killed_training_worker_resumes_from_its_checkpoint(ray_cluster, tiny_model_dir, tmp_path):
     import ray
 
+    from modecotd.artifacts import Unit
     from modecotd.jobs.distill_stage import fit_expert
+    from modecotd.storage import Storage
 
+    run = Storage(tmp_path)
     storage = tmp_path / "ray"
-    undisturbed = tmp_path / "undisturbed"
-    undisturbed.mkdir()
-    reference = ray.get(fit_expert.remote("ref", settings_for(tiny_model_dir, undisturbed), 1, 1, str(storage),
-                                          "distill-ref", 0))
+    undisturbed = Unit(run, "experts/undisturbed", "k")
+    reference = ray.get(fit_expert.remote("ref", undisturbed, str(tiny_model_dir), settings_for(tiny_model_dir, ""),
+                                          1, 1, (run, "ray"), "distill-ref", 0))
 
-    killed = tmp_path / "killed"
-    killed.mkdir()
+    killed = Unit(run, "experts/killed", "k")
     victims: list[int] = []
 
     def kill_after_a_registered_checkpoint():
@@ -61,14 +62,15 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(ray_cluster, tiny_
 
     killer = threading.Thread(target=kill_after_a_registered_checkpoint)
     killer.start()
-    summary = ray.get(fit_expert.remote("killed", settings_for(tiny_model_dir, killed), 1, 1, str(storage),
-                                        "distill-killed", 2))
+    summary = ray.get(fit_expert.remote("killed", killed, str(tiny_model_dir), settings_for(tiny_model_dir, ""),
+                                        1, 1, (run, "ray"), "distill-killed", 2))
     killer.join()
     assert victims, "no training worker was killed"
     assert summary["resumed_from_step"] is not None and summary["resumed_from_step"] >= 4
     assert summary["steps"] == reference["steps"] == summary["planned_steps"]
-    before = safetensors.torch.load_file(undisturbed / "adapter_model.safetensors")
-    after = safetensors.torch.load_file(killed / "adapter_model.safetensors")
+    assert undisturbed.done() and killed.done()  # rank 0 committed each unit to the run's storage
+    before = safetensors.torch.load_file(undisturbed.local() / "adapter_model.safetensors")
+    after = safetensors.torch.load_file(killed.local() / "adapter_model.safetensors")
     for name in before:  # the same seed gives the same adapter, killed or not
         assert (before[name] - after[name]).abs().max() < 1e-5, name
 
@@ -96,6 +98,7 @@ def test_concurrency_limit_and_a_failed_expert_does_not_stop_the_others(ray_clus
     from modecotd.config import parse_config
     from modecotd.jobs.distill_stage import run_distill_stage
     from modecotd.plan import RunLayout, Training
+    from modecotd.storage import Storage
 
     tasks_config = [{"name": name, "role": "seen", "source": {"kind": "generated", "family": "coin_flip", "size": 2}}
                     for name in ("one", "two", "bad")]
@@ -105,17 +108,18 @@ def test_concurrency_limit_and_a_failed_expert_does_not_stop_the_others(ray_clus
     from modecotd.jobs.driver import load_tasks
 
     tasks = load_tasks(config)
+    storage = Storage(tmp_path)
     jobs, units = {}, {}
     for name in ("one", "two", "bad"):
-        folder = tmp_path / "rationales" / name
-        folder.mkdir(parents=True)
         rows = [{"question": e.question, "answer": e.answer, "rationale": e.rationale} for e in tasks[name].train][:8]
         if name == "bad":
             rows = [{**row, "rationale": "word " * 400} for row in rows]  # nothing fits in max_length
-        write_jsonl(folder / "accepted.jsonl", rows)
-        units[name] = Unit(tmp_path / "experts" / name, f"key-{name}")
-        jobs[name] = Training(name, units[name], ((folder, "yes_no"),))
-    results = run_distill_stage(config, RunLayout(tmp_path), jobs, tiny_model_dir)
+        rationales = Unit(storage, f"rationales/{name}", "r")
+        with rationales.writing() as staging:
+            write_jsonl(staging / "accepted.jsonl", rows)
+        units[name] = Unit(storage, f"experts/{name}", f"key-{name}")
+        jobs[name] = Training(name, units[name], ((rationales, "yes_no"),))
+    results = run_distill_stage(config, RunLayout(storage), jobs)
     assert results["bad"]["status"] == "failed" and "max_length" in results["bad"]["error"]
     assert results["one"]["status"] == results["two"]["status"] == "done"
     assert units["one"].done() and units["two"].done() and not units["bad"].done()

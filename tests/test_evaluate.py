@@ -29,17 +29,19 @@ def test_a_failed_pair_is_recorded_and_the_others_go_on(ray_cluster, tiny_model_
     from modecotd.artifacts import Unit
     from modecotd.jobs.evaluate_stage import run_evaluate_stage
     from modecotd.plan import Evaluation, System
+    from modecotd.storage import Storage
     from modecotd.tasks.schema import AnswerKind, Example
 
     evaluation = SimpleNamespace(batch_size=4, max_new_tokens=4, actors=1, cpus_per_actor=1, gpus_per_actor=0,
                                  scoring="strict")
-    config = SimpleNamespace(evaluation=evaluation, student=SimpleNamespace(dtype="fp32"))
+    config = SimpleNamespace(evaluation=evaluation, student=SimpleNamespace(model=str(tiny_model_dir), dtype="fp32"))
     tasks = {"sums": SimpleNamespace(kind=AnswerKind.NUMBER,
                                      test=[Example(question="What is 1 + 1?", answer="2", source="t:1")])}
-    missing = System("expert", "expert", "k", Unit(tmp_path / "no-such-adapter", "k"))
-    jobs = [Evaluation("sums", system, Unit(tmp_path / "eval" / "sums" / system.name, "k"))
+    storage = Storage(tmp_path)
+    missing = System("expert", "expert", "k", Unit(storage, "no-such-adapter", "k"))
+    jobs = [Evaluation("sums", system, Unit(storage, f"eval/sums/{system.name}", "k"))
             for system in (missing, System("base", "base", "tiny"))]
-    results = run_evaluate_stage(config, tasks, jobs, tiny_model_dir)
+    results = run_evaluate_stage(config, tasks, jobs)
 
     assert results["sums/expert"]["status"] == "failed" and "no-such-adapter" in results["sums/expert"]["error"]
     assert results["sums/base"]["n"] == 1  # after the failure, on the same actor, with a fresh student

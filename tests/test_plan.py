@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import copy
 
-from modecotd.artifacts import write_json
 from modecotd.config import parse_config
 from modecotd.jobs.driver import load_tasks
 from modecotd.plan import Plan, RunLayout
+from modecotd.storage import Storage
 
 CONFIG = {
     "name": "plan",
@@ -27,19 +27,19 @@ CONFIG = {
 
 def plan_of(raw: dict, root) -> Plan:
     config = parse_config(raw)
-    return Plan(config, load_tasks(config), RunLayout(root))
+    return Plan(config, load_tasks(config), RunLayout(Storage(root)))
 
 
 def keys(plan: Plan) -> dict[str, str]:
     """Every unit's key by its path in the run folder (evaluations of every system, built or not)."""
     units = plan.units("teacher") + plan.units("distill") + plan.units("mix")
     units += [e.unit for e in plan.evaluations(built_only=False)]
-    return {str(u.path.relative_to(plan.layout.root)): u.key for u in units}
+    return {u.prefix: u.key for u in units}
 
 
 def commit(unit, summary: dict | None = None) -> None:
-    unit.path.mkdir(parents=True, exist_ok=True)
-    write_json(unit.manifest_path, {"fingerprint": unit.key, "summary": summary or {}})
+    with unit.writing(summary) as staging:
+        (staging / "weights.bin").write_bytes(b"w")
 
 
 def test_every_unit_lives_under_the_run_folder_in_its_stage_folder(tmp_path):
@@ -100,7 +100,8 @@ def test_mixtures_follow_the_experts_trained_and_only_built_systems_are_evaluate
     commit(one_trained, {"method": "lorahub", "weights": {"coins": 0.5}})
     evaluation = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("letters", "mixture"))
     assert evaluation.system.spec() == {"kind": "mixture", "method": "lorahub", "weights": {"coins": 0.5},
-                                        "experts": {"coins": str(tmp_path / "experts" / "coins")}}
-    assert evaluation.unit.path == tmp_path / "eval" / "letters" / "mixture"
+                                        "experts": {"coins": plan.trainings["coins"].unit}}
+    assert evaluation.unit.prefix == "eval/letters/mixture" and evaluation.unit.storage == Storage(tmp_path)
     expert = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("coins", "expert"))
-    assert expert.system.spec() == {"kind": "expert", "adapter": str(tmp_path / "experts" / "coins")}
+    assert expert.system.spec() == {"kind": "expert", "adapter": plan.trainings["coins"].unit}
+    assert expert.system.spec()["adapter"].local() == tmp_path / "experts" / "coins"

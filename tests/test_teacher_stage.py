@@ -64,14 +64,15 @@ def openai_teacher(stub: StubServer, **changes) -> dict:
     return teacher
 
 
-def run_stage(config, run_dir: Path, model_dir=None):
+def run_stage(config, run_dir: Path):
     from modecotd.jobs.driver import load_tasks
     from modecotd.jobs.teacher_stage import run_teacher_stage
     from modecotd.plan import RunLayout
+    from modecotd.storage import Storage
 
     tasks = load_tasks(config)
-    units = {"plus": Unit(run_dir / "rationales" / "plus", "key")}
-    return run_teacher_stage(config, RunLayout(run_dir), tasks, units, model_dir)
+    units = {"plus": Unit(Storage(run_dir), "rationales/plus", "key")}
+    return run_teacher_stage(config, RunLayout(Storage(run_dir)), tasks, units)
 
 
 def rows(run_dir: Path, name: str) -> list[dict]:
@@ -92,7 +93,7 @@ def test_transformers_teacher_pool_of_named_actors(ray_cluster, tiny_model_dir, 
     config = make_config(tmp_path, {"backend": "transformers", "model": "builtin:tiny", "samples": 2,
                                     "temperature": 0.7, "max_new_tokens": 6, "batch_size": 3, "shard_size": 2,
                                     "actors": 2, "cpus_per_actor": 0.5})
-    summary = run_stage(config, tmp_path, tiny_model_dir)["plus"]
+    summary = run_stage(config, tmp_path)["plus"]
     assert summary["questions"] == 8
     assert summary["accepted"] + summary["rejected"] == 8 * 2  # every sample is kept or rejected with a reason
     assert all(row["reason"] for row in rows(tmp_path, "rejected"))
@@ -100,7 +101,7 @@ def test_transformers_teacher_pool_of_named_actors(ray_cluster, tiny_model_dir, 
     names = {a.name for a in list_actors(filters=[("class_name", "=", "TeacherWorker")], limit=1000)}
     assert {"teacher-0", "teacher-1"} <= names
     assert not alive_teachers()  # the pool is gone when the stage ends
-    assert run_stage(config, tmp_path, tiny_model_dir) == {}  # done: skipped
+    assert run_stage(config, tmp_path) == {}  # done: skipped
 
 
 def test_a_killed_actor_loses_no_question(ray_cluster, tmp_path, monkeypatch):
@@ -145,11 +146,11 @@ def test_an_interrupted_stage_redoes_only_unfinished_shards(ray_cluster, tmp_pat
     written: list[Path] = []
     real_write = teacher_stage.write_shard
 
-    def write_then_die(path, result):
+    def write_then_die(storage, path, result):
         if len(written) == 2:
             raise KeyboardInterrupt  # the driver is killed after two shards were committed
-        real_write(path, result)
-        written.append(path)
+        real_write(storage, path, result)
+        written.append(storage.local_root / path)
 
     with StubServer(plus_one, api_key=SECRET) as stub:
         config = make_config(tmp_path, openai_teacher(stub, actors=1))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,11 +23,12 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianSt
 
 from ray.util.metrics import Counter, Gauge
 
-from modecotd.artifacts import Unit, pending, write_json
+from modecotd.artifacts import ROUTERS_FILE, Unit, local_folder, pending, write_json
 from modecotd.errors import UserError
 from modecotd.jobs.progress import send
 from modecotd.mixture import Mixture, export_adapter
 from modecotd.mixture_fit import FitOptions, SettingFit, setting_key
+from modecotd.models import materialize
 from modecotd.plan import RunLayout
 from modecotd.tasks.schema import AnswerKind
 
@@ -59,10 +60,10 @@ class MixtureTrial(tune.Trainable):
         task, setting = config["task"], config["setting"]
         self.label = f"{task} / {setting_key(setting)}"
         self.load_seconds = 0.0  # stays 0 when this worker's student is reused
-        if self.mixture is None:
+        if self.mixture is None:  # the student resolved and the experts fetched on this trial's node
             started = time.time()
-            self.mixture = Mixture(Path(self.context["student_dir"]),
-                                   {n: Path(p) for n, p in self.context["experts"].items()},
+            self.mixture = Mixture(materialize(self.context["student"]),
+                                   {n: local_folder(unit) for n, unit in self.context["experts"].items()},
                                    setting["method"], self.context["dtype"])
             self.load_seconds = time.time() - started
         spec = self.context["tasks"][task]
@@ -85,10 +86,15 @@ class MixtureTrial(tune.Trainable):
             print(f"mix:{self.label}: fold {self.next_fold + 1} held-out loss {loss:.3f}", flush=True)
             self.next_fold += 1
             return {METRIC: fit.cv_loss, "fold": self.next_fold - 1, "evaluations": fit.evaluations}
-        trials = Path(self.context["trials_dir"])
-        record = fit.final(routers=trials / f"{fit.task}--gate.routers.safetensors")
+        storage, trials = self.context["storage"], f"{self.context['trials']}/{fit.task}"
+        with tempfile.TemporaryDirectory() as scratch:
+            record = fit.final(routers=Path(scratch) / ROUTERS_FILE)
+            if fit.gate:  # the driver reads them from storage, wherever this trial ran
+                routers = f"{trials}/{setting_key(fit.setting)}.{ROUTERS_FILE}"
+                storage.upload(Path(record["routers"]), routers)
+                record["routers"] = routers
         record.update(worker_pid=os.getpid(), load_seconds=self.load_seconds)
-        write_json(trials / f"{fit.task}--{setting_key(fit.setting)}.json", record)
+        storage.write_text(f"{trials}/{setting_key(fit.setting)}.json", json.dumps(record, default=str))
         self.metrics["done"].inc(1, {"task": fit.task})
         if fit.cv_loss is not None:
             self.metrics["cv_loss"].set(fit.cv_loss, {"task": fit.task})
@@ -188,27 +194,25 @@ def tune_loggers(cfg, run_name: str) -> list:
     return [MLflowLoggerCallback(tracking_uri=cfg.mlflow_tracking_uri, experiment_name=f"modecotd-{run_name}")]
 
 
-def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], expert_dirs: dict[str, Path],
-                      student_dir: Path) -> dict[str, dict]:
+def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], experts: dict[str, Unit]
+                      ) -> dict[str, dict]:
     """Search mixtures for every target task whose unit is not done; commit the best per task."""
     todo = pending(units, "mix", log)
     if not todo:
         return {}
-    if not expert_dirs:
+    if not experts:
         return {name: {"status": "failed", "error": "no expert was trained"} for name in todo}
 
     cfg = config.mixture
-    trials_dir = layout.mixture_trials
-    trials_dir.mkdir(parents=True, exist_ok=True)
+    storage, trials = layout.storage, layout.mixture_trials
     for name in todo:  # records of an earlier search with other settings must not be read back
-        for stale in trials_dir.glob(f"{name}--*.json"):
-            stale.unlink()
+        storage.delete(f"{trials}/{name}")
     context = {
-        "student_dir": str(student_dir), "dtype": config.student.dtype,
-        "experts": {n: str(p) for n, p in expert_dirs.items()}, "optimizer": cfg.optimizer, "start": cfg.start,
+        "student": config.student.model, "dtype": config.student.dtype,
+        "experts": experts, "optimizer": cfg.optimizer, "start": cfg.start,
         "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
         "seed": config.seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
-        "trials_dir": str(trials_dir), "gate_steps": cfg.gate_steps, "gate_learning_rate": cfg.gate_learning_rate,
+        "storage": storage, "trials": trials, "gate_steps": cfg.gate_steps, "gate_learning_rate": cfg.gate_learning_rate,
         "pooled": ({name: [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale,
                             "kind": task.kind.value} for ex in task.fewshot] for name, task in tasks.items()}
                    if cfg.gate_rows == "pooled" else {}),
@@ -229,7 +233,8 @@ def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], 
                                     trial_name_creator=lambda t: f"mix:{t.config['task']}:"
                                                                  f"{setting_key(t.config['setting'])}",
                                     trial_dirname_creator=lambda t: f"{t.config['task']}-{t.trial_id}"),
-        run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=str(layout.ray_storage),
+        run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=storage.path(layout.ray),
+                                  storage_filesystem=storage.filesystem,
                                   verbose=0, callbacks=callbacks,
                                   # a trial keeps nothing to resume from (see PerTaskScheduler)
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
@@ -238,17 +243,18 @@ def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], 
     errors = {r.config["task"]: str(r.error).splitlines()[0][:300] for r in grid if r.error}
     results: dict[str, dict] = {}
     for name in todo:
-        records = [json.loads(path.read_text()) for path in sorted(trials_dir.glob(f"{name}--*.json"))]
+        records = [json.loads(storage.read_text(f"{trials}/{name}/{file}"))
+                   for file in storage.files(f"{trials}/{name}") if file.endswith(".json")]
         if not records:
             results[name] = {"status": "failed", "error": errors.get(name, "no trial finished")}
             log.error("mix: %s failed: %s", name, results[name]["error"])
             continue
-        results[name] = _commit(units[name], records, context, cfg)
+        results[name] = _commit(units[name], records, experts, cfg)
     log.info("mix stage took %.1f s", time.time() - started)
     return results
 
 
-def _commit(unit: Unit, records: list[dict], context: dict, cfg) -> dict:
+def _commit(unit: Unit, records: list[dict], experts: dict[str, Unit], cfg) -> dict:
     """Keep the best setting's mixture: its weights, the merged adapter, and every trial's search."""
     best = min(records, key=lambda r: r["cv_loss"] if r["cv_loss"] is not None else r["objective"])
     summary = {"status": "done", **{k: best[k] for k in ("method", "budget", "bound", "l1", "top_k", "setting")},
@@ -258,13 +264,14 @@ def _commit(unit: Unit, records: list[dict], context: dict, cfg) -> dict:
                "candidates": [{"setting": r["setting"], "cv_loss": r["cv_loss"]} for r in records],
                "settings_tried": len(cfg.settings())}  # those missing from candidates were stopped early
     with unit.writing(summary) as staging:
-        write_json(staging / "mixture.json", {**summary, "optimizer": cfg.optimizer, "experts": context["experts"]})
+        write_json(staging / "mixture.json", {**summary, "optimizer": cfg.optimizer,
+                                              "experts": {n: e.prefix for n, e in experts.items()}})
         write_json(staging / "search.json", {"trials": records})
         if best["method"] == "gate":  # per-token weights: the routers are the mixture
-            shutil.copyfile(best["routers"], staging / "routers.safetensors")
+            unit.storage.download(best["routers"], staging / ROUTERS_FILE)
         else:
-            experts = {n: Path(p) for n, p in context["experts"].items()}
-            export_adapter(experts, best["method"], [best["weights"][n] for n in experts], staging / "adapter")
+            export_adapter({n: local_folder(e) for n, e in experts.items()}, best["method"],
+                           [best["weights"][n] for n in experts], staging / "adapter")
     log.info("mix: %s: %s, cv loss %s, weights %s", best["task"], best["setting"],
              "–" if best["cv_loss"] is None else f"{best['cv_loss']:.3f}",
              {k: round(v, 2) for k, v in best["weights"].items()})
