@@ -51,7 +51,7 @@ def up(num_cpus: int | None = None, port: int = DEFAULT_GCS_PORT, dashboard_port
         temp = Path(tempfile.gettempdir()) / f"modecotd-ray-worker-{i}"
         command = [_ray_cli(), "start", f"--address=127.0.0.1:{port}", f"--num-cpus={cpus_per_worker:g}",
                    f"--resources={json.dumps({f'worker-{i}': 1})}", f"--temp-dir={temp}", "--disable-usage-stats"]
-        _ray_start(_in_own_mount_namespace(command) if isolated else command, isolated)
+        _ray_start(_in_own_mount_namespace(command, i) if isolated else command, isolated)
     return f"127.0.0.1:{port}"
 
 
@@ -68,11 +68,34 @@ def private_paths() -> list[Path]:
     return kept
 
 
-def _in_own_mount_namespace(command: list[str]) -> list[str]:
+def _in_own_mount_namespace(command: list[str], node: int) -> list[str]:
+    """``command`` in a new mount namespace where every private path is an empty tmpfs; what the
+    node needs to run at all (the Python installation, this environment, modecotd's code) is bound
+    back in, and ./runs and the caches inside those are hidden again."""
     if shutil.which("unshare") is None:
         raise UserError("--isolated needs the 'unshare' command (util-linux)")
-    mounts = "; ".join(f"mount -t tmpfs modecotd-private {shlex.quote(str(p))}" for p in private_paths())
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"set -e; {mounts}; exec {shlex.join(command)}"]
+    hidden = private_paths()
+    code = Path(__file__).resolve().parents[1]
+    needed = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), code}
+    keep = sorted(p for p in needed if any(p.is_relative_to(h) for h in hidden))
+    stash = Path("/var/tmp") / f"modecotd-isolated-node-{node}"
+    lines = ["set -e"]
+    for j, path in enumerate(keep):  # reachable under the stash while the tmpfs hides the original
+        lines += [f"mkdir -p {stash}/{j}", f"mount --bind {shlex.quote(str(path))} {stash}/{j}"]
+    lines += [f"mount -t tmpfs modecotd-private {shlex.quote(str(p))}" for p in hidden]
+    for j, path in enumerate(keep):
+        lines += [f"mkdir -p {shlex.quote(str(path))}", f"mount --bind {stash}/{j} {shlex.quote(str(path))}"]
+    for path in _private_inside(keep):
+        lines.append(f"mount -t tmpfs modecotd-private {shlex.quote(str(path))}")
+    lines.append(f"exec {shlex.join(command)}")
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "; ".join(lines)]
+
+
+def _private_inside(kept: list[Path]) -> list[Path]:
+    """Private folders that lie inside a folder bound back in (./runs inside the project...)."""
+    candidates = [Path.cwd() / "runs", Path.home() / ".cache", Path.home() / ".ray", Path.home() / ".aws"]
+    candidates += [Path(os.environ[n]) for n in ("MODECOTD_CACHE", "HF_HOME") if os.environ.get(n)]
+    return [p.resolve() for p in candidates if p.is_dir() and any(p.resolve().is_relative_to(k) for k in kept)]
 
 
 def _ray_start(command: list[str], isolated: bool = False) -> None:

@@ -123,42 +123,6 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
     assert outcome.report == str(run_dir / "report.md")
 
 
-def test_a_run_on_an_s3_storage_equals_the_run_on_a_local_folder(first_run, s3_env, s3_bucket, tmp_path):
-    """The same config with its storage on a real S3 server: every unit is committed there (files,
-    then the manifest), trials and Ray's checkpoints too, and what comes out is what the local run
-    made: the same rationales, adapters with the same tensors, the same accuracies."""
-    import safetensors.torch
-
-    from modecotd.cli import main
-    from modecotd.storage import Storage
-
-    _, local_dir, _ = first_run
-    config = parse_config({**CONFIG, "storage": s3_env.uri(s3_bucket, "pipeline")})
-    outcome = run_pipeline(config)
-    assert outcome.failures == {}
-    storage = outcome.storage
-    assert storage == Storage(s3_env.uri(s3_bucket, "pipeline/e2e")) and not storage.is_local
-    assert outcome.report.startswith("s3://") and outcome.report.split("?")[0].endswith("pipeline/e2e/report.md")
-    files = storage.files()
-    assert all(f"{unit}/manifest.json" in files for unit in UNITS)
-    assert any(f.startswith("ray/") for f in files)  # Ray Train's and Tune's storage is in the run's storage
-    assert storage.read_text("rationales/coins/accepted.jsonl") == \
-        (local_dir / "rationales/coins/accepted.jsonl").read_text()
-
-    pulled = tmp_path / "pulled"
-    assert main(["pull", "e2e", "--storage", s3_env.uri(s3_bucket, "pipeline"), "--to", str(pulled)]) == 0
-    for adapter in ("experts/coins", "baselines/multitask"):
-        ours = safetensors.torch.load_file(pulled / adapter / "adapter_model.safetensors")
-        theirs = safetensors.torch.load_file(local_dir / adapter / "adapter_model.safetensors")
-        assert ours.keys() == theirs.keys()
-        assert all((ours[k] - theirs[k]).abs().max() < 1e-5 for k in ours), adapter
-    for unit in UNITS[6:]:
-        ours = json.loads((pulled / unit / "manifest.json").read_text())["summary"]
-        theirs = json.loads((local_dir / unit / "manifest.json").read_text())["summary"]
-        assert ours["accuracy"] == theirs["accuracy"], unit
-    assert "report.md" in files and (pulled / "report.md").is_file() and not (pulled / "ray").exists()
-
-
 def test_rerun_skips_finished_units(first_run):
     outcome, run_dir, _ = first_run
     before = manifests(run_dir)
