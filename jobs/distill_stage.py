@@ -22,6 +22,8 @@ from ray.train.torch import TorchTrainer
 
 from modecotd.artifacts import Unit, pending
 from modecotd.distill import DistillSettings, train_expert
+from modecotd.errors import UserError
+from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
 from modecotd.models import materialize
@@ -139,13 +141,19 @@ def fit_expert(task: str, unit: Unit, student: str, settings: dict, workers: int
     return manifest["summary"]
 
 
+def job_needs(cfg) -> dict:
+    """What one training job holds while it runs."""
+    need = {"CPU": cfg.workers_per_job * cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        need["GPU"] = cfg.workers_per_job * cfg.gpus_per_worker
+    return need
+
+
 def concurrent_jobs(cfg, cluster: dict) -> tuple[int, str | None]:
     """How many expert jobs may run at once: the configured limit, lowered to what the cluster
     holds so that jobs queue in the driver instead of waiting on each other for resources; or why
     no job fits at all."""
-    need = {"CPU": cfg.workers_per_job * cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        need["GPU"] = cfg.workers_per_job * cfg.gpus_per_worker
+    need = job_needs(cfg)
     fits = []
     for resource, amount in need.items():
         have = cluster.get(resource, 0)
@@ -196,6 +204,11 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> d
     results: dict[str, dict] = {}
     if not todo:
         return results
+    try:  # an autoscaled cluster may not hold one job yet: wait for nodes first
+        wait_for_resources(job_needs(cfg), "an expert's training job", config.resources.placement_timeout_s,
+                           "distill.workers_per_job x cpus_per_worker / gpus_per_worker")
+    except UserError:
+        pass  # concurrent_jobs says why, and every job is recorded as failed
     limit, problem = concurrent_jobs(cfg, ray.cluster_resources())
     if problem:
         for name in todo:

@@ -69,6 +69,9 @@ def run_pipeline(config, run_dir: str | Path | None = None, address: str | None 
         layout.storage.check_reachable()
     cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard)
     check_every_node_reaches(layout.storage)
+    if cluster.get("started_here"):  # no node will join a cluster this run started: never wait for one
+        work.config = config = config.model_copy(deep=True)
+        config.resources.placement_timeout_s = 0
     _start_run_folder(layout, config, tasks)
     outcome = RunOutcome(storage=layout.storage, report=None)
     log.info("run %s in %s (Ray dashboard: %s)", config.name, layout.storage.describe(), cluster.get("dashboard"))

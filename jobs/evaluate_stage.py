@@ -16,6 +16,7 @@ import ray
 from modecotd.artifacts import write_jsonl
 from modecotd.config import EVALUATION_BATCH
 from modecotd.evaluate import attach_system, load_system, predict, score_rows, summarize
+from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
 from modecotd.models import load_lm
@@ -100,6 +101,9 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
     todo = [e for e in evaluations if not e.unit.done()]
     log.info("evaluate: %d of %d (task, system) pairs to run", len(todo), len(evaluations))
     results: dict[str, dict] = {}
+    if todo:
+        wait_for_resources({"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}, "an evaluator actor",
+                           config.resources.placement_timeout_s, "evaluation.cpus_per_actor / gpus_per_actor")
     settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
     started = itertools.count()
 

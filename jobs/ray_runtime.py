@@ -42,7 +42,8 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
         context = ray.init(address=address, **kwargs)
     else:
         context = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
-    info = {"address": context.address_info.get("address"), "dashboard": context.dashboard_url or None}
+    info = {"address": context.address_info.get("address"), "dashboard": context.dashboard_url or None,
+            "started_here": not address}
     log.info("Ray cluster at %s, dashboard %s", info["address"], info["dashboard"])
     return info
 

@@ -25,6 +25,7 @@ import ray
 
 from modecotd.artifacts import Unit, fingerprint, pending
 from modecotd.errors import ModelError, UserError
+from modecotd.jobs.placement import wait_for_resources, wait_until_ready
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
 from modecotd.models import materialize
@@ -233,8 +234,15 @@ class ActorPool:
         self.actors = {slot: make(f"teacher-{slot}") for slot in range(size)}
         self.busy = Counter()
 
-    def check_ready(self) -> None:
-        """Wait for every actor to load its backend; a backend that cannot load stops the stage."""
+    def check_ready(self, need_each: dict, wait_s: float) -> None:
+        """Wait for every actor to be placed (up to ``wait_s``) and to load its backend; a backend
+        that cannot load stops the stage."""
+        try:
+            wait_until_ready({actor.ready.remote(): slot for slot, actor in self.actors.items()}, "teacher actors",
+                             need_each, wait_s, "teacher.actors / cpus_per_actor / gpus_per_actor")
+        except UserError:
+            self.kill_all()
+            raise
         for slot, actor in self.actors.items():
             try:
                 ray.get(actor.ready.remote())
@@ -266,8 +274,10 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
     cfg = config.teacher
     _drop_stale_shards(layout, units, todo)
     api_key = _api_key(cfg)
-    _check_gpus(cfg)
-    pool = _teacher_pool(cfg, api_key, sum(len(tasks[name].train) for name in todo))
+    wait_s = config.resources.placement_timeout_s
+    wait_for_resources(_actor_needs(cfg), f"a teacher actor (backend {cfg.backend})", wait_s,
+                       "teacher.cpus_per_actor / teacher.gpus_per_actor")
+    pool = _teacher_pool(cfg, api_key, wait_s, sum(len(tasks[name].train) for name in todo))
     answered: Counter = Counter()
     for name in todo:
         send("teacher", name, 0, len(tasks[name].train), "question")
@@ -314,7 +324,7 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
     return summaries
 
 
-def _teacher_pool(cfg, api_key: Secret | None, questions: int) -> ActorPool:
+def _teacher_pool(cfg, api_key: Secret | None, wait_s: float, questions: int) -> ActorPool:
     """As many teacher actors as asked, or as there are shards if fewer, each ready."""
     teacher = cfg.model_dump(mode="json")
 
@@ -323,15 +333,12 @@ def _teacher_pool(cfg, api_key: Secret | None, questions: int) -> ActorPool:
             teacher, api_key)
 
     pool = ActorPool(max(1, min(cfg.actors, -(-questions // cfg.shard_size))), make, cfg.max_restarts)
-    pool.check_ready()
+    pool.check_ready(_actor_needs(cfg), wait_s)
     return pool
 
 
-def _check_gpus(cfg) -> None:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.gpus_per_actor > gpus:
-        raise UserError(f"teacher.gpus_per_actor is {cfg.gpus_per_actor}, but the Ray cluster has "
-                        f"{gpus:g} GPU(s); backend {cfg.backend!r} needs a GPU node")
+def _actor_needs(cfg) -> dict:
+    return {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}
 
 
 def _shard_outcome(ref, slot: int, actor, shard: Shard, pool: ActorPool, max_restarts: int) -> dict | None:

@@ -459,10 +459,15 @@ class EvaluationConfig(Section):
 
 
 class ResourcesConfig(Section):
-    """What a local Ray cluster started by `modecotd run` may use (ignored with --address)."""
+    """What a local Ray cluster started by `modecotd run` may use (num_cpus, dashboard: ignored with
+    --address), and how long a stage waits for an autoscaled cluster to hold what it asks for."""
 
     num_cpus: int | None = Field(None, ge=1)
     dashboard: bool = True
+    placement_timeout_s: float = Field(600, ge=0, json_schema_extra=RUNTIME,
+                                       description="how long a stage whose actors or jobs do not fit the cluster "
+                                                   "waits for nodes to join (autoscaling) before it fails; a "
+                                                   "cluster the run started itself is never waited for")
 
 
 class RunConfig(Section):

@@ -159,7 +159,8 @@ def test_plain_ray_job_submit_runs_modecotd(started_cluster, tmp_path):
     ray_cli = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "token"} if auth.token_available() else dict(os.environ)
     done = subprocess.run([ray_cli, "job", "submit", "--address", dashboard, "--working-dir", str(tmp_path / "job"),
-                           "--", "modecotd", "run", "run.yaml", "--run-dir", str(tmp_path / "run")],
+                           "--", "modecotd", "run", "run.yaml", "--run-dir", str(tmp_path / "run"),
+                           "--stage", "teacher"],  # the whole pipeline through the Jobs API: the tests above
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "succeeded" in done.stdout.lower(), (done.stdout + done.stderr)[-3000:]
     assert (tmp_path / "run" / "report.md").is_file()

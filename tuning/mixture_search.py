@@ -25,6 +25,7 @@ from ray.util.metrics import Counter, Gauge
 
 from modecotd.artifacts import ROUTERS_FILE, Unit, local_folder, pending, write_json
 from modecotd.errors import UserError
+from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.mixture import Mixture, export_adapter
 from modecotd.mixture_fit import FitOptions, SettingFit, setting_key
@@ -204,6 +205,8 @@ def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], 
         return {name: {"status": "failed", "error": "no expert was trained"} for name in todo}
 
     cfg = config.mixture
+    wait_for_resources({"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}, "a mixer trial",
+                       config.resources.placement_timeout_s, "mixture.cpus_per_trial / gpus_per_trial")
     storage, trials = layout.storage, layout.mixture_trials
     for name in todo:  # records of an earlier search with other settings must not be read back
         storage.delete(f"{trials}/{name}")
