@@ -55,28 +55,12 @@ def run_pipeline(config, run_dir: str | Path | None = None, address: str | None 
     standard error)."""
     from modecotd.jobs import ray_runtime
     from modecotd.jobs.progress import progress_display
-    from modecotd.jobs.storage_check import check_every_node_reaches
 
-    unknown = sorted(set(stages or []) - set(STAGES))
-    if unknown:  # before anything is loaded, written or started
-        raise UserError(f"unknown stage {', '.join(unknown)}; stages: {', '.join(STAGES)}")
-    layout = RunLayout(Storage(run_dir or config.run_location()))
-    tasks = load_tasks(config)  # bad data fails here, before anything is written
-    for model in {config.student.model} | ({config.teacher.model} if config.teacher.loads_model else set()):
-        check_reference(model)  # so does a model that no node could resolve
-    work = Work(config, tasks, Plan(config, tasks, layout))
-    if not layout.storage.is_local:  # an object store that cannot be reached fails before Ray starts
-        layout.storage.check_reachable()
-    cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard)
-    check_every_node_reaches(layout.storage)
-    if cluster.get("started_here"):  # no node will join a cluster this run started: never wait for one
-        work.config = config = config.model_copy(deep=True)
-        config.resources.placement_timeout_s = 0
-    _start_run_folder(layout, config, tasks)
+    work = _prepare(config, run_dir, stages)  # bad input fails here, before anything is written or started
+    layout = work.plan.layout
+    _connect(work, address)
+    _start_run_folder(layout, work.config, work.tasks)
     outcome = RunOutcome(storage=layout.storage, report=None)
-    log.info("run %s in %s (Ray dashboard: %s)", config.name, layout.storage.describe(), cluster.get("dashboard"))
-    log.info("student dtype %s on this node's CPU; each worker decides for its own device and the report "
-             "says what was used", resolve_dtype(config.student.dtype, "cpu").describe())
     try:
         with progress_display(progress):
             for name in STAGES:
@@ -92,6 +76,37 @@ def run_pipeline(config, run_dir: str | Path | None = None, address: str | None 
     storage.write_text(layout.timings, json.dumps({**timings, **outcome.seconds}, indent=2, sort_keys=True))
     outcome.report = build_report(storage)
     return outcome
+
+
+def _prepare(config, run_dir, stages: list[str] | None) -> Work:
+    """The run's plan, its tasks' data and its storage, each checked."""
+    unknown = sorted(set(stages or []) - set(STAGES))
+    if unknown:
+        raise UserError(f"unknown stage {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    layout = RunLayout(Storage(run_dir or config.run_location()))
+    tasks = load_tasks(config)
+    for model in {config.student.model} | ({config.teacher.model} if config.teacher.loads_model else set()):
+        check_reference(model)  # a model that no node could resolve
+    if not layout.storage.is_local:  # an object store that cannot be reached fails before Ray starts
+        layout.storage.check_reachable()
+    return Work(config, tasks, Plan(config, tasks, layout))
+
+
+def _connect(work: Work, address: str | None) -> None:
+    """Start or join Ray; check that every node reaches the storage."""
+    from modecotd.jobs import ray_runtime
+    from modecotd.jobs.storage_check import check_every_node_reaches
+
+    config = work.config
+    cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard)
+    check_every_node_reaches(work.plan.layout.storage)
+    if cluster.get("started_here"):  # no node will join a cluster this run started: never wait for one
+        work.config = config = config.model_copy(deep=True)
+        config.resources.placement_timeout_s = 0
+    log.info("run %s in %s (Ray dashboard: %s)", config.name, work.plan.layout.storage.describe(),
+             cluster.get("dashboard"))
+    log.info("student dtype %s on this node's CPU; each worker decides for its own device and the report "
+             "says what was used", resolve_dtype(config.student.dtype, "cpu").describe())
 
 
 def _start_run_folder(layout: RunLayout, config, tasks: dict[str, TaskData]) -> None:

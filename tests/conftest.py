@@ -9,6 +9,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# As the CLI does before anything imports Ray: with a token at hand (Ray 2.60 writes one), the
+# client asks for token mode; Ray reads the mode once, at import, so the order of tests must not
+# decide it.
+from modecotd.cluster.auth import use_token_if_available  # noqa: E402
+
+use_token_if_available()
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data" / "mode-cotd"
 

@@ -199,6 +199,8 @@ def test_the_pipeline_on_a_shared_folder_and_on_s3_equals_a_one_machine_run(isol
     assert pulled.returncode == 0, pulled.stderr[-2000:]
     same(artifacts(tmp_path / "pulled"), artifacts(one_machine_run))
     assert (tmp_path / "pulled" / "report.md").is_file() and not (tmp_path / "pulled" / "ray").exists()
+    report = run_cli("report", "nodes", "--storage", s3, env_extra=s3_server.environment)  # as from a laptop
+    assert report.returncode == 0 and "report: s3://" in report.stdout, report.stderr[-2000:]
     from modecotd.storage import Storage
 
     with pytest.MonkeyPatch.context() as patch:

@@ -195,6 +195,25 @@ def tune_loggers(cfg, run_name: str) -> list:
     return [MLflowLoggerCallback(tracking_uri=cfg.mlflow_tracking_uri, experiment_name=f"modecotd-{run_name}")]
 
 
+def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], storage, trials: str) -> dict:
+    """What every trial gets: where the student, the experts and the storage are, the mixer's
+    settings and each target task's few-shot rows."""
+    cfg = config.mixture
+    return {
+        "student": config.student.model, "dtype": config.student.dtype,
+        "experts": experts, "optimizer": cfg.optimizer, "start": cfg.start,
+        "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
+        "seed": config.seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
+        "storage": storage, "trials": trials, "gate_steps": cfg.gate_steps, "gate_learning_rate": cfg.gate_learning_rate,
+        "pooled": ({name: [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale,
+                            "kind": task.kind.value} for ex in task.fewshot] for name, task in tasks.items()}
+                   if cfg.gate_rows == "pooled" else {}),
+        "tasks": {name: {"kind": tasks[name].kind.value,
+                         "fewshot": [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale}
+                                     for ex in tasks[name].fewshot]} for name in todo},
+    }
+
+
 def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], experts: dict[str, Unit]
                       ) -> dict[str, dict]:
     """Search mixtures for every target task whose unit is not done; commit the best per task."""
@@ -210,19 +229,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], 
     storage, trials = layout.storage, layout.mixture_trials
     for name in todo:  # records of an earlier search with other settings must not be read back
         storage.delete(f"{trials}/{name}")
-    context = {
-        "student": config.student.model, "dtype": config.student.dtype,
-        "experts": experts, "optimizer": cfg.optimizer, "start": cfg.start,
-        "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
-        "seed": config.seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
-        "storage": storage, "trials": trials, "gate_steps": cfg.gate_steps, "gate_learning_rate": cfg.gate_learning_rate,
-        "pooled": ({name: [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale,
-                            "kind": task.kind.value} for ex in task.fewshot] for name, task in tasks.items()}
-                   if cfg.gate_rows == "pooled" else {}),
-        "tasks": {name: {"kind": tasks[name].kind.value,
-                         "fewshot": [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale}
-                                     for ex in tasks[name].fewshot]} for name in todo},
-    }
+    context = trial_context(config, tasks, todo, experts, storage, trials)
     callbacks = tune_loggers(cfg, config.name) + [TrialProgress(len(cfg.settings()))]
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(MixtureTrial, context=context),
