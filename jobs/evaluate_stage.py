@@ -16,7 +16,8 @@ import ray
 from modecotd.artifacts import write_jsonl
 from modecotd.config import EVALUATION_BATCH
 from modecotd.evaluate import attach_system, load_system, predict, score_rows, summarize
-from modecotd.jobs.placement import wait_for_resources
+from modecotd.errors import UserError
+from modecotd.jobs.placement import wait_for_resources, wait_until_placed
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
 from modecotd.models import load_lm
@@ -33,20 +34,24 @@ class Evaluator:
     taken off again."""
 
     def __init__(self, student: str, dtype: str, settings: dict):
-        from modecotd.models import load_tokenizer, materialize
-
-        self.student_dir = materialize(student)  # on this actor's node
-        self.dtype = dtype
-        self.settings = settings
-        self.tokenizer = load_tokenizer(self.student_dir)
+        self.model_ref, self.dtype, self.settings = student, dtype, settings
+        self.student_dir = self.tokenizer = None  # resolved on this actor's node at the first pair
         self.student = None  # loaded at the first pair that needs it
         from ray.util.metrics import Counter, Gauge
 
         self.done = Counter("modecotd_eval_pairs_done", "(task, system) pairs evaluated", ("task", "system"))
         self.accuracy = Gauge("modecotd_eval_accuracy", "strict accuracy of a system on a task", ("task", "system"))
 
+    def placed(self) -> bool:
+        return True
+
     def evaluate(self, task: str, system_name: str, system: dict, kind, examples: list[dict]):
         started = time.time()
+        if self.tokenizer is None:
+            from modecotd.models import load_tokenizer, materialize
+
+            self.student_dir = materialize(self.model_ref)
+            self.tokenizer = load_tokenizer(self.student_dir)
         with self._system(system) as model:
             return self._evaluate(model, task, system_name, kind, examples, started)
 
@@ -114,6 +119,13 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
     queue = [(e.unit, (e.task, e.system.name, e.system.spec(), tasks[e.task].kind,
                        [asdict(ex) for ex in tasks[e.task].test])) for e in todo]
     actors = [new_actor() for _ in range(min(cfg.actors, len(queue)))]
+    try:  # a cluster may hold the CPUs in total but on no single node
+        wait_until_placed(actors, "evaluator actors", {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor},
+                          config.resources.placement_timeout_s, "evaluation.actors / cpus_per_actor / gpus_per_actor")
+    except UserError:
+        for actor in actors:
+            ray.kill(actor)
+        raise
     running: dict = {}  # future -> (actor slot, task, system name, unit)
 
     def submit(slot: int) -> None:

@@ -18,6 +18,7 @@ from modecotd.errors import UserError
 log = logging.getLogger(__name__)
 POLL_S = 2.0
 SAY_EVERY_S = 30.0
+START_GRACE_S = 120.0
 
 
 def _in_words(resources: dict) -> str:
@@ -49,11 +50,15 @@ def wait_for_resources(need: dict, what: str, timeout_s: float, config_key: str)
         time.sleep(POLL_S)
 
 
-def wait_until_ready(refs: dict, what: str, need_each: dict, timeout_s: float, config_key: str) -> None:
-    """Wait for actors' ``ready`` calls (``refs``: ref -> label); those not placed within
-    ``timeout_s`` raise a UserError saying how many, what each needs and what the cluster holds.
-    A ready call that fails is left to the caller (``ray.get`` raises it there)."""
-    pending = dict(refs)
+def wait_until_placed(actors: list, what: str, need_each: dict, timeout_s: float, config_key: str) -> None:
+    """Wait for actors to be placed on a node and started: each answers its ``placed`` method, which
+    its class keeps free of any slow work (models load at the first real call, not in the
+    constructor, so a teacher that loads for ten minutes is never taken for one that cannot be
+    placed). Those not placed within ``timeout_s`` (at least START_GRACE_S, the time a worker
+    process takes to start on a busy machine) raise a UserError saying how many, what each needs and
+    what the cluster holds. A constructor that fails is left to the caller's next call to raise."""
+    refs = {actor.placed.remote(): actor for actor in actors}
+    pending, timeout_s = dict(refs), max(timeout_s, START_GRACE_S)
     started = last_said = time.time()
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)

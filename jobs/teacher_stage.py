@@ -25,7 +25,7 @@ import ray
 
 from modecotd.artifacts import Unit, fingerprint, pending
 from modecotd.errors import ModelError, UserError
-from modecotd.jobs.placement import wait_for_resources, wait_until_ready
+from modecotd.jobs.placement import wait_for_resources, wait_until_placed
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
 from modecotd.models import materialize
@@ -84,8 +84,8 @@ class TeacherWorker:
         from modecotd.config import TeacherConfig
 
         self.config = TeacherConfig.model_validate(teacher)
-        model_dir = materialize(self.config.model) if self.config.loads_model else None  # on this actor's node
-        self.backend = make_backend(self.config, model_dir, api_key.reveal() if api_key else None)
+        self.api_key = api_key
+        self.backend = None  # loaded by load(), so that placed() answers as soon as the actor runs
         tags = ("task",)
         self.metrics = {
             "questions": MetricCounter("modecotd_teacher_questions", "questions answered by the teacher", tags),
@@ -95,10 +95,17 @@ class TeacherWorker:
             "speed": Gauge("modecotd_teacher_tokens_per_second", "generated tokens per second, last shard", tags),
         }
 
-    def ready(self) -> bool:
+    def placed(self) -> bool:
+        return True
+
+    def load(self) -> bool:
+        if self.backend is None:
+            model_dir = materialize(self.config.model) if self.config.loads_model else None  # on this node
+            self.backend = make_backend(self.config, model_dir, self.api_key.reveal() if self.api_key else None)
         return True
 
     def run_shard(self, shard: Shard) -> dict:
+        self.load()
         started = time.time()
         examples = [Example(**e) for e in shard.examples]
         out = teach(self.backend, examples, shard.prompts, first_id=shard.first_id, seed=shard.seed,
@@ -235,17 +242,18 @@ class ActorPool:
         self.busy = Counter()
 
     def check_ready(self, need_each: dict, wait_s: float) -> None:
-        """Wait for every actor to be placed (up to ``wait_s``) and to load its backend; a backend
-        that cannot load stops the stage."""
+        """Wait for every actor to be placed (up to ``wait_s``), then for each to load its backend
+        (as long as that takes); a backend that cannot load stops the stage."""
         try:
-            wait_until_ready({actor.ready.remote(): slot for slot, actor in self.actors.items()}, "teacher actors",
-                             need_each, wait_s, "teacher.actors / cpus_per_actor / gpus_per_actor")
+            wait_until_placed(list(self.actors.values()), "teacher actors", need_each, wait_s,
+                              "teacher.actors / cpus_per_actor / gpus_per_actor")
         except UserError:
             self.kill_all()
             raise
-        for slot, actor in self.actors.items():
+        loads = {slot: actor.load.remote() for slot, actor in self.actors.items()}
+        for slot, ref in loads.items():
             try:
-                ray.get(actor.ready.remote())
+                ray.get(ref)
             except ray.exceptions.RayActorError as exc:
                 self.kill_all()
                 raise ModelError(f"teacher actor {slot} could not start its backend: {root_cause(exc)}") from None

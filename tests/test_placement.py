@@ -34,17 +34,46 @@ def test_waiting_for_nodes_is_said_and_bounded(ray_cluster, caplog):
 def test_an_actor_that_cannot_be_placed_is_reported_with_the_numbers(ray_cluster):
     import ray
 
-    from modecotd.jobs.placement import wait_until_ready
+    from modecotd.jobs import placement
 
     @ray.remote(num_cpus=64)
     class Huge:
-        def ready(self):
+        def placed(self):
             return True
 
     actor = Huge.remote()
     try:
         with pytest.raises(UserError, match=r"teacher actors: 1 of 1 not placed after [0-9]+ s \(each needs 64 CPU"):
-            wait_until_ready({actor.ready.remote(): "teacher-0"}, "teacher actors", {"CPU": 64}, 2,
-                             "teacher.cpus_per_actor")
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(placement, "START_GRACE_S", 0)
+                placement.wait_until_placed([actor], "teacher actors", {"CPU": 64}, 2, "teacher.cpus_per_actor")
     finally:
         ray.kill(actor)
+
+
+def test_a_teacher_that_loads_slowly_is_not_taken_for_one_that_cannot_be_placed(ray_cluster):
+    """Placement is answered before the model loads: a pool whose backends load for longer than the
+    placement timeout is waited for, not refused."""
+    import ray
+
+    from modecotd.jobs import placement
+    from modecotd.jobs.teacher_stage import ActorPool
+
+    @ray.remote(num_cpus=0)
+    class SlowLoader:
+        def placed(self):
+            return True
+
+        def load(self):
+            time.sleep(4)
+            return True
+
+    pool = ActorPool(2, lambda name: SlowLoader.options(name=name).remote(), max_restarts=0)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(placement, "START_GRACE_S", 0)
+            started = time.time()
+            pool.check_ready({"CPU": 0}, 1)
+        assert time.time() - started >= 4
+    finally:
+        pool.kill_all()
