@@ -6,7 +6,9 @@ reached through ``pyarrow.fs``, which Ray Train and Tune use for their own stora
 from the environment only (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, an instance role,
 ``GOOGLE_APPLICATION_CREDENTIALS``...): a URI that carries one is refused, so none can reach a
 config, a log or an artifact. An S3-compatible server other than AWS is named with
-``?endpoint_override=http://host:port`` in the URI or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``.
+``?endpoint_override=http://host:port`` in the URI or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``;
+a GCS emulator with ``STORAGE_EMULATOR_HOST=http://host:port`` (then requests go unauthenticated,
+as emulators expect) or ``?endpoint_override=host:port&scheme=http&anonymous=true``.
 
 Paths inside a storage are relative, ``/``-separated strings (``experts/arith/adapter_model.safetensors``).
 """
@@ -22,8 +24,11 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 from modecotd.errors import ConfigError, UserError
 
 HASH_CHUNK = 1 << 20
-SECRET_QUERY_KEYS = {"access_key", "secret_key", "session_token"}
+SECRET_QUERY_KEYS = {"access_key", "secret_key", "session_token", "access_token"}
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+GCS_EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
+GCS_QUERY_KEYS = {"endpoint_override", "scheme", "anonymous", "project_id", "retry_limit_seconds"}
+GCS_RETRY_LIMIT_S = 120  # the GCS client's own default retries for 15 minutes before a run hears of it
 
 
 class StorageError(UserError):
@@ -52,21 +57,53 @@ def checked_uri(location: str) -> str:
     if parts.username or parts.password or SECRET_QUERY_KEYS & set(parse_qs(parts.query)):
         raise ConfigError(f"storage {redacted(location)}: credentials do not belong in the storage URI; "
                           "set them in the environment of every node (AWS_ACCESS_KEY_ID, "
-                          "AWS_SECRET_ACCESS_KEY, or an instance role)")
+                          "AWS_SECRET_ACCESS_KEY or an instance role for s3://; "
+                          "GOOGLE_APPLICATION_CREDENTIALS or a service account for gs://)")
     if not parts.netloc:
         raise ConfigError(f"storage {location}: a bucket is missing ({parts.scheme}://BUCKET/PREFIX)")
     return location
 
 
 def with_endpoint(uri: str) -> str:
-    """An ``s3://`` URI with the endpoint of ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` written into
-    it (when it names none), so that every node reaches the same server (an endpoint is no secret)."""
+    """An object-store URI with the endpoint named in this environment written into it (when it
+    names none), so that every node reaches the same server (an endpoint is no secret): for
+    ``s3://`` ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, for ``gs://`` ``STORAGE_EMULATOR_HOST``."""
     parts = urlsplit(uri)
-    endpoint = next((os.environ[name] for name in ENDPOINT_VARIABLES if os.environ.get(name)), None)
     query = parse_qs(parts.query)
-    if parts.scheme != "s3" or not endpoint or "endpoint_override" in query:
+    if "endpoint_override" in query:
         return uri
-    return urlunsplit(parts._replace(query=urlencode({**query, "endpoint_override": endpoint}, doseq=True)))
+    if parts.scheme == "s3":
+        endpoint = next((os.environ[name] for name in ENDPOINT_VARIABLES if os.environ.get(name)), None)
+        extra = {"endpoint_override": endpoint}
+    elif parts.scheme == "gs":
+        endpoint = os.environ.get(GCS_EMULATOR_VARIABLE)
+        emulator = urlsplit(endpoint if endpoint and "://" in endpoint else f"http://{endpoint}")
+        extra = {"endpoint_override": emulator.netloc, "scheme": emulator.scheme, "anonymous": "true"}
+    else:
+        return uri
+    if not endpoint:
+        return uri
+    return urlunsplit(parts._replace(query=urlencode({**query, **extra}, doseq=True)))
+
+
+def _gcs_filesystem(uri: str):
+    """``gs://bucket/prefix?...`` opened with pyarrow's GcsFileSystem (whose own URI parser knows no
+    ``anonymous``, which an emulator needs); returns (filesystem, root path)."""
+    from datetime import timedelta
+
+    import pyarrow.fs as pafs
+
+    parts = urlsplit(uri)
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    unknown = set(query) - GCS_QUERY_KEYS
+    if unknown:
+        raise ValueError(f"unknown query parameter {sorted(unknown)[0]!r} (known: {', '.join(sorted(GCS_QUERY_KEYS))})")
+    filesystem = pafs.GcsFileSystem(
+        anonymous=query.get("anonymous", "false").lower() in ("1", "true", "yes"),
+        scheme=query.get("scheme"), endpoint_override=query.get("endpoint_override"),
+        project_id=query.get("project_id"),
+        retry_time_limit=timedelta(seconds=float(query.get("retry_limit_seconds", GCS_RETRY_LIMIT_S))))
+    return filesystem, f"{parts.netloc}{parts.path}"
 
 
 def redacted(location: str) -> str:
@@ -118,6 +155,8 @@ class Storage:
         if self.is_local:
             return pafs.LocalFileSystem(), self.uri
         try:
+            if urlsplit(self.uri).scheme == "gs":
+                return _gcs_filesystem(self.uri)
             return pafs.FileSystem.from_uri(self.uri)
         except (OSError, ValueError, TypeError) as error:  # pyarrow raises ArrowInvalid (a ValueError)
             raise StorageError(f"storage {redacted(self.uri)}: {error}") from error
@@ -230,7 +269,11 @@ class Storage:
         path = self.path(relative)
         info = self._call("look up", relative, self.filesystem.get_file_info, path)
         if info.type == pafs.FileType.Directory:
-            self._call("delete", relative, self.filesystem.delete_dir, path)
+            try:
+                self._call("delete", relative, self.filesystem.delete_dir, path)
+            except FileNotFoundError:  # GCS: the folder's marker object, which a prefix need not have
+                if self.files(relative):
+                    raise
         elif info.type == pafs.FileType.File:
             self._call("delete", relative, self.filesystem.delete_file, path)
 

@@ -101,6 +101,24 @@ def s3_env(s3_server, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A Google Cloud Storage emulator on 127.0.0.1, for the whole session."""
+    from tests import gcs_server as gcs
+
+    server = gcs.start(tmp_path_factory.mktemp("gcs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_env(gcs_server, monkeypatch):
+    """This process reaches the emulator through the environment only."""
+    for name, value in gcs_server.environment.items():
+        monkeypatch.setenv(name, value)
+    return gcs_server
+
+
+@pytest.fixture(scope="session")
 def s3_bucket(s3_server) -> str:
     """One bucket for the session (the server makes volumes per bucket): tests use their own prefixes."""
     from tests.s3_server import create_bucket

@@ -19,11 +19,13 @@ def test_fingerprint_is_stable_and_sensitive():
     assert len(a) == 16
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def storage(request, tmp_path, monkeypatch):
     monkeypatch.setenv("MODECOTD_CACHE", str(tmp_path / "node-cache"))  # this "node"'s scratch and fetched units
     if request.param == "local":
         return Storage(tmp_path / "run")
+    if request.param == "gs":
+        return Storage(request.getfixturevalue("gcs_env").uri(f"runs/{uuid.uuid4().hex[:10]}"))
     server = request.getfixturevalue("s3_env")
     return Storage(server.uri(request.getfixturevalue("s3_bucket"), f"runs/{uuid.uuid4().hex[:10]}"))
 

@@ -47,16 +47,20 @@ def test_token_mode_is_asked_for_only_when_a_token_exists(monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def started_cluster():
+def started_cluster(s3_server):
     """A local multi-node cluster started apart from the tests' process: a head with the dashboard and two
-    one-CPU worker nodes (token auth on when a token exists, as Ray 2.60 does); returns (Ray address,
+    one-CPU worker nodes (token auth on when a token exists, as Ray 2.60 does), whose nodes hold the test
+    S3 server's keys in their environment as a real cluster's nodes hold theirs; returns (Ray address,
     dashboard URL)."""
     import ray
 
     # `cluster down` stops every Ray process of this machine, so no other Ray may be running here.
     assert not ray.is_initialized(), "run this test before any test that starts Ray in-process"
     dashboard_port = free_port()
-    address = local.up(port=free_port(), dashboard_port=dashboard_port, workers=2, cpus_per_worker=1)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in s3_server.environment.items():
+            patch.setenv(name, value)
+        address = local.up(port=free_port(), dashboard_port=dashboard_port, workers=2, cpus_per_worker=1)
     try:
         yield address, f"http://127.0.0.1:{dashboard_port}"
     finally:
@@ -92,15 +96,31 @@ def rest(url: str, token: str | None):
         return error.code, None
 
 
-def test_submitted_run_is_visible_through_the_dashboards_rest_api(started_cluster, tmp_path):
+def test_submitted_run_is_visible_through_the_dashboards_rest_api(started_cluster, tmp_path, s3_server, s3_bucket,
+                                                                   monkeypatch):
+    """Submitted through the Jobs API with its storage on S3 (the client holds no keys: only the
+    cluster's nodes do); then reported and pulled from the storage as from a laptop."""
+    import uuid
+
     _, dashboard = started_cluster
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "name": "submitted"}))
-    done = cli("submit", str(config), "--address", dashboard, "--run-dir", str(tmp_path / "run"), "--wait")
+    storage = f"s3://{s3_bucket}/submitted-{uuid.uuid4().hex[:8]}"
+    for name in s3_server.environment:
+        monkeypatch.delenv(name, raising=False)
+    done = cli("submit", str(config), "--address", dashboard, "--storage", storage, "--wait")
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     submission_id = done.stdout.split("submitted ", 1)[1].split()[0]
     assert submission_id.startswith("modecotd-submitted-")
-    assert (tmp_path / "run" / "report.md").is_file()
+    assert not (tmp_path / "runs").exists()
+    for name, value in s3_server.environment.items():  # the keys, now on this "laptop"
+        monkeypatch.setenv(name, value)
+    reported = cli("report", "submitted", "--storage", storage)
+    assert reported.returncode == 0 and "coins" in reported.stdout, (reported.stdout + reported.stderr)[-2000:]
+    pulled = cli("pull", "submitted", "--storage", storage, "--to", str(tmp_path / "pulled"))
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    assert (tmp_path / "pulled" / "report.md").is_file()
+    assert (tmp_path / "pulled" / "experts" / "coins" / "adapter_config.json").is_file()
 
     listed = cli("list", "--address", dashboard)
     assert submission_id in listed.stdout and "SUCCEEDED" in listed.stdout, listed.stderr[-2000:]

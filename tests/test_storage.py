@@ -10,10 +10,12 @@ from modecotd.errors import ConfigError
 from modecotd.storage import Storage, StorageError, checked_uri, redacted
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def storage(request, tmp_path):
     if request.param == "local":
         return Storage(tmp_path / "store")
+    if request.param == "gs":
+        return Storage(request.getfixturevalue("gcs_env").uri(f"runs/{uuid.uuid4().hex[:10]}"))
     server = request.getfixturevalue("s3_env")
     return Storage(server.uri(request.getfixturevalue("s3_bucket"), f"runs/{uuid.uuid4().hex[:10]}"))
 
@@ -65,6 +67,7 @@ def test_check_reachable_leaves_nothing_behind(storage):
     "s3://AKIAXXXX:verysecret@bucket/prefix",
     "s3://bucket/prefix?access_key=AKIAXXXX&secret_key=verysecret",
     "gs://bucket/prefix?session_token=abc",
+    "gs://bucket/prefix?access_token=abc",
 ])
 def test_credentials_in_the_uri_are_refused_without_echoing_them(uri):
     with pytest.raises(ConfigError) as refused:
@@ -89,4 +92,20 @@ def test_an_unreachable_object_store_fails_in_one_line(monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     storage = Storage("s3://bucket/run?endpoint_override=http://127.0.0.1:1")
     with pytest.raises(StorageError, match=r"s3://bucket/run.*cannot"):
+        storage.check_reachable()
+
+
+def test_a_gcs_emulator_is_named_by_the_environment_and_unknown_options_are_refused(monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:4443")
+    uri = Storage("gs://bucket/run").uri
+    assert "endpoint_override=127.0.0.1%3A4443" in uri and "scheme=http" in uri and "anonymous=true" in uri
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+    assert Storage("gs://bucket/run").uri == "gs://bucket/run"  # a real bucket: default credentials
+    with pytest.raises(StorageError, match=r"gs://bucket/run.*unknown query parameter 'colour'"):
+        Storage("gs://bucket/run?colour=blue").filesystem
+
+
+def test_an_unreachable_gcs_fails_in_one_line_within_its_retry_limit():
+    storage = Storage("gs://bucket/run?endpoint_override=127.0.0.1:1&scheme=http&anonymous=true&retry_limit_seconds=1")
+    with pytest.raises(StorageError, match=r"gs://bucket/run.*cannot"):
         storage.check_reachable()
