@@ -79,7 +79,8 @@ class GeneratedSource(Section):
     """A seeded procedural task (coin flip, last letters, shuffled objects, arithmetic)."""
 
     kind: Literal["generated"]
-    family: Literal["coin_flip", "last_letter_concatenation", "tracking_shuffled_objects", "arithmetic"]
+    family: Literal["coin_flip", "last_letter_concatenation", "tracking_shuffled_objects", "arithmetic",
+                    "arithmetic_comparison"]
     size: int | None = Field(None, ge=1, description="people / words / swaps / steps per question")
     seed: int = Field(0, description="generator seed; splits never share a question")
 
@@ -383,7 +384,12 @@ class MixtureConfig(Section):
     bound: list[float] = Field(default_factory=lambda: [3.0], min_length=1,
                                description="weights searched in [-bound, bound]")
     l1: list[float] = Field(default_factory=lambda: [0.05], min_length=1,
-                            description="coefficient of the L1 penalty on the weights")
+                            description="coefficient of the L1 penalty on the weights (times mean |w|)")
+    objective: Literal["token_mean", "per_row"] = Field(
+        "token_mean", description="the few-shot loss the weights minimise, before the L1 term: token_mean (the "
+        "mean cross-entropy over every target token of the few-shot rows) or per_row (that mean divided by the "
+        "number of rows, as the authors' code computes it: with 5 rows their L1 weighs 5 times more for the "
+        "same l1)")
     top_k: list[int | None] = Field(default_factory=lambda: [None], min_length=1, description="mix only the k "
                                     "experts with the lowest few-shot loss on their own; null: all")
     start: float = Field(0.0, description="every weight's starting value (the paper's: 0, the student as it is)")

@@ -108,6 +108,7 @@ class Mixture:
         if not expert_dirs:
             raise ValueError("a mixture needs at least one expert")
         self.names = list(expert_dirs)
+        self.objective = "token_mean"  # the few-shot loss: token_mean or per_row (see _loss)
         loaded = {name: read_adapter(Path(path)) for name, path in expert_dirs.items()}
         self.configs = {name: config for name, (config, _) in loaded.items()}
         self.use_method(method)
@@ -246,10 +247,15 @@ class Mixture:
 
     def _loss(self, batch: dict[str, torch.Tensor], candidates: int = 1) -> torch.Tensor:
         """Mean target-token cross-entropy of each candidate's rows (the batch holds ``candidates``
-        equal blocks of rows), as the reference's objective: tokens, not examples, weigh equally."""
+        equal blocks of rows): tokens, not examples, weigh equally. With :attr:`objective`
+        ``per_row`` that mean is divided by the number of rows, as the authors' code does (it sums
+        the batches' mean losses and divides by the examples; with all rows in one batch, this)."""
         losses, mask = token_losses(self.model, batch)
         losses, mask = losses.view(candidates, -1), mask.view(candidates, -1)
-        return (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
+        mean = (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
+        if self.objective == "per_row":
+            return mean / (batch["input_ids"].shape[0] // candidates)
+        return mean
 
     @torch.no_grad()
     def few_shot_loss(self, batch: dict[str, torch.Tensor]) -> float:

@@ -36,6 +36,7 @@ class FitOptions:
     max_length: int
     gate_steps: int
     gate_learning_rate: float
+    objective: str = "token_mean"  # or per_row: the token mean divided by the rows (the authors' code)
 
 
 def fold_indices(n: int, k: int) -> list[list[int]]:
@@ -103,6 +104,7 @@ class SettingFit:
         self.gate = setting["method"] == "gate"
         self.pooled = list(pooled) if self.gate else []
         mixture.use_method(setting["method"])
+        mixture.objective = options.objective
         self.folds = fold_indices(len(rows), options.cv_folds) if options.cv_folds else []
         self.every_row = list(range(len(rows)))
         self.all_rows = self._batch(self.every_row)  # tokenised once: expert choice, zero-weight loss, gate means
@@ -136,6 +138,7 @@ class SettingFit:
         mixture = self.mixture
         record = {"task": self.task, **self.setting, "setting": setting_key(self.setting), "cv_loss": self.cv_loss,
                   "fold_losses": self.held_out, "objective": min(h["objective"] for h in history),
+                  "loss": self.options.objective,
                   "experts_mixed": [mixture.names[i] for i in self.chosen], "history": history,
                   "search_seconds": seconds, "evaluations": self.evaluations, "precision": mixture.precision.as_dict()}
         if self.gate:

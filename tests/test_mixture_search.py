@@ -94,3 +94,24 @@ def test_a_setting_is_scored_fold_by_fold_then_fitted_on_every_row(tiny_model_di
     loss = mixture.few_shot_loss(mixture.batch_for(rows, AnswerKind.NUMBER, 128))
     assert abs(record["objective"] - (loss + 0.05 * sum(map(abs, weights)) / 2)) < 1e-3
     assert record["zero_weights_loss"] > 0 and record["experts_mixed"] == ["x", "y"]
+
+
+def test_the_per_row_objective_is_the_token_mean_over_the_rows(tiny_model_dir, tmp_path):
+    """The authors' few-shot loss: the token-mean cross-entropy of the batch divided by its rows,
+    so that the same l1 weighs (rows) times more than under our token mean."""
+    import torch
+
+    from modecotd.mixture import Mixture
+    from modecotd.tasks.schema import AnswerKind
+    from tests.test_mixture import ROWS, make_expert
+
+    experts = {name: make_expert(tiny_model_dir, tmp_path / name, seed) for seed, name in enumerate("xy")}
+    mixture = Mixture(tiny_model_dir, experts, "lorahub")
+    batch = mixture.batch_for(ROWS, AnswerKind.NUMBER, 128)
+    weights = torch.tensor([[0.5, -0.25], [1.0, 0.0]])
+    token_mean = mixture.candidate_losses(batch, weights)
+    mixture.objective = "per_row"
+    per_row = mixture.candidate_losses(batch, weights)
+    assert per_row == pytest.approx([loss / len(ROWS) for loss in token_mean], rel=1e-5)
+    loss, gradient = mixture.loss_and_gradient(batch, [0.5, -0.25])
+    assert loss == pytest.approx(per_row[0], rel=1e-4)

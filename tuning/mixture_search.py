@@ -201,7 +201,7 @@ def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], stor
     cfg = config.mixture
     return {
         "student": config.student.model, "dtype": config.student.dtype,
-        "experts": experts, "optimizer": cfg.optimizer, "start": cfg.start,
+        "experts": experts, "optimizer": cfg.optimizer, "start": cfg.start, "objective": cfg.objective,
         "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
         "seed": config.seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
         "storage": storage, "trials": trials, "gate_steps": cfg.gate_steps, "gate_learning_rate": cfg.gate_learning_rate,
