@@ -163,33 +163,81 @@ def test_is_correct(prediction: str | None, gold: str, kind: AnswerKind, expecte
 @pytest.mark.parametrize(
     ("text", "kind", "expected"),
     [
-        ("r\n\n-->\n\n12 END", NUMBER, "12"),
-        ("r -->  Yes, indeed  ", YES_NO, "Yes, indeed"),
+        ("r\n\n-->\n\n12 END", NUMBER, "\n\n12 END"),
+        ("x --> 7 END\n-->  9 END tail", NUMBER, "  9 END tail"),
+        ("r -->  Yes, indeed  ", YES_NO, "yes"),
+        ("r --> maybe END", YES_NO, "no"),
         ("I add 3 and 9 to get 12 apples", NUMBER, "12"),
+        ("it costs $1,000.", NUMBER, "000."),
+        ("from 3 to -4", NUMBER, "-4"),
         ("so it must be option B or maybe D, not x", CHOICE, "D"),
+        ("Option (B). END", CHOICE, "D"),
         ("the letters are y, a, j, o, so yajo (Claire)", TEXT, "C"),
         ("it is true, no wait, it is true", YES_NO, "yes"),
-        ("nothing here", NUMBER, ""),
+        ("Yes, though I cannot be sure", YES_NO, "no"),
+        ("YES", YES_NO, "no"),
+        ("nothing here", NUMBER, "None"),
+        ("nothing here", CHOICE, "None"),
     ],
 )
 def test_reference_extract(text: str, kind: AnswerKind, expected: str) -> None:
     assert reference_extract(text, kind) == expected
 
 
-def test_reference_mode_is_lenient_where_strict_is_not() -> None:
-    output = "r\n\n-->\n\n12 END"
-    assert reference_is_correct(output, "2", NUMBER)
-    assert score(output, "2", NUMBER, mode="reference")
-    assert not score(output, "2", NUMBER, mode="strict")
-    assert score(output, "12", NUMBER, mode="strict")
-    assert reference_is_correct("r --> The answer is Yes END", "yes", YES_NO)
-    assert not reference_is_correct("r --> nope END", "yes", YES_NO)
-
-
-def test_reference_fallback_reads_a_capital_letter_for_text() -> None:
-    # the reference reads the last capital A-F even for last-letter concatenation
-    assert not reference_is_correct('So the answer is "yajo".', "yajo", TEXT)
-    assert reference_is_correct("I guess the answer is A", "a", TEXT)
+@pytest.mark.parametrize(
+    ("text", "gold", "kind", "reference", "strict"),
+    [
+        # marked answers: the reference keeps everything after the last --> (END included)
+        ("r\n\n-->\n\n43 END", "43", NUMBER, True, True),
+        ("r\n\n-->\n\n12 END", "2", NUMBER, True, False),  # substring: "2" in "12"
+        ("r\n\n-->\n\n43.0 END", "43", NUMBER, True, True),
+        ("r\n\n-->\n\n43 END", "43.0", NUMBER, False, True),  # the gold is not normalized
+        ("r -->12 END", " 12", NUMBER, False, True),  # nor stripped
+        ("r --> 9 END and 7 more", "7", NUMBER, True, False),  # not cut at END
+        ("r\n\n-->\n\nA END", "A", CHOICE, True, True),
+        ("r\n\n-->\n\nA END", "E", CHOICE, True, False),  # "e" in "end"
+        ("r\n\n-->\n\nA END", "D", CHOICE, True, False),  # "d" in "end"
+        ("r\n\n-->\n\nA END", "B", CHOICE, False, False),
+        ("r\n\n-->\n\nA", "E", CHOICE, False, False),  # no END, no free E
+        ("r\n\n-->\n\nyajo END", "yajo", TEXT, True, True),
+        ("r\n\n-->\n\nxyajox END", "yajo", TEXT, True, False),
+        ("r\n\n-->\n\nyaj END", "yajo", TEXT, False, False),
+        ("r\n\n-->\n\nYES END", "yes", YES_NO, True, True),
+        ("r\n\n-->\n\nmaybe END", "no", YES_NO, True, False),  # "no" by default
+        ("r\n\n-->\n\n END", "no", YES_NO, True, False),
+        ("r\n\n-->\n\nNo, that is true END", "no", YES_NO, False, True),  # "true" wins
+        ("r\n\n-->\n\nuntrue END", "yes", YES_NO, True, False),  # substring "true"
+        # no marker: number fallback, the last raw digit run
+        ("I add 3 and 9 to get 12 apples", "12", NUMBER, True, False),
+        ("the answer is 12. Check: 12 - 3 = 9", "12", NUMBER, False, True),
+        ("the answer is 1,000", "1000", NUMBER, False, True),  # "1,000" read as "000"
+        ("So the answer is $5.50", "5.5", NUMBER, True, True),
+        ("no numbers at all", "12", NUMBER, False, False),
+        # no marker: letter fallback, the last capital A-F anywhere, or "None"
+        ("The answer is (B). END", "B", CHOICE, False, True),  # the D of "END" is read
+        ("The answer is (B). END", "D", CHOICE, True, False),
+        ("the answer is b", "B", CHOICE, False, True),  # lower-case letters are not seen
+        ("no letter here", "E", CHOICE, True, False),  # "e" in "None"
+        ('So the answer is "yajo".', "yajo", TEXT, False, True),  # text read as a letter
+        ("I guess the answer is A", "a", TEXT, True, True),
+        ("I guess it is A", "a", TEXT, True, False),
+        ("the letters spell none", "one", TEXT, True, False),  # "one" in "None"
+        # no marker: yes/no fallback, case-sensitive and without word boundaries
+        ("So it is True.", "yes", YES_NO, True, False),
+        ("The answer is yes; I cannot say more", "yes", YES_NO, False, True),  # "no" of "cannot"
+        ("The answer is YES", "yes", YES_NO, False, True),  # upper case is not seen ...
+        ("The answer is YES", "no", YES_NO, True, False),  # ... so it reads as "no"
+        ("eyes closed", "yes", YES_NO, True, False),  # "yes" of "eyes"
+        ("maybe", "no", YES_NO, True, False),
+    ],
+)
+def test_reference_verdicts_against_strict(
+    text: str, gold: str, kind: AnswerKind, reference: bool, strict: bool
+) -> None:
+    assert reference_is_correct(text, gold, kind) is reference
+    assert score(text, gold, kind, mode="reference") is reference
+    assert score(text, gold, kind, mode="strict") is strict
+    assert score(text, gold, kind) is strict  # strict stays the default
 
 
 def test_score_rejects_unknown_mode() -> None:
