@@ -19,7 +19,7 @@ from modecotd.precision import resolve_dtype
 from modecotd.progress import ProgressBoard
 from modecotd.report import build_report, task_facts
 from modecotd.storage import Storage
-from modecotd.tasks.build import load_task
+from modecotd.tasks import build
 from modecotd.tasks.schema import TaskData
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Work:
 
 
 def load_tasks(config) -> dict[str, TaskData]:
-    return {task.name: load_task(task) for task in config.tasks}
+    return build.load_tasks(config.tasks)
 
 
 def run_pipeline(config, run_dir: str | Path | None = None, address: str | None = None,

@@ -1,24 +1,36 @@
-"""Data loaders and the paper registry: row validation, error messages and the released data."""
+"""Data loaders and paper-format tasks: row validation, bad rows counted, tasks of any name, few-shot rows kept
+apart from training, and the released data."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from modecotd.config import TaskConfig
 from modecotd.errors import DataError, UserError
+from modecotd.prompts import student_prompt
+from modecotd.tasks.build import load_task, load_tasks
 from modecotd.tasks.loaders import (
+    PROMPT_SHAPES,
+    UNPARSED_REASONS,
+    PaperSplitReader,
+    infer_kind,
     load_hf_dataset,
     load_paper_split,
     load_qa_jsonl,
+    match_prompt,
     paper_question,
 )
 from modecotd.tasks.paper import (
     PAPER_SEEN,
+    PAPER_SPECS,
     PAPER_TASKS,
     PAPER_UNSEEN,
     load_paper_task,
+    paper_role,
     paper_split_path,
 )
 from modecotd.tasks.schema import AnswerKind, Example, Role
@@ -106,6 +118,75 @@ def test_load_paper_json_array_and_prompt_shapes(tmp_path: Path) -> None:
     assert [e.source for e in examples] == [f"{path}:row 1", f"{path}:row 2"]
 
 
+GOOD_ROW = {"input": PROMPT_Q.format(question="1 + 1?"), "output": "1 + 1 = 2\n\n-->\n\n2 END"}
+
+
+def _bad_jsonl(path: Path) -> Path:
+    """Two good rows around one bad row of every kind (and a blank line, which is no row)."""
+    good = GOOD_ROW["input"]
+    lines = [
+        json.dumps(GOOD_ROW),  # 1
+        '{"input": "oops", ',  # 2 bad_json
+        json.dumps(["input", "output"]),  # 3 not_object
+        json.dumps({"input": good}),  # 4 missing_field
+        json.dumps({"output": "2"}),  # 5 missing_field
+        json.dumps({"input": ["a list"], "output": "2"}),  # 6 missing_field (not a string)
+        "",  # blank: not a row
+        json.dumps({"input": "   ", "output": "2"}),  # 8 empty_question
+        json.dumps({"input": PROMPT_Q.format(question=" "), "output": "2"}),  # 9 empty_question
+        json.dumps({"input": good, "output": "  "}),  # 10 bad_answer
+        json.dumps({"input": good, "output": "because\n\n-->\n\n END"}),  # 11 bad_answer
+        json.dumps({"input": good, "output": "thinking\n\n-->\n\nbanana END"}),  # 12 bad_answer
+        json.dumps({"input": PROMPT_Q.format(question="2 + 2?"), "output": "so\n\n-->\n\n4 END"}),  # 13
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+BAD_JSONL_COUNTS = {"bad_json": 1, "not_object": 1, "missing_field": 3, "empty_question": 2, "bad_answer": 3}
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and text in r.getMessage()]
+
+
+def test_bad_rows_are_counted_by_reason_and_warned_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _bad_jsonl(tmp_path / "x.jsonl")
+    reader = PaperSplitReader(path, AnswerKind.NUMBER, task="x")
+    examples = list(reader())
+    assert [(e.question, e.answer, e.source) for e in examples] == [("1 + 1?", "2", f"{path}:1"),
+                                                                    ("2 + 2?", "4", f"{path}:13")]
+    assert dict(reader.unparsed) == BAD_JSONL_COUNTS
+    assert set(reader.unparsed) == set(UNPARSED_REASONS)
+    [warning] = _warnings(caplog, "cannot be parsed")
+    assert "skipped 10 row(s)" in warning and "task x" in warning
+    for line in (2, 3, 4):  # the first few bad rows, by line
+        assert f"{path}:{line}:" in warning
+    assert f"{path}:5:" not in warning
+    assert len(list(reader())) == 2  # a second pass recounts and does not warn again
+    assert dict(reader.unparsed) == BAD_JSONL_COUNTS
+    assert len(_warnings(caplog, "cannot be parsed")) == 1
+
+
+def test_bad_rows_in_a_json_array_are_named_by_index(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [GOOD_ROW, "a string", {"output": "2"}, {"input": GOOD_ROW["input"], "output": "banana"}, GOOD_ROW]
+    path = write_json(tmp_path / "x.json", rows)
+    reader = PaperSplitReader(path, AnswerKind.NUMBER)
+    assert len(list(reader())) == 2
+    assert dict(reader.unparsed) == {"not_object": 1, "missing_field": 1, "bad_answer": 1}
+    [warning] = _warnings(caplog, "cannot be parsed")
+    assert f"{path}:row 2:" in warning and f"{path}:row 4:" in warning and "banana" in warning
+    assert load_paper_split(path, AnswerKind.NUMBER) == list(reader())
+
+
+def test_question_loaders_stay_strict(tmp_path: Path) -> None:
+    """Only the paper-format reader skips bad rows; the question/answer loaders name the first."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "q", "answer": "1"}\n{"question": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{path.name}:2: invalid JSON"):
+        load_qa_jsonl(path, AnswerKind.NUMBER)
+
+
 def _assert_data_error(path: Path, kind: AnswerKind, *parts: str) -> None:
     """load_paper_split fails with a DataError whose message contains every part."""
     with pytest.raises(DataError) as caught:
@@ -116,46 +197,10 @@ def _assert_data_error(path: Path, kind: AnswerKind, *parts: str) -> None:
         assert part in message, message
 
 
-GOOD_ROW = {"input": PROMPT_Q.format(question="1 + 1?"), "output": "1 + 1 = 2\n\n-->\n\n2 END"}
-
-
-def test_missing_field_names_file_line_and_field(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "x.jsonl", [GOOD_ROW, {"input": GOOD_ROW["input"]}, GOOD_ROW])
-    _assert_data_error(path, AnswerKind.NUMBER, f"{path}:2:", "'output'", "missing")
-
-
-def test_missing_field_in_json_array_names_row(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "x.json", [GOOD_ROW, GOOD_ROW, {"output": "2"}])
-    _assert_data_error(path, AnswerKind.NUMBER, f"{path}:row 3:", "'input'")
-
-
-def test_bad_json_line_names_the_line(tmp_path: Path) -> None:
-    path = tmp_path / "x.jsonl"
-    lines = [json.dumps(GOOD_ROW), json.dumps(GOOD_ROW), '{"input": "oops", ', json.dumps(GOOD_ROW)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _assert_data_error(path, AnswerKind.NUMBER, f"{path}:3:", "invalid JSON")
-
-
 def test_bad_json_array_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "x.json"
     path.write_text('[\n  {"input": "a",\n   "output": }\n]\n', encoding="utf-8")
     _assert_data_error(path, AnswerKind.NUMBER, f"{path}:3:", "invalid JSON")
-
-
-def test_unparseable_gold_names_the_field(tmp_path: Path) -> None:
-    rows = [GOOD_ROW, {"input": GOOD_ROW["input"], "output": "thinking\n\n-->\n\nbanana END"}]
-    path = write_jsonl(tmp_path / "x.jsonl", rows)
-    _assert_data_error(path, AnswerKind.NUMBER, f"{path}:2:", "'output'", "banana")
-
-
-def test_unknown_input_shape_names_the_field(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "x.jsonl", [{"input": "just a question", "output": "2"}])
-    _assert_data_error(path, AnswerKind.NUMBER, f"{path}:1:", "'input'")
-
-
-def test_non_object_row(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "x.jsonl", [GOOD_ROW, ["input", "output"]])
-    _assert_data_error(path, AnswerKind.NUMBER, f"{path}:2:", "not a JSON object")
 
 
 @pytest.mark.parametrize(("name", "text"), [("e.jsonl", ""), ("e.json", "  \n"), ("a.json", "[]")])
@@ -170,6 +215,194 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="file not found") as caught:
         load_paper_split(path, AnswerKind.NUMBER)
     assert str(caught.value) == f"{path}: file not found"
+
+
+# --------------------------------------------------------------------------- tasks of any name
+
+
+def write_task(data_dir: Path, task: str, train: list | None = None, learn: list | None = None,
+               test: list | None = None) -> Path:
+    """A task's files in the release's layout (a None split gets no file)."""
+    for split, rows, relative in (("train", train, f"train/{task}_train.json"), ("learn", learn, f"learn/{task}.jsonl"),
+                                  ("test", test, f"evaluation/{task}_test.json")):
+        if rows is not None:
+            (data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            (write_json if relative.endswith(".json") else write_jsonl)(data_dir / relative, rows)
+    return data_dir
+
+
+def rationale_row(question: str, answer: str, prompt: str = PROMPT_Q) -> dict:
+    return {"input": prompt.format(question=question), "output": f"Because.\n\n-->\n\n{answer} END"}
+
+
+def gold_row(question: str, answer: str, prompt: str = PROMPT_Q) -> dict:
+    return {"input": prompt.format(question=question), "output": answer}
+
+
+def paper_config(name: str, role: str, data_dir: Path, **fields) -> TaskConfig:
+    source = {"kind": "paper", "data_dir": str(data_dir)}
+    return TaskConfig.model_validate({"name": name, "role": role, "source": source, **fields})
+
+
+CHOICE_PROMPT = "Infer the correct choice for the question.\n\nQ: {question}\nA:"
+
+
+def _reclor_like(data_dir: Path) -> Path:
+    """A task the paper's table does not know, with letter answers."""
+    return write_task(data_dir, "reclor",
+                      train=[rationale_row(f"Argument {i}? Answer choices: (A) x, (B) y.", "AB"[i % 2], CHOICE_PROMPT)
+                             for i in range(6)],
+                      learn=[rationale_row(f"Claim {i}? Answer choices: (A) x, (B) y.", "B", CHOICE_PROMPT)
+                             for i in range(3)],
+                      test=[gold_row(f"Case {i}? Answer choices: (A) x, (B) y.", "A", CHOICE_PROMPT) for i in range(4)])
+
+
+def test_unknown_task_kind_is_inferred_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    data = load_task(paper_config("reclor", "unseen", _reclor_like(tmp_path)))
+    assert (data.kind, data.role) == (AnswerKind.CHOICE, Role.UNSEEN)
+    assert (len(data.train), len(data.fewshot), len(data.test)) == (6, 3, 4)
+    assert data.test[0].question == "Case 0? Answer choices: (A) x, (B) y." and data.unparsed == {}
+    inferred = [r.getMessage() for r in caplog.records if "inferred" in r.getMessage()]
+    assert len(inferred) == 1 and "reclor" in inferred[0] and "'choice'" in inferred[0]
+
+
+def test_unknown_task_kind_and_role_from_the_config(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    data = load_task(paper_config("reclor", "seen", _reclor_like(tmp_path), answer="text"))
+    assert (data.kind, data.role) == (AnswerKind.TEXT, Role.SEEN)
+    assert data.test[0].answer == "a"  # a text answer, lower-cased
+    assert not [r for r in caplog.records if "inferred" in r.getMessage()]
+
+
+def test_source_task_names_the_files(tmp_path: Path) -> None:
+    source = {"kind": "paper", "data_dir": str(_reclor_like(tmp_path)), "task": "reclor"}
+    data = load_task(TaskConfig.model_validate({"name": "my_reclor", "role": "unseen", "source": source}))
+    assert data.name == "my_reclor" and data.kind == AnswerKind.CHOICE and len(data.test) == 4
+
+
+def test_load_paper_task_of_an_unknown_task(tmp_path: Path) -> None:
+    _reclor_like(tmp_path)
+    with pytest.raises(UserError, match="give its role"):
+        load_paper_task(tmp_path, "reclor")
+    data = load_paper_task(tmp_path, "reclor", role=Role.UNSEEN)
+    assert data.kind == AnswerKind.CHOICE and len(data.train) == 6
+
+
+@pytest.mark.parametrize(
+    ("answers", "kind"),
+    [
+        (["3", "-2.5", "1,000", "$4", "7."], AnswerKind.NUMBER),
+        (["A", "(B)", "F"], AnswerKind.CHOICE),
+        (["Yes", "no", "True", "false"], AnswerKind.YES_NO),
+        (["nb", "ex"], AnswerKind.TEXT),
+        (["3", "A"], AnswerKind.TEXT),
+        (["A", "G"], AnswerKind.TEXT),
+        ([], AnswerKind.TEXT),
+    ],
+)
+def test_infer_kind(answers: list[str], kind: AnswerKind) -> None:
+    assert infer_kind(answers) is kind
+
+
+@pytest.mark.parametrize(("golds", "kind"), [(["12", "7"], "number"), (["yes", "No"], "yes_no"),
+                                              (["bd", "xy"], "text")])
+def test_unknown_task_kind_inferred_from_files(tmp_path: Path, golds: list[str], kind: str) -> None:
+    write_task(tmp_path, "mine", learn=[rationale_row("Q0?", golds[0])],
+               test=[gold_row(f"Q{i}?", g) for i, g in enumerate(golds, start=1)])
+    assert load_task(paper_config("mine", "unseen", tmp_path)).kind == AnswerKind(kind)
+
+
+def test_unknown_prompt_format_is_used_as_given_with_one_warning(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    plain = "{question}"
+    write_task(tmp_path, "own_task", train=[rationale_row(f"What is {i} + 1?", str(i + 1), plain) for i in range(4)],
+               learn=[rationale_row(f"What is {i} + 2?", str(i + 2), plain) for i in range(2)],
+               test=[gold_row(f"What is {i} + 3?", str(i + 3), plain) for i in range(3)])
+    data = load_task(paper_config("own_task", "seen", tmp_path, answer="number"))
+    assert [e.question for e in data.test] == ["What is 0 + 3?", "What is 1 + 3?", "What is 2 + 3?"]
+    assert len(data.train) == 4 and len(data.fewshot) == 2 and data.unparsed == {}
+    [warning] = _warnings(caplog, "no known prompt format")
+    assert "own_task" in warning
+
+
+def test_unparsed_counts_are_on_the_task_data(tmp_path: Path) -> None:
+    train = [rationale_row(f"Train {i}?", str(i)) for i in range(5)] + [{"input": "x"}, {"output": "1"}]
+    test = [gold_row("Test 1?", "1"), gold_row("Test 2?", "lots"), gold_row(" ", "3")]
+    write_task(tmp_path, "counted", train=train, learn=[rationale_row("Few?", "2")], test=test)
+    learn = tmp_path / "learn" / "counted.jsonl"
+    learn.write_text(learn.read_text(encoding="utf-8") + '{"input": \n', encoding="utf-8")
+    data = load_task(paper_config("counted", "seen", tmp_path, answer="number"))
+    assert data.unparsed == {"train": {"missing_field": 2}, "fewshot": {"bad_json": 1},
+                             "test": {"bad_answer": 1, "empty_question": 1}}
+    assert (len(data.train), len(data.fewshot), len(data.test)) == (5, 1, 1)
+
+
+def test_a_split_with_no_usable_row_says_why(tmp_path: Path) -> None:
+    write_task(tmp_path, "broken", learn=[rationale_row("Few?", "2")], test=[{"input": "x"}, {"input": "y"}])
+    with pytest.raises(DataError, match=r"test split is empty \(2 row\(s\) could not be parsed"):
+        load_task(paper_config("broken", "unseen", tmp_path, answer="number"))
+
+
+# --------------------------------------------------------------------------- few-shot rows
+
+
+def test_fewshot_rows_in_another_experts_train_rows_are_dropped(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    write_task(tmp_path, "alpha", train=[rationale_row(q, "1") for q in ("Shared?", "A1?", "A2?", "Own few?")],
+               learn=[rationale_row("Own few?", "1")], test=[gold_row("A test?", "1")])
+    write_task(tmp_path, "beta", learn=[rationale_row(q, "2") for q in ("Shared?", "B1?", "B2?")],
+               test=[gold_row("B test?", "2")])
+    tasks = load_tasks([paper_config("alpha", "seen", tmp_path), paper_config("beta", "unseen", tmp_path)])
+    assert [e.question for e in tasks["beta"].fewshot] == ["B1?", "B2?"]
+    assert [e.question for e in tasks["alpha"].fewshot] == ["Own few?"]  # its own train drops it instead
+    assert [e.question for e in tasks["alpha"].train] == ["Shared?", "A1?", "A2?"]
+    [warning] = _warnings(caplog, "another expert's train rows")
+    assert "beta" in warning and "dropped 1 fewshot" in warning
+
+
+def test_fewshot_rows_all_in_training_fail(tmp_path: Path) -> None:
+    write_task(tmp_path, "alpha", train=[rationale_row("Shared?", "1")], learn=[rationale_row("A few?", "1")],
+               test=[gold_row("A test?", "1")])
+    write_task(tmp_path, "beta", learn=[rationale_row("Shared?", "2")], test=[gold_row("B test?", "2")])
+    with pytest.raises(DataError, match="task beta: every few-shot example"):
+        load_tasks([paper_config("alpha", "seen", tmp_path), paper_config("beta", "unseen", tmp_path)])
+
+
+def test_format_table_marks_the_release_prompt_shapes() -> None:
+    for name in ("coin_flip", "strategy_qa"):
+        assert PAPER_SPECS[name].prompts == {"train": "separator", "fewshot": "separator", "test": "instruction"}
+    assert {spec.prompts["test"] for spec in PAPER_SPECS.values()} == {"instruction"}
+    assert all(set(spec.prompts) == {"train", "fewshot", "test"} for spec in PAPER_SPECS.values())
+    assert {shape for spec in PAPER_SPECS.values() for shape in spec.prompts.values()} <= set(PROMPT_SHAPES)
+
+
+@pytest.mark.parametrize("task", ["coin_flip", "strategy_qa"])
+def test_fewshot_rows_render_in_the_test_format(paper_data: Path, task: str) -> None:
+    """The release's few-shot (or, for coin_flip, train) rows are separator prompts and its test rows
+    instruction prompts; loaded, both render to the same instruction prompt as the test rows."""
+    data = load_task(paper_config(task, "unseen", paper_data))
+    assert data.fewshot and data.unparsed == {}
+    shapes = {match_prompt(student_prompt(ex.question, data.kind))[0] for ex in [*data.fewshot, *data.test]}
+    assert shapes == {"instruction"}
+    leads = {student_prompt(ex.question, data.kind).split("\n\n")[0] for ex in [*data.fewshot, *data.test]}
+    assert leads == {"Infer True(yes) or False(no) for the question."}
+    assert not {e.question for e in data.fewshot} & {e.question for e in data.train}
+
+
+PAPER_TEST_SIZES = {"addsub": 119, "aqua": 254, "coin_flip": 150, "commonsense_qa": 1221, "date_understanding": 111,
+                    "gsm8k": 1319, "last_letter_concatenation": 150, "multiarith": 180, "single_eq": 152,
+                    "strategy_qa": 687, "svamp": 300, "tracking_shuffled_objects": 225}
+
+
+def test_shipped_tasks_load_with_no_unparsed_row(paper_data: Path, caplog: pytest.LogCaptureFixture) -> None:
+    configs = [paper_config(name, PAPER_SPECS[name].role.value, paper_data) for name in sorted(PAPER_SPECS)]
+    tasks = load_tasks(configs)
+    assert {name: data.unparsed for name, data in tasks.items()} == {name: {} for name in PAPER_SPECS}
+    assert {name: len(data.test) for name, data in tasks.items()} == PAPER_TEST_SIZES
+    assert all(len(data.fewshot) == 5 for data in tasks.values())
+    assert not _warnings(caplog, "cannot be parsed") and not _warnings(caplog, "prompt format")
+    assert not _warnings(caplog, "another expert's train rows")
 
 
 # --------------------------------------------------------------------------- generic QA rows
@@ -246,6 +479,7 @@ def test_hf_dataset_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         load_hf_dataset(missing, "train", AnswerKind.TEXT, "question", "answer")
 
 
+
 # --------------------------------------------------------------------------- paper registry
 
 
@@ -256,17 +490,23 @@ def test_paper_registry() -> None:
     assert PAPER_UNSEEN == ("coin_flip", "strategy_qa")
     assert PAPER_TASKS["last_letter_concatenation"] is AnswerKind.TEXT
     assert PAPER_TASKS["date_understanding"] is AnswerKind.CHOICE
+    assert paper_role("gsm8k") is Role.SEEN
+    with pytest.raises(UserError, match="give its role"):
+        paper_role("openbook_qa")
 
 
 def test_paper_split_path_layout(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "gsm8k_train.json").write_text("[]", encoding="utf-8")
+    (tmp_path / "train" / "openbook_qa_train.json").write_text("[]", encoding="utf-8")
     assert paper_split_path(tmp_path, "gsm8k", "train") == tmp_path / "train" / "gsm8k_train.json"
+    assert paper_split_path(tmp_path, "openbook_qa", "train") == tmp_path / "train" / "openbook_qa_train.json"
     assert paper_split_path(tmp_path, "gsm8k", "test") is None
+    assert paper_split_path(tmp_path, "mnist", "train") is None
     with pytest.raises(UserError, match="allowed"):
         paper_split_path(tmp_path, "gsm8k", "dev")
-    with pytest.raises(UserError, match="addsub"):
-        paper_split_path(tmp_path, "mnist", "train")
+    with pytest.raises(UserError, match="file name"):
+        paper_split_path(tmp_path, "../gsm8k", "train")
 
 
 @pytest.mark.parametrize("task", sorted(PAPER_TASKS))
@@ -278,14 +518,16 @@ def test_every_paper_file_loads(task: str) -> None:
         if path is None:
             assert (task, split) == ("coin_flip", "fewshot")
             continue
-        examples = load_paper_split(path, kind)
+        reader = PaperSplitReader(path, kind, task, (PAPER_SPECS[task].prompts[split],))
+        examples = list(reader())
         assert examples, path
+        assert not reader.unparsed and not reader.unknown_format  # every row in the table's prompt shape
         assert all(e.question and e.answer for e in examples)
         assert all(e.rationale for e in examples) == (split != "test")
         assert not any(e.question.startswith("Infer ") or "###" in e.question for e in examples)
     data = load_paper_task(data_dir, task)
     assert data.role is (Role.SEEN if task in PAPER_SEEN else Role.UNSEEN)
-    assert data.train and data.test
+    assert data.train and data.test and data.unparsed == {}
 
 
 @pytest.mark.parametrize("task", ["coin_flip", "strategy_qa"])

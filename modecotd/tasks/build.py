@@ -17,17 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def answer_kind(task) -> AnswerKind:
-    """The task's answer kind: explicit in the config, else from its family or paper task."""
+    """The task's answer kind: explicit in the config, else from its family or paper task, else
+    (paper-format files of another task) inferred from its gold answers."""
     if task.answer is not None:
         return task.answer
     source = task.source
     if source.kind == "generated":
         return generators.FAMILIES[source.family]
     if source.kind == "paper":
-        stem = source.task or task.name
-        if stem in paper.PAPER_TASKS:
-            return paper.PAPER_TASKS[stem]
-        raise ConfigError(f"tasks.{task.name}: unknown paper task {stem!r}; known: {', '.join(sorted(paper.PAPER_TASKS))}")
+        return paper.paper_kind(Path(source.data_dir), source.task or task.name)
     raise ConfigError(f"tasks.{task.name}.answer: required for {source.kind} sources "
                       f"(one of: {', '.join(k.value for k in AnswerKind)})")
 
@@ -39,13 +37,8 @@ def _limit(rows: list[Example], n: int | None) -> list[Example]:
 def _split_readers(task, kind: AnswerKind) -> dict[str, Callable[[], Iterable[Example]] | None]:
     """For each split, a function that streams its rows from the source (None: no such split)."""
     source = task.source
-    if source.kind == "paper":
-        stem = source.task or task.name
-        if not Path(source.data_dir).is_dir():
-            raise DataError(f"{source.data_dir}: data folder not found (task {task.name})")
-        paths = {split: paper.paper_split_path(Path(source.data_dir), stem, split) for split in SPLITS}
-        return {split: partial(loaders.iter_paper_split, path, kind) if path else None
-                for split, path in paths.items()}
+    if source.kind == "paper":  # readers that count the rows they cannot parse (paper.unparsed_counts)
+        return paper.paper_readers(Path(source.data_dir), source.task or task.name, kind, name=task.name)
     fields = dict(question_field=source.question_field, answer_field=source.answer_field,
                   rationale_field=source.rationale_field)
     if source.kind == "jsonl":
@@ -65,6 +58,7 @@ def load_task(task) -> TaskData:
     """
     kind = answer_kind(task)
     sizes = task.sizes
+    readers = {}
     if task.source.kind == "generated":
         wanted = {s: getattr(sizes, s) if getattr(sizes, s) is not None else DEFAULT_GENERATED_SIZES[s]
                   for s in SPLITS}
@@ -82,16 +76,49 @@ def load_task(task) -> TaskData:
             fewshot = train.head(n)
             train = train.replace(skip=n)
     data = TaskData(name=task.name, kind=kind, role=task.role, train=train, fewshot=fewshot, test=test)
-    _drop_overlaps(data)
+    _drop_overlaps(data)  # reads the train split once: its rows that cannot be parsed are counted then
+    data.unparsed = paper.unparsed_counts(readers)
     _check(task, data)
     return data
 
 
+def load_tasks(tasks) -> dict[str, TaskData]:
+    """Every task of a run by name, and no task's few-shot row among another seen task's train rows
+    (see :func:`drop_fewshot_seen_by_experts`)."""
+    loaded = {task.name: load_task(task) for task in tasks}
+    drop_fewshot_seen_by_experts(loaded)
+    return loaded
+
+
+def drop_fewshot_seen_by_experts(tasks: dict[str, TaskData]) -> None:
+    """Drop each task's few-shot rows whose question is in another seen task's train rows (an
+    expert trained on a few-shot question makes the mixture search pick it for the wrong reason;
+    a task's own train split already leaves its few-shot questions out, see ``_drop_overlaps``)."""
+    trained = {name: {ex.question for ex in data.train} for name, data in tasks.items() if data.role == Role.SEEN}
+    for name, data in tasks.items():
+        seen = set().union(*(questions for other, questions in trained.items() if other != name))
+        kept = [ex for ex in data.fewshot if ex.question not in seen]
+        if len(kept) == len(data.fewshot):
+            continue
+        log.warning("task %s: dropped %d fewshot row(s) whose question is in another expert's train rows",
+                    name, len(data.fewshot) - len(kept))
+        data.fewshot = kept
+        if not kept:
+            raise DataError(f"task {name}: every few-shot example is in another expert's train rows")
+
+
+def _empty(data: TaskData, split: str) -> str:
+    """Why ``split`` is empty, for an error message."""
+    skipped = sum(data.unparsed.get(split, {}).values())
+    return f"the {split} split is empty" + (f" ({skipped} row(s) could not be parsed, see the warnings)"
+                                            if skipped else "")
+
+
 def _check(task, data: TaskData) -> None:
     if not data.test:
-        raise DataError(f"task {task.name}: the test split is empty")
+        raise DataError(f"task {task.name}: {_empty(data, 'test')}")
     if data.role == Role.SEEN and not data.train:
-        raise DataError(f"task {task.name}: a seen task needs train questions; the train split is empty")
+        raise DataError(f"task {task.name}: a seen task needs train questions; {_empty(data, 'train')}")
     if not data.fewshot:
         raise DataError(f"task {task.name}: no few-shot examples for the mixture (give a fewshot split)")
     missing = [ex.source for ex in data.fewshot if not ex.rationale]

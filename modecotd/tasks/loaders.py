@@ -1,15 +1,19 @@
 """Reading data files into :class:`~modecotd.tasks.schema.Example` lists.
 
-Every loader validates each row and raises :class:`~modecotd.errors.DataError` with a one-line
-message naming the file, the row (``file:7`` for the 7th line of a JSONL file, ``file:row 7``
-for the 7th element of a JSON array) and the field. Each example's ``source`` is that same
-locator, so a bad example can always be traced back to its row.
+Every loader validates each row. A bad row is a :class:`BadRow` (a
+:class:`~modecotd.errors.DataError`) with a one-line message naming the file, the row (``file:7``
+for the 7th line of a JSONL file, ``file:row 7`` for the 7th element of a JSON array) and the
+field, and a ``reason`` (one of :data:`UNPARSED_REASONS`). The question/answer loaders raise it;
+the paper-format reader (:class:`PaperSplitReader`) skips the row, counts it by reason and warns.
+Each example's ``source`` is that same locator, so an example can always be traced to its row.
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,27 @@ from modecotd.tasks.schema import AnswerKind, Example
 JSON_SUFFIX = ".json"
 MAX_QUOTED_CHARS = 60
 """A bad value is quoted in an error message up to this many characters."""
+MAX_REPORTED_ROWS = 3
+"""A file's warning about rows it skipped names this many of them."""
+log = logging.getLogger(__name__)
+
+# Why a row could not be used (the keys of PaperSplitReader.unparsed and TaskData.unparsed).
+BAD_JSON = "bad_json"  # a JSONL line that is not JSON
+NOT_OBJECT = "not_object"  # a row that is not a JSON object
+MISSING_FIELD = "missing_field"  # a required field absent, null or not a string
+EMPTY_QUESTION = "empty_question"  # a blank input, or a known prompt shape around no question
+BAD_ANSWER = "bad_answer"  # no gold answer, or one that does not read as the task's answer kind
+UNPARSED_REASONS = (BAD_JSON, NOT_OBJECT, MISSING_FIELD, EMPTY_QUESTION, BAD_ANSWER)
+
+
+class BadRow(DataError):
+    """One row that cannot be used; ``reason`` is one of :data:`UNPARSED_REASONS`."""
+
+    def __init__(self, locator: str, reason: str, detail: str):
+        super().__init__(f"{locator}: {detail}")
+        self.locator = locator
+        self.reason = reason
+
 
 _INSTRUCTION_INPUT = re.compile(
     r"Infer [^\n]*? for the question\.\n\n(?:Q: )?(?P<question>.*)\nA:\s*", re.DOTALL
@@ -27,6 +52,8 @@ _INSTRUCTION_INPUT = re.compile(
 """Paper prompt (a) ``Infer ... \\n\\nQ: {question}\\nA:`` and (c), the same without ``Q:``."""
 _SEPARATOR_INPUT = re.compile(r"(?P<question>.*)\n\n###\n\n", re.DOTALL)
 """Paper prompt (b) ``{question}\\n\\n###\\n\\n`` (strategy_qa, coin_flip train)."""
+PROMPT_SHAPES: dict[str, re.Pattern[str]] = {"instruction": _INSTRUCTION_INPUT, "separator": _SEPARATOR_INPUT}
+"""The release's prompt shapes by name; which task uses which in which split: paper.PAPER_SPECS."""
 _END = re.compile(rf"\b{END_MARK}\b")
 
 
@@ -50,16 +77,18 @@ def _read_text(path: Path) -> str:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(locator, value) for each non-blank line of a JSONL file, read line by line; locator is
-    ``path:line``."""
+    ``path:line``; the value of a line that is not JSON is a BadRow."""
     try:
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
+                locator = f"{path}:{number}"
                 try:
-                    yield f"{path}:{number}", json.loads(line)
+                    value = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from error
+                    value = BadRow(locator, BAD_JSON, f"invalid JSON ({error.msg})")
+                yield locator, value
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason})") from error
 
@@ -79,11 +108,12 @@ def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:row {number}", row
 
 
-def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_rows(path: Path, strict: bool = True) -> Iterator[tuple[str, Any]]:
     """(locator, row object) pairs of a ``.json`` array or a JSONL file (any other suffix), streamed.
 
-    Raises DataError when the file is missing, empty, not valid JSON, has no rows, or a row is
-    not a JSON object.
+    Raises DataError when the file is missing, empty, not valid JSON as a whole (a JSON array) or
+    has no rows. A bad row (a JSONL line that is not JSON, a row that is not an object) raises a
+    BadRow when ``strict``, else comes as a BadRow in place of the row.
     """
     path = Path(path)
     if not path.is_file():
@@ -91,9 +121,11 @@ def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     reader = _json_array_rows if path.suffix == JSON_SUFFIX else _jsonl_rows
     count = 0
     for locator, row in reader(path):
-        if not isinstance(row, dict):
-            raise DataError(f"{locator}: row is not a JSON object")
         count += 1
+        if not isinstance(row, (dict, BadRow)):
+            row = BadRow(locator, NOT_OBJECT, "row is not a JSON object")
+        if strict and isinstance(row, BadRow):
+            raise row
         yield locator, row
     if not count:
         raise DataError(f"{path}: file has no rows")
@@ -107,16 +139,17 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
 # --------------------------------------------------------------------------- fields
 
 
-def _field_text(row: Mapping[str, Any], field: str, locator: str) -> str:
-    """A required, non-empty field as a string (numbers are accepted and converted)."""
+def _field_text(row: Mapping[str, Any], field: str, locator: str, empty_reason: str) -> str:
+    """A required, non-empty field as a string (numbers are accepted and converted); a blank one
+    is a BadRow with ``empty_reason``."""
     if field not in row or row[field] is None:
-        raise DataError(f"{locator}: field {field!r} is missing")
+        raise BadRow(locator, MISSING_FIELD, f"field {field!r} is missing")
     value = row[field]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(f"{locator}: field {field!r} must be a string, got {type(value).__name__}")
+        raise BadRow(locator, MISSING_FIELD, f"field {field!r} must be a string, got {type(value).__name__}")
     text = str(value)
     if not text.strip():
-        raise DataError(f"{locator}: field {field!r} is empty")
+        raise BadRow(locator, empty_reason, f"field {field!r} is empty")
     return text
 
 
@@ -126,7 +159,7 @@ def _optional_field_text(row: Mapping[str, Any], field: str, locator: str) -> st
     if value is None:
         return None
     if not isinstance(value, str):
-        raise DataError(f"{locator}: field {field!r} must be a string, got {type(value).__name__}")
+        raise BadRow(locator, MISSING_FIELD, f"field {field!r} must be a string, got {type(value).__name__}")
     return value.strip() or None
 
 
@@ -134,23 +167,29 @@ def _gold(answer: str, kind: AnswerKind, field: str, locator: str) -> str:
     """``answer`` in canonical form; DataError naming the field when it does not parse."""
     canonical = normalize(answer, kind)
     if canonical is None:
-        raise DataError(
-            f"{locator}: field {field!r}: {answer.strip()[:MAX_QUOTED_CHARS]!r} is not a valid "
-            f"{AnswerKind(kind).value} answer"
-        )
+        raise BadRow(locator, BAD_ANSWER, f"field {field!r}: {answer.strip()[:MAX_QUOTED_CHARS]!r} is not a "
+                     f"valid {AnswerKind(kind).value} answer")
     return canonical
 
 
 # --------------------------------------------------------------------------- paper rows
 
 
+def match_prompt(prompt: str, shapes: Iterable[str] = tuple(PROMPT_SHAPES)) -> tuple[str | None, str]:
+    """(name of the first of ``shapes`` that ``prompt`` has, bare question); (None, the prompt
+    stripped) when it has none of them."""
+    for name in shapes:
+        match = PROMPT_SHAPES[name].fullmatch(prompt)
+        if match:
+            return name, match.group("question").strip()
+    return None, prompt.strip()
+
+
 def paper_question(prompt: str) -> str | None:
-    """The bare question inside one of the paper's three ``input`` prompt shapes, or None."""
-    for pattern in (_INSTRUCTION_INPUT, _SEPARATOR_INPUT):
-        match = pattern.fullmatch(prompt)
-        if match and match.group("question").strip():
-            return match.group("question").strip()
-    return None
+    """The bare question inside one of the paper's prompt shapes; None for another shape or an
+    empty question."""
+    shape, question = match_prompt(prompt)
+    return question if shape is not None and question else None
 
 
 def _split_output(output: str) -> tuple[str | None, str]:
@@ -167,24 +206,108 @@ def _split_output(output: str) -> tuple[str | None, str]:
     return rationale, answer[: end.start()] if end else answer
 
 
-def _paper_example(row: Mapping[str, Any], kind: AnswerKind, locator: str) -> Example:
-    """One paper row as an Example (bare question, canonical answer, rationale if any)."""
-    question = paper_question(_field_text(row, "input", locator))
-    if question is None:
-        raise DataError(f"{locator}: field 'input' is not in a known paper prompt format")
-    rationale, answer = _split_output(_field_text(row, "output", locator))
+def _paper_example(row: Mapping[str, Any], kind: AnswerKind, locator: str,
+                   shapes: Iterable[str]) -> tuple[Example, bool]:
+    """One paper row as an Example (bare question, canonical answer, rationale if any), and
+    whether its input had one of ``shapes`` (if not, the input is the question as given)."""
+    shape, question = match_prompt(_field_text(row, "input", locator, EMPTY_QUESTION), shapes)
+    if not question:
+        raise BadRow(locator, EMPTY_QUESTION, f"field 'input' is a {shape} prompt around no question")
+    rationale, answer = _split_output(_field_text(row, "output", locator, BAD_ANSWER))
     if not answer.strip():
-        raise DataError(f"{locator}: field 'output' has no answer after {ANSWER_MARK!r}")
-    return Example(question, _gold(answer, kind, "output", locator), rationale, locator)
+        raise BadRow(locator, BAD_ANSWER, f"field 'output' has no answer after {ANSWER_MARK!r}")
+    return Example(question, _gold(answer, kind, "output", locator), rationale, locator), shape is not None
+
+
+class PaperSplitReader:
+    """One paper-format file (``{"input", "output"}`` rows, a JSON array or JSONL), streamed as
+    Examples by calling it; every call is one pass over the file.
+
+    A row that cannot be used is skipped and counted by reason in ``unparsed`` (recounted on every
+    pass; a pass that stops early has counted the rows it read); the first pass that meets any
+    logs one warning naming the file and its first few bad rows. An input in none of ``shapes``
+    (names in PROMPT_SHAPES, tried in order) is used as given as the question, with one warning
+    naming the task; readers sharing one ``warned`` set (a task's splits) warn once between them.
+    """
+
+    def __init__(self, path: Path, kind: AnswerKind, task: str = "", shapes: Iterable[str] = tuple(PROMPT_SHAPES),
+                 warned: set[str] | None = None):
+        self.path = Path(path)
+        self.kind = AnswerKind(kind)
+        self.task = task or self.path.stem
+        self.shapes = tuple(shapes)
+        self.unparsed: Counter[str] = Counter()
+        self.unknown_format = 0
+        self._warned = set() if warned is None else warned
+
+    def __call__(self) -> Iterator[Example]:
+        self.unparsed, self.unknown_format = Counter(), 0
+        first_bad: list[str] = []
+        try:
+            for locator, row in iter_rows(self.path, strict=False):
+                try:
+                    if isinstance(row, BadRow):
+                        raise row
+                    example, known_shape = _paper_example(row, self.kind, locator, self.shapes)
+                except BadRow as bad:
+                    self.unparsed[bad.reason] += 1
+                    if len(first_bad) < MAX_REPORTED_ROWS:
+                        first_bad.append(str(bad))
+                    continue
+                self.unknown_format += not known_shape
+                yield example
+        finally:
+            self._warn(first_bad)
+
+    def _warn(self, first_bad: list[str]) -> None:
+        """The pass's warnings, each logged once per reader (once per task for prompt formats)."""
+        if self.unparsed and f"rows:{self.path}" not in self._warned:
+            self._warned.add(f"rows:{self.path}")
+            reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.unparsed.items()))
+            log.warning("task %s: %s: skipped %d row(s) that cannot be parsed (%s); first: %s", self.task,
+                        self.path, sum(self.unparsed.values()), reasons, " | ".join(first_bad))
+        if self.unknown_format and f"format:{self.task}" not in self._warned:
+            self._warned.add(f"format:{self.task}")
+            log.warning("task %s: %d input(s) of %s are in no known prompt format (%s); each input is used as "
+                        "given as the question", self.task, self.unknown_format, self.path, ", ".join(self.shapes))
 
 
 def iter_paper_split(path: Path, kind: AnswerKind) -> Iterator[Example]:
-    """Examples of one of the paper's ``{"input", "output"}`` files (JSON array or JSONL), streamed."""
-    return (_paper_example(row, kind, locator) for locator, row in iter_rows(Path(path)))
+    """Examples of one of the paper's ``{"input", "output"}`` files (JSON array or JSONL), streamed
+    (rows that cannot be parsed are skipped with a warning; :class:`PaperSplitReader` counts them)."""
+    return PaperSplitReader(path, kind)()
 
 
 def load_paper_split(path: Path, kind: AnswerKind) -> list[Example]:
     return list(iter_paper_split(path, kind))
+
+
+# --------------------------------------------------------------------------- inferring the answer kind
+
+_KIND_PATTERNS: tuple[tuple[AnswerKind, re.Pattern[str]], ...] = (
+    (AnswerKind.NUMBER, re.compile(r"[-+]?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")),
+    (AnswerKind.CHOICE, re.compile(r"\(?[A-F]\)?")),
+    (AnswerKind.YES_NO, re.compile(r"yes|no|true|false", re.IGNORECASE)),
+)
+
+
+def infer_kind(answers: Iterable[str]) -> AnswerKind:
+    """number if every answer is a number, choice if every one is a letter A-F, yes_no if every
+    one is yes/no (or true/false), else text (also when there is no answer at all)."""
+    answers = [a.strip().rstrip(".").strip() for a in answers if a.strip()]
+    for kind, pattern in _KIND_PATTERNS:
+        if answers and all(pattern.fullmatch(a) for a in answers):
+            return kind
+    return AnswerKind.TEXT
+
+
+def paper_answers(path: Path) -> Iterator[str]:
+    """The raw gold answers of a paper-format file (the text after ``-->``, or the whole output),
+    skipping rows without a usable output."""
+    for _, row in iter_rows(Path(path), strict=False):
+        output = row.get("output") if isinstance(row, dict) else None
+        if isinstance(output, (str, int, float)) and not isinstance(output, bool):
+            yield _split_output(str(output))[1]
 
 
 # --------------------------------------------------------------------------- generic QA rows
@@ -199,8 +322,8 @@ def _qa_example(
     rationale_field: str | None,
 ) -> Example:
     """One question/answer row as an Example."""
-    question = _field_text(row, question_field, locator).strip()
-    answer = _gold(_field_text(row, answer_field, locator), kind, answer_field, locator)
+    question = _field_text(row, question_field, locator, EMPTY_QUESTION).strip()
+    answer = _gold(_field_text(row, answer_field, locator, BAD_ANSWER), kind, answer_field, locator)
     rationale = None
     if rationale_field is not None:
         rationale = _optional_field_text(row, rationale_field, locator)

@@ -112,6 +112,10 @@ class TaskData:
     train: TrainSplit = field(default_factory=lambda: TrainSplit.of([]))
     fewshot: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
+    unparsed: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Rows skipped because they could not be parsed: split -> reason -> count, only splits that
+    had any (reasons: modecotd.tasks.loaders.UNPARSED_REASONS). The train split's counts are those
+    of the pass that validated it (the rows up to its size limit)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainSplit):
