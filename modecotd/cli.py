@@ -1,5 +1,5 @@
 """The `modecotd` command: run the pipeline (or some of its stages), search the mixer, rebuild a
-report, check a config, manage a local cluster."""
+report, compare two runs, check a config, manage a local cluster."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild report.md, report.json and the plots of a run")
     report.add_argument("run", help="the run's folder or URI; with --storage, its name")
     report.add_argument("--storage", help="where runs live (a folder or s3://bucket/prefix)")
+    compare = commands.add_parser("compare", help="per-task accuracy differences between two runs, or two "
+                                                  "systems of one run (paired bootstrap CI, McNemar p)")
+    compare.add_argument("run", help="run A: its folder or URI; with --storage, its name")
+    compare.add_argument("run_b", nargs="?", help="run B (default: run A, with --system and --system-b)")
+    compare.add_argument("--storage", help="where runs live (a folder or s3://bucket/prefix)")
+    compare.add_argument("--system", help="A's system, e.g. base or mixture (default: every system both runs "
+                                          "evaluated)")
+    compare.add_argument("--system-b", help="B's system (default: the same as --system)")
     pull = commands.add_parser("pull", help="copy a run from its storage to a local folder")
     pull.add_argument("run", help="the run's name (with --storage) or its URI")
     pull.add_argument("--storage", help="where runs live, e.g. s3://bucket/prefix")
@@ -176,11 +184,13 @@ def _jobs(args) -> int:
     return 0
 
 
-def _run_storage(args):
-    """The storage of the run named on the command line (a folder, a URI, or a name under --storage)."""
+def _run_storage(args, run: str | None = None):
+    """The storage of the run named on the command line (a folder, a URI, or a name under --storage);
+    ``run`` instead of ``args.run`` when given."""
     from modecotd.storage import Storage
 
-    location = f"{args.storage.rstrip('/')}/{args.run}" if args.storage else args.run
+    run = run or args.run
+    location = f"{args.storage.rstrip('/')}/{run}" if args.storage else run
     storage = Storage(location)
     if not storage.exists("config.yaml"):
         raise UserError(f"{storage.describe()}: no modecotd run there (no config.yaml)")
@@ -197,6 +207,14 @@ def _report(args) -> int:
         raise UserError(str(exc)) from None
     print(_summary(storage.read_text("report.md")))
     print(f"report: {path}")
+    return 0
+
+
+def _compare(args) -> int:
+    from modecotd.compare import compare, render_comparison
+
+    run_b = _run_storage(args, args.run_b) if args.run_b else None
+    print(render_comparison(compare(_run_storage(args), run_b, args.system, args.system_b)))
     return 0
 
 
@@ -248,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
     use_token_if_available()  # before anything imports Ray
     handlers = {"run": _run, "tune": _tune, "submit": _submit, "status": _jobs, "logs": _jobs, "stop": _jobs,
-                "list": _jobs, "report": _report, "pull": _pull, "check": _check, "cluster": _cluster}
+                "list": _jobs, "report": _report, "compare": _compare, "pull": _pull, "check": _check,
+                "cluster": _cluster}
     install_interrupt_handler()
     try:
         return handlers[args.command](args)

@@ -10,11 +10,15 @@ import yaml
 from modecotd.artifacts import MANIFEST, write_json
 from modecotd.config import GENERATING_BACKENDS, STAGES
 from modecotd.evaluate import majority_baseline
-from modecotd.plan import RunLayout
+from modecotd.plan import ALONE, RunLayout
+from modecotd.stats import majority_answer_accuracy, wilson_interval
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Role, TaskData
 
 SYSTEMS = ("base", "expert", "mixture", "multitask", "full_finetune")
+ROWS_FILE = "predictions.jsonl"  # an evaluation unit's per-question rows (modecotd.evaluate.score_rows)
+WORST_PAIRS = 10  # (task, system) pairs whose errors the report samples
+ERRORS_PER_PAIR = 3
 
 
 def _manifest(storage: Storage, prefix: str) -> dict | None:
@@ -34,7 +38,8 @@ def task_facts(tasks: dict[str, TaskData]) -> dict[str, dict]:
     return {name: {"role": data.role.value, "kind": data.kind.value,
                    "sizes": {"train": len(data.train), "fewshot": len(data.fewshot), "test": len(data.test)},
                    "majority": majority_baseline([e.answer for e in data.train or data.fewshot],
-                                                 [e.answer for e in data.test])}
+                                                 [e.answer for e in data.test]),
+                   "unparsed": data.unparsed}
             for name, data in tasks.items()}
 
 
@@ -54,6 +59,8 @@ def collect(run: "Storage | str | Path") -> dict:
                              "prompting": teacher["prompting"] if generates else None},
                  "student": config["student"], "scoring": config["evaluation"]["scoring"], "tasks": {}}
     facts = json.loads(storage.read_text(layout.tasks))
+    errors: list[dict] = []  # one entry per evaluated (task, system) pair with its rows
+    seen = [task["name"] for task in config["tasks"] if task["role"] == Role.SEEN.value]
     for name in (task["name"] for task in config["tasks"]):  # in the config's order
         entry: dict = dict(facts[name])
         teacher = _manifest(storage, layout.rationales(name))
@@ -65,17 +72,81 @@ def collect(run: "Storage | str | Path") -> dict:
         mixture = _manifest(storage, layout.mixture(name))
         if mixture:
             entry["mixture"] = mixture["summary"]
-        entry["eval"] = {}
-        for system in SYSTEMS:
+        entry["eval"], entry["majority_test"] = {}, {"answer": None, "accuracy": None}
+        alone = [] if name in seen else [f"{ALONE}{expert}" for expert in seen]  # each expert on its own
+        for system in SYSTEMS + tuple(alone):
             result = _manifest(storage, layout.evaluation(name, system))
-            if result:
-                entry["eval"][system] = result["summary"]
+            if not result:
+                continue
+            entry["eval"][system] = with_interval(result["summary"])
+            rows = eval_rows(storage, name, system)
+            if rows:
+                answer, accuracy = majority_answer_accuracy([r["gold"] for r in rows])
+                entry["majority_test"] = {"answer": answer, "accuracy": accuracy}
+                errors.append(_error_entry(name, system, entry["eval"][system], rows, out["scoring"],
+                                           f"{layout.evaluation(name, system)}/{ROWS_FILE}"))
         out["tasks"][name] = entry
+    out["worst"] = worst_pairs(errors)
     out["seconds"] = json.loads(storage.read_text(layout.timings)) if storage.exists(layout.timings) else {}
     out["precision"] = precisions_used(out["tasks"])
     out["resources"] = stage_resources(config)
     out["means"] = _means(out["tasks"])
     return out
+
+
+def eval_rows(storage: Storage, task: str, system: str) -> list[dict] | None:
+    """The per-question rows of a committed evaluation of ``system`` on ``task``; None when there
+    is none (not evaluated, not committed, or its rows file is missing)."""
+    prefix = RunLayout(storage).evaluation(task, system)
+    if _manifest(storage, prefix) is None:
+        return None
+    try:
+        text = storage.read_text(f"{prefix}/{ROWS_FILE}")
+    except FileNotFoundError:
+        return None
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def correct_field(scoring: str) -> str:
+    """The row field that says whether a prediction is right under ``scoring``."""
+    return "correct" if scoring == "strict" else "correct_reference"
+
+
+def with_interval(summary: dict) -> dict:
+    """An evaluation summary with the 95% Wilson interval of its accuracy (ci_low, ci_high)."""
+    n, accuracy = summary.get("n"), summary.get("accuracy")
+    if not n or accuracy is None:
+        return dict(summary)
+    low, high = wilson_interval(round(accuracy * n), n)
+    return {**summary, "ci_low": low, "ci_high": high}
+
+
+def _error_entry(task: str, system: str, summary: dict, rows: list[dict], scoring: str, rows_file: str) -> dict:
+    """A (task, system) pair's accuracy with its first few wrong predictions, shortened."""
+    field = correct_field(scoring)
+    wrong = [r for r in rows if not r.get(field)][:ERRORS_PER_PAIR]
+    return {"task": task, "system": system, "n": summary.get("n"), "accuracy": summary.get("accuracy"),
+            "ci_low": summary.get("ci_low"), "ci_high": summary.get("ci_high"),
+            "rows_file": rows_file,
+            "errors": [{"question": _shorten(r.get("question", ""), 160), "gold": r.get("gold"),
+                        "extracted": r.get("extracted"), "output_tail": _tail(r.get("output") or "", 160)}
+                       for r in wrong]}
+
+
+def worst_pairs(entries: list[dict], limit: int = WORST_PAIRS) -> list[dict]:
+    """The ``limit`` pairs of lowest accuracy that have errors to show (ties keep the report's order)."""
+    wrong = [e for e in entries if e["accuracy"] is not None and e["errors"]]
+    return sorted(wrong, key=lambda e: e["accuracy"])[:limit]
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _tail(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
 def stage_resources(config: dict) -> dict[str, str]:
@@ -116,6 +187,37 @@ def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _with_ci(summary: dict) -> str:
+    """An accuracy in % with its 95% interval, e.g. "50.0 [23.7, 76.3]"."""
+    text = _pct(summary.get("accuracy"))
+    if summary.get("ci_low") is None:
+        return text
+    return f"{text} [{_pct(summary['ci_low'])}, {_pct(summary['ci_high'])}]"
+
+
+def _code(text) -> str:
+    """Inline code that survives any text (no backticks, no line breaks); None is a dash."""
+    if text is None:
+        return "–"
+    return "`" + " ".join(str(text).split()).replace("`", "'") + "`"
+
+
+def worst_section(worst: list[dict]) -> list[str]:
+    """The lowest-accuracy (task, system) pairs, each with a few wrong predictions and its rows file."""
+    if not worst:
+        return []
+    lines = ["", f"## Sample errors of the {len(worst)} lowest-accuracy (task, system) pairs", "",
+             f"Up to {ERRORS_PER_PAIR} wrong predictions each (question shortened, end of the output); "
+             "every row is in the linked file.", ""]
+    for rank, pair in enumerate(worst, 1):
+        lines += [f"### {rank}. {pair['task']} / {pair['system']}: {_with_ci(pair)} (n {pair['n']})", "",
+                  f"Rows: [{pair['rows_file']}]({pair['rows_file']})", ""]
+        lines += [f"- Q: {_code(e['question'])} gold {_code(e['gold'])}, extracted {_code(e['extracted'])}; "
+                  f"output ends {_code(e['output_tail'])}" for e in pair["errors"]]
+        lines.append("")
+    return lines[:-1]
+
+
 def systems_in(report: dict) -> list[str]:
     """The systems evaluated on at least one task, in the standard order."""
     return [s for s in SYSTEMS if any(s in t["eval"] for t in report["tasks"].values())] or ["base"]
@@ -132,20 +234,29 @@ def render_markdown(report: dict) -> str:
         f"- Teacher: {teacher_text}",
         f"- Student (frozen): {report['student']['model']} (dtype {report['student']['dtype']})",
         *[f"- Computed in {use}" for use in report.get("precision", [])],
-        f"- Scoring: {report['scoring']} (accuracy in %, exact match after answer normalisation)",
+        f"- Scoring: {report['scoring']} (accuracy in %, exact match after answer normalisation); the "
+        f"other scoring is in the last section",
+        "- Decoding: greedy for every system (the authors sampled their baselines' outputs; our baselines "
+        "are decoded like the mixture)",
         "",
         "## Accuracy by task and system",
         "",
-        "| task | role | n test | majority | " + " | ".join(systems) + " | "
+        "Accuracy in %, with its 95% Wilson interval in brackets. majority: always giving the train split's "
+        "most common answer. test majority: always giving the test set's most common gold answer, an upper "
+        "bound for any constant guesser (it reads the test golds).",
+        "",
+        "| task | role | n test | majority | test majority | " + " | ".join(systems) + " | "
         + " | ".join(f"{system} format" for system in systems) + " |",
-        "|---|---|---|---|" + "---|" * (2 * len(systems)),
+        "|---|---|---|---|---|" + "---|" * (2 * len(systems)),
     ]
     for name, t in report["tasks"].items():
         ev = t["eval"]
         lines.append("| " + " | ".join([
             name, t["role"], str(t["sizes"]["test"]), _pct(t["majority"]["accuracy"]),
-            *(_pct(ev.get(s, {}).get("accuracy")) for s in systems),
+            _pct(t.get("majority_test", {}).get("accuracy")),
+            *(_with_ci(ev.get(s, {})) for s in systems),
             *(_pct(ev.get(s, {}).get("format_rate")) for s in systems)]) + " |")
+    lines += unseen_section(report)
     lines += ["", "## What came out", ""] + findings(report)
     lines += ["", "Means:", ""]
     for role, by_system in report["means"].items():
@@ -157,6 +268,7 @@ def render_markdown(report: dict) -> str:
         for name, t in partial:
             lines.append(f"- {name}: " + ", ".join(f"{s} {_pct(ev.get('partial_credit'))}"
                                                    for s, ev in t["eval"].items()))
+    lines += worst_section(report.get("worst", []))
     lines += ["", "## Teacher", "",
               "Yield: share of questions with at least one accepted rationale. Rationalized: accepted rows "
               "written with the gold answer as a hint (STaR). Failed: questions the teacher could not do.", "",
@@ -213,8 +325,60 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Wall time and resources", "", "| stage | wall time | resources asked for |", "|---|---|---|"]
         lines += [f"| {stage} | {report['seconds'][stage]:.0f} s | {report['resources'].get(stage, '–')} |"
                   for stage in STAGES if stage in report["seconds"]]
+    lines += scoring_section(report) + unparsed_section(report)
     lines += ["", "![accuracy by task and system](accuracy.png)", ""]
     return "\n".join(lines)
+
+
+def unseen_section(report: dict) -> list[str]:
+    """Each task no expert was trained on, system by system: the mixture beside the base student,
+    each seen expert alone, the baselines and the majority answers, with 95% intervals."""
+    lines = []
+    for name, t in report["tasks"].items():
+        if t["role"] != Role.UNSEEN.value or not t["eval"]:
+            continue
+        lines += ["", f"## Unseen task {name}", "",
+                  f"{t['sizes']['test']} test questions ({t['kind']} answers); accuracy in % with its 95% Wilson "
+                  "interval; format: share of outputs that wrote the answer marker.", "",
+                  "| system | accuracy | format | partial credit | vs base (points) |", "|---|---|---|---|---|"]
+        base = t["eval"].get("base", {}).get("accuracy")
+        for system, ev in t["eval"].items():
+            gain = "–" if base is None or ev.get("accuracy") is None else f"{100 * (ev['accuracy'] - base):+.1f}"
+            lines.append(f"| {system} | {_with_ci(ev)} | {_pct(ev.get('format_rate'))} | "
+                         f"{_pct(ev.get('partial_credit'))} | {gain} |")
+        for label, majority in (("majority (train answers)", t["majority"]),
+                                ("majority (test answers)", t.get("majority_test", {}))):
+            if majority.get("accuracy") is not None:
+                lines.append(f"| {label}: always {_code(majority.get('answer'))} | {_pct(majority['accuracy'])} "
+                             "| – | – | – |")
+    return lines
+
+
+def scoring_section(report: dict) -> list[str]:
+    """Every accuracy under both scorings: strict (ours) and reference (the authors' evaluate.py)."""
+    pairs = [(name, system, ev) for name, t in report["tasks"].items() for system, ev in t["eval"].items()
+             if ev.get("accuracy_reference") is not None]
+    if not pairs:
+        return []
+    lines = ["", "## Both scorings", "",
+             "strict: the answer after the marker, normalised, must equal the gold. reference: the authors' "
+             "rule (the gold as a substring of what follows the last marker, with their fallbacks), which "
+             "counts some wrong answers as right.", "", "| task | system | strict | reference |", "|---|---|---|---|"]
+    lines += [f"| {name} | {system} | {_pct(ev.get('accuracy_strict'))} | {_pct(ev.get('accuracy_reference'))} |"
+              for name, system, ev in pairs]
+    return lines
+
+
+def unparsed_section(report: dict) -> list[str]:
+    """Rows of the data files the loader could not parse, by task, split and reason."""
+    found = [(name, split, reasons) for name, t in report["tasks"].items()
+             for split, reasons in (t.get("unparsed") or {}).items()]
+    if not found:
+        return []
+    lines = ["", "## Rows that could not be read", ""]
+    lines += [f"- {name} {split}: " + ", ".join(f"{reason} {count}" for reason, count in reasons.items())
+              for name, split, reasons in found]
+    return lines
 
 
 def findings(report: dict) -> list[str]:
