@@ -215,6 +215,9 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> d
             results[name] = {"status": "failed", "error": problem}
         log.error("distill: %s", problem)
         return results
+    # The longest jobs first (a baseline pooling every task's rationales), so that they do not run
+    # alone at the end while the other slots stand idle.
+    todo.sort(key=lambda name: len(jobs[name].sources), reverse=True)
     running: dict = {}
     while todo or running:
         while todo and len(running) < limit:

@@ -73,11 +73,15 @@ class Training:
     full_finetune: bool = False
 
 
+ALONE = "expert-"
+"""The prefix of a system that is one seen task's expert evaluated on another task."""
+
+
 @dataclass(frozen=True)
 class System:
     """What is evaluated: the base student, or the student with what a unit built on it."""
 
-    name: str  # base | expert | mixture | multitask | full_finetune
+    name: str  # base | expert | expert-<seen task> (on a task without its own) | mixture | multitask | full_finetune
     kind: str  # base | expert (a LoRA adapter) | full (fine-tuned weights) | mixture
     key: str
     built_by: Unit | None = None  # None: the base student
@@ -168,6 +172,8 @@ class Plan:
         systems = [System("base", "base", self.config.student.model)]
         if task in self.experts:
             systems.append(System("expert", "expert", self.experts[task].unit.key, self.experts[task].unit))
+        else:  # a task no expert was trained on: what each seen task's expert does alone, beside the mixture
+            systems += [System(f"{ALONE}{name}", "expert", t.unit.key, t.unit) for name, t in self.experts.items()]
         systems.append(System("mixture", "mixture", mixtures[task].key, mixtures[task],
                               {n: t.unit for n, t in self.experts.items()}))
         systems += [System(t.name, "full" if t.full_finetune else "expert", t.unit.key, t.unit)

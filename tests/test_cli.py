@@ -88,8 +88,8 @@ def test_unknown_paper_task(capsys, tmp_path, paper_data):
 def test_check_lists_tasks(capsys):
     code, out, _ = run_cli(capsys, "check", "quickstart")
     assert code == 0
-    assert "coin_flip: unseen, yes_no" in out
-    assert "arithmetic: seen, number, train 64" in out
+    assert "arithmetic_comparison: unseen, yes_no" in out
+    assert "arithmetic: seen, number, train 64" in out and "coin_flip: seen, yes_no, train 64" in out
 
 
 def test_bad_override(capsys):

@@ -225,4 +225,21 @@ def test_families_and_kinds() -> None:
         "last_letter_concatenation": AnswerKind.TEXT,
         "tracking_shuffled_objects": AnswerKind.CHOICE,
         "arithmetic": AnswerKind.NUMBER,
+        "arithmetic_comparison": AnswerKind.YES_NO,
     }
+
+
+def test_a_comparison_question_is_the_arithmetic_story_with_a_yes_no_question() -> None:
+    """The unseen family of the quickstart: arithmetic's skill, coin flip's kind of answer; yes and
+    no about equally often, and the answer follows from the story's result."""
+    import re
+
+    from modecotd.tasks.generators import generate
+
+    examples = generate("arithmetic_comparison", 400, seed=5)
+    assert 160 <= sum(e.answer == "yes" for e in examples) <= 240
+    for example in examples:
+        result = int(example.rationale.splitlines()[-2].rsplit("= ", 1)[1].rstrip("."))
+        threshold = int(re.search(r"more than (\d+)\?$", example.question).group(1))
+        assert threshold != result and example.answer == ("yes" if result > threshold else "no")
+        assert example.rationale.endswith(f"than {threshold}.")

@@ -35,7 +35,7 @@ CONFIG = {
 UNITS = ["rationales/coins", "experts/coins", "baselines/multitask", "baselines/full_finetune", "mixtures/coins",
          "mixtures/letters", "eval/coins/base", "eval/coins/expert", "eval/coins/mixture", "eval/coins/multitask",
          "eval/coins/full_finetune", "eval/letters/base", "eval/letters/mixture", "eval/letters/multitask",
-         "eval/letters/full_finetune"]
+         "eval/letters/full_finetune", "eval/letters/expert-coins"]
 
 
 def manifests(run_dir) -> dict[str, str]:
@@ -111,7 +111,11 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
 
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["tasks"]["coins"]["eval"]) == {"base", "expert", "mixture", "multitask", "full_finetune"}
-    assert set(report["tasks"]["letters"]["eval"]) == {"base", "mixture", "multitask", "full_finetune"}
+    assert set(report["tasks"]["letters"]["eval"]) == {"base", "mixture", "multitask", "full_finetune",
+                                                       "expert-coins"}  # the unseen task: each expert alone
+    unseen = (run_dir / "report.md").read_text().split("## Unseen task letters")[1].split("\n## ")[0]
+    assert "| expert-coins | " in unseen and "| mixture | " in unseen and "majority (test answers)" in unseen
+    assert "## Both scorings" in (run_dir / "report.md").read_text()
     assert (run_dir / "accuracy.png").stat().st_size > 1000
     assert (run_dir / "training.png").stat().st_size > 1000
     assert (run_dir / "mixture_weights.png").stat().st_size > 1000 and (run_dir / "search.png").stat().st_size > 1000

@@ -48,7 +48,8 @@ def test_every_unit_lives_under_the_run_folder_in_its_stage_folder(tmp_path):
         "rationales/coins", "rationales/sums", "experts/coins", "experts/sums", "baselines/multitask",
         "mixtures/coins", "mixtures/sums", "mixtures/letters",
         *(f"eval/{task}/{system}" for task in ("coins", "sums") for system in ("base", "expert", "mixture", "multitask")),
-        "eval/letters/base", "eval/letters/mixture", "eval/letters/multitask"])
+        "eval/letters/base", "eval/letters/expert-coins", "eval/letters/expert-sums", "eval/letters/mixture",
+        "eval/letters/multitask"])
     assert [t.name for t in plan.trainings.values() if t.baseline] == ["multitask"]
     assert plan.trainings["multitask"].sources == tuple(plan.trainings[n].sources[0] for n in ("coins", "sums"))
 
@@ -70,6 +71,7 @@ def test_resource_settings_change_no_key_and_a_changed_setting_redoes_what_depen
     # expert trained yet, the mixtures' keys follow no expert: see the last test)
     assert changed == {path for path in before if not path.endswith(("/base", "/mixture"))
                        and not path.startswith("mixtures/")}
+    assert {"eval/letters/expert-coins", "eval/letters/expert-sums"} <= changed  # each expert alone, unseen
 
     mixed = copy.deepcopy(CONFIG)
     mixed["mixture"] = {"l1": 0.2}
@@ -96,6 +98,9 @@ def test_mixtures_follow_the_experts_trained_and_only_built_systems_are_evaluate
     one_trained = plan.mixtures()["letters"]
     assert one_trained.key != nothing_trained
     assert ("coins", "expert") in [(e.task, e.system.name) for e in plan.evaluations()]
+    alone = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("letters", "expert-coins"))
+    assert alone.system.spec() == {"kind": "expert", "adapter": plan.trainings["coins"].unit}
+    assert ("letters", "expert-sums") not in [(e.task, e.system.name) for e in plan.evaluations()]  # not built
 
     commit(one_trained, {"method": "lorahub", "weights": {"coins": 0.5}})
     evaluation = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("letters", "mixture"))

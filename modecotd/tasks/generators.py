@@ -20,6 +20,7 @@ FAMILIES: dict[str, AnswerKind] = {
     "last_letter_concatenation": AnswerKind.TEXT,
     "tracking_shuffled_objects": AnswerKind.CHOICE,
     "arithmetic": AnswerKind.NUMBER,
+    "arithmetic_comparison": AnswerKind.YES_NO,
 }
 
 DEFAULT_SIZES: dict[str, int] = {
@@ -27,6 +28,7 @@ DEFAULT_SIZES: dict[str, int] = {
     "last_letter_concatenation": 4,
     "tracking_shuffled_objects": 3,
     "arithmetic": 2,
+    "arithmetic_comparison": 2,
 }
 """Default ``size`` per family: people, words, swaps, steps."""
 
@@ -35,6 +37,7 @@ SIZE_RANGES: dict[str, tuple[int, int]] = {
     "last_letter_concatenation": (1, 8),
     "tracking_shuffled_objects": (1, 6),
     "arithmetic": (1, 3),
+    "arithmetic_comparison": (1, 3),
 }
 """Inclusive allowed range of ``size`` per family."""
 
@@ -281,6 +284,32 @@ def _apply(operation: str, value: int, operand: int) -> int:
 
 def _arithmetic(rng: random.Random, size: int) -> tuple[str, str, str]:
     """One word problem of ``size`` steps: question, rationale (one equation a step), answer."""
+    sentences, lines, value, template, fields = _story(rng, size)
+    sentences.append(template.ask.format(**fields))
+    return " ".join(sentences), "\n".join(lines), str(value)
+
+
+COMPARISON_MARGIN = (1, 10)
+"""How far the threshold of a comparison question lies from the true result."""
+
+
+def _arithmetic_comparison(rng: random.Random, size: int) -> tuple[str, str, str]:
+    """A word problem of ``size`` steps that asks a yes/no question about its result (is it more
+    than a threshold?): the arithmetic family's skill with the coin flip's kind of answer. Yes and
+    no are equally likely; the threshold is never the result itself."""
+    sentences, lines, value, _, fields = _story(rng, size)
+    threshold = max(0, value + rng.choice((-1, 1)) * rng.randint(*COMPARISON_MARGIN))
+    if threshold == value:
+        threshold = value + 1
+    more = value > threshold
+    sentences.append(f"Is the number of {fields['item']} now more than {threshold}?")
+    lines.append(f"{value} is {'more' if more else 'not more'} than {threshold}.")
+    return " ".join(sentences), "\n".join(lines), "yes" if more else "no"
+
+
+def _story(rng: random.Random, size: int):
+    """The shared part of the arithmetic families: question sentences, rationale lines, the
+    result, the template and its fields."""
     template = rng.choice(TEMPLATES)
     name, pronoun, possessive = rng.choice(PEOPLE)
     fields = {
@@ -300,8 +329,7 @@ def _arithmetic(rng: random.Random, size: int) -> tuple[str, str, str]:
         sentences.append(getattr(template, f"{operation}_q").format(**numbers, **fields))
         lines.append(getattr(template, f"{operation}_r").format(**numbers, **fields))
         value = result
-    sentences.append(template.ask.format(**fields))
-    return " ".join(sentences), "\n".join(lines), str(value)
+    return sentences, lines, value, template, fields
 
 
 # --------------------------------------------------------------------------- public API
@@ -311,6 +339,7 @@ _BUILDERS: dict[str, Callable[[random.Random, int], tuple[str, str, str]]] = {
     "last_letter_concatenation": _last_letter,
     "tracking_shuffled_objects": _tracking,
     "arithmetic": _arithmetic,
+    "arithmetic_comparison": _arithmetic_comparison,
 }
 
 
