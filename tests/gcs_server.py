@@ -12,6 +12,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.s3_server import stop_process
+
 START_TIMEOUT_S = 60
 BUCKET = "modecotd-tests"
 
@@ -30,12 +32,7 @@ class GcsServer:
         return f"gs://{BUCKET}/{prefix}".rstrip("/")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def start(folder: Path) -> GcsServer:
