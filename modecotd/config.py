@@ -122,11 +122,14 @@ TaskSource = Annotated[Union[GeneratedSource, PaperSource, JsonlSource, HFSource
 
 
 class SplitSizes(Section):
-    """Rows per split: how many to generate, or the first N to keep from a file (null: all)."""
+    """Rows per split: how many to generate, or N to keep from a file (null: all): the first N, or
+    with ``sample_seed`` N drawn at random with that seed (the same rows on every run and machine)."""
 
     train: int | None = Field(None, ge=0)
     fewshot: int | None = Field(None, ge=0)
     test: int | None = Field(None, ge=0)
+    sample_seed: int | None = Field(None, description="files only: draw each split's N rows at random with "
+                                                      "this seed instead of taking the first N")
 
 
 class TaskConfig(Section):
@@ -151,6 +154,13 @@ class TaskConfig(Section):
             raise ValueError("must contain the field {question} exactly once and no other {field} "
                              "(write {{ and }} for literal braces)")
         return value
+
+    @model_validator(mode="after")
+    def _sampled_from_files_only(self):
+        if self.sizes.sample_seed is not None and self.source.kind == "generated":
+            raise ValueError("sizes.sample_seed draws rows from a file; a generated task is drawn with "
+                             "source.seed")
+        return self
 
 
 # --- stages ------------------------------------------------------------------------------------

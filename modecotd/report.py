@@ -57,7 +57,9 @@ def collect(run: "Storage | str | Path") -> dict:
     out: dict = {"run": config["name"], "run_dir": storage.describe(),
                  "teacher": {"backend": teacher["backend"], "model": teacher["model"] if generates else None,
                              "prompting": teacher["prompting"] if generates else None},
-                 "student": config["student"], "scoring": config["evaluation"]["scoring"], "tasks": {}}
+                 "student": config["student"], "scoring": config["evaluation"]["scoring"], "tasks": {},
+                 "sampled": {t["name"]: t["sizes"]["sample_seed"] for t in config["tasks"]
+                             if t.get("sizes", {}).get("sample_seed") is not None}}
     facts = json.loads(storage.read_text(layout.tasks))
     errors: list[dict] = []  # one entry per evaluated (task, system) pair with its rows
     seen = [task["name"] for task in config["tasks"] if task["role"] == Role.SEEN.value]
@@ -234,6 +236,8 @@ def render_markdown(report: dict) -> str:
         f"- Teacher: {teacher_text}",
         f"- Student (frozen): {report['student']['model']} (dtype {report['student']['dtype']})",
         *[f"- Computed in {use}" for use in report.get("precision", [])],
+        *(["- Rows drawn at random from the data files (seed per task): "
+           + ", ".join(f"{name} {seed}" for name, seed in report["sampled"].items())] if report.get("sampled") else []),
         f"- Scoring: {report['scoring']} (accuracy in %, exact match after answer normalisation); the "
         f"other scoring is in the last section",
         "- Decoding: greedy for every system (the authors sampled their baselines' outputs; our baselines "

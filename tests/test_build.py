@@ -57,3 +57,28 @@ def test_fewshot_rows_need_rationales(tmp_path):
 def test_missing_data_folder():
     with pytest.raises(DataError, match="data folder not found"):
         load_task(task(name="gsm8k", role="seen", source={"kind": "paper", "data_dir": "/nonexistent"}))
+
+
+def test_a_seeded_sample_of_a_file_is_random_fixed_and_disjoint(paper_data):
+    """sizes.sample_seed: N rows drawn at random (the same on every load), not the file's first N."""
+    def load(seed):
+        sizes = {"train": 40, "test": 25, "sample_seed": seed}
+        return load_task(task(name="gsm8k", role="seen", source={"kind": "paper", "data_dir": str(paper_data)},
+                              sizes=sizes))
+
+    first, again, other = load(7), load(7), load(8)
+    head = load_task(task(name="gsm8k", role="seen", source={"kind": "paper", "data_dir": str(paper_data)},
+                          sizes={"train": 40, "test": 25}))
+    assert (len(first.train), len(first.test)) == (40, 25)
+    assert [e.question for e in first.train] == [e.question for e in again.train]
+    assert [e.question for e in first.test] == [e.question for e in again.test] and first.train.key == again.train.key
+    assert [e.question for e in first.test] != [e.question for e in other.test]
+    assert [e.question for e in first.train] != [e.question for e in head.train]
+    assert [e.question for e in first.test] != [e.question for e in head.test]
+    assert not {e.question for e in first.train} & {e.question for e in first.fewshot}
+
+
+def test_a_generated_task_refuses_a_sample_seed():
+    with pytest.raises(ValueError, match="sample_seed"):
+        task(name="coins", role="seen", source={"kind": "generated", "family": "coin_flip"},
+             sizes={"train": 4, "sample_seed": 1})

@@ -100,6 +100,7 @@ def test_report_shows_wilson_intervals_and_test_majority(runs):
     assert "| letters | unseen | 10 | 70.0 | 70.0 | 20.0 [5.7, 51.0] | – |" in text
     assert "95% Wilson interval" in text and "upper bound" in text
 
+    assert "Rows drawn at random" not in text  # no task was subsampled
     report = json.loads((run_a / "report.json").read_text())
     base = report["tasks"]["coins"]["eval"]["base"]
     assert (base["ci_low"], base["ci_high"]) == pytest.approx(wilson_interval(5, 10))
@@ -201,3 +202,12 @@ def test_compare_finds_systems_of_any_name(capsys, tmp_path):
     code, out, err = run_cli(capsys, "compare", str(a), str(b))
     assert code == 0, err
     assert table_row(out, "coins", "expert-coins")[3:7] == ["10", "30.0", "40.0", "+10.0"]
+
+
+def test_report_names_the_seed_of_subsampled_tasks(runs):
+    run_a, _ = runs
+    config = yaml.safe_load((run_a / "config.yaml").read_text())
+    config["tasks"][0]["sizes"]["sample_seed"] = 123  # as a paper task's config would carry it
+    (run_a / "config.yaml").write_text(yaml.safe_dump(config))
+    build_report(run_a)
+    assert "- Rows drawn at random from the data files (seed per task): coins 123" in (run_a / "report.md").read_text()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -30,8 +31,25 @@ def answer_kind(task) -> AnswerKind:
                       f"(one of: {', '.join(k.value for k in AnswerKind)})")
 
 
-def _limit(rows: list[Example], n: int | None) -> list[Example]:
-    return rows if n is None else rows[:n]
+def _limit(rows: list[Example], n: int | None, seed: int | None = None) -> list[Example]:
+    """The first ``n`` rows, or with ``seed`` ``n`` rows drawn at random (kept in file order)."""
+    if n is None or n >= len(rows):
+        return rows
+    if seed is None:
+        return rows[:n]
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
+
+
+def _train_split(reader, n: int | None, seed: int | None, elsewhere: set[str]) -> TrainSplit:
+    """The train rows, streamed: the first ``n``, or with ``seed`` ``n`` drawn at random from a
+    first pass that only notes the positions of rows whose question is in no other split
+    (``elsewhere``), so that ``n`` rows remain once the splits are kept apart."""
+    if seed is None or n is None:
+        return TrainSplit(reader, limit=n)
+    positions = [i for i, ex in enumerate(reader()) if ex.question not in elsewhere]
+    if n >= len(positions):
+        return TrainSplit(reader)
+    return TrainSplit(reader, pick=frozenset(random.Random(seed).sample(positions, n)))
 
 
 def _split_readers(task, kind: AnswerKind) -> dict[str, Callable[[], Iterable[Example]] | None]:
@@ -67,9 +85,10 @@ def load_task(task) -> TaskData:
         fewshot, test = splits["fewshot"], splits["test"]
     else:
         readers = _split_readers(task, kind)
-        fewshot, test = ([] if readers[s] is None else _limit(list(readers[s]()), getattr(sizes, s))
-                         for s in ("fewshot", "test"))
-        train = TrainSplit(readers["train"] or (lambda: []), limit=sizes.train)
+        fewshot, test = ([] if readers[s] is None else _limit(list(readers[s]()), getattr(sizes, s),
+                                                              sizes.sample_seed) for s in ("fewshot", "test"))
+        train = _train_split(readers["train"] or (lambda: []), sizes.train, sizes.sample_seed,
+                             {ex.question for ex in fewshot + test})
         if not fewshot and task.role == Role.UNSEEN and readers["train"]:
             # No expert trains on an unseen task, so its train rows can serve as few-shot examples.
             n = sizes.fewshot if sizes.fewshot is not None else DEFAULT_FEWSHOT

@@ -52,11 +52,12 @@ class TrainSplit:
     """
 
     def __init__(self, rows: Callable[[], Iterable[Example]], *, limit: int | None = None, skip: int = 0,
-                 exclude: frozenset[str] = frozenset()):
+                 exclude: frozenset[str] = frozenset(), pick: frozenset[int] | None = None):
         self._rows = rows
         self.limit = limit
         self.skip = skip
         self.exclude = exclude
+        self.pick = pick  # positions in the source to keep (a seeded sample), before skip and limit
         self._scanned: tuple[int, int, str] | None = None
 
     @classmethod
@@ -65,11 +66,14 @@ class TrainSplit:
         return cls(lambda: rows)
 
     def replace(self, **changes) -> "TrainSplit":
-        settings = dict(limit=self.limit, skip=self.skip, exclude=self.exclude) | changes
+        settings = dict(limit=self.limit, skip=self.skip, exclude=self.exclude, pick=self.pick) | changes
         return TrainSplit(self._rows, **settings)
 
     def _window(self) -> Iterator[Example]:
-        return islice(iter(self._rows()), self.skip, self.limit)
+        rows = iter(self._rows())
+        if self.pick is not None:
+            rows = (ex for position, ex in enumerate(rows) if position in self.pick)
+        return islice(rows, self.skip, self.limit)
 
     def __iter__(self) -> Iterator[Example]:
         return (ex for ex in self._window() if ex.question not in self.exclude)
