@@ -113,10 +113,17 @@ def drop_fewshot_seen_by_experts(tasks: dict[str, TaskData]) -> None:
     """Drop each task's few-shot rows whose question is in another seen task's train rows (an
     expert trained on a few-shot question makes the mixture search pick it for the wrong reason;
     a task's own train split already leaves its few-shot questions out, see ``_drop_overlaps``)."""
-    trained = {name: {ex.question for ex in data.train} for name, data in tasks.items() if data.role == Role.SEEN}
+    # Train splits are streamed and may be large: look for the (few) few-shot questions in them,
+    # never hold a train split's questions.
+    fewshot = {ex.question for data in tasks.values() for ex in data.fewshot}
+    trained_on: dict[str, set[str]] = {}  # few-shot question -> seen tasks whose train rows hold it
     for name, data in tasks.items():
-        seen = set().union(*(questions for other, questions in trained.items() if other != name))
-        kept = [ex for ex in data.fewshot if ex.question not in seen]
+        if data.role == Role.SEEN and fewshot:
+            for ex in data.train:
+                if ex.question in fewshot:
+                    trained_on.setdefault(ex.question, set()).add(name)
+    for name, data in tasks.items():
+        kept = [ex for ex in data.fewshot if not trained_on.get(ex.question, set()) - {name}]
         if len(kept) == len(data.fewshot):
             continue
         log.warning("task %s: dropped %d fewshot row(s) whose question is in another expert's train rows",
