@@ -7,7 +7,7 @@ import yaml
 from modecotd.artifacts import MANIFEST
 from modecotd.errors import UserError
 from modecotd.plan import RunLayout
-from modecotd.report import SYSTEMS, _manifest, _pct, correct_field, eval_rows
+from modecotd.report import SYSTEMS, _manifest, _pct, correct_field, eval_rows, pair_rows
 from modecotd.stats import mcnemar_test, paired_bootstrap_diff_ci
 from modecotd.storage import Storage
 
@@ -81,24 +81,6 @@ def _require_system(storage: Storage, tasks: list[str], system: str) -> None:
     evaluated = sorted({s for task in tasks for s in evaluated_systems(storage, task)})
     raise UserError(f"{storage.describe()}: system {system!r} was not evaluated on any shared task "
                     f"(evaluated: {', '.join(evaluated) or 'none'})")
-
-
-def pair_rows(rows_a: list[dict], rows_b: list[dict]) -> tuple[list[tuple[dict, dict]], str]:
-    """Rows of A and B on the same question, in A's order, and the field that paired them ("id" when
-    every row has one, else "question"). A question asked twice pairs occurrence by occurrence."""
-    key = "id" if all("id" in r for r in rows_a + rows_b) else "question"
-    keyed_b = _by_key(rows_b, key)
-    return [(row, keyed_b[k]) for k, row in _by_key(rows_a, key).items() if k in keyed_b], key
-
-
-def _by_key(rows: list[dict], key: str) -> dict[tuple, dict]:
-    seen: dict = {}
-    keyed = {}
-    for row in rows:
-        value = row.get(key)
-        seen[value] = seen.get(value, 0) + 1
-        keyed[(value, seen[value])] = row
-    return keyed
 
 
 def render_comparison(result: dict) -> str:

@@ -386,6 +386,10 @@ class MixtureConfig(Section):
         default_factory=lambda: ["lorahub"], min_length=1, description="lorahub (the paper's: A and B summed "
         "with the weights separately), delta (the exact weighted sum of the experts' updates) or gate (per-token "
         "weights from a router per layer, trained on few-shot rows; budget, bound, l1 and top_k do not apply)")
+    systems: Literal["best", "per_method"] = Field(
+        "best", description="best: one mixture per target task, the setting with the lowest CV loss over every "
+        "method (system 'mixture'); per_method: one per method, each its own best setting, evaluated side by side "
+        "(systems 'mixture-lorahub', 'mixture-delta', 'mixture-gate')")
     optimizer: Literal["ngopt", "tpe", "cmaes", "random", "gradient"] = Field(
         "ngopt", description="weight search: Nevergrad NGOpt (the paper's), Optuna TPE or CMA-ES, random, or "
         "gradient (Adam on the weights with the exact gradient)")
@@ -444,10 +448,19 @@ class MixtureConfig(Section):
             raise ValueError(f"start {self.start} lies outside a bound")
         if self.cv_folds == 1:
             raise ValueError("cv_folds must be 0 (no cross-validation) or at least 2")
-        if self.cv_folds == 0 and len(self.settings()) > 1:
-            raise ValueError(f"cv_folds 0 leaves no way to choose between the {len(self.settings())} settings of the "
+        crowded = max(len(settings) for settings in self.choices().values())
+        if self.cv_folds == 0 and crowded > 1:
+            within = " of one method" if self.systems == "per_method" else ""
+            raise ValueError(f"cv_folds 0 leaves no way to choose between the {crowded} settings{within} of the "
                              "grid: set cv_folds >= 2 or give one value per key")
         return self
+
+    def choices(self) -> dict[str, list[dict]]:
+        """Each mixture system a target task gets, with the settings its mixture is chosen from:
+        {'mixture': every setting} or {'mixture-<method>': that method's settings}."""
+        if self.systems == "best":
+            return {"mixture": self.settings()}
+        return {f"mixture-{method}": [s for s in self.settings() if s["method"] == method] for method in self.method}
 
     def settings(self) -> list[dict]:
         """The mixer settings Ray Tune tries for every target task: every combination of the

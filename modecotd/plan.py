@@ -19,6 +19,7 @@ PIPELINE_VERSION = 1
 # Settings of the training baselines only: adding a baseline must not retrain the experts.
 BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate"}
 SHARDS = ".shards"
+MIXTURE = "mixture"  # the system of a target task's mixture; mixture-<method> with mixture.systems per_method
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,10 @@ class RunLayout:
     def baseline(self, name: str) -> str:
         return f"baselines/{name}"
 
-    def mixture(self, task: str) -> str:
-        return f"{self.mixtures}/{task}"
+    def mixture(self, task: str, system: str = MIXTURE) -> str:
+        """A target task's mixture: ``mixtures/<task>``, or ``mixtures/<task>.<method>`` for the
+        mixture system of one method (``mixture.systems: per_method``; task names hold no dot)."""
+        return f"{self.mixtures}/{task}" if system == MIXTURE else f"{self.mixtures}/{task}.{system[len(MIXTURE) + 1:]}"
 
     def evaluation(self, task: str, system: str) -> str:
         return f"eval/{task}/{system}"
@@ -73,6 +76,21 @@ class Training:
     full_finetune: bool = False
 
 
+@dataclass(frozen=True)
+class Mixing:
+    """One mixture of the mix stage: a target task's ``system``, chosen among ``settings``."""
+
+    task: str
+    system: str
+    settings: tuple[dict, ...]
+    unit: Unit
+
+    @property
+    def label(self) -> str:
+        """Its folder's name under ``mixtures/`` (the task, or task.method)."""
+        return self.unit.prefix.rsplit("/", 1)[1]
+
+
 ALONE = "expert-"
 """The prefix of a system that is one seen task's expert evaluated on another task."""
 
@@ -81,7 +99,8 @@ ALONE = "expert-"
 class System:
     """What is evaluated: the base student, or the student with what a unit built on it."""
 
-    name: str  # base | expert | expert-<seen task> (on a task without its own) | mixture | multitask | full_finetune
+    name: str  # base | expert | expert-<seen task> (on a task without its own) | mixture[-<method>] | multitask
+    #            | full_finetune
     kind: str  # base | expert (a LoRA adapter) | full (fine-tuned weights) | mixture
     key: str
     built_by: Unit | None = None  # None: the base student
@@ -159,35 +178,42 @@ class Plan:
     def trained_experts(self) -> dict[str, Unit]:
         return {name: t.unit for name, t in self.experts.items() if t.unit.done()}
 
-    def mixtures(self) -> dict[str, Unit]:
-        """A mixture per target task, of the experts trained so far (their keys are in its key)."""
+    def mixtures(self) -> dict[str, Mixing]:
+        """Each target task's mixtures (one, or one per method), of the experts trained so far (their
+        keys are in its key), by :attr:`Mixing.label`."""
         experts_key = fingerprint(sorted((n, t.unit.key) for n, t in self.experts.items() if t.unit.done()))
-        return {task.name: self.layout.unit(self.layout.mixture(task.name), fingerprint(
-            self.common, experts_key, settings_key(self.config.mixture),
-            examples_key(self.tasks[task.name].fewshot), self.config.distill.max_length))
-            for task in self.config.tasks}
+        shared = {k: v for k, v in settings_key(self.config.mixture).items()
+                  if k not in ("method", "budget", "bound", "l1", "top_k", "systems")}  # the grid: in settings
+        mixings = [Mixing(task.name, system, tuple(settings), self.layout.unit(
+            self.layout.mixture(task.name, system), fingerprint(
+                self.common, experts_key, shared, settings, examples_key(self.tasks[task.name].fewshot),
+                self.config.distill.max_length)))
+            for task in self.config.tasks for system, settings in self.config.mixture.choices().items()]
+        return {m.label: m for m in mixings}
 
-    def systems(self, task: str, mixtures: dict[str, Unit]) -> list[System]:
+    def systems(self, task: str, mixtures: dict[str, Mixing]) -> list[System]:
         """What ``task`` is evaluated on, built or not yet."""
         systems = [System("base", "base", self.config.student.model)]
         if task in self.experts:
             systems.append(System("expert", "expert", self.experts[task].unit.key, self.experts[task].unit))
         else:  # a task no expert was trained on: what each seen task's expert does alone, beside the mixture
             systems += [System(f"{ALONE}{name}", "expert", t.unit.key, t.unit) for name, t in self.experts.items()]
-        systems.append(System("mixture", "mixture", mixtures[task].key, mixtures[task],
-                              {n: t.unit for n, t in self.experts.items()}))
+        systems += [System(m.system, "mixture", m.unit.key, m.unit, {n: t.unit for n, t in self.experts.items()})
+                    for m in mixtures.values() if m.task == task]
         systems += [System(t.name, "full" if t.full_finetune else "expert", t.unit.key, t.unit)
                     for t in self.trainings.values() if t.baseline]
         return systems
 
     def evaluations(self, built_only: bool = True) -> list[Evaluation]:
-        """Each target task on every system that is built (or on every system)."""
+        """Each target task on every system that is built (or on every system); the systems a task
+        is compared on first, each expert alone on a task without its own last."""
         mixtures = self.mixtures()
         settings = (settings_key(self.config.evaluation), self.config.student.model_dump(mode="json"))
-        return [Evaluation(task.name, system, self.layout.unit(self.layout.evaluation(task.name, system.name), fingerprint(
+        evaluations = [Evaluation(task.name, system, self.layout.unit(self.layout.evaluation(task.name, system.name), fingerprint(
             self.common, system.key, examples_key(self.tasks[task.name].test), *settings)))
             for task in self.config.tasks for system in self.systems(task.name, mixtures)
             if system.ready() or not built_only]
+        return sorted(evaluations, key=lambda e: e.system.name.startswith(ALONE))
 
     def units(self, stage: str) -> list[Unit]:
         """The units a stage makes."""
@@ -196,7 +222,7 @@ class Plan:
         if stage == "distill":
             return [t.unit for t in self.trainings.values()]
         if stage == "mix":
-            return list(self.mixtures().values())
+            return [m.unit for m in self.mixtures().values()]
         return [e.unit for e in self.evaluations()]
 
     def _trainings(self) -> dict[str, Training]:

@@ -11,11 +11,12 @@ from modecotd.artifacts import MANIFEST, write_json
 from modecotd.config import GENERATING_BACKENDS, STAGES
 from modecotd.evaluate import majority_baseline
 from modecotd.plan import ALONE, RunLayout
-from modecotd.stats import majority_answer_accuracy, wilson_interval
+from modecotd.stats import majority_answer_accuracy, mean_over_tasks_ci, wilson_interval
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Role, TaskData
 
-SYSTEMS = ("base", "expert", "mixture", "multitask", "full_finetune")
+MIXTURES = ("mixture", "mixture-lorahub", "mixture-delta", "mixture-gate")  # one, or one per method
+SYSTEMS = ("base", "expert", *MIXTURES, "multitask", "full_finetune")
 ROWS_FILE = "predictions.jsonl"  # an evaluation unit's per-question rows (modecotd.evaluate.score_rows)
 WORST_PAIRS = 10  # (task, system) pairs whose errors the report samples
 ERRORS_PER_PAIR = 3
@@ -62,6 +63,7 @@ def collect(run: "Storage | str | Path") -> dict:
                              if t.get("sizes", {}).get("sample_seed") is not None}}
     facts = json.loads(storage.read_text(layout.tasks))
     errors: list[dict] = []  # one entry per evaluated (task, system) pair with its rows
+    scores: dict[tuple[str, str], list[dict]] = {}  # (task, system) -> its per-question rows
     seen = [task["name"] for task in config["tasks"] if task["role"] == Role.SEEN.value]
     for name in (task["name"] for task in config["tasks"]):  # in the config's order
         entry: dict = dict(facts[name])
@@ -71,9 +73,8 @@ def collect(run: "Storage | str | Path") -> dict:
         expert = _manifest(storage, layout.expert(name))
         if expert:
             entry["expert"] = expert["summary"] | {"seconds": expert.get("seconds")}
-        mixture = _manifest(storage, layout.mixture(name))
-        if mixture:
-            entry["mixture"] = mixture["summary"]
+        entry["mixtures"] = {system: manifest["summary"] for system in MIXTURES
+                             if (manifest := _manifest(storage, layout.mixture(name, system)))}
         entry["eval"], entry["majority_test"] = {}, {"answer": None, "accuracy": None}
         alone = [] if name in seen else [f"{ALONE}{expert}" for expert in seen]  # each expert on its own
         for system in SYSTEMS + tuple(alone):
@@ -83,6 +84,7 @@ def collect(run: "Storage | str | Path") -> dict:
             entry["eval"][system] = with_interval(result["summary"])
             rows = eval_rows(storage, name, system)
             if rows:
+                scores[(name, system)] = rows
                 answer, accuracy = majority_answer_accuracy([r["gold"] for r in rows])
                 entry["majority_test"] = {"answer": answer, "accuracy": accuracy}
                 errors.append(_error_entry(name, system, entry["eval"][system], rows, out["scoring"],
@@ -92,7 +94,7 @@ def collect(run: "Storage | str | Path") -> dict:
     out["seconds"] = json.loads(storage.read_text(layout.timings)) if storage.exists(layout.timings) else {}
     out["precision"] = precisions_used(out["tasks"])
     out["resources"] = stage_resources(config)
-    out["means"] = _means(out["tasks"])
+    out["means"], out["changes"] = means_with_intervals(out["tasks"], scores, out["scoring"])
     return out
 
 
@@ -107,6 +109,24 @@ def eval_rows(storage: Storage, task: str, system: str) -> list[dict] | None:
     except FileNotFoundError:
         return None
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def pair_rows(rows_a: list[dict], rows_b: list[dict]) -> tuple[list[tuple[dict, dict]], str]:
+    """Rows of A and B on the same question, in A's order, and the field that paired them ("id" when
+    every row has one, else "question"). A question asked twice pairs occurrence by occurrence."""
+    key = "id" if all("id" in r for r in rows_a + rows_b) else "question"
+    keyed_b = _by_key(rows_b, key)
+    return [(row, keyed_b[k]) for k, row in _by_key(rows_a, key).items() if k in keyed_b], key
+
+
+def _by_key(rows: list[dict], key: str) -> dict[tuple, dict]:
+    seen: dict = {}
+    keyed = {}
+    for row in rows:
+        value = row.get(key)
+        seen[value] = seen.get(value, 0) + 1
+        keyed[(value, seen[value])] = row
+    return keyed
 
 
 def correct_field(scoring: str) -> str:
@@ -167,22 +187,67 @@ def stage_resources(config: dict) -> dict[str, str]:
     }
 
 
-def _means(tasks: dict) -> dict:
-    """Mean accuracy per role and system, over tasks where the system was evaluated."""
+PAPER_CHANGES = {"seen": 6.3, "unseen": 7.8}  # the paper's abstract: points of mean accuracy, Flan-T5-XL, full data
+CHANGE_REFERENCES = {"seen": ("expert", "multitask"), "unseen": ("base", "multitask")}
+
+
+def means_with_intervals(tasks: dict, scores: dict[tuple[str, str], list[dict]], scoring: str
+                         ) -> tuple[dict, list[dict]]:
+    """Mean accuracy per role and system over the tasks it was evaluated on, and each mixture's
+    change over the per-task experts and the multi-task LoRA (seen tasks) or over the base student
+    and the multi-task LoRA (unseen), on the tasks both were evaluated on, question by question.
+    Each with a stratified bootstrap 95% interval (questions resampled within each task)."""
+    field = correct_field(scoring)
     means: dict = {}
+    changes: list[dict] = []
     for role in (Role.SEEN.value, Role.UNSEEN.value):
-        for system in SYSTEMS + ("majority",):
-            values = []
-            for entry in tasks.values():
-                if entry["role"] != role:
-                    continue
-                value = entry["majority"]["accuracy"] if system == "majority" else \
-                    entry["eval"].get(system, {}).get("accuracy")
-                if value is not None:
-                    values.append(value)
-            if values:
-                means.setdefault(role, {})[system] = sum(values) / len(values)
-    return means
+        names = [name for name, entry in tasks.items() if entry["role"] == role]
+        for system in SYSTEMS:
+            covered = [name for name in names if (name, system) in scores]
+            if covered:
+                mean, low, high = mean_over_tasks_ci([[bool(r.get(field)) for r in scores[(name, system)]]
+                                                      for name in covered])
+                means.setdefault(role, {})[system] = {"mean": mean, "ci_low": low, "ci_high": high,
+                                                      "tasks": len(covered)}
+        majority = [tasks[name]["majority"]["accuracy"] for name in names
+                    if tasks[name]["majority"]["accuracy"] is not None]
+        if majority:
+            means.setdefault(role, {})["majority"] = {"mean": sum(majority) / len(majority), "tasks": len(majority)}
+        for mixture in MIXTURES:
+            for reference in CHANGE_REFERENCES[role]:
+                differences = []
+                for name in names:
+                    if (name, mixture) in scores and (name, reference) in scores:
+                        pairs, _ = pair_rows(scores[(name, reference)], scores[(name, mixture)])
+                        if pairs:
+                            differences.append([int(bool(m.get(field))) - int(bool(r.get(field))) for r, m in pairs])
+                if differences:
+                    change, low, high = mean_over_tasks_ci(differences)
+                    changes.append({"role": role, "mixture": mixture, "over": reference, "tasks": len(differences),
+                                    "change": change, "ci_low": low, "ci_high": high, "paper": PAPER_CHANGES[role]})
+    return means, changes
+
+
+def means_section(report: dict) -> list[str]:
+    """The means per role and system, then each mixture's change beside the paper's."""
+    if not report.get("means"):
+        return []
+    lines = ["", "## Means over tasks", "",
+             "Mean over the tasks of each role of the per-task accuracy (each task weighs the same), in %, with a "
+             "95% interval from a bootstrap that resamples questions within each task.", "",
+             "| role | system | tasks | mean accuracy |", "|---|---|---|---|"]
+    for role, by_system in report["means"].items():
+        lines += [f"| {role} | {system} | {m['tasks']} | {_with_ci({'accuracy': m['mean'], **m})} |"
+                  for system, m in by_system.items()]
+    if report.get("changes"):
+        lines += ["", "Each mixture's change in points of mean accuracy, question by question on the tasks both "
+                  "systems were evaluated on, with its 95% bootstrap interval; the paper's figures (abstract, "
+                  "Flan-T5-XL trained on the full data, measured against its own baselines) beside them.", "",
+                  "| role | mixture | over | tasks | change (points) | paper |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c['role']} | {c['mixture']} | {c['over']} | {c['tasks']} | {100 * c['change']:+.1f} "
+                  f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] | +{c['paper']} |"
+                  for c in report["changes"]]
+    return lines
 
 
 def _pct(value) -> str:
@@ -262,9 +327,6 @@ def render_markdown(report: dict) -> str:
             *(_pct(ev.get(s, {}).get("format_rate")) for s in systems)]) + " |")
     lines += unseen_section(report)
     lines += ["", "## What came out", ""] + findings(report)
-    lines += ["", "Means:", ""]
-    for role, by_system in report["means"].items():
-        lines.append(f"- {role}: " + ", ".join(f"{s} {_pct(v)}" for s, v in by_system.items()))
     partial = [(n, t) for n, t in report["tasks"].items()
                if any(ev.get("partial_credit") is not None for ev in t["eval"].values())]
     if partial:
@@ -272,6 +334,7 @@ def render_markdown(report: dict) -> str:
         for name, t in partial:
             lines.append(f"- {name}: " + ", ".join(f"{s} {_pct(ev.get('partial_credit'))}"
                                                    for s, ev in t["eval"].items()))
+    lines += means_section(report)
     lines += worst_section(report.get("worst", []))
     lines += ["", "## Teacher", "",
               "Yield: share of questions with at least one accepted rationale. Rationalized: accepted rows "
@@ -314,15 +377,15 @@ def render_markdown(report: dict) -> str:
               "weights |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
-        if "mixture" in t:
-            m = t["mixture"]
+        for system, m in t.get("mixtures", {}).items():
             weights = ", ".join(f"{k} {v:+.2f}" for k, v in m["weights"].items())
             zero = m.get("zero_weights_loss")
-            lines.append(f"| {name} | {m.get('method', 'lorahub')} | {m['l1']} | {m.get('bound', '–')} | "
+            label = name if system == "mixture" else f"{name} ({system})"
+            lines.append(f"| {label} | {m.get('method', 'lorahub')} | {m['l1']} | {m.get('bound', '–')} | "
                          f"{m.get('budget', '–')} | {m.get('top_k') or 'all'} | "
                          f"{m.get('settings_tried', '–')} ({len(m.get('candidates', []))}) | "
                          f"{_cv_text(m)} | {'–' if zero is None else f'{zero:.3f}'} | {weights} |")
-    if any("mixture" in t for t in report["tasks"].values()):
+    if any(t.get("mixtures") for t in report["tasks"].values()):
         lines += ["", "![mixture weights, target task by expert](mixture_weights.png)",
                   "", "![weight search: best objective per evaluation](search.png)"]
     if report["seconds"]:
@@ -399,7 +462,7 @@ def findings(report: dict) -> list[str]:
             if value is not None:
                 parts.append(f"{system} {_pct(value)}% ({100 * (value - base):+.1f} points over base)")
         verdict = ""
-        best = max(ev.get(s, {}).get("accuracy") or 0.0 for s in ("expert", "mixture"))
+        best = max(ev.get(s, {}).get("accuracy") or 0.0 for s in ("expert", *MIXTURES))
         if majority is not None:
             verdict = (" – above the majority answer" if best > majority else
                        " – not above always giving the majority answer") + f" ({_pct(majority)}%)"
@@ -410,7 +473,7 @@ def findings(report: dict) -> list[str]:
 
 def _limits(name: str, task: dict, tasks: dict) -> list[str]:
     """Say why a mixture never answered, when the data shows the reason."""
-    mixture = task["eval"].get("mixture")
+    mixture = next((task["eval"][s] for s in MIXTURES if s in task["eval"]), None)
     if task["role"] != Role.UNSEEN.value or not mixture or mixture.get("format_rate", 0) > 0:
         return []
     seen_kinds = sorted({t["kind"] for t in tasks.values() if t["role"] == Role.SEEN.value})
@@ -499,7 +562,8 @@ def plot_training(curves: dict[str, dict], path: Path) -> None:
 def plot_mixture_weights(report: dict, path: Path) -> None:
     """A heat map of the chosen weights: one row per target task, one column per expert."""
     plt = _pyplot()
-    mixed = {name: t["mixture"]["weights"] for name, t in report["tasks"].items() if "mixture" in t}
+    mixed = {(name if system == "mixture" else f"{name} {system[len('mixture-'):]}", name): m["weights"]
+             for name, t in report["tasks"].items() for system, m in t.get("mixtures", {}).items() if m["weights"]}
     experts = sorted({e for weights in mixed.values() for e in weights})
     grid = [[weights.get(e, 0.0) for e in experts] for weights in mixed.values()]
     limit = max([abs(v) for row in grid for v in row] + [1e-9])
@@ -509,7 +573,7 @@ def plot_mixture_weights(report: dict, path: Path) -> None:
         for j, value in enumerate(row):
             ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(experts)), experts, fontsize=8, rotation=20)
-    ax.set_yticks(range(len(mixed)), [f"{n} ({report['tasks'][n]['role']})" for n in mixed], fontsize=8)
+    ax.set_yticks(range(len(mixed)), [f"{label} ({report['tasks'][n]['role']})" for label, n in mixed], fontsize=8)
     ax.set_xlabel("expert")
     fig.colorbar(image, ax=ax)
     ax.set_title("mixture weights")
@@ -562,7 +626,7 @@ def build_report(run: "Storage | str | Path") -> str:
         curves = training_curves(storage)
         if curves:
             plot_training(curves, folder / "training.png")
-        if any("mixture" in t for t in report["tasks"].values()):
+        if any(t.get("mixtures") for t in report["tasks"].values()):
             plot_mixture_weights(report, folder / "mixture_weights.png")
             plot_search(search_curves(storage), folder / "search.png")
         text = render_markdown(report)
@@ -611,8 +675,8 @@ def precisions_used(tasks: dict) -> list[str]:
     distinct choice: nodes of a cluster may differ)."""
     seen: dict[str, set[str]] = {}
     for entry in tasks.values():
-        found = [("distill", entry.get("expert", {}).get("precision")),
-                 ("mix", entry.get("mixture", {}).get("precision"))]
+        found = [("distill", entry.get("expert", {}).get("precision"))]
+        found += [("mix", mixture.get("precision")) for mixture in entry.get("mixtures", {}).values()]
         found += [("evaluate", result.get("precision")) for result in entry.get("eval", {}).values()]
         for stage, precision in found:
             if precision:

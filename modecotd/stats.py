@@ -82,6 +82,30 @@ def paired_bootstrap_diff_ci(a_correct: Sequence[bool], b_correct: Sequence[bool
     return float(low), float(high)
 
 
+def mean_over_tasks_ci(scores: Sequence[Sequence[float]], *, resamples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over tasks of each task's mean per-question score, with a
+    percentile bootstrap interval that resamples questions within each task (a stratified
+    bootstrap: every task keeps its weight of 1/T and its own n).
+
+    A score is 1/0 for one system's correctness, or -1/0/+1 for B minus A on paired questions, which
+    gives the interval of a mean difference. Seeded: same inputs, same interval."""
+    import numpy as np
+
+    if not scores or any(len(task) == 0 for task in scores):
+        raise ValueError("every task needs at least one scored question")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(resamples)
+    for task in scores:
+        values = np.asarray(task, dtype=float)
+        picks = rng.integers(0, len(values), size=(resamples, len(values)))
+        means += values[picks].mean(axis=1)
+    means /= len(scores)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(np.mean([np.mean(task) for task in scores])), float(low), float(high)
+
+
 def majority_answer_accuracy(golds: Sequence[str]) -> tuple[str | None, float | None]:
     """(answer, accuracy) of always giving the most frequent gold answer of these (test) golds.
 

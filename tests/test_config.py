@@ -256,11 +256,17 @@ def test_auto_sizes_resolve_by_device():
 @pytest.mark.parametrize(("override", "message"), [
     (["mixture.cv_folds=1"], "cv_folds must be 0 (no cross-validation) or at least 2"),
     (["mixture.cv_folds=0", "mixture.l1=[0.01,0.05]"], "cv_folds 0 leaves no way to choose between the 2 settings"),
+    (["mixture.cv_folds=0", "mixture.systems=per_method", "mixture.method=[lorahub,delta]", "mixture.l1=[0.01,0.05]"],
+     "cv_folds 0 leaves no way to choose between the 2 settings of one method"),
 ])
 def test_cross_validation_is_off_only_where_there_is_nothing_to_choose(tmp_path, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(write(tmp_path, GOOD), override)
     assert load_config(write(tmp_path, GOOD), ["mixture.cv_folds=0"]).mixture.cv_folds == 0
+    each = load_config(write(tmp_path, GOOD), ["mixture.cv_folds=0", "mixture.systems=per_method",
+                                               "mixture.method=[lorahub,delta,gate]"]).mixture
+    assert {system: [s["method"] for s in settings] for system, settings in each.choices().items()} == {
+        "mixture-lorahub": ["lorahub"], "mixture-delta": ["delta"], "mixture-gate": ["gate"]}
 
 
 def test_student_dtype_defaults_to_auto(tmp_path):

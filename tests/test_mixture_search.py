@@ -10,7 +10,7 @@ class Trial:
     """What the schedulers read of a Tune trial."""
 
     def __init__(self, trial_id: str, task: str):
-        self.trial_id, self.config = trial_id, {"task": task}
+        self.trial_id, self.config = trial_id, {"job": {"task": task}}
 
 
 @pytest.mark.parametrize("kind", ["asha", "median"])

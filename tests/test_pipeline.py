@@ -235,3 +235,22 @@ def test_a_single_setting_is_fitted_without_cross_validation(first_run, tmp_path
     trial = json.loads((run_dir / "mixtures/letters/search.json").read_text())["trials"][0]
     assert mixture["cv_loss"] is None and trial["fold_losses"] == [] and len(trial["history"]) == 3
     assert "– (no CV; fit" in (run_dir / "report.md").read_text()
+
+
+def test_each_method_can_be_a_system_of_its_own(first_run):
+    """mixture.systems per_method: a mixture per method and target, each chosen among its own
+    settings (one trial per setting and task) and evaluated side by side in the report."""
+    _, run_dir, _ = first_run
+    config = json.loads(json.dumps(CONFIG))
+    config["mixture"].update(systems="per_method", cv_folds=0, budget=3)
+    outcome = run_pipeline(parse_config(config), run_dir, stages=["mix", "evaluate"])
+    assert outcome.failures == {}
+    for method in ("lorahub", "delta", "gate"):
+        mixture = json.loads((run_dir / f"mixtures/letters.{method}/mixture.json").read_text())
+        assert mixture["method"] == method and mixture["system"] == f"mixture-{method}"
+        trials = json.loads((run_dir / f"mixtures/letters.{method}/search.json").read_text())["trials"]
+        assert [t["method"] for t in trials] == [method]
+        assert len(read_jsonl(run_dir / f"eval/letters/mixture-{method}/predictions.jsonl")) == 6
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {"mixture-lorahub", "mixture-delta", "mixture-gate"} <= set(report["tasks"]["coins"]["eval"])
+    assert "| letters (mixture-gate) | gate |" in (run_dir / "report.md").read_text().split("## Mixtures")[1]

@@ -93,9 +93,9 @@ def test_mixtures_follow_the_experts_trained_and_only_built_systems_are_evaluate
     plan = plan_of(CONFIG, tmp_path)
     assert [(e.task, e.system.name) for e in plan.evaluations()] == [("coins", "base"), ("sums", "base"),
                                                                        ("letters", "base")]
-    nothing_trained = plan.mixtures()["letters"].key
+    nothing_trained = plan.mixtures()["letters"].unit.key
     commit(plan.trainings["coins"].unit)
-    one_trained = plan.mixtures()["letters"]
+    one_trained = plan.mixtures()["letters"].unit
     assert one_trained.key != nothing_trained
     assert ("coins", "expert") in [(e.task, e.system.name) for e in plan.evaluations()]
     alone = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("letters", "expert-coins"))
@@ -110,3 +110,31 @@ def test_mixtures_follow_the_experts_trained_and_only_built_systems_are_evaluate
     expert = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("coins", "expert"))
     assert expert.system.spec() == {"kind": "expert", "adapter": plan.trainings["coins"].unit}
     assert expert.system.spec()["adapter"].local() == tmp_path / "experts" / "coins"
+
+
+def test_per_method_mixtures_are_systems_of_their_own_keyed_by_their_settings_alone(tmp_path):
+    each = copy.deepcopy(CONFIG)
+    each["mixture"] = {"method": ["lorahub", "gate"], "systems": "per_method", "cv_folds": 0}
+    plan = plan_of(each, tmp_path)
+    mixings = plan.mixtures()
+    assert sorted(mixings) == ["coins.gate", "coins.lorahub", "letters.gate", "letters.lorahub", "sums.gate",
+                               "sums.lorahub"]
+    assert mixings["letters.gate"].unit.prefix == "mixtures/letters.gate"
+    assert [s["method"] for s in mixings["letters.lorahub"].settings] == ["lorahub"]
+    systems = [e.system.name for e in plan.evaluations(built_only=False) if e.task == "letters"]
+    assert "mixture-lorahub" in systems and "mixture-gate" in systems and "mixture" not in systems
+    assert next(e for e in plan.evaluations(built_only=False)
+                if (e.task, e.system.name) == ("letters", "mixture-gate")).unit.prefix == "eval/letters/mixture-gate"
+    # a setting of the weighted methods leaves the gate's mixtures (and their evaluations) as they were
+    lower = copy.deepcopy(each)
+    lower["mixture"]["l1"] = 0.2
+    before, after = keys(plan), keys(plan_of(lower, tmp_path))
+    assert after["mixtures/letters.gate"] == before["mixtures/letters.gate"]
+    assert after["mixtures/letters.lorahub"] != before["mixtures/letters.lorahub"]
+
+
+def test_each_expert_alone_is_evaluated_after_the_systems_every_task_is_compared_on(tmp_path):
+    order = [(e.task, e.system.name) for e in plan_of(CONFIG, tmp_path).evaluations(built_only=False)]
+    alone = [i for i, (_, system) in enumerate(order) if system.startswith("expert-")]
+    assert alone == list(range(len(order) - 2, len(order)))  # letters/expert-coins, letters/expert-sums
+    assert order[:2] == [("coins", "base"), ("coins", "expert")]

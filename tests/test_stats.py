@@ -80,3 +80,41 @@ def test_majority_answer_accuracy_uses_the_golds_given():
     assert majority_answer_accuracy(["yes", "no", "no", "no"]) == ("no", 0.75)
     assert majority_answer_accuracy(["a", "b", "b", "a"]) == ("a", 0.5)  # ties: first seen
     assert majority_answer_accuracy([]) == (None, None)
+
+
+def test_mean_over_tasks_weighs_each_task_once_and_its_interval_narrows_with_questions():
+    from modecotd.stats import mean_over_tasks_ci
+
+    mean, low, high = mean_over_tasks_ci([[1, 1, 1, 1], [0] * 100])  # 100% on 4 questions, 0% on 100
+    assert mean == 0.5 and low <= mean <= high
+    assert high == 0.5  # the first task is 100% in every resample, the second 0%: no spread at all
+    assert mean_over_tasks_ci([[1, 0]]) [1:] == mean_over_tasks_ci([[1, 0]])[1:]  # seeded
+    few = mean_over_tasks_ci([[1, 0] * 10, [1, 0, 0, 0] * 5])
+    many = mean_over_tasks_ci([[1, 0] * 1000, [1, 0, 0, 0] * 500])
+    assert abs(few[0] - many[0]) < 1e-12 and (many[2] - many[1]) < (few[2] - few[1]) / 5
+    diff, low, high = mean_over_tasks_ci([[1, 0, -1, 1], [0, 0, 1, 1]])  # paired differences B - A
+    assert abs(diff - 0.375) < 1e-12 and low < diff < high
+    with pytest.raises(ValueError):
+        mean_over_tasks_ci([[1], []])
+
+
+def test_the_report_means_and_the_mixtures_changes_are_paired_by_question():
+    from modecotd.report import means_with_intervals, means_section
+
+    def rows(correct):
+        return [{"id": i, "question": f"q{i}", "correct": c} for i, c in enumerate(correct)]
+
+    tasks = {"a": {"role": "seen", "majority": {"accuracy": 0.5}}, "b": {"role": "seen", "majority": {"accuracy": 0.3}},
+             "u": {"role": "unseen", "majority": {"accuracy": None}}}
+    scores = {("a", "expert"): rows([1, 0, 0, 0]), ("a", "mixture-delta"): rows([1, 1, 0, 0]),
+              ("b", "expert"): rows([1, 1]), ("b", "mixture-delta"): list(reversed(rows([0, 1]))),  # order differs
+              ("u", "base"): rows([0, 0, 0]), ("u", "mixture-delta"): rows([1, 0, 0])}
+    means, changes = means_with_intervals(tasks, scores, "strict")
+    assert means["seen"]["expert"]["mean"] == (0.25 + 1.0) / 2 and means["seen"]["expert"]["tasks"] == 2
+    assert means["seen"]["majority"] == {"mean": 0.4, "tasks": 2} and "majority" not in means["unseen"]
+    by = {(c["role"], c["over"]): c for c in changes}
+    assert set(by) == {("seen", "expert"), ("unseen", "base")}  # no multi-task LoRA evaluated
+    assert abs(by[("seen", "expert")]["change"] - (0.25 - 0.5) / 2) < 1e-12  # b: q0 lost, paired by id
+    assert by[("unseen", "base")]["change"] == 1 / 3 and by[("unseen", "base")]["paper"] == 7.8
+    text = "\n".join(means_section({"means": means, "changes": changes}))
+    assert "| seen | mixture-delta | expert | 2 | -12.5 [" in text and "| +6.3 |" in text

@@ -30,7 +30,7 @@ from modecotd.jobs.progress import send
 from modecotd.mixture import Mixture, export_adapter
 from modecotd.mixture_fit import FitOptions, SettingFit, setting_key
 from modecotd.models import materialize
-from modecotd.plan import RunLayout
+from modecotd.plan import Mixing, RunLayout
 from modecotd.tasks.schema import AnswerKind
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class MixtureTrial(tune.Trainable):
         return True
 
     def _start(self, config: dict) -> None:
-        task, setting = config["task"], config["setting"]
+        task, setting = config["job"]["task"], config["job"]["setting"]
         self.label = f"{task} / {setting_key(setting)}"
         self.load_seconds = 0.0  # stays 0 when this worker's student is reused
         if self.mixture is None:  # the student resolved and the experts fetched on this trial's node
@@ -114,7 +114,7 @@ class PerTaskScheduler(FIFOScheduler):
         self.schedulers: dict[str, object] = {}
 
     def _of(self, trial):
-        task = trial.config["task"]
+        task = trial.config["job"]["task"]
         if task not in self.schedulers:
             self.schedulers[task] = self.make()
         return self.schedulers[task]
@@ -151,8 +151,8 @@ class TrialProgress(tune.Callback):
     """Per target task on the driver's terminal: mixer settings scored, objective evaluations so far
     and the best CV loss."""
 
-    def __init__(self, settings_per_task: int):
-        self.total = settings_per_task
+    def __init__(self, settings_per_task: dict[str, int]):
+        self.totals = settings_per_task
         self.trials: dict[str, dict[str, dict]] = {}  # task -> trial id -> its last result
 
     def _send(self, task: str) -> None:
@@ -161,11 +161,11 @@ class TrialProgress(tune.Callback):
         evaluations = sum(r.get("evaluations", 0) for r in trials.values())
         losses = [r[METRIC] for r in trials.values() if METRIC in r]
         best = f", best CV loss {min(losses):.3f}" if losses else ""
-        send("mix", task, finished, self.total, "setting", note=f"{evaluations} evaluations{best}",
-             finished=finished >= self.total)
+        send("mix", task, finished, self.totals[task], "setting", note=f"{evaluations} evaluations{best}",
+             finished=finished >= self.totals[task])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        task = trial.config["task"]
+        task = trial.config["job"]["task"]
         self.trials.setdefault(task, {})[trial.trial_id] = {**result, "ended": False}
         self._send(task)
 
@@ -176,7 +176,7 @@ class TrialProgress(tune.Callback):
         self._ended(trial)
 
     def _ended(self, trial) -> None:
-        task = trial.config["task"]
+        task = trial.config["job"]["task"]
         self.trials.setdefault(task, {}).setdefault(trial.trial_id, {})["ended"] = True
         self._send(task)
 
@@ -214,35 +214,38 @@ def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], stor
     }
 
 
-def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], experts: dict[str, Unit]
+def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixing], experts: dict[str, Unit]
                       ) -> dict[str, dict]:
-    """Search mixtures for every target task whose unit is not done; commit the best per task."""
-    todo = pending(units, "mix", log)
+    """Search the mixtures not done yet (one per target task, or one per method and task); commit
+    each one's best setting. A setting is tried once per task, whichever mixtures choose from it."""
+    todo = [mixings[label] for label in pending({label: m.unit for label, m in mixings.items()}, "mix", log)]
     if not todo:
         return {}
     if not experts:
-        return {name: {"status": "failed", "error": "no expert was trained"} for name in todo}
+        return {m.label: {"status": "failed", "error": "no expert was trained"} for m in todo}
 
     cfg = config.mixture
     wait_for_resources({"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}, "a mixer trial",
                        config.resources.placement_timeout_s, "mixture.cpus_per_trial / gpus_per_trial")
     storage, trials = layout.storage, layout.mixture_trials
-    for name in todo:  # records of an earlier search with other settings must not be read back
+    jobs = _trial_jobs(todo)
+    targets = sorted({job["task"] for job in jobs})
+    for name in targets:  # records of an earlier search with other settings must not be read back
         storage.delete(f"{trials}/{name}")
-    context = trial_context(config, tasks, todo, experts, storage, trials)
-    callbacks = tune_loggers(cfg, config.name) + [TrialProgress(len(cfg.settings()))]
+    context = trial_context(config, tasks, targets, experts, storage, trials)
+    per_task = {name: sum(job["task"] == name for job in jobs) for name in targets}
+    callbacks = tune_loggers(cfg, config.name) + [TrialProgress(per_task)]
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(MixtureTrial, context=context),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-    space = {"task": tune.grid_search(todo), "setting": tune.grid_search(cfg.settings())}
     tuner = tune.Tuner(
         trainable,
-        param_space=space,
+        param_space={"job": tune.grid_search(jobs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
                                     scheduler=make_scheduler(cfg.scheduler, cfg.cv_folds),
-                                    trial_name_creator=lambda t: f"mix:{t.config['task']}:"
-                                                                 f"{setting_key(t.config['setting'])}",
-                                    trial_dirname_creator=lambda t: f"{t.config['task']}-{t.trial_id}"),
+                                    trial_name_creator=lambda t: f"mix:{t.config['job']['task']}:"
+                                                                 f"{setting_key(t.config['job']['setting'])}",
+                                    trial_dirname_creator=lambda t: f"{t.config['job']['task']}-{t.trial_id}"),
         run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=storage.path(layout.ray),
                                   storage_filesystem=storage.filesystem,
                                   verbose=0, callbacks=callbacks,
@@ -250,29 +253,47 @@ def run_mixture_stage(config, layout: RunLayout, tasks, units: dict[str, Unit], 
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
     )
     grid = tuner.fit()
-    errors = {r.config["task"]: str(r.error).splitlines()[0][:300] for r in grid if r.error}
+    errors = {r.config["job"]["task"]: str(r.error).splitlines()[0][:300] for r in grid if r.error}
     results: dict[str, dict] = {}
-    for name in todo:
+    for name in targets:
         records = [json.loads(storage.read_text(f"{trials}/{name}/{file}"))
                    for file in storage.files(f"{trials}/{name}") if file.endswith(".json")]
-        if not records:
-            results[name] = {"status": "failed", "error": errors.get(name, "no trial finished")}
-            log.error("mix: %s failed: %s", name, results[name]["error"])
-            continue
-        results[name] = _commit(units[name], records, experts, cfg)
+        for mixing in (m for m in todo if m.task == name):
+            mine = [r for r in records if r["setting"] in _keys(mixing.settings)]
+            if not mine:
+                results[mixing.label] = {"status": "failed", "error": errors.get(name, "no trial finished")}
+                log.error("mix: %s failed: %s", mixing.label, results[mixing.label]["error"])
+                continue
+            results[mixing.label] = _commit(mixing, mine, experts, cfg)
     log.info("mix stage took %.1f s", time.time() - started)
     return results
 
 
-def _commit(unit: Unit, records: list[dict], experts: dict[str, Unit], cfg) -> dict:
+def _keys(settings) -> set[str]:
+    return {setting_key(s) for s in settings}
+
+
+def _trial_jobs(mixings: list[Mixing]) -> list[dict]:
+    """One Tune trial per (target task, setting) that a pending mixture chooses from."""
+    jobs, taken = [], set()
+    for mixing in mixings:
+        for setting in mixing.settings:
+            if (mixing.task, setting_key(setting)) not in taken:
+                taken.add((mixing.task, setting_key(setting)))
+                jobs.append({"task": mixing.task, "setting": setting})
+    return jobs
+
+
+def _commit(mixing: Mixing, records: list[dict], experts: dict[str, Unit], cfg) -> dict:
     """Keep the best setting's mixture: its weights, the merged adapter, and every trial's search."""
+    unit = mixing.unit
     best = min(records, key=lambda r: r["cv_loss"] if r["cv_loss"] is not None else r["objective"])
     summary = {"status": "done", **{k: best[k] for k in ("method", "budget", "bound", "l1", "top_k", "setting")},
                "cv_loss": best["cv_loss"], "objective": best["objective"], "weights": best["weights"],
                "experts_mixed": best["experts_mixed"], "zero_weights_loss": best["zero_weights_loss"],
                "precision": best.get("precision"),
                "candidates": [{"setting": r["setting"], "cv_loss": r["cv_loss"]} for r in records],
-               "settings_tried": len(cfg.settings())}  # those missing from candidates were stopped early
+               "system": mixing.system, "settings_tried": len(mixing.settings)}  # those missing from candidates were stopped early
     with unit.writing(summary) as staging:
         write_json(staging / "mixture.json", {**summary, "optimizer": cfg.optimizer,
                                               "experts": {n: e.prefix for n, e in experts.items()}})
@@ -282,7 +303,7 @@ def _commit(unit: Unit, records: list[dict], experts: dict[str, Unit], cfg) -> d
         else:
             export_adapter({n: local_folder(e) for n, e in experts.items()}, best["method"],
                            [best["weights"][n] for n in experts], staging / "adapter")
-    log.info("mix: %s: %s, cv loss %s, weights %s", best["task"], best["setting"],
+    log.info("mix: %s: %s, cv loss %s, weights %s", mixing.label, best["setting"],
              "–" if best["cv_loss"] is None else f"{best['cv_loss']:.3f}",
              {k: round(v, 2) for k, v in best["weights"].items()})
     return summary
