@@ -26,7 +26,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modecotd run examples/quickstart.yaml
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 clean-runs:
 	rm -rf runs
