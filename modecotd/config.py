@@ -480,6 +480,9 @@ class EvaluationConfig(Section):
 
     scoring: Literal["strict", "reference"] = "strict"
     max_new_tokens: int = Field(256, ge=1, le=4096)
+    experts_alone: bool = Field(True, json_schema_extra=RUNTIME, description="also evaluate every seen task's "
+                                "expert alone on each task that has no expert of its own (systems expert-<task>); "
+                                "which pairs are evaluated, not what one produces, so no fingerprint input")
     batch_size: AutoInt = Field("auto", description=EVALUATION_BATCH.help("test questions decoded together"))
     actors: int = Field(1, ge=1, json_schema_extra=RUNTIME)
     cpus_per_actor: float = Field(1.0, gt=0, json_schema_extra=RUNTIME)

@@ -196,7 +196,7 @@ class Plan:
         systems = [System("base", "base", self.config.student.model)]
         if task in self.experts:
             systems.append(System("expert", "expert", self.experts[task].unit.key, self.experts[task].unit))
-        else:  # a task no expert was trained on: what each seen task's expert does alone, beside the mixture
+        elif self.config.evaluation.experts_alone:  # a task without its own: each seen task's expert alone
             systems += [System(f"{ALONE}{name}", "expert", t.unit.key, t.unit) for name, t in self.experts.items()]
         systems += [System(m.system, "mixture", m.unit.key, m.unit, {n: t.unit for n, t in self.experts.items()})
                     for m in mixtures.values() if m.task == task]

@@ -138,3 +138,11 @@ def test_each_expert_alone_is_evaluated_after_the_systems_every_task_is_compared
     alone = [i for i, (_, system) in enumerate(order) if system.startswith("expert-")]
     assert alone == list(range(len(order) - 2, len(order)))  # letters/expert-coins, letters/expert-sums
     assert order[:2] == [("coins", "base"), ("coins", "expert")]
+
+
+def test_experts_alone_can_be_left_out_without_changing_any_key(tmp_path):
+    without = copy.deepcopy(CONFIG)
+    without["evaluation"] = {"experts_alone": False}
+    before, after = keys(plan_of(CONFIG, tmp_path)), keys(plan_of(without, tmp_path))
+    assert set(before) - set(after) == {"eval/letters/expert-coins", "eval/letters/expert-sums"}
+    assert all(after[prefix] == before[prefix] for prefix in after)
