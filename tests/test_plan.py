@@ -133,11 +133,12 @@ def test_per_method_mixtures_are_systems_of_their_own_keyed_by_their_settings_al
     assert after["mixtures/letters.lorahub"] != before["mixtures/letters.lorahub"]
 
 
-def test_each_expert_alone_is_evaluated_after_the_systems_every_task_is_compared_on(tmp_path):
+def test_evaluations_go_system_by_system_and_each_expert_alone_last(tmp_path):
     order = [(e.task, e.system.name) for e in plan_of(CONFIG, tmp_path).evaluations(built_only=False)]
-    alone = [i for i, (_, system) in enumerate(order) if system.startswith("expert-")]
-    assert alone == list(range(len(order) - 2, len(order)))  # letters/expert-coins, letters/expert-sums
-    assert order[:2] == [("coins", "base"), ("coins", "expert")]
+    assert order == [("coins", "base"), ("sums", "base"), ("letters", "base"), ("coins", "expert"),
+                     ("sums", "expert"), ("coins", "mixture"), ("sums", "mixture"), ("letters", "mixture"),
+                     ("coins", "multitask"), ("sums", "multitask"), ("letters", "multitask"),
+                     ("letters", "expert-coins"), ("letters", "expert-sums")]
 
 
 def test_experts_alone_can_be_left_out_without_changing_any_key(tmp_path):
