@@ -205,16 +205,17 @@ class Plan:
         return systems
 
     def evaluations(self, built_only: bool = True) -> list[Evaluation]:
-        """Each target task on every system that is built (or on every system), system by system
-        (base, experts, mixtures, baselines; each expert alone on a task without its own last), so
-        that a run stopped part-way has whole systems to compare."""
+        """Each target task on every system that is built (or on every system), system by system:
+        the paper's comparison first (base, experts, the multi-task LoRA, the mixtures), then full
+        fine-tuning, then each expert alone on a task without its own, so that a run stopped
+        part-way has whole systems to compare."""
         mixtures = self.mixtures()
         settings = (settings_key(self.config.evaluation), self.config.student.model_dump(mode="json"))
         evaluations = [Evaluation(task.name, system, self.layout.unit(self.layout.evaluation(task.name, system.name), fingerprint(
             self.common, system.key, examples_key(self.tasks[task.name].test), *settings)))
             for task in self.config.tasks for system in self.systems(task.name, mixtures)
             if system.ready() or not built_only]
-        order = ["base", "expert", *self.config.mixture.choices(), *(n for n, t in self.trainings.items() if t.baseline)]
+        order = ["base", "expert", "multitask", *self.config.mixture.choices(), "full_finetune"]
         return sorted(evaluations, key=lambda e: order.index(e.system.name) if e.system.name in order else len(order))
 
     def units(self, stage: str) -> list[Unit]:

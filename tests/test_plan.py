@@ -136,8 +136,8 @@ def test_per_method_mixtures_are_systems_of_their_own_keyed_by_their_settings_al
 def test_evaluations_go_system_by_system_and_each_expert_alone_last(tmp_path):
     order = [(e.task, e.system.name) for e in plan_of(CONFIG, tmp_path).evaluations(built_only=False)]
     assert order == [("coins", "base"), ("sums", "base"), ("letters", "base"), ("coins", "expert"),
-                     ("sums", "expert"), ("coins", "mixture"), ("sums", "mixture"), ("letters", "mixture"),
-                     ("coins", "multitask"), ("sums", "multitask"), ("letters", "multitask"),
+                     ("sums", "expert"), ("coins", "multitask"), ("sums", "multitask"), ("letters", "multitask"),
+                     ("coins", "mixture"), ("sums", "mixture"), ("letters", "mixture"),
                      ("letters", "expert-coins"), ("letters", "expert-sums")]
 
 
