@@ -152,7 +152,7 @@ def trivial_starts(objective, names: list[str]) -> dict[str, float]:
     return {label: objective(weights) for label, weights in starts.items()}
 
 
-def test_accuracy(mixture, test, kind: str, weights: list[float], args) -> float | None:
+def accuracy_on_test(mixture, test, kind: str, weights: list[float], args) -> float | None:
     """Strict accuracy of greedy decoding with these lorahub weights on the test questions."""
     from modecotd.evaluate import predict, score_rows
     from modecotd.tasks.schema import AnswerKind
@@ -185,7 +185,7 @@ def run_target(name: str, target: dict, model_dir: Path, reference: tuple, mixtu
           f"{reached_objective:.5f} after {reached.evaluations} evaluations in {reached.seconds:.1f} s; "
           f"at 40 evaluations {equal_objective:.5f}; best trivial start {best_start} {starts[best_start]:.5f}",
           flush=True)
-    accuracy = {label: test_accuracy(mixture, target["test"], kind, weights, args) for label, weights in
+    accuracy = {label: accuracy_on_test(mixture, target["test"], kind, weights, args) for label, weights in
                 (("reference", found["weights"]), ("ours", equal.weights), ("zero", [0.0] * len(cache)))}
     return {
         "kind": kind, "role": target["role"], "fewshot": len(fewshot), "test": len(target["test"]),

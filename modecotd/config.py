@@ -376,13 +376,23 @@ class DistillConfig(Section):
         return self
 
 
+MIXER_METHODS = ("lorahub", "delta", "gate")
+MIXER_GRID = ("method", "budget", "bound", "l1", "top_k")  # each one value or a list: the Tune grid
+MIXTURE = "mixture"  # the system of a target task's mixture (mixture.systems best)
+
+
+def mixture_system(method: str) -> str:
+    """The system of one method's mixture (mixture.systems per_method): mixture-<method>."""
+    return f"{MIXTURE}-{method}"
+
+
 class MixtureConfig(Section):
     """Stage 3: a mixture of the experts for each target task, its weights searched on the task's
     few-shot examples. ``method``, ``budget``, ``bound``, ``l1`` and ``top_k`` take one value or a
     list: Ray Tune runs every combination per target task and keeps the one with the best
     cross-validated few-shot loss."""
 
-    method: list[Literal["lorahub", "delta", "gate"]] = Field(
+    method: list[Literal[MIXER_METHODS]] = Field(
         default_factory=lambda: ["lorahub"], min_length=1, description="lorahub (the paper's: A and B summed "
         "with the weights separately), delta (the exact weighted sum of the experts' updates) or gate (per-token "
         "weights from a router per layer, trained on few-shot rows; budget, bound, l1 and top_k do not apply)")
@@ -429,7 +439,7 @@ class MixtureConfig(Section):
                                   json_schema_extra=RUNTIME)
     max_concurrent_trials: int = Field(2, ge=1, json_schema_extra=RUNTIME)
 
-    @field_validator("method", "budget", "bound", "l1", "top_k", mode="before")
+    @field_validator(*MIXER_GRID, mode="before")
     @classmethod
     def _one_or_many(cls, value):
         return value if isinstance(value, list) else [value]
@@ -459,8 +469,8 @@ class MixtureConfig(Section):
         """Each mixture system a target task gets, with the settings its mixture is chosen from:
         {'mixture': every setting} or {'mixture-<method>': that method's settings}."""
         if self.systems == "best":
-            return {"mixture": self.settings()}
-        return {f"mixture-{method}": [s for s in self.settings() if s["method"] == method] for method in self.method}
+            return {MIXTURE: self.settings()}
+        return {mixture_system(method): [s for s in self.settings() if s["method"] == method] for method in self.method}
 
     def settings(self) -> list[dict]:
         """The mixer settings Ray Tune tries for every target task: every combination of the

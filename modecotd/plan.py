@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from modecotd.artifacts import Unit, fingerprint
+from modecotd.config import MIXER_GRID, MIXTURE
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Example, TaskData
 
@@ -19,7 +20,6 @@ PIPELINE_VERSION = 1
 # Settings of the training baselines only: adding a baseline must not retrain the experts.
 BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate"}
 SHARDS = ".shards"
-MIXTURE = "mixture"  # the system of a target task's mixture; mixture-<method> with mixture.systems per_method
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class RunLayout:
     def mixture(self, task: str, system: str = MIXTURE) -> str:
         """A target task's mixture: ``mixtures/<task>``, or ``mixtures/<task>.<method>`` for the
         mixture system of one method (``mixture.systems: per_method``; task names hold no dot)."""
-        return f"{self.mixtures}/{task}" if system == MIXTURE else f"{self.mixtures}/{task}.{system[len(MIXTURE) + 1:]}"
+        return f"{self.mixtures}/{task}" if system == MIXTURE else f"{self.mixtures}/{task}.{system.removeprefix(MIXTURE + '-')}"
 
     def evaluation(self, task: str, system: str) -> str:
         return f"eval/{task}/{system}"
@@ -183,7 +183,7 @@ class Plan:
         keys are in its key), by :attr:`Mixing.label`."""
         experts_key = fingerprint(sorted((n, t.unit.key) for n, t in self.experts.items() if t.unit.done()))
         shared = {k: v for k, v in settings_key(self.config.mixture).items()
-                  if k not in ("method", "budget", "bound", "l1", "top_k", "systems")}  # the grid: in settings
+                  if k not in (*MIXER_GRID, "systems")}  # the grid's values are in each mixture's settings
         mixings = [Mixing(task.name, system, tuple(settings), self.layout.unit(
             self.layout.mixture(task.name, system), fingerprint(
                 self.common, experts_key, shared, settings, examples_key(self.tasks[task.name].fewshot),

@@ -8,14 +8,14 @@ from pathlib import Path
 import yaml
 
 from modecotd.artifacts import MANIFEST, write_json
-from modecotd.config import GENERATING_BACKENDS, STAGES
+from modecotd.config import GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, STAGES, mixture_system
 from modecotd.evaluate import majority_baseline
 from modecotd.plan import ALONE, RunLayout
 from modecotd.stats import majority_answer_accuracy, mean_over_tasks_ci, wilson_interval
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Role, TaskData
 
-MIXTURES = ("mixture", "mixture-lorahub", "mixture-delta", "mixture-gate")  # one, or one per method
+MIXTURES = (MIXTURE, *map(mixture_system, MIXER_METHODS))  # one, or one per method
 SYSTEMS = ("base", "expert", *MIXTURES, "multitask", "full_finetune")
 ROWS_FILE = "predictions.jsonl"  # an evaluation unit's per-question rows (modecotd.evaluate.score_rows)
 WORST_PAIRS = 10  # (task, system) pairs whose errors the report samples
@@ -380,7 +380,7 @@ def render_markdown(report: dict) -> str:
         for system, m in t.get("mixtures", {}).items():
             weights = ", ".join(f"{k} {v:+.2f}" for k, v in m["weights"].items())
             zero = m.get("zero_weights_loss")
-            label = name if system == "mixture" else f"{name} ({system})"
+            label = name if system == MIXTURE else f"{name} ({system})"
             lines.append(f"| {label} | {m.get('method', 'lorahub')} | {m['l1']} | {m.get('bound', '–')} | "
                          f"{m.get('budget', '–')} | {m.get('top_k') or 'all'} | "
                          f"{m.get('settings_tried', '–')} ({len(m.get('candidates', []))}) | "
@@ -562,7 +562,7 @@ def plot_training(curves: dict[str, dict], path: Path) -> None:
 def plot_mixture_weights(report: dict, path: Path) -> None:
     """A heat map of the chosen weights: one row per target task, one column per expert."""
     plt = _pyplot()
-    mixed = {(name if system == "mixture" else f"{name} {system[len('mixture-'):]}", name): m["weights"]
+    mixed = {(name if system == MIXTURE else f"{name} {system.removeprefix(MIXTURE + '-')}", name): m["weights"]
              for name, t in report["tasks"].items() for system, m in t.get("mixtures", {}).items() if m["weights"]}
     experts = sorted({e for weights in mixed.values() for e in weights})
     grid = [[weights.get(e, 0.0) for e in experts] for weights in mixed.values()]

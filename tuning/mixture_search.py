@@ -259,7 +259,8 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
         records = [json.loads(storage.read_text(f"{trials}/{name}/{file}"))
                    for file in storage.files(f"{trials}/{name}") if file.endswith(".json")]
         for mixing in (m for m in todo if m.task == name):
-            mine = [r for r in records if r["setting"] in _keys(mixing.settings)]
+            keys = {setting_key(s) for s in mixing.settings}
+            mine = [r for r in records if r["setting"] in keys]
             if not mine:
                 results[mixing.label] = {"status": "failed", "error": errors.get(name, "no trial finished")}
                 log.error("mix: %s failed: %s", mixing.label, results[mixing.label]["error"])
@@ -269,19 +270,10 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     return results
 
 
-def _keys(settings) -> set[str]:
-    return {setting_key(s) for s in settings}
-
-
 def _trial_jobs(mixings: list[Mixing]) -> list[dict]:
     """One Tune trial per (target task, setting) that a pending mixture chooses from."""
-    jobs, taken = [], set()
-    for mixing in mixings:
-        for setting in mixing.settings:
-            if (mixing.task, setting_key(setting)) not in taken:
-                taken.add((mixing.task, setting_key(setting)))
-                jobs.append({"task": mixing.task, "setting": setting})
-    return jobs
+    jobs = {(m.task, setting_key(s)): {"task": m.task, "setting": s} for m in mixings for s in m.settings}
+    return list(jobs.values())
 
 
 def _commit(mixing: Mixing, records: list[dict], experts: dict[str, Unit], cfg) -> dict:
