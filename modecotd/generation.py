@@ -1,4 +1,9 @@
-"""Batched text generation with a causal or seq2seq LM (KV cache, left padding, stop strings)."""
+"""Batched text generation with a causal or seq2seq LM (KV cache, left padding, stop strings).
+
+Greedy decoding of a causal LM (evaluation, a teacher at temperature 0) runs our own loop,
+:func:`greedy_continue`: a row that has stopped leaves the batch and its KV cache at once, so a
+batch costs the tokens its rows write, not its longest row times its size. Sampling and
+encoder-decoder models go through transformers' ``generate``."""
 from __future__ import annotations
 
 from typing import Callable
@@ -47,12 +52,15 @@ def generate_samples(
             kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
         if stops:
             kwargs.update(stop_strings=stops, tokenizer=tokenizer)
-        with torch.inference_mode():
-            output = model.generate(**batch, **kwargs)
-        # A causal LM's output repeats the prompt; an encoder-decoder's starts with the decoder start token.
-        new_tokens = output[:, 1 if encoder_decoder else batch["input_ids"].shape[1]:]
-        counts = (new_tokens != tokenizer.pad_token_id).sum(dim=1).tolist()
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if not sampling and num_samples == 1 and not encoder_decoder:
+            new_rows = greedy_continue(model, tokenizer, batch, max_new_tokens=max_new_tokens, stops=stops)
+        else:
+            with torch.inference_mode():
+                output = model.generate(**batch, **kwargs)
+            # A causal LM's output repeats the prompt; an encoder-decoder's starts with the decoder start token.
+            new_rows = output[:, 1 if encoder_decoder else batch["input_ids"].shape[1]:].tolist()
+        counts = [sum(token != tokenizer.pad_token_id for token in row) for row in new_rows]
+        texts = tokenizer.batch_decode(new_rows, skip_special_tokens=True)
         for row, text in enumerate(texts):
             hits = [(text.index(s), s) for s in stops if s in text]
             if hits:
@@ -67,3 +75,46 @@ def generate_samples(
 def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> list[list[str]]:
     """Like :func:`generate_samples`, texts only."""
     return [[text for text, _ in row] for row in generate_samples(model, tokenizer, prompts, **kwargs)]
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a sequence: the tokenizer's EOS and the model's generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def greedy_continue(model, tokenizer, batch: dict, *, max_new_tokens: int, stops: list[str]) -> list[list[int]]:
+    """Greedy continuation of a left-padded batch of a causal LM; returns each row's new tokens (up
+    to and including its EOS or the token that completes a stop string). Rows that stop are dropped
+    from the batch and the KV cache, so later steps compute only the rows still writing; each row's
+    tokens are those of a row decoded alone, up to the arithmetic of batch shapes."""
+    ends = stop_token_ids(model, tokenizer)
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    rows: list[list[int]] = [[] for _ in range(mask.shape[0])]
+    alive = list(range(mask.shape[0]))  # the batch's rows, by their index in ``rows``
+    with torch.inference_mode():
+        out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
+        cache_name = "cache" if "cache" in out.keys() else "past_key_values"  # transformers 5 renamed it
+        cache, position = out[cache_name], positions[:, -1:] + 1
+        for step in range(max_new_tokens):
+            tokens = out.logits[:, -1, :].argmax(-1)
+            keep = []
+            for slot, (row, token) in enumerate(zip(alive, tokens.tolist())):
+                rows[row].append(token)
+                if token not in ends and not (stops and any(s in tokenizer.decode(rows[row]) for s in stops)):
+                    keep.append(slot)
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(alive):
+                index = torch.tensor(keep, device=tokens.device)
+                cache.batch_select_indices(index)
+                tokens, mask, position = tokens[index], mask[index], position[index]
+                alive = [alive[slot] for slot in keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
+                        use_cache=True, **{cache_name: cache})
+            position = position + 1
+    return rows

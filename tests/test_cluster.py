@@ -77,7 +77,9 @@ def test_run_with_address_on_a_started_cluster(started_cluster, tmp_path):
     address, _ = started_cluster
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    done = cli("run", str(config), "--address", address, "--run-dir", str(tmp_path / "run"))
+    # teacher actors and a Ray Train job on the cluster's nodes (the whole pipeline: the submission below)
+    done = cli("run", str(config), "--address", address, "--run-dir", str(tmp_path / "run"),
+               "--stage", "teacher", "--stage", "distill")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"report: {tmp_path / 'run' / 'report.md'}" in done.stdout
     assert (tmp_path / "run" / "experts" / "coins" / "adapter_config.json").is_file()

@@ -1,0 +1,65 @@
+"""Greedy decoding's own loop (rows leave the batch as they stop) against transformers' generate."""
+from __future__ import annotations
+
+import torch
+
+from modecotd.generation import generate_samples, greedy_continue
+
+PROMPTS = ["Q: 1 + 1?", "Q: what is the last letter of apple and banana?", "Q: flip a coin twice.",
+           "Q: a much longer question, with many words in it, so that the batch is padded on the left side.",
+           "Q: 7 * 6?", "Q: yes or no?"]
+
+
+def reference(model, tokenizer, prompts, max_new_tokens, **kwargs) -> list[list[int]]:
+    """transformers' greedy generate, one row at a time (no padding at all), without what follows
+    the end token."""
+    from modecotd.generation import stop_token_ids
+
+    ends = stop_token_ids(model, tokenizer)
+    rows = []
+    for prompt in prompts:
+        batch = tokenizer([prompt], return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, **kwargs)
+        row = out[0, batch["input_ids"].shape[1]:].tolist()
+        cut = next((i + 1 for i, token in enumerate(row) if token in ends), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def test_rows_that_stop_leave_the_batch_and_every_row_writes_what_it_writes_alone(tiny_model_dir):
+    from modecotd.models import load_lm, load_tokenizer
+
+    model, tokenizer = load_lm(tiny_model_dir, "fp32"), load_tokenizer(tiny_model_dir)
+    free = reference(model, tokenizer, PROMPTS, 10)
+    # one more end token, one that some rows write early and others late or never: rows stop apart
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, free[0][2]]
+    alone = reference(model, tokenizer, PROMPTS, 10)
+    lengths = sorted(len(row) for row in alone)
+    assert lengths[0] < lengths[-1] == 10, lengths
+
+    tokenizer.padding_side = "left"
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert greedy_continue(model, tokenizer, batch, max_new_tokens=10, stops=[]) == alone
+
+    # through generate_samples: texts and token counts, in the prompts' order, in batches of 4
+    samples = generate_samples(model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4)
+    assert [text for [(text, _)] in samples] == tokenizer.batch_decode(alone, skip_special_tokens=True)
+    assert [count for [(_, count)] in samples] == [sum(t != tokenizer.pad_token_id for t in row) for row in alone]
+
+
+def test_a_row_stops_at_its_stop_string_and_the_text_ends_there(tiny_model_dir):
+    from modecotd.models import load_lm, load_tokenizer
+
+    model, tokenizer = load_lm(tiny_model_dir, "fp32"), load_tokenizer(tiny_model_dir)
+    free = reference(model, tokenizer, PROMPTS[:1], 12)[0]
+    # the first token of row 0 (after its first) whose text it has not written before: its stop string
+    at = next(i for i in range(1, len(free)) if (stop := tokenizer.decode(free[i:i + 1])).strip()
+              and stop not in tokenizer.decode(free[:i]))
+    tokenizer.padding_side = "left"
+    rows = greedy_continue(model, tokenizer, tokenizer(PROMPTS[:2], return_tensors="pt", padding=True),
+                           max_new_tokens=12, stops=[stop])
+    assert rows[0] == free[:at + 1]
+    [(text, _)], _ = generate_samples(model, tokenizer, PROMPTS[:2], max_new_tokens=12, batch_size=2, stop=stop)
+    assert text.endswith(stop) and text == tokenizer.decode(free[:at + 1], skip_special_tokens=True)
