@@ -192,9 +192,9 @@ class Mixture:
             torch.nn.init.zeros_(layer.router.bias)
 
     def fit_gate(self, batch: dict[str, torch.Tensor], *, steps: int, learning_rate: float,
-                 seed: int = 0) -> list[float]:
+                 seed: int = 0, on_step=lambda: None) -> list[float]:
         """Train fresh routers on ``batch`` (full-batch AdamW; student and experts stay frozen);
-        returns the loss per step."""
+        returns the loss per step. ``on_step`` is called after each step (progress)."""
         self.use_method("gate")
         torch.manual_seed(seed)
         self.add_routers()
@@ -208,6 +208,7 @@ class Mixture:
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
+                on_step()
         return losses
 
     @torch.no_grad()

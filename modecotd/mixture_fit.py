@@ -162,8 +162,8 @@ class SettingFit:
         if self.gate:
             started = time.time()
             losses = self.mixture.fit_gate(self._batch(indices, self.pooled), steps=self.options.gate_steps,
-                                           learning_rate=self.options.gate_learning_rate, seed=self.options.seed)
-            self.on_evaluations(len(losses))
+                                           learning_rate=self.options.gate_learning_rate, seed=self.options.seed,
+                                           on_step=lambda: self.on_evaluations(1))
             return None, [{"evaluation": i, "loss": loss, "objective": loss} for i, loss in enumerate(losses)], \
                 time.time() - started
         result, weights = fit_weights(self.mixture, self._batch(indices), self.chosen, self.setting, self.options,

@@ -182,7 +182,9 @@ def test_gate_learns_routers_with_student_and_experts_frozen(tiny_model_dir, exp
     buffers = {n: b.clone() for n, b in mixture.model.named_buffers()}
     mixture.set_weights([0.5, 0.5])
     uniform = mixture.few_shot_loss(batch)
-    losses = mixture.fit_gate(batch, steps=30, learning_rate=0.05)
+    steps = []
+    losses = mixture.fit_gate(batch, steps=30, learning_rate=0.05, on_step=lambda: steps.append(len(steps)))
+    assert len(losses) == len(steps) == 30  # progress hears of every step as it ends
     assert losses[0] == pytest.approx(uniform, rel=1e-5)  # zero-initialised routers: 1/n each, the delta average
     assert losses[-1] < losses[0]
     for name, param in mixture.model.named_parameters():
