@@ -491,31 +491,31 @@ def evaluation_stage(model_dir: Path, adapter: Path, profile: dict, meter: Meter
     tokenizer = load_tokenizer(model_dir)
     loaded = load_system(model_dir, "auto", {"kind": "expert", "adapter": str(adapter)})
     dtype = loaded.get_base_model().precision.dtype  # load_lm's choice for dtype auto
-    counted = CountingModel(loaded, tokenizer.pad_token_id)
-    predict(counted, tokenizer, examples[:2], kind, batch_size=batch_size, max_new_tokens=4)  # warm-up
+    predict(loaded, tokenizer, examples[:2], kind, batch_size=batch_size, max_new_tokens=4)  # warm-up
     meter.sync()
-    counted.generated = 0
     started = time.perf_counter()
-    outputs = predict(counted, tokenizer, examples, kind, batch_size=batch_size, max_new_tokens=new_tokens)
+    outputs = predict(loaded, tokenizer, examples, kind, batch_size=batch_size, max_new_tokens=new_tokens)
     meter.sync()
     ours_seconds = time.perf_counter() - started
-    ours_tokens = counted.generated
-    del counted, loaded
+    del loaded
     free()
+
+    def tokens(texts: list[str]) -> int:
+        """Tokens written, counted the same way on both sides: the texts (up to the stop mark) re-tokenised."""
+        return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
 
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, _torch_name(dtype)))
     model = PeftModel.from_pretrained(plain.to(meter.device), str(adapter)).eval()
     plain_tokenizer = load_tokenizer(model_dir)
 
-    def one(question: str, max_new: int) -> tuple[str, int]:
+    def one(question: str, max_new: int) -> str:
         inputs = plain_tokenizer(student_prompt(question, kind), return_tensors="pt").to(meter.device)
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, stop_strings=[END_MARK],
                                     tokenizer=plain_tokenizer, pad_token_id=plain_tokenizer.pad_token_id)
         new = output[0, inputs["input_ids"].shape[1]:]
         text = plain_tokenizer.decode(new, skip_special_tokens=True)
-        text = text[:text.index(END_MARK) + len(END_MARK)] if END_MARK in text else text
-        return text, int((new != plain_tokenizer.pad_token_id).sum())
+        return text[:text.index(END_MARK) + len(END_MARK)] if END_MARK in text else text
 
     one(examples[0].question, 4)
     meter.sync()
@@ -524,29 +524,13 @@ def evaluation_stage(model_dir: Path, adapter: Path, profile: dict, meter: Meter
     answered = [one(e.question, new_tokens) for e in asked]
     meter.sync()
     base_seconds = time.perf_counter() - started
-    base_outputs, base_tokens = [text for text, _ in answered], sum(n for _, n in answered)
+    base_outputs, base_tokens, ours_tokens = answered, tokens(answered), tokens(outputs)
     agree = sum(a == b for a, b in zip(outputs[:len(asked)], base_outputs, strict=True)) / len(asked)
     ours_rate, base_rate = ours_tokens / ours_seconds, base_tokens / base_seconds
     return {"ratio": ours_rate / base_rate, "ours_tokens_per_s": ours_rate, "baseline_tokens_per_s": base_rate,
             "ours_tokens": ours_tokens, "baseline_tokens": base_tokens, "ours_seconds": ours_seconds,
             "baseline_seconds": base_seconds, "questions": len(examples), "baseline_questions": len(asked),
             "batch_size": batch_size, "max_new_tokens": new_tokens, "output_agreement": agree, "dtype": dtype}
-
-
-class CountingModel:
-    """The model as :func:`~modecotd.evaluate.predict` sees it, counting the tokens its ``generate``
-    calls make (not padding), the way the teacher's generator and the baselines count them."""
-
-    def __init__(self, model, pad_id: int):
-        self.model, self.pad_id, self.generated = model, pad_id, 0
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def generate(self, **kwargs):
-        output = self.model.generate(**kwargs)
-        self.generated += int((output[:, kwargs["input_ids"].shape[1]:] != self.pad_id).sum())
-        return output
 
 
 def evaluation_batch_size(device: str) -> int:
