@@ -31,7 +31,7 @@ process; the ratio is ours over the baseline (higher is better). Model loading i
 5. evaluation: :func:`modecotd.evaluate.predict` (batched greedy, the evaluation config's default
    batch size) on the ZeRO-2 expert loaded by :func:`~modecotd.evaluate.load_system`, against
    one ``generate`` per question on the same peft model; generated tokens per second (tokens
-   counted alike for both: every new token that is not padding).
+   counted alike for both: each output text, up to its stop mark, tokenised again).
 
 Goals (one H100): distill LoRA MFU >= 0.40 (ZeRO-2) and every stage >= 2x its baseline.
 
@@ -521,10 +521,10 @@ def evaluation_stage(model_dir: Path, adapter: Path, profile: dict, meter: Meter
     meter.sync()
     asked = examples[:profile["baseline_questions"]]
     started = time.perf_counter()
-    answered = [one(e.question, new_tokens) for e in asked]
+    base_outputs = [one(e.question, new_tokens) for e in asked]
     meter.sync()
     base_seconds = time.perf_counter() - started
-    base_outputs, base_tokens, ours_tokens = answered, tokens(answered), tokens(outputs)
+    base_tokens, ours_tokens = tokens(base_outputs), tokens(outputs)
     agree = sum(a == b for a, b in zip(outputs[:len(asked)], base_outputs, strict=True)) / len(asked)
     ours_rate, base_rate = ours_tokens / ours_seconds, base_tokens / base_seconds
     return {"ratio": ours_rate / base_rate, "ours_tokens_per_s": ours_rate, "baseline_tokens_per_s": base_rate,
