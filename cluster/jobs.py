@@ -1,7 +1,8 @@
 """Runs as Ray jobs: `modecotd submit|status|logs|stop|list` through the Ray Jobs API.
 
-A submitted run is the entrypoint ``modecotd run CONFIG --run-dir DIR`` with the config's folder
-as the job's working directory (so relative data paths still resolve), a readable submission id
+A submitted run is the entrypoint ``modecotd run CONFIG --run-dir DIR`` with a working directory
+holding the config and the data files it names (or a folder the user chooses; see
+:mod:`modecotd.cluster.upload`, which measures it and refuses one too large), a readable submission id
 (``modecotd-<run name>-<time>``) and metadata that the dashboard shows: run name, stages, config
 fingerprint. The client sends Ray's token when one is at hand (see :mod:`modecotd.cluster.auth`,
 which the CLI calls before Ray is imported); nothing here turns authentication off.
@@ -17,7 +18,6 @@ from modecotd.errors import UserError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_RUNS_DIR = "~/modecotd-runs"  # on the cluster's head node, where the job's driver runs
-WORKING_DIR_EXCLUDES = [".venv", ".git", "runs", "__pycache__", "*.safetensors", "*.gguf"]
 JOB_PREFIX = "modecotd-"
 
 
@@ -37,8 +37,11 @@ def client(address: str | None):
 
 def submit(config_path: Path, *, address: str | None = None, run_dir: str | None = None,
            stages: list[str] | None = None, overrides: list[str] | None = None, pip: list[str] | None = None,
-           env: dict[str, str] | None = None) -> str:
-    """Submit a run; returns its submission id. ``env``: variables for the run's driver only."""
+           env: dict[str, str] | None = None, working_dir: Path | None = None, excludes: list[str] | None = None,
+           say=print) -> str:
+    """Submit a run; returns its submission id. ``env``: variables for the run's driver only;
+    ``working_dir`` and ``excludes``: send that folder (but what the patterns exclude) instead of only
+    the config and its data files; ``say`` is told what is uploaded before it is sent."""
     from modecotd.artifacts import fingerprint
     from modecotd.config import load_config
 
@@ -49,7 +52,10 @@ def submit(config_path: Path, *, address: str | None = None, run_dir: str | None
     # an object store is the same seen from anywhere; a relative folder means one on the head node
     run_dir = run_dir or (config.run_location() if is_uri(config.storage) or Path(config.storage).is_absolute()
                           else f"{DEFAULT_RUNS_DIR}/{config.name}")
-    words = ["modecotd", "run", config_path.name, "--run-dir", run_dir]
+    from modecotd.cluster.upload import stage as stage_upload
+
+    upload = stage_upload(config_path, working_dir, excludes or [])  # a too large upload fails here, before sending
+    words = ["modecotd", "run", upload.config, "--run-dir", run_dir]
     for stage in stages or []:
         words += ["--stage", stage]
     for override in overrides or []:
@@ -57,7 +63,7 @@ def submit(config_path: Path, *, address: str | None = None, run_dir: str | None
     entrypoint = " ".join(_shell_word(w) for w in words)
     # The run's own driver gives its workers their environment (ray_runtime.worker_env); the job's
     # runtime environment must not set the same keys, or Ray refuses to merge the two.
-    runtime_env = {"working_dir": str(config_path.resolve().parent), "excludes": WORKING_DIR_EXCLUDES}
+    runtime_env = {"working_dir": str(upload.root)}
     if env:
         runtime_env["env_vars"] = dict(env)
     if pip:
@@ -65,8 +71,16 @@ def submit(config_path: Path, *, address: str | None = None, run_dir: str | None
     submission_id = f"{JOB_PREFIX}{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     metadata = {"run": config.name, "stages": ",".join(stages or []) or "all", "run_dir": run_dir,
                 "config_fingerprint": fingerprint(config.model_dump(mode="json"))}
-    return client(address).submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
-                                      metadata=metadata)
+    try:
+        jobs = client(address)
+        say(upload.describe())
+        return jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                               metadata=metadata)
+    except RuntimeError as error:  # the Jobs API's refusal, e.g. HTTP 413 from a server with a lower limit
+        raise UserError(f"the Ray Jobs API at {address_or_default(address)} refused the job: "
+                        f"{str(error).splitlines()[0][:300]}") from None
+    finally:
+        upload.remove()
 
 
 def _shell_word(word: str) -> str:

@@ -11,10 +11,11 @@ from pathlib import Path
 import yaml
 
 from modecotd.artifacts import clean_staging
-from modecotd.config import STAGES
+from modecotd.config import STAGES, check_data_paths
 from modecotd.errors import UserError
-from modecotd.models import check_reference
-from modecotd.plan import Plan, RunLayout
+from modecotd.models import check_reference, context_limit
+from modecotd.prompts import student_prompt
+from modecotd.plan import Plan, RunLayout, check_run_stamp, write_run_stamp
 from modecotd.precision import resolve_dtype
 from modecotd.progress import ProgressBoard
 from modecotd.report import build_report, task_facts
@@ -44,7 +45,9 @@ class Work:
 
 
 def load_tasks(config) -> dict[str, TaskData]:
-    return build.load_tasks(config.tasks)
+    """Every task's data, each path and row checked; an error about a task names its config key."""
+    check_data_paths(config)
+    return build.load_tasks(config.tasks, locate=lambda index: config.where("tasks", index))
 
 
 def run_pipeline(config, run_dir: str | Path | None = None, address: str | None = None,
@@ -57,6 +60,7 @@ def run_pipeline(config, run_dir: str | Path | None = None, address: str | None 
     from modecotd.jobs.progress import progress_display
 
     work = _prepare(config, run_dir, stages)  # bad input fails here, before anything is written or started
+    _check_earlier_stages(work, stages)
     layout = work.plan.layout
     _connect(work, address)
     _start_run_folder(layout, work.config, work.tasks)
@@ -85,11 +89,41 @@ def _prepare(config, run_dir, stages: list[str] | None) -> Work:
         raise UserError(f"unknown stage {', '.join(unknown)}; stages: {', '.join(STAGES)}")
     layout = RunLayout(Storage(run_dir or config.run_location()))
     tasks = load_tasks(config)
-    for model in {config.student.model} | ({config.teacher.model} if config.teacher.loads_model else set()):
-        check_reference(model)  # a model that no node could resolve
+    check_run_stamp(layout)
+    models = [("student", config.student.model)] + ([("teacher", config.teacher.model)]
+                                                    if config.teacher.loads_model else [])
+    for section, model in models:
+        try:
+            check_reference(model)  # a model that no node could resolve
+        except UserError as error:
+            raise type(error)(f"{config.where(section, 'model')}: {error}") from None
+    check_context(config, tasks)
     if not layout.storage.is_local:  # an object store that cannot be reached fails before Ray starts
         layout.storage.check_reachable()
     return Work(config, tasks, Plan(config, tasks, layout))
+
+
+def check_context(config, tasks: dict[str, TaskData]) -> None:
+    """Every test and few-shot question fits the student's context with room for its answer (a
+    longer one could never be answered, and would make evaluation allocate without bound)."""
+    limit = context_limit(config.student.model)
+    if limit is None:
+        return
+    tokenizer, context = limit
+    answer = config.evaluation.max_new_tokens
+    room = context - answer
+    if room <= 0:
+        raise UserError(f"{config.where('evaluation', 'max_new_tokens')}: {answer} tokens, but the student's "
+                        f"context is {context} tokens")
+    for data in tasks.values():
+        examples = data.test + data.fewshot
+        lengths = [len(ids) for ids in tokenizer([student_prompt(ex.question, data.kind) for ex in examples],
+                                                 add_special_tokens=True)["input_ids"]]
+        for ex, length in zip(examples, lengths):
+            if length > room:
+                raise UserError(f"{ex.source}: the question is {length} tokens in the student's prompt; the "
+                                f"student's context ({context} tokens) leaves {room} once "
+                                f"evaluation.max_new_tokens ({answer}) are kept for the answer")
 
 
 def _connect(work: Work, address: str | None) -> None:
@@ -112,20 +146,30 @@ def _connect(work: Work, address: str | None) -> None:
 def _start_run_folder(layout: RunLayout, config, tasks: dict[str, TaskData]) -> None:
     storage = layout.storage
     clean_staging(storage)
+    write_run_stamp(layout)
     storage.write_text(layout.config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     storage.write_text(layout.tasks, json.dumps(task_facts(tasks), indent=2, sort_keys=True))
 
 
-def _run_stage(name: str, work: Work, stages: list[str] | None, outcome: RunOutcome) -> None:
-    """Run stage ``name``; when only other stages were asked for, check instead that an earlier
-    stage's units are done (a later one is left alone)."""
-    if stages and name not in stages:
-        last = max(STAGES.index(s) for s in stages)
+def _check_earlier_stages(work: Work, stages: list[str] | None) -> None:
+    """With only some stages asked for, every stage before the last one asked for and not itself
+    asked for must have left its units in the run's storage (checked before anything is written)."""
+    if not stages:
+        return
+    last = max(STAGES.index(s) for s in stages)
+    for name in STAGES[:last]:
+        if name in stages:
+            continue
         missing = [u.prefix for u in work.plan.units(name) if not u.done()]
-        if STAGES.index(name) < last and missing:
+        if missing:
             raise UserError(f"--stage {','.join(stages)} needs the {name} stage's outputs, and "
                             f"{work.plan.layout.storage.describe()} lacks {', '.join(missing[:4])}"
                             f"{' ...' if len(missing) > 4 else ''}: run that stage first")
+
+
+def _run_stage(name: str, work: Work, stages: list[str] | None, outcome: RunOutcome) -> None:
+    """Run stage ``name`` unless only other stages were asked for."""
+    if stages and name not in stages:
         return
     started = time.time()
     results = STAGE_RUNNERS[name](work) or {}

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
+
+from modecotd.errors import UserError
 
 from modecotd.cluster.auth import token_available
 
@@ -30,6 +33,8 @@ def worker_env() -> dict[str, str]:
 def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True) -> dict:
     """Start or join a Ray cluster; returns what the run should print about it. Without an
     address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster."""
+    if address:
+        check_reachable(address)  # before anything else: Ray would wait for minutes
     if ray.is_initialized():
         return {"address": "already connected", "dashboard": None}
     address = address or os.environ.get("RAY_ADDRESS")
@@ -46,6 +51,39 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
             "started_here": not address}
     log.info("Ray cluster at %s, dashboard %s", info["address"], info["dashboard"])
     return info
+
+
+PROBE_TIMEOUT_S = 10.0  # Ray itself waits minutes for a GCS that is not there
+
+
+def check_reachable(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast, naming the address, when nothing that speaks gRPC (Ray's GCS, or a Ray Client
+    server for ``ray://``) answers there: ``ray.init`` would wait for minutes. "auto" and "local"
+    are left to Ray, and so are clusters using TLS (the probe speaks plain gRPC)."""
+    if address in ("auto", "local") or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected HOST:PORT (a Ray cluster's GCS, e.g. 127.0.0.1:6379) "
+                        "or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise UserError(f"cannot reach a Ray cluster at {address}: {reason}; start one (modecotd cluster up, or "
+                        "ray start --head) or pass the head node's HOST:6379") from None
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError:
+        raise UserError(f"{address} answers but is not a Ray cluster (no gRPC reply within {timeout_s:g} s); "
+                        "--address takes the GCS address (HOST:6379), not the dashboard's (8265)") from None
+    finally:
+        channel.close()
 
 
 def shutdown() -> None:

@@ -126,7 +126,7 @@ class TeacherWorker:
 def shard_result(out: ShardOutput, questions: int, seconds: float) -> dict:
     """A finished shard as it travels back to the driver and into :func:`write_shard`."""
     return {"questions": questions, "tokens": out.tokens, "seconds": seconds,
-            "accepted": out.accepted, "rejected": out.rejected, "failed": out.failed}
+            "samples_asked": out.samples_asked, "samples_returned": out.samples_returned, "accepted": out.accepted, "rejected": out.rejected, "failed": out.failed}
 
 
 # --- shards on disk ----------------------------------------------------------------------------
@@ -144,9 +144,12 @@ def shard_path(folder: str, index: int) -> str:
     return f"{folder}/{shard_name(index)}"
 
 
+SHARD_COUNTS = ("questions", "tokens", "seconds", "samples_asked", "samples_returned")  # a shard's header
+
+
 def write_shard(storage: Storage, path: str, result: dict) -> None:
     """Write one finished shard whole: a header line, then every row with its status."""
-    header = {k: result[k] for k in ("questions", "tokens", "seconds")}
+    header = {k: result[k] for k in SHARD_COUNTS}
     lines = [json.dumps({"shard": header})]
     lines += [json.dumps({"status": status, **row}, ensure_ascii=False) for status in ROW_FILES
               for row in result[status]]
@@ -167,9 +170,8 @@ def merge_shards(storage: Storage, folder: str, staging: Path) -> dict:
             answered: set[int] = set()
             with io.StringIO(storage.read_text(f"{folder}/{name}")) as shard:
                 header = json.loads(shard.readline())["shard"]
-                stats["questions"] += header["questions"]
-                stats["tokens"] += header["tokens"]
-                stats["seconds"] += header["seconds"]
+                for key in SHARD_COUNTS:
+                    stats[key] += header.get(key, 0)
                 for line in shard:
                     row = json.loads(line)
                     status = row.pop("status")
@@ -196,6 +198,7 @@ def merge_shards(storage: Storage, folder: str, staging: Path) -> dict:
         "rationalized": stats["rationalized"],
         "rejection_reasons": dict(rejected_reasons.most_common()),
         "failure_reasons": dict(failed_reasons.most_common()),
+        "samples_asked": stats["samples_asked"], "samples_returned": stats["samples_returned"],
         "generated_tokens": stats["tokens"],
         "tokens_per_second": stats["tokens"] / stats["seconds"] if stats["seconds"] else None,
     }
@@ -398,6 +401,9 @@ def _finish(layout: RunLayout, name: str, units: dict[str, Unit], cfg) -> dict:
     log.info("teacher: %s: %d of %d questions got a correct rationale (%d accepted, %d rejected samples, "
              "%d failed questions)", name, summary["questions_with_rationale"], summary["questions"],
              summary["accepted"], summary["rejected"], summary["failed"])
+    if summary["samples_returned"] < summary["samples_asked"]:
+        log.warning("teacher: %s: the backend returned %d of the %d samples asked", name,
+                    summary["samples_returned"], summary["samples_asked"])
     return summary
 
 

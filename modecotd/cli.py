@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--pip", action="append", metavar="REQUIREMENT",
                         help="a pip requirement the job's environment needs (repeatable)")
+    submit.add_argument("--working-dir", type=Path, help="send this folder as the job's working directory "
+                                                         "(default: only the config and the data files it names)")
+    submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="with --working-dir: leave out what this .gitignore-style pattern matches (repeatable)")
     submit.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
     for name, text in (("status", "a submitted run's state"), ("logs", "a submitted run's log"),
                        ("stop", "stop a submitted run")):
@@ -149,8 +153,11 @@ def _submit(args) -> int:
     from modecotd.cluster import jobs
 
     overrides = list(args.overrides) + ([f"storage={args.storage}"] if args.storage else [])
+    if args.exclude and not args.working_dir:
+        raise UserError("--exclude needs --working-dir (without it only the config and its data files are sent)")
     submission_id = jobs.submit(Path(args.config), address=args.address, run_dir=args.run_dir, stages=args.stages,
-                                overrides=overrides, pip=args.pip)
+                                overrides=overrides, pip=args.pip, working_dir=args.working_dir,
+                                excludes=args.exclude, say=lambda line: print(line, file=sys.stderr))
     address = jobs.address_or_default(args.address)
     print(f"submitted {submission_id} to {address}")
     print(f"follow it: modecotd logs {submission_id} --follow --address {address}")

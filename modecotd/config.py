@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, \
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError, field_validator, \
     model_validator
 
 from modecotd.errors import ConfigError
@@ -64,6 +64,16 @@ MIXER_CANDIDATES = AutoSize(cpu=8, gpu=32)
 # Marks a setting that changes where or how fast work runs, never what it produces: it stays out of
 # every unit's fingerprint (modecotd.plan.settings_key), so changing it redoes nothing.
 RUNTIME = {"fingerprint": False}
+
+
+class ConfigProblem(Exception):
+    """A whole-config check's finding about one key (``loc``, a key path); pydantic lets it through
+    unwrapped, so :func:`parse_config` can name that key's line instead of the top level."""
+
+    def __init__(self, loc: tuple, message: str):
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
 
 
 class Section(BaseModel):
@@ -532,19 +542,28 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _check_tasks(self) -> "RunConfig":
         names = [t.name for t in self.tasks]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"task names must be unique; repeated: {', '.join(duplicates)}")
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise ConfigProblem(("tasks", index, "name"), f"task names must be unique; {name!r} is task "
+                                                             f"{names.index(name)} too")
         if not any(t.role == Role.SEEN for t in self.tasks):
-            raise ValueError("at least one task must have role 'seen' (it gets an expert)")
+            raise ConfigProblem(("tasks",), "at least one task must have role 'seen' (it gets an expert)")
         ft = self.distill.full_finetune_task
         if ft is not None and ft not in [t.name for t in self.seen_tasks]:
-            raise ValueError(f"distill.full_finetune_task {ft!r} is not a seen task")
+            raise ConfigProblem(("distill", "full_finetune_task"), f"{ft!r} is not a seen task")
         if self.teacher.backend == "scripted":
-            bad = [t.name for t in self.tasks if t.role == Role.SEEN and t.source.kind != "generated"]
-            if bad:
-                raise ValueError(f"teacher backend 'scripted' needs generated tasks; not generated: {', '.join(bad)}")
+            for index, task in enumerate(self.tasks):
+                if task.role == Role.SEEN and task.source.kind != "generated":
+                    raise ConfigProblem(("tasks", index, "source", "kind"),
+                                        f"teacher backend 'scripted' needs generated tasks; {task.name} is "
+                                        f"{task.source.kind!r}")
         return self
+
+    _origin: ConfigOrigin | None = PrivateAttr(None)  # where the config came from, for error messages
+
+    def where(self, *loc) -> str:
+        """``file:line: key.path`` (or ``--set key=value``) for error messages about a key."""
+        return (self._origin or ConfigOrigin()).locate(loc)
 
     @field_validator("storage")
     @classmethod
@@ -599,36 +618,63 @@ def _key_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
-def _describe(error: dict, origin: str, key_lines: dict[tuple, int]) -> str:
+@dataclass
+class ConfigOrigin:
+    """Where a config's keys came from: the file, each key's line, and the ``--set`` overrides."""
+
+    path: str = "<config>"
+    key_lines: dict = None
+    overrides: dict = None  # key path (tuple) -> the --set assignment
+
+    def locate(self, loc: tuple) -> str:
+        """``file:line: key.path``, or ``--set key=value: key.path`` for a key an override set."""
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        for key, assignment in (self.overrides or {}).items():
+            if loc[:len(key)] == key:
+                return f"--set {assignment}: {dotted}"
+        line = None
+        for end in range(len(loc), -1, -1):
+            line = (self.key_lines or {}).get(loc[:end])
+            if line is not None:
+                break
+        return f"{self.path}:{line}: {dotted}" if line else f"{self.path}: {dotted}"
+
+
+def _describe(error: dict, origin: ConfigOrigin) -> str:
     """One line for one pydantic error: file:line: key: message."""
     # Drop the discriminator tags pydantic inserts for tagged unions ("generated", "paper", ...).
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p in {"generated", "paper", "jsonl", "hf"}))
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
-    line = None
-    for end in range(len(loc), -1, -1):
-        line = key_lines.get(loc[:end])
-        if line is not None:
-            break
-    where = f"{origin}:{line}" if line else origin
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     elif error["type"] == "literal_error" or error["type"] == "enum":
         message = f"{message} (got {error.get('input')!r})"
-    return f"{where}: {dotted}: {message}"
+    return f"{origin.locate(loc)}: {message}"
 
 
-def parse_config(data: Any, origin: str = "<config>", text: str | None = None) -> RunConfig:
-    """Validate a plain dict into a RunConfig; one ConfigError line per run, the first problem first."""
+def parse_config(data: Any, origin: str = "<config>", text: str | None = None,
+                 overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate a plain dict into a RunConfig; one ConfigError line per run, the first problem first.
+    ``overrides``: the --set assignments already applied to ``data`` (errors about them name them)."""
+    where = ConfigOrigin(origin, _key_lines(text) if text else {},
+                         {_override_key(a): a for a in overrides if "=" in a})
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the config must be a mapping of sections, got {type(data).__name__}")
     try:
-        return RunConfig.model_validate(data)
+        config = RunConfig.model_validate(data)
+    except ConfigProblem as problem:
+        raise ConfigError(f"{where.locate(problem.loc)}: {problem.message}") from None
     except ValidationError as exc:
-        key_lines = _key_lines(text) if text else {}
-        problems = [_describe(e, origin, key_lines) for e in exc.errors()]
+        problems = [_describe(e, where) for e in exc.errors()]
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ConfigError(problems[0] + more) from None
+    config._origin = where
+    return config
+
+
+def _override_key(assignment: str) -> tuple:
+    """The key path an override sets, as the config's key lines name it (list items by index)."""
+    return tuple(int(p) if p.isdigit() else p for p in assignment.split("=", 1)[0].strip().split(".") if p)
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -679,11 +725,31 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     """Make data paths relative to the config file's folder absolute."""
     for task in config.tasks:
         source = task.source
-        for field_name in ("data_dir", "train", "fewshot", "test"):
+        for field_name in DATA_PATH_KEYS:
             value = getattr(source, field_name, None)
             if isinstance(value, Path) and not value.is_absolute():
                 setattr(source, field_name, (base / value).resolve())
     return config
+
+
+DATA_PATH_KEYS = ("data_dir", "train", "fewshot", "test")  # a task source's paths: a folder, then files
+
+
+def check_data_paths(config: RunConfig) -> None:
+    """Every data path of the config is there, on the machine that reads the data: a file for a
+    split, a folder for ``data_dir`` (a submitted run's paths may name the cluster's disks, so
+    this is checked where the run starts, not when the config is read)."""
+    for index, task in enumerate(config.tasks):
+        for field_name in DATA_PATH_KEYS:
+            value = getattr(task.source, field_name, None)
+            if not isinstance(value, Path):
+                continue
+            folder = field_name == "data_dir"
+            if value.is_dir() if folder else value.is_file():
+                continue
+            what = ("no such folder" if folder else "file not found") if not value.exists() else \
+                "not a folder" if folder else "not a file"
+            raise ConfigError(f"{config.where('tasks', index, 'source', field_name)}: {value}: {what}")
 
 
 BUILTIN_CONFIGS = {"quickstart": Path(__file__).parent / "configs" / "quickstart.yaml"}
@@ -695,7 +761,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         known = ", ".join(sorted(BUILTIN_CONFIGS))
         raise ConfigError(f"{path}: config file not found (built-in configs: {known})")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raw = path.read_bytes()
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -706,5 +779,5 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: the config file is empty")
     for assignment in overrides:
         apply_override(data, assignment)
-    config = parse_config(data, origin=str(path), text=text)
+    config = parse_config(data, origin=str(path), text=text, overrides=overrides)
     return resolve_paths(config, path.parent.resolve())

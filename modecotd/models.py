@@ -195,6 +195,28 @@ def check_reference(reference: str) -> None:
         materialize(reference)  # a folder, or the local hub cache only: cheap, and the same rule
 
 
+def context_limit(reference: str):
+    """(tokenizer, context length in tokens) of a model at hand on this node: a built-in, a local
+    folder, or the Hugging Face cache when nothing may be downloaded; None for a model that would
+    have to be fetched first, or one without a fixed context (relative positions, as T5)."""
+    import json
+
+    from modecotd.storage import is_uri
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    builtin_or_file = reference.startswith(("builtin:", "file://"))
+    if not builtin_or_file and (is_uri(reference) or not (offline or reference.startswith((".", "/", "~"))
+                                                          or Path(reference).expanduser().is_dir())):
+        return None  # it would have to be copied or downloaded first
+    folder = materialize(reference)
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("is_encoder_decoder"):
+        return None
+    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                    if isinstance(config.get(k), int)), None)
+    return (load_tokenizer(folder), context) if context else None
+
+
 def _node_name() -> str:
     import socket
 

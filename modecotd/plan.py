@@ -34,6 +34,7 @@ class RunLayout:
     mixtures: str = "mixtures"
     mixture_trials: str = "mixtures/.trials"  # each Tune trial's gate routers, until its mixture is committed
     ray: str = "ray"  # Ray Train's and Tune's storage
+    stamp: str = "run.json"  # which pipeline version wrote the run (see check_run_stamp)
 
     def unit(self, prefix: str, key: str) -> Unit:
         return Unit(self.storage, prefix, key)
@@ -153,6 +154,36 @@ def settings_key(section) -> dict:
 
 def examples_key(examples: list[Example]) -> str:
     return fingerprint([(e.question, e.answer, e.rationale) for e in examples])
+
+
+def check_run_stamp(layout: RunLayout) -> None:
+    """Refuse a run folder another pipeline version wrote: its units would not be understood (their
+    fingerprints differ, so all of them would be redone over the old ones). A folder without a
+    stamp was written before stamps existed, at version 1."""
+    import json
+
+    from modecotd.errors import UserError
+
+    storage = layout.storage
+    if not storage.exists(layout.stamp):
+        return
+    where = storage.describe(layout.stamp)
+    try:
+        stamp = json.loads(storage.read_text(layout.stamp))
+        version = stamp["pipeline_version"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise UserError(f"{where}: not a modecotd run stamp (no pipeline_version): is this folder a modecotd "
+                        "run? Choose another --run-dir") from None
+    if version != PIPELINE_VERSION:
+        raise UserError(f"{where}: pipeline_version {version!r}, but this modecotd writes version "
+                        f"{PIPELINE_VERSION}: the run was made by another modecotd release; use that release, "
+                        "or choose another --run-dir (the old run is left as it is)")
+
+
+def write_run_stamp(layout: RunLayout) -> None:
+    import json
+
+    layout.storage.write_text(layout.stamp, json.dumps({"pipeline_version": PIPELINE_VERSION}) + "\n")
 
 
 class Plan:

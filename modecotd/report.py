@@ -338,10 +338,11 @@ def render_markdown(report: dict) -> str:
     lines += worst_section(report.get("worst", []))
     lines += ["", "## Teacher", "",
               "Yield: share of questions with at least one accepted rationale. Rationalized: accepted rows "
-              "written with the gold answer as a hint (STaR). Failed: questions the teacher could not do.", "",
+              "written with the gold answer as a hint (STaR). Failed: questions the teacher could not do. "
+              "Samples: how many rationales came back of those asked (fewer when an endpoint failed part-way).", "",
               "| task | questions | yield | accepted | per answered question | mean words | rationalized "
-              "| failed | rejections | failures | tokens/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| failed | samples | rejections | failures | tokens/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         if "teacher" in t:
             tt = t["teacher"]
@@ -351,7 +352,9 @@ def render_markdown(report: dict) -> str:
             lines.append(" | ".join([
                 f"| {name}", str(tt["questions"]), _pct(tt["yield"]), str(tt["accepted"]),
                 f"{tt.get('rationales_per_answered_question', 0):.2f}", f"{tt.get('mean_rationale_words', 0):.1f}",
-                str(tt.get("rationalized", 0)), str(tt.get("failed", 0)), rejections, failures,
+                str(tt.get("rationalized", 0)), str(tt.get("failed", 0)),
+                f"{tt['samples_returned']} of {tt['samples_asked']}" if "samples_asked" in tt else "–",
+                rejections, failures,
                 "–" if not speed else f"{speed:.0f}"]) + " |")
     lines += ["", "## Experts", "",
               "| task | status | rows | steps | loss first → final | best validation loss | notes | seconds |",

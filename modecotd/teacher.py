@@ -38,6 +38,7 @@ class Outcome:
     candidates: list[Candidate] = field(default_factory=list)
     error: str | None = None
     tokens: int = 0
+    asked: int = 1  # samples the backend asked its generator for (candidates: what came back)
 
 
 class TeacherBackend(Protocol):
@@ -98,7 +99,7 @@ class CotTeacher:
             [prompts.reasoning(ex.question, hint) for ex, hint in zip(examples, hints)],
             samples=self.samples, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
             stop=prompts.reasoning_stop, seed=seed)
-        outcomes = [Outcome(error=c.error, tokens=c.tokens) for c in first]
+        outcomes = [Outcome(error=c.error, tokens=c.tokens, asked=self.samples) for c in first]
         flat = [(i, text.strip()) for i, c in enumerate(first) if c.error is None for text in c.texts]
         second = self.generator.generate(
             [prompts.answer(examples[i].question, text, hints[i]) for i, text in flat],
@@ -122,6 +123,8 @@ class ShardOutput:
     rejected: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     tokens: int = 0
+    samples_asked: int = 0
+    samples_returned: int = 0
 
     @property
     def questions(self) -> int:
@@ -160,6 +163,8 @@ def _label(out: ShardOutput, qid: int, ex: Example, outcome: Outcome, prompts: T
     base = {"id": qid, "question": ex.question, "answer": ex.answer, "source": ex.source,
             "rationalized": rationalized}
     out.tokens += outcome.tokens
+    out.samples_asked += outcome.asked
+    out.samples_returned += len(outcome.candidates)
     if outcome.error:
         out.failed.append({**base, "reason": outcome.error})
         return 0

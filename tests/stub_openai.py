@@ -9,7 +9,11 @@ thread and records every request. Markers in the prompt make failures happen:
 - ``DOWN``: always 503;
 - ``SLOW``: waits 2 s before answering (so a client timeout of ~0.3 s fails);
 - ``GARBLED``: 200 with a body that is not JSON;
-- ``NOCHOICES``: 200 with JSON that has no ``choices``.
+- ``NOCHOICES``: 200 with JSON that has no ``choices``;
+- ``CLOSE``: the connection is closed without an answer.
+
+Markers ending in ``ONCE`` (``GARBLEDONCE``, ``CLOSEONCE``) fail only the prompt's first request.
+``ignore_n`` makes the stub answer one choice whatever ``n`` asks, as llama.cpp's server does.
 
 The stub counts one token per character in ``usage.completion_tokens``, so a test can tell
 usage-based counts from a client's word-count fallback.
@@ -41,12 +45,14 @@ class StubServer:
     """
 
     def __init__(self, responder: Callable[[str, int], list[str]] | None = None, api_key: str | None = None,
-                 delay_s: float = 0.0, *, retry_after: str | None = "0", report_usage: bool = True):
+                 delay_s: float = 0.0, *, retry_after: str | None = "0", report_usage: bool = True,
+                 ignore_n: bool = False):
         self.responder = responder or default_responder
         self.api_key = api_key
         self.delay_s = delay_s
         self.retry_after = retry_after
         self.report_usage = report_usage
+        self.ignore_n = ignore_n
         self.requests: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -156,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
             got = (authorization or "").removeprefix("Bearer ")
             return self._json(401, _error(f"Incorrect API key provided: {got!r}"))
         prompt = _prompt_of(body) or ""
-        n = int(body.get("n", 1))
+        n = 1 if stub.ignore_n else int(body.get("n", 1))
         if "REFUSE" in prompt:
             return self._json(400, _error("This model's maximum context length is 8 tokens (stub refusal)"))
         if "FLAKY" in prompt and seen == 1:
@@ -168,7 +174,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(503, _error("service unavailable (stub)"))
         if "SLOW" in prompt and not stub._wait(SLOW_S):
             return None
-        if "GARBLED" in prompt:
+        if "CLOSE" in prompt and ("CLOSEONCE" not in prompt or seen == 1):
+            self.close_connection = True
+            return None
+        if "GARBLEDONCE" in prompt and seen == 1:
+            return self._send(200, b'{"choices": [{"index": 0, "mess', "application/json")
+        if "GARBLED" in prompt and "GARBLEDONCE" not in prompt:
             return self._send(200, b"<html>this is not json</html>", "text/html")
         if "NOCHOICES" in prompt:
             return self._json(200, {"id": "stub", "object": "chat.completion", "usage": {"completion_tokens": 0}})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modecotd.config import BUILTIN_CONFIGS, apply_override, load_config
+from modecotd.config import BUILTIN_CONFIGS, apply_override, check_data_paths, load_config
 from modecotd.errors import ConfigError
 
 GOOD = textwrap.dedent("""\
@@ -130,6 +130,13 @@ def test_relative_data_paths_resolve_against_the_config(tmp_path):
     text = text.replace("backend: scripted", "backend: precomputed")
     config = load_config(write(tmp_path, text))
     assert config.tasks[0].source.train == (tmp_path / "data" / "train.jsonl").resolve()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"run.yaml:5: tasks.0.source.test: .*data/test.jsonl: file not found"):
+        check_data_paths(config)
+    (tmp_path / "data" / "test.jsonl").mkdir()
+    with pytest.raises(ConfigError, match=r"run.yaml:5: tasks.0.source.test: .*data/test.jsonl: not a file"):
+        check_data_paths(config)
 
 
 def test_apply_override_creates_sections():
@@ -147,7 +154,7 @@ def test_every_example_config_validates(path):
 
 @pytest.mark.parametrize("teacher, message", [
     ({"backend": "openai"}, "needs an endpoint section"),
-    ({"backend": "openai", "endpoint": {"url": "localhost:8000"}}, "teacher.endpoint.url: Value error, must start with http"),
+    ({"backend": "openai", "endpoint": {"url": "localhost:8000"}}, "teacher.endpoint.url: must start with http"),
     ({"backend": "precomputed", "rationalize": True}, "needs a generating backend"),
     ({"backend": "scripted", "prompting": "few_shot"}, "needs a generating backend"),
     ({"backend": "vllm"}, "set teacher.gpus_per_actor"),
@@ -236,7 +243,7 @@ def test_batch_sizes_default_to_auto_and_keep_explicit_numbers(tmp_path):
                                       "teacher.batch_size=2.5", "mixture.candidates_per_forward=true"])
 def test_bad_batch_sizes_name_the_key_and_the_allowed_values(tmp_path, override):
     key = override.split("=")[0]
-    with pytest.raises(ConfigError, match=re.escape(f"{key}: Value error, must be a whole number >= 1 or 'auto'")):
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: must be a whole number >= 1 or 'auto'")):
         load_config(write(tmp_path, GOOD), [override])
 
 

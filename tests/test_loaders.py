@@ -14,6 +14,7 @@ from modecotd.errors import DataError, UserError
 from modecotd.prompts import student_prompt
 from modecotd.tasks.build import load_task, load_tasks
 from modecotd.tasks.loaders import (
+    MAX_ROW_BYTES,
     PROMPT_SHAPES,
     UNPARSED_REASONS,
     PaperSplitReader,
@@ -138,12 +139,16 @@ def _bad_jsonl(path: Path) -> Path:
         json.dumps({"input": good, "output": "because\n\n-->\n\n END"}),  # 11 bad_answer
         json.dumps({"input": good, "output": "thinking\n\n-->\n\nbanana END"}),  # 12 bad_answer
         json.dumps({"input": PROMPT_Q.format(question="2 + 2?"), "output": "so\n\n-->\n\n4 END"}),  # 13
+        json.dumps({"id": 7, "input": PROMPT_Q.format(question="3 + 3?"), "output": "6"}),  # 14
+        json.dumps({"id": 7, "input": PROMPT_Q.format(question="4 + 4?"), "output": "8"}),  # 15 duplicate_id
+        json.dumps({"input": PROMPT_Q.format(question="9" * (MAX_ROW_BYTES + 10)), "output": "9"}),  # 16 too_long
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-BAD_JSONL_COUNTS = {"bad_json": 1, "not_object": 1, "missing_field": 3, "empty_question": 2, "bad_answer": 3}
+BAD_JSONL_COUNTS = {"bad_json": 1, "not_object": 1, "missing_field": 3, "empty_question": 2, "bad_answer": 3,
+                    "duplicate_id": 1, "too_long": 1}
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -155,15 +160,16 @@ def test_bad_rows_are_counted_by_reason_and_warned_once(tmp_path: Path, caplog: 
     reader = PaperSplitReader(path, AnswerKind.NUMBER, task="x")
     examples = list(reader())
     assert [(e.question, e.answer, e.source) for e in examples] == [("1 + 1?", "2", f"{path}:1"),
-                                                                    ("2 + 2?", "4", f"{path}:13")]
+                                                                    ("2 + 2?", "4", f"{path}:13"),
+                                                                    ("3 + 3?", "6", f"{path}:14")]
     assert dict(reader.unparsed) == BAD_JSONL_COUNTS
     assert set(reader.unparsed) == set(UNPARSED_REASONS)
     [warning] = _warnings(caplog, "cannot be parsed")
-    assert "skipped 10 row(s)" in warning and "task x" in warning
+    assert "skipped 12 row(s)" in warning and "task x" in warning
     for line in (2, 3, 4):  # the first few bad rows, by line
         assert f"{path}:{line}:" in warning
     assert f"{path}:5:" not in warning
-    assert len(list(reader())) == 2  # a second pass recounts and does not warn again
+    assert len(list(reader())) == 3  # a second pass recounts and does not warn again
     assert dict(reader.unparsed) == BAD_JSONL_COUNTS
     assert len(_warnings(caplog, "cannot be parsed")) == 1
 

@@ -150,9 +150,46 @@ def test_failures_stay_on_their_prompt_and_the_rest_succeed(waits):
     assert out["REFUSE this"].error.startswith("endpoint refused the request (HTTP 400): ")
     assert "maximum context length" in out["REFUSE this"].error
 
-    for garbled in ("GARBLED body", "NOCHOICES here"):
-        assert out[garbled].error.startswith("endpoint sent a malformed response"), garbled
-    assert stub.count("GARBLED") == 1 and stub.count("NOCHOICES") == 1
+    for garbled in ("GARBLED body", "NOCHOICES here"):  # retried: a cut-off body may come whole next time
+        assert out[garbled].error.startswith("endpoint failed after 3 attempts: malformed response"), garbled
+    assert stub.count("GARBLED") == 3 and stub.count("NOCHOICES") == 3
+
+
+def test_a_cut_off_body_or_a_closed_connection_is_retried_then_succeeds(waits):
+    prompts = ["GARBLEDONCE a", "CLOSEONCE b", "CLOSE always"]
+    with StubServer() as stub:
+        out = OpenAIGenerator(stub.url, "m", max_retries=2, **FAST).generate(prompts, **ARGS)
+    assert out[0].error is None and out[0].texts == ["step one. step two."] * 2
+    assert out[1].error is None and out[1].texts == ["step one. step two."] * 2
+    assert stub.count("GARBLEDONCE") == 2 and stub.count("CLOSEONCE") == 2
+    assert out[2].error.startswith("endpoint failed after 3 attempts: connection failed")
+    assert stub.count("CLOSE always") == 3
+
+
+def test_a_server_that_ignores_n_is_asked_again_for_the_missing_samples(caplog):
+    def distinct(prompt: str, n: int) -> list[str]:
+        return [f"sample {len(stub.requests)}"] * n
+
+    with StubServer(distinct, ignore_n=True) as stub, caplog.at_level(logging.WARNING, "modecotd"):
+        out = OpenAIGenerator(stub.url, "m", concurrency=1, **FAST).generate(["p", "q"], **{**ARGS, "samples": 3})
+    assert [len(c.texts) for c in out] == [3, 3]
+    assert out[0].texts == ["sample 1", "sample 2", "sample 3"]
+    assert [r["body"]["n"] for r in stub.requests] == [3, 2, 1] * 2
+    assert [r["body"]["seed"] for r in stub.requests] == [3, 4, 5] * 2  # a new seed for each new sample
+    assert sum("seems to ignore 'n'" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_samples_in_hand_are_kept_when_asking_for_the_rest_fails(waits):
+    class DownAfterFirst(OpenAIGenerator):
+        """The request for the missing sample carries the stub's DOWN marker."""
+
+        def _body(self, prompt: str, params: dict) -> bytes:
+            return super()._body(prompt + (" DOWN" if params["seed"] > ARGS["seed"] else ""), params)
+
+    with StubServer(ignore_n=True) as stub:
+        out = DownAfterFirst(stub.url, "m", max_retries=1, **FAST).generate(["p"], **ARGS)
+    assert out[0].error is None and out[0].texts == ["step one. step two."]
+    assert stub.count("DOWN") == 2 and len(stub.requests) == 3
 
 
 def test_backoff_doubles_and_retry_after_is_honoured_and_capped(waits):

@@ -192,6 +192,31 @@ def test_bad_rows_and_failing_endpoints_are_recorded_and_the_key_never_written(r
             assert SECRET not in path.read_text(errors="ignore"), path
 
 
+def test_a_server_that_ignores_n_still_gives_every_sample_and_the_summary_counts_them(ray_cluster, tmp_path,
+                                                                                     monkeypatch):
+    """llama.cpp's server answers one choice whatever ``n`` says: the rest are asked for again."""
+    import itertools
+
+    monkeypatch.setenv("MODECOTD_TEST_KEY", SECRET)
+    write_questions(tmp_path, 4)
+    calls = itertools.count()
+
+    def one_way_per_call(prompt: str, n: int) -> list[str]:
+        number = int(QUESTION.findall(prompt)[-1])
+        if prompt.rstrip().endswith("is"):
+            return [f" {number + 1}."] * n
+        return [f"{number} and one more make {number + 1} (call {next(calls)})."] * n
+
+    with StubServer(one_way_per_call, api_key=SECRET, ignore_n=True) as stub:
+        config = make_config(tmp_path, openai_teacher(stub, samples=2, temperature=0.7))
+        summary = run_stage(config, tmp_path)["plus"]
+        reasoning = [r["body"]["n"] for r in stub.requests if not r["prompt"].rstrip().endswith("is")]
+    assert sorted(reasoning) == [1] * 4 + [2] * 4  # asked for 2, got 1, asked again for the other
+    assert summary["samples_asked"] == summary["samples_returned"] == 8
+    assert summary["accepted"] == 8 and summary["questions_with_rationale"] == 4
+    assert sorted(row["id"] for row in rows(tmp_path, "accepted")) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
 def test_a_missing_api_key_variable_is_a_clear_error(ray_cluster, tmp_path, monkeypatch):
     from modecotd.errors import ModelError
 

@@ -3,7 +3,9 @@
 Works with vLLM's ``vllm serve``, hosted endpoints and anything else that answers
 ``POST {url}/chat/completions`` (the default) or the legacy ``POST {url}/completions``.
 Only the standard library is used: one HTTP request per prompt (``n=samples``), a bounded
-thread pool, and retries with exponential backoff for failures another try may fix.
+thread pool, and retries with exponential backoff for failures another try may fix (429, 5xx,
+timeouts, dropped connections, malformed replies). A server that sends fewer choices than asked
+(llama.cpp's server ignores ``n``) is asked again for the missing samples, each time with a new seed.
 
 The API key is sent as a Bearer header and is kept out of ``repr``, log records and every
 error string (a server that echoes the key back has it masked).
@@ -45,7 +47,7 @@ def resolve_api_key(env_name: str | None) -> str | None:
 
 
 class _Retry(Exception):
-    """A failure another try may fix: HTTP 429, a 5xx, a dropped connection, a timeout."""
+    """A failure another try may fix: HTTP 429, a 5xx, a dropped connection, a timeout, a malformed reply."""
 
     def __init__(self, reason: str, retry_after: float | None = None):
         super().__init__(reason)
@@ -83,6 +85,7 @@ class OpenAIGenerator:
         self._endpoint = self.url + APIS[api]
         self._api_key = api_key or None
         self._opener = urllib.request.build_opener()
+        self._told_short = False  # warned once that the server sends fewer choices than asked
 
     def __repr__(self) -> str:
         return f"OpenAIGenerator(url={self.url!r}, model={self.model!r}, api={self.api!r})"
@@ -103,12 +106,40 @@ class OpenAIGenerator:
             params["stop"] = stop[:MAX_STOP_SENT]
 
         def one(index: int) -> Completion:
-            return self._complete(index, self._body(prompts[index], params), stop)
+            return self._samples(index, prompts[index], params, stop)
 
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
             return list(pool.map(one, range(len(prompts))))
 
     # ------------------------------------------------------------------ one prompt
+
+    def _samples(self, index: int, prompt: str, params: dict, stop: list[str]) -> Completion:
+        """All ``n`` samples of one prompt. Each request asks for the samples still missing, with the
+        seed moved on (a server that honours the seed would otherwise repeat its sample); at most
+        ``n`` requests, since every successful one brings at least one choice. Should a later request
+        fail, the samples already in hand are kept (the stage counts what was asked and what came)."""
+        wanted = params["n"]
+        texts: list[str] = []
+        tokens = 0
+        for round_ in range(wanted):
+            missing = wanted - len(texts)
+            if missing <= 0:
+                break
+            got = self._complete(index, self._body(prompt, {**params, "n": missing, "seed": params["seed"] + round_}),
+                                 stop)
+            if got.error is not None:
+                if not texts:
+                    return got
+                log.warning("%s: prompt %d: kept %d of %d samples: %s", self._endpoint, index, len(texts), wanted,
+                            got.error)
+                break
+            if len(got.texts) < missing and not self._told_short:
+                self._told_short = True
+                log.warning("%s: asked for %d choices, got %d: the server seems to ignore 'n'; asking again for "
+                            "the missing samples", self._endpoint, missing, len(got.texts))
+            texts += got.texts[:missing]
+            tokens += got.tokens
+        return Completion(texts=texts, tokens=tokens)
 
     def _body(self, prompt: str, params: dict) -> bytes:
         """The JSON request body for one prompt."""
@@ -167,8 +198,8 @@ class OpenAIGenerator:
             raise _Retry(f"connection failed: {type(error).__name__}: {error}") from None
         try:
             return json.loads(raw)
-        except ValueError:
-            raise _Fail(f"endpoint sent a malformed response (not JSON): {_short(raw)}") from None
+        except ValueError:  # a proxy's error page or a cut-off body: another try may be whole
+            raise _Retry(f"malformed response (not JSON): {_short(raw)}") from None
 
     def _redact(self, text: str) -> str:
         """``text`` with the API key masked, should a server have echoed it."""
@@ -179,12 +210,12 @@ def _parse(reply: object, stop: list[str]) -> Completion:
     """The Completion in a decoded reply: texts cut at the stop strings, tokens from ``usage``."""
     choices = reply.get("choices") if isinstance(reply, dict) else None
     if not isinstance(choices, list) or not choices:
-        raise _Fail(f"endpoint sent a malformed response (no choices): {_short(json.dumps(reply))}")
+        raise _Retry(f"malformed response (no choices): {_short(json.dumps(reply))}")
     texts = []
     for choice in sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0):
         text = _choice_text(choice)
         if text is None:
-            raise _Fail(f"endpoint sent a malformed response (a choice without text): {_short(json.dumps(choice))}")
+            raise _Retry(f"malformed response (a choice without text): {_short(json.dumps(choice))}")
         texts.append(cut_at_stop(text, stop))
     usage = reply.get("usage")
     used = usage.get("completion_tokens") if isinstance(usage, dict) else None

@@ -101,10 +101,20 @@ def load_task(task) -> TaskData:
     return data
 
 
-def load_tasks(tasks) -> dict[str, TaskData]:
+def load_tasks(tasks, locate: Callable[[int], str] | None = None) -> dict[str, TaskData]:
     """Every task of a run by name, and no task's few-shot row among another seen task's train rows
-    (see :func:`drop_fewshot_seen_by_experts`)."""
-    loaded = {task.name: load_task(task) for task in tasks}
+    (see :func:`drop_fewshot_seen_by_experts`). ``locate(index)`` names the config key of the task
+    at ``index``; an error about a task as a whole (not about one row of a file) starts with it."""
+    loaded = {}
+    for index, task in enumerate(tasks):
+        try:
+            loaded[task.name] = load_task(task)
+        except loaders.BadRow:
+            raise  # it names its file, line and field
+        except (DataError, ConfigError) as error:
+            if locate is None:
+                raise
+            raise type(error)(f"{locate(index)}: {error}") from None
     drop_fewshot_seen_by_experts(loaded)
     return loaded
 

@@ -34,7 +34,13 @@ NOT_OBJECT = "not_object"  # a row that is not a JSON object
 MISSING_FIELD = "missing_field"  # a required field absent, null or not a string
 EMPTY_QUESTION = "empty_question"  # a blank input, or a known prompt shape around no question
 BAD_ANSWER = "bad_answer"  # no gold answer, or one that does not read as the task's answer kind
-UNPARSED_REASONS = (BAD_JSON, NOT_OBJECT, MISSING_FIELD, EMPTY_QUESTION, BAD_ANSWER)
+TOO_LONG = "too_long"  # a line over MAX_ROW_BYTES (never held whole in memory)
+DUPLICATE_ID = "duplicate_id"  # a row whose ``id`` an earlier row of the file has
+UNPARSED_REASONS = (BAD_JSON, NOT_OBJECT, MISSING_FIELD, EMPTY_QUESTION, BAD_ANSWER, TOO_LONG, DUPLICATE_ID)
+MAX_ROW_BYTES = 1 << 20
+"""A JSONL row may be at most this long (1 MiB: far beyond any model's context)."""
+ID_FIELD = "id"
+"""Rows that carry this field must each have their own value in a file."""
 
 
 class BadRow(DataError):
@@ -77,20 +83,33 @@ def _read_text(path: Path) -> str:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(locator, value) for each non-blank line of a JSONL file, read line by line; locator is
-    ``path:line``; the value of a line that is not JSON is a BadRow."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                locator = f"{path}:{number}"
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as error:
-                    value = BadRow(locator, BAD_JSON, f"invalid JSON ({error.msg})")
-                yield locator, value
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason})") from error
+    ``path:line``; the value of a line that is not JSON, or longer than :data:`MAX_ROW_BYTES`
+    (read past, never held whole), is a BadRow. Bytes that are not UTF-8 are a DataError naming
+    the line."""
+    with open(path, "rb") as handle:
+        number = 0
+        while line := handle.readline(MAX_ROW_BYTES + 1):
+            number += 1
+            locator = f"{path}:{number}"
+            if len(line) > MAX_ROW_BYTES:
+                size = len(line)
+                while not line.endswith(b"\n") and (line := handle.readline(MAX_ROW_BYTES)):
+                    size += len(line)
+                yield locator, BadRow(locator, TOO_LONG, f"the line is {size / 2**20:.1f} MB; a row may be at "
+                                                         f"most {MAX_ROW_BYTES / 2**20:.0f} MB")
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{locator}: not UTF-8 text ({error.reason} at byte {error.start + 1} of the "
+                                "line); save the file as UTF-8") from None
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                value = BadRow(locator, BAD_JSON, f"invalid JSON ({error.msg})")
+            yield locator, value
 
 
 def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -120,15 +139,23 @@ def iter_rows(path: Path, strict: bool = True) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: file not found")
     reader = _json_array_rows if path.suffix == JSON_SUFFIX else _jsonl_rows
     count = 0
+    ids: dict[Any, str] = {}  # id -> the locator of the row that has it
     for locator, row in reader(path):
         count += 1
         if not isinstance(row, (dict, BadRow)):
             row = BadRow(locator, NOT_OBJECT, "row is not a JSON object")
+        elif isinstance(row, dict) and row.get(ID_FIELD) is not None:
+            key = json.dumps(row[ID_FIELD], sort_keys=True)
+            if key in ids:
+                row = BadRow(locator, DUPLICATE_ID, f"field {ID_FIELD!r}: {row[ID_FIELD]!r} is also the id of "
+                                                    f"{ids[key].rsplit(':', 1)[-1].strip()} (ids must be unique)")
+            else:
+                ids[key] = locator
         if strict and isinstance(row, BadRow):
             raise row
         yield locator, row
     if not count:
-        raise DataError(f"{path}: file has no rows")
+        raise DataError(f"{path}: file has no rows (it is empty or blank)")
 
 
 def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
