@@ -9,10 +9,17 @@ and a mode the user set is left alone. No Ray import in this module.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from modecotd.errors import UserError
 
 DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+ALLOW_HTTP_ENV = "MODECOTD_ALLOW_HTTP_TOKEN"  # "1": the user accepts sending the token over plain HTTP
 
 
 def token_available() -> bool:
@@ -36,3 +43,45 @@ def read_token() -> str:
         return os.environ["RAY_AUTH_TOKEN"]
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or DEFAULT_TOKEN_FILE)
     return path.read_text().strip()
+
+
+def ensure_token() -> Path | None:
+    """A token for a cluster started here: the one at hand, or a new random one written to
+    ``~/.ray/auth_token`` readable by this user only (``ray start`` leaves authentication off when no
+    token exists). None when the user chose a mode other than token."""
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        return None
+    if not token_available():
+        DEFAULT_TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(DEFAULT_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return DEFAULT_TOKEN_FILE
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback interface."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def check_token_transport(url: str) -> None:
+    """Refuse to send Ray's token in clear text over the network: plain ``http://`` to a host other
+    than this machine's loopback needs MODECOTD_ALLOW_HTTP_TOKEN=1 (the CLI's ``--allow-http-token``).
+    Without token mode nothing is sent, so anything goes."""
+    if os.environ.get("RAY_AUTH_MODE") != "token" or os.environ.get(ALLOW_HTTP_ENV) == "1":
+        return
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        raise UserError(f"refusing to send Ray's auth token over plain HTTP to {parts.netloc}: reach the dashboard "
+                        "through https://, an SSH tunnel or kubectl port-forward to 127.0.0.1, or pass "
+                        "--allow-http-token if this network is trusted")

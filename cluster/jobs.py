@@ -3,13 +3,14 @@
 A submitted run is the entrypoint ``modecotd run CONFIG --run-dir DIR`` with a working directory
 holding the config and the data files it names (or a folder the user chooses; see
 :mod:`modecotd.cluster.upload`, which measures it and refuses one too large), a readable submission id
-(``modecotd-<run name>-<time>``) and metadata that the dashboard shows: run name, stages, config
+(``modecotd-<run name>-<time>-<6 hex digits>``) and metadata that the dashboard shows: run name, stages, config
 fingerprint. The client sends Ray's token when one is at hand (see :mod:`modecotd.cluster.auth`,
 which the CLI calls before Ray is imported); nothing here turns authentication off.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import time
 from pathlib import Path
@@ -28,7 +29,10 @@ def address_or_default(address: str | None) -> str:
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
+    from modecotd.cluster.auth import check_token_transport
+
     resolved = address_or_default(address)
+    check_token_transport(resolved)
     try:
         return JobSubmissionClient(resolved)
     except Exception as exc:  # connection refused, 401 without a token, not a Ray dashboard
@@ -68,7 +72,8 @@ def submit(config_path: Path, *, address: str | None = None, run_dir: str | None
         runtime_env["env_vars"] = dict(env)
     if pip:
         runtime_env["pip"] = list(pip)
-    submission_id = f"{JOB_PREFIX}{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # unique even for one config submitted many times in one second
+    submission_id = f"{JOB_PREFIX}{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     metadata = {"run": config.name, "stages": ",".join(stages or []) or "all", "run_dir": run_dir,
                 "config_fingerprint": fingerprint(config.model_dump(mode="json"))}
     try:

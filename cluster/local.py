@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from modecotd.cluster.auth import read_token, token_available
+from modecotd.cluster.auth import ensure_token, read_token, token_available
 from modecotd.errors import UserError
 
 DEFAULT_GCS_PORT = 6379
@@ -31,15 +31,18 @@ def _ray_cli() -> str:
 
 
 def up(num_cpus: int | None = None, port: int = DEFAULT_GCS_PORT, dashboard_port: int = DEFAULT_DASHBOARD_PORT,
-       workers: int = 0, cpus_per_worker: float = 1, isolated: bool = False) -> str:
+       workers: int = 0, cpus_per_worker: float = 1, isolated: bool = False, dashboard_host: str = "127.0.0.1") -> str:
     """Start a head node with the dashboard and, with ``workers``, that many worker nodes on this
     machine, each with its own CPUs and a resource ``worker-<i>`` (a multi-node cluster for tests
     and demos; the head then keeps no CPUs, so all work lands on the workers). With ``isolated``
     each worker node runs in its own mount namespace where /tmp, the home folder, ./runs and the
     model caches are empty private folders, as on a machine that shares no disk with this one
-    (needs root, for ``unshare --mount``). Returns the address to pass as --address."""
+    (needs root, for ``unshare --mount``). Token authentication is on (a token is made when there is
+    none) unless RAY_AUTH_MODE says otherwise; the dashboard and the Jobs API listen on
+    ``dashboard_host`` only. Returns the address to pass as --address."""
+    ensure_token()
     head = [_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=true",
-            f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
+            f"--dashboard-host={dashboard_host}", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
     if workers:
         head.append("--num-cpus=0")
     elif num_cpus:
@@ -109,6 +112,13 @@ def _ray_start(command: list[str], isolated: bool = False) -> None:
     if done.returncode != 0:
         down()
         raise UserError(f"ray start failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+
+
+def token_file() -> str:
+    """Where the cluster's token is, for the user (never the token itself)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "from RAY_AUTH_TOKEN"
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
 
 
 def down() -> None:

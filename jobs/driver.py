@@ -98,6 +98,10 @@ def _prepare(config, run_dir, stages: list[str] | None) -> Work:
         except UserError as error:
             raise type(error)(f"{config.where(section, 'model')}: {error}") from None
     check_context(config, tasks)
+    if config.teacher.backend == "openai" and (not stages or "teacher" in stages):
+        from modecotd.backends.openai_api import resolve_api_key
+
+        resolve_api_key(config.teacher.endpoint.api_key_env)  # that the variable is set; its value stays there
     if not layout.storage.is_local:  # an object store that cannot be reached fails before Ray starts
         layout.storage.check_reachable()
     return Work(config, tasks, Plan(config, tasks, layout))
@@ -132,7 +136,8 @@ def _connect(work: Work, address: str | None) -> None:
     from modecotd.jobs.storage_check import check_every_node_reaches
 
     config = work.config
-    cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard)
+    cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard,
+                                  config.resources.dashboard_host)
     check_every_node_reaches(work.plan.layout.storage)
     if cluster.get("started_here"):  # no node will join a cluster this run started: never wait for one
         work.config = config = config.model_copy(deep=True)

@@ -98,10 +98,13 @@ class Evaluator:
         return task, system_name, rows, time.time() - started, model.precision.as_dict()
 
 
+MAX_ACTOR_LOSSES = 2  # a pair whose actor died is tried again on a new actor up to this many times
+
+
 def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
-    """Run every evaluation whose unit is not done; returns {"task/system": summary}. A pair that
-    fails (its system does not load, its actor dies) is recorded as failed and the other pairs go
-    on; a dead actor is replaced."""
+    """Run every evaluation whose unit is not done; returns {"task/system": summary}. A dead actor is
+    replaced and its pair tried again (up to :data:`MAX_ACTOR_LOSSES` times); a pair that fails
+    otherwise (its system does not load) is recorded as failed and the other pairs go on."""
     cfg = config.evaluation
     todo = [e for e in evaluations if not e.unit.done()]
     log.info("evaluate: %d of %d (task, system) pairs to run", len(todo), len(evaluations))
@@ -126,24 +129,33 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
         for actor in actors:
             ray.kill(actor)
         raise
-    running: dict = {}  # future -> (actor slot, task, system name, unit)
+    running: dict = {}  # future -> (actor slot, unit, the evaluate call's arguments)
+    losses: dict[str, int] = {}  # unit prefix -> actors that died on it
 
     def submit(slot: int) -> None:
         if queue:
             unit, args = queue.pop(0)
-            running[actors[slot].evaluate.remote(*args)] = (slot, args[0], args[1], unit)
+            running[actors[slot].evaluate.remote(*args)] = (slot, unit, args)
 
     for slot in range(len(actors)):
         submit(slot)
     try:
         while running:
             [future], _ = ray.wait(list(running), num_returns=1)
-            slot, task, name, unit = running.pop(future)
+            slot, unit, args = running.pop(future)
+            task, name = args[0], args[1]
             try:
                 _, _, rows, seconds, precision = ray.get(future)
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
                 if isinstance(exc, ray.exceptions.RayActorError):
                     actors[slot] = new_actor()
+                    losses[unit.prefix] = losses.get(unit.prefix, 0) + 1
+                    if losses[unit.prefix] <= MAX_ACTOR_LOSSES:
+                        log.warning("evaluate: %s / %s: its actor died (%s); trying again on a new one (%d of %d)",
+                                    task, name, root_cause(exc), losses[unit.prefix], MAX_ACTOR_LOSSES)
+                        queue.insert(0, (unit, args))
+                        submit(slot)
+                        continue
                 results[f"{task}/{name}"] = {"status": "failed", "error": root_cause(exc)}
                 send("evaluate", f"{task} / {name}", 0, None, "question", note="failed", finished=True)
                 log.error("evaluate: %s / %s failed: %s", task, name, results[f"{task}/{name}"]["error"])

@@ -30,7 +30,8 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True) -> dict:
+def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True,
+            dashboard_host: str = "127.0.0.1") -> dict:
     """Start or join a Ray cluster; returns what the run should print about it. Without an
     address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster."""
     if address:
@@ -46,7 +47,10 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
                         "the connection may be refused (modecotd's CLI sets it for you)")
         context = ray.init(address=address, **kwargs)
     else:
-        context = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
+        context = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host, **kwargs)
+        from modecotd.jobs import reaper
+
+        reaper.start()  # should this process be killed, its private Ray goes with it
     info = {"address": context.address_info.get("address"), "dashboard": context.dashboard_url or None,
             "started_here": not address}
     log.info("Ray cluster at %s, dashboard %s", info["address"], info["dashboard"])

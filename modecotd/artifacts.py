@@ -62,6 +62,12 @@ def scratch_dir() -> Path:
     return cache_dir() / "units"
 
 
+def is_inside(name: str) -> bool:
+    """Whether a file name from a manifest stays inside its unit: relative, no ``..``, no backslash."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in parts and "" not in parts
+
+
 def listed_files(folder: Path) -> dict[str, dict]:
     """Every file under ``folder`` (but a manifest) with its size and sha256, by relative path."""
     return {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": sha256_of(path)}
@@ -107,6 +113,9 @@ class Unit:
         files = manifest.get("files")
         if not isinstance(files, dict):
             return "its manifest lists no files (written by an older version)"
+        unsafe = [name for name in files if not is_inside(name)]
+        if unsafe:
+            return f"its manifest names a file outside the unit ({unsafe[0]!r})"
         state = [json.dumps(manifest, sort_keys=True)]
         for name, facts in files.items():
             size = self.storage.size(self._file(name))
@@ -206,6 +215,8 @@ class Unit:
                 return target
             tmp = target.with_name(f"{version}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
+            if not all(is_inside(name) for name in manifest["files"]):  # never write outside the copy
+                raise StorageError(f"{self.where}: its manifest names a file outside the unit")
             for name, facts in manifest["files"].items():
                 self.storage.download(self._file(name), tmp / name)
                 if sha256_of(tmp / name) != facts["sha256"]:

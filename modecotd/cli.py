@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
     listing = commands.add_parser("list", help="modecotd runs submitted to a cluster, newest first")
     listing.add_argument("--address")
+    for name in ("submit", "status", "logs", "stop", "list"):
+        commands.choices[name].add_argument(
+            "--allow-http-token", action="store_true",
+            help="send Ray's auth token over plain http:// to a host other than this machine (refused otherwise)")
 
     report = commands.add_parser("report", help="rebuild report.md, report.json and the plots of a run")
     report.add_argument("run", help="the run's folder or URI; with --storage, its name")
@@ -98,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--workers", type=int, default=0,
                          help="worker nodes to start beside the head on this machine (a multi-node cluster)")
     cluster.add_argument("--cpus-per-worker", type=float, default=1)
+    cluster.add_argument("--dashboard-host", default="127.0.0.1",
+                         help="the interface the dashboard and Jobs API listen on (default 127.0.0.1, this machine "
+                              "only; 0.0.0.0 for every interface: the token is then sent over plain HTTP)")
     cluster.add_argument("--isolated", action="store_true",
                          help="each worker node in its own mount namespace, sharing no /tmp, home, ./runs or "
                               "model cache with this machine, as a node on another machine (needs root)")
@@ -257,9 +264,11 @@ def _cluster(args) -> int:
 
     if args.action == "up":
         address = local.up(args.num_cpus, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                           isolated=args.isolated)
+                           isolated=args.isolated, dashboard_host=args.dashboard_host)
+        security = (f"token authentication on: {local.token_file()}" if os.environ.get("RAY_AUTH_MODE") == "token"
+                    else "token authentication OFF: RAY_AUTH_MODE says so")
         print(f"Ray cluster up ({1 + args.workers} nodes): modecotd run CONFIG --address {address}; "
-              f"dashboard and Jobs API: http://127.0.0.1:{local.DEFAULT_DASHBOARD_PORT}")
+              f"dashboard and Jobs API: http://{args.dashboard_host}:{local.DEFAULT_DASHBOARD_PORT} ({security})")
     else:
         local.down()
         print("Ray cluster stopped")
@@ -269,9 +278,11 @@ def _cluster(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from modecotd.cluster.auth import use_token_if_available
+    from modecotd.cluster.auth import ALLOW_HTTP_ENV, use_token_if_available
 
     use_token_if_available()  # before anything imports Ray
+    if getattr(args, "allow_http_token", False):
+        os.environ[ALLOW_HTTP_ENV] = "1"
     handlers = {"run": _run, "tune": _tune, "submit": _submit, "status": _jobs, "logs": _jobs, "stop": _jobs,
                 "list": _jobs, "report": _report, "compare": _compare, "pull": _pull, "check": _check,
                 "cluster": _cluster}

@@ -196,6 +196,13 @@ class EndpointConfig(Section):
     def _http_url(cls, value: str) -> str:
         if not re.match(r"^https?://", value):
             raise ValueError("must start with http:// or https://")
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.username or parts.password or parts.query:
+            # it would be saved with the run's config and shown in logs: keys go in api_key_env's variable
+            raise ValueError("must not hold credentials or a query string (user:password@, ?key=...); put the "
+                             "key in the environment variable named by teacher.endpoint.api_key_env")
         return value.rstrip("/")
 
 
@@ -516,6 +523,8 @@ class ResourcesConfig(Section):
 
     num_cpus: int | None = Field(None, ge=1)
     dashboard: bool = True
+    dashboard_host: str = Field("127.0.0.1", json_schema_extra=RUNTIME,
+                                description="the interface the local cluster's dashboard listens on (0.0.0.0: all)")
     placement_timeout_s: float = Field(600, ge=0, json_schema_extra=RUNTIME,
                                        description="how long a stage whose actors or jobs do not fit the cluster "
                                                    "waits for nodes to join (autoscaling) before it fails; a "

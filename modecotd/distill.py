@@ -11,7 +11,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
 
@@ -461,7 +461,8 @@ def save_training_state(engine, folder: Path, rank: int, state: LoopState) -> No
     position and RNG states: CPU, Python and, on a GPU, the CUDA generator of this worker's device
     (LoRA dropout draws from it there)."""
     engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
-    saved = {"loop": state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    # plain containers and tensors only, so that it loads with torch.load(weights_only=True): no pickle
+    saved = {"loop": asdict(state), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     if torch.cuda.is_available():
         saved["cuda_rng"] = torch.cuda.get_rng_state()  # the current device: the one Ray Train gave this rank
     torch.save(saved, Path(folder) / TRAINER_STATE.format(rank=rank))
@@ -471,7 +472,7 @@ def load_training_state(engine, folder: Path, rank: int) -> LoopState:
     """Restore what :func:`save_training_state` wrote. A checkpoint without a CUDA RNG state (written
     on a CPU, or by an older version) still loads; a CUDA state is restored only where there is a GPU."""
     engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_module_strict=False)
-    saved = torch.load(Path(folder) / TRAINER_STATE.format(rank=rank), weights_only=False)
+    saved = torch.load(Path(folder) / TRAINER_STATE.format(rank=rank), weights_only=True)
     torch.set_rng_state(saved["torch_rng"])
     random.setstate(saved["python_rng"])
     cuda_rng = saved.get("cuda_rng")
@@ -481,7 +482,9 @@ def load_training_state(engine, folder: Path, rank: int) -> LoopState:
         else:
             log.warning("%s holds a CUDA RNG state but no GPU is visible here; dropout after resuming will "
                         "not repeat the interrupted run's", folder)
-    return saved["loop"]
+    loop = saved["loop"]
+    loop["validation"] = [tuple(pair) for pair in loop["validation"]]
+    return LoopState(**loop)
 
 
 def trained_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:

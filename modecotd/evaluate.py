@@ -43,7 +43,11 @@ def attach_system(student, student_dir: Path, system: dict):
     if kind == "expert":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(student, str(local_folder(system["adapter"]))).eval()
+        from modecotd.models import require_safetensors
+
+        adapter = local_folder(system["adapter"])
+        require_safetensors(adapter, "adapter_model.safetensors")
+        model = PeftModel.from_pretrained(student, str(adapter)).eval()
         return model, model.unload
     if kind == "mixture":
         from modecotd.mixture import Mixture

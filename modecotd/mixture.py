@@ -36,11 +36,15 @@ PEFT_PREFIX = "base_model.model."
 
 
 def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """An expert's adapter config and its LoRA tensors (peft's saved key names)."""
-    from peft.utils import load_peft_weights
+    """An expert's adapter config and its LoRA tensors (peft's saved key names), from its
+    safetensors file only (never a pickled ``adapter_model.bin``)."""
+    from safetensors.torch import load_file
 
+    from modecotd.models import require_safetensors
+
+    require_safetensors(Path(folder), "adapter_model.safetensors")
     config = json.loads((Path(folder) / "adapter_config.json").read_text())
-    return config, {k: v.float() for k, v in load_peft_weights(str(folder), device="cpu").items()}
+    return config, {k: v.float() for k, v in load_file(str(Path(folder) / "adapter_model.safetensors")).items()}
 
 
 def lora_scale(config: dict) -> float:

@@ -257,6 +257,15 @@ def load_tokenizer(folder: Path, padding_side: str = "left"):
     return tokenizer
 
 
+def require_safetensors(folder: Path, name: str) -> None:
+    """Weights load from safetensors files only: a folder holding none (only a pickled ``.bin``)
+    is refused before anything in it is read. ``name``: the file expected, for the message."""
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{folder}: no {name} (weights are loaded from safetensors files only, never from "
+                         "pickled .bin/.pt files; convert the model with save_pretrained(safe_serialization=True))")
+
+
 def is_encoder_decoder(model_or_folder) -> bool:
     """Whether a model (or a model folder) is a seq2seq encoder-decoder such as T5, rather than a
     decoder-only causal LM. Sees through peft and DeepSpeed wrappers."""
@@ -285,7 +294,10 @@ def load_lm(folder: Path, dtype: str = "fp32", attention: str | None = None, dev
     extra = {"attn_implementation": attention} if attention else {}
     if precision.device != "cpu":  # straight onto the device, never a full copy in host memory first
         extra["device_map"] = {"": device}
-    model = auto.from_pretrained(folder, dtype=precision.torch_dtype, **extra)
+    require_safetensors(folder, "model.safetensors")
+    # safetensors only (never a pickle), and never code shipped with the model (trust_remote_code off)
+    model = auto.from_pretrained(folder, dtype=precision.torch_dtype, use_safetensors=True, trust_remote_code=False,
+                                 **extra)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

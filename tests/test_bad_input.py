@@ -317,6 +317,16 @@ def _(p):
     return argv, [f"c.yaml:{p.line_of('storage')}", "storage"]
 
 
+@case("config: credentials in the endpoint URL")
+def _(p):
+    p.task("coins")["source"] = {"kind": "jsonl", "train": "train.jsonl", "test": "test.jsonl",
+                                 "fewshot": "fewshot.jsonl", "rationale_field": "rationale"}
+    p.config["teacher"] = {"backend": "openai", "model": "m",
+                           "endpoint": {"url": "https://user:hunter2secret@example.org/v1?key=hunter2secret"}}
+    argv = p.run()
+    return argv, [f"c.yaml:{p.line_of('https://')}", "teacher.endpoint.url", "api_key_env"]
+
+
 @case("config: teacher template without {question}")
 def _(p):
     p.task("parity")["teacher_template"] = "Q: {prompt}\nA:"

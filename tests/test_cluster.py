@@ -1,6 +1,7 @@
 """A run submitted to a separately started local cluster, with Ray's token authentication on."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -128,7 +129,8 @@ def test_submitted_run_is_visible_through_the_dashboards_rest_api(started_cluste
     assert submission_id in listed.stdout and "SUCCEEDED" in listed.stdout, listed.stderr[-2000:]
     status = cli("status", submission_id, "--address", dashboard)
     assert "SUCCEEDED" in status.stdout and "run submitted" in status.stdout
-    assert "report:" in cli("logs", submission_id, "--address", dashboard).stdout
+    logs = cli("logs", submission_id, "--address", dashboard).stdout
+    assert "report:" in logs
 
     token = auth.DEFAULT_TOKEN_FILE.read_text().strip() if auth.DEFAULT_TOKEN_FILE.is_file() else None
     if token:  # security is on: nothing without the token
@@ -143,6 +145,11 @@ def test_submitted_run_is_visible_through_the_dashboards_rest_api(started_cluste
     assert code == 200
     names = {actor.get("name") for actor in actors["data"]["result"]["result"]}
     assert {"teacher-0", "eval-0"} <= names, sorted(n for n in names if n)
+    # The nodes' storage keys appear in no file of the run, the job's log, its record or its actors'
+    secret = s3_server.environment["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in logs and secret not in json.dumps(jobs) and secret not in json.dumps(actors)
+    for path in (tmp_path / "pulled").rglob("*"):
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
 
     # each stage's Ray metrics, on the ports the dashboard's node view names (what Prometheus scrapes; each
     # node exports what ran on it)
@@ -202,3 +209,24 @@ def test_a_submitted_run_can_be_stopped(started_cluster, tmp_path):
         state = cli("status", submission_id, "--address", dashboard).stdout
         time.sleep(2)
     assert f"{submission_id}: STOPPED" in state
+
+
+def test_ten_runs_submitted_at_once_all_finish_each_in_its_own_folder(started_cluster, tmp_path):
+    """One config submitted ten times in a row through the Jobs API: ten distinct submissions whose
+    drivers share the cluster (their teacher actors queue for its two CPUs); each finishes in its
+    own run folder with the same rationales, none touching another's."""
+    from modecotd.artifacts import read_jsonl
+    from modecotd.cluster import jobs
+
+    _, dashboard = started_cluster
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "name": "many"}))
+    ids = [jobs.submit(config, address=dashboard, run_dir=str(tmp_path / f"run-{i}"), stages=["teacher"],
+                       say=lambda line: None) for i in range(10)]
+    assert len(set(ids)) == 10
+    assert [jobs.wait(i, dashboard, timeout_s=600, poll_s=1) for i in ids] == ["SUCCEEDED"] * 10
+    made = [read_jsonl(tmp_path / f"run-{i}" / "rationales" / "coins" / "accepted.jsonl") for i in range(10)]
+    assert len(made[0]) == 8 and all(rows == made[0] for rows in made)
+    for i in range(10):  # each run folder holds its own run and nothing else
+        assert sorted(p.name for p in (tmp_path / f"run-{i}").iterdir()) == sorted(
+            p.name for p in (tmp_path / "run-0").iterdir())

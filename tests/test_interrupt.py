@@ -1,8 +1,8 @@
-"""Ctrl-C stops a run within seconds, takes down the Ray work it started, keeps what was committed,
-and the same command then resumes."""
+"""Ctrl-C stops a run within seconds, takes down the Ray work it started and keeps what was
+committed. (That the same command then resumes a stopped run is shown for the harder case, a driver
+killed with SIGKILL, in tests/test_pipeline.py.)"""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -42,7 +42,7 @@ def _wait_for(process: subprocess.Popen, lines: list[str], text: str, timeout: f
     pytest.fail(f"{text!r} never appeared:\n{''.join(lines)[-3000:]}")
 
 
-def test_ctrl_c_stops_the_run_and_the_next_run_resumes(tiny_model_dir, tmp_path):
+def test_ctrl_c_stops_the_run_and_keeps_what_was_committed(tiny_model_dir, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     run_dir = tmp_path / "run"
@@ -70,13 +70,6 @@ def test_ctrl_c_stops_the_run_and_the_next_run_resumes(tiny_model_dir, tmp_path)
     while _raylets() & ours and time.time() < deadline:
         time.sleep(0.5)
     assert not _raylets() & ours, "the local Ray the run started is still running"
-    teacher_manifest = (run_dir / "rationales/coins/manifest.json").read_text()
+    assert (run_dir / "rationales/coins/manifest.json").is_file()  # committed before the interrupt: kept
     assert not (run_dir / "experts/coins/manifest.json").exists()
 
-    # The same command with less training resumes: the teacher's unit is reused, the expert is made.
-    config.write_text(yaml.safe_dump({**CONFIG, "distill": {**CONFIG["distill"], "epochs": 1}}))
-    done = subprocess.run(command + ["--stage", "teacher", "--stage", "distill"], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (run_dir / "rationales/coins/manifest.json").read_text() == teacher_manifest
-    assert json.loads((run_dir / "experts/coins/manifest.json").read_text())["summary"]["status"] == "done"

@@ -47,7 +47,34 @@ def first_run(ray_cluster, tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     board = ProgressBoard(io.StringIO(), tty=False, line_every_s=0)
     outcome = run_pipeline(parse_config(CONFIG), run_dir, progress=board)
+    results[run_dir] = what_a_run_made(run_dir)  # before later tests change the folder
     return outcome, run_dir, board.stream.getvalue().splitlines()
+
+
+results: dict = {}  # run folder -> what_a_run_made, as the first run left it
+
+
+def what_a_run_made(run_dir) -> dict:
+    """What two runs of one config must agree on: the question ids of each rationale file, each
+    expert's and baseline's tensors, each mixture's choice and weights, each evaluation's outputs,
+    and the report's numbers (not timings, process ids or file times)."""
+    from safetensors.torch import load_file
+
+    made = {}
+    for status in ("accepted", "rejected", "failed"):
+        made[f"rationales/{status}"] = sorted(r["id"] for r in read_jsonl(run_dir / f"rationales/coins/{status}.jsonl"))
+    for unit in ("experts/coins", "baselines/multitask"):
+        made[unit] = {k: v.tolist() for k, v in load_file(str(run_dir / unit / "adapter_model.safetensors")).items()}
+    made["baselines/full_finetune"] = (run_dir / "baselines/full_finetune/model.safetensors").stat().st_size
+    for task in ("coins", "letters"):
+        mixture = json.loads((run_dir / f"mixtures/{task}/mixture.json").read_text())
+        made[f"mixtures/{task}"] = (mixture["method"], mixture["setting"], mixture["weights"])
+    for unit in UNITS[6:]:
+        made[unit] = [(r["output"], r["correct"]) for r in read_jsonl(run_dir / unit / "predictions.jsonl")]
+    report = json.loads((run_dir / "report.json").read_text())
+    made["report"] = {task: {system: ev.get("accuracy") for system, ev in t["eval"].items()}
+                      for task, t in report["tasks"].items()}
+    return made
 
 
 def test_every_stage_shows_progress_from_where_its_work_runs(first_run):
@@ -241,3 +268,107 @@ def test_each_method_can_be_a_system_of_its_own(first_run):
     assert {"mixture-lorahub", "mixture-delta", "mixture-gate"} <= set(report["tasks"]["coins"]["eval"])
     mixtures = (run_dir / "report.md").read_text().split("## Mixtures")[1]
     assert "| letters (mixture-gate) | gate |" in mixtures and "– (no CV; fit" in mixtures
+
+
+# --------------------------------------------------------------------------- kill -9 in every stage
+
+# Ray's process titles (ray::<class>). A scripted teacher's actors live a fraction of a second, too
+# short to catch reliably here; tests/test_teacher_stage.py kills one mid-stage (a slow endpoint).
+VICTIMS = ("RayTrainWorker", "MixtureTrial", "Evaluator")
+
+
+class Killer:
+    """Kills (SIGKILL) one process of each of :data:`VICTIMS` among a driver's descendants as soon
+    as it shows up, then the driver itself once the evaluation stage has lost its actor."""
+
+    def __init__(self, driver_pid: int):
+        import threading
+
+        self.driver_pid = driver_pid
+        self.killed: dict[str, float] = {}
+        self.orphans: list = []  # the driver's descendants when it was killed (its local Ray)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        import os
+        import signal
+        import time
+
+        import psutil
+
+        driver = psutil.Process(self.driver_pid)
+        while not self.stop.is_set():
+            try:
+                processes = driver.children(recursive=True)
+            except psutil.Error:
+                return
+            for process in processes:
+                try:
+                    title = " ".join(process.cmdline())
+                except psutil.Error:
+                    continue
+                for victim in VICTIMS:
+                    if victim not in self.killed and title.startswith(f"ray::{victim}"):
+                        os.kill(process.pid, signal.SIGKILL)
+                        self.killed[victim] = time.time()
+            if "Evaluator" in self.killed and time.time() - self.killed["Evaluator"] > 3:
+                self.orphans = processes
+                os.kill(self.driver_pid, signal.SIGKILL)
+                self.killed["driver"] = time.time()
+                return
+            time.sleep(0.05)
+
+
+def test_a_process_killed_in_every_stage_and_then_the_driver_leave_what_an_undisturbed_run_makes(first_run,
+                                                                                                 tmp_path):
+    """kill -9 of a training worker, a Tune trial's worker and an evaluation actor, then of the
+    driver; the same command run again finishes, and the run equals the first one. Secrets planted
+    in the run's environment (storage keys, an API key) show up in no file of the run folder, no Ray
+    log of either run and nothing either run printed."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    reference = results[first_run[1]]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    command = [sys.executable, "-m", "modecotd.cli", "run", str(config), "--run-dir", str(tmp_path / "run")]
+    secrets = ("aws-planted-3b8f-never-written", "sk-planted-7d1e0c9b-never-written")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AWS_SECRET_ACCESS_KEY": secrets[0], "OPENAI_API_KEY": secrets[1]}
+    started = time.time()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    killer = Killer(process.pid)
+    killer.thread.start()
+    try:
+        output = process.communicate(timeout=600)[0]
+    finally:
+        killer.stop.set()
+        if process.poll() is None:
+            process.kill()
+    assert set(killer.killed) == set(VICTIMS) | {"driver"}, (killer.killed, output[-3000:])
+    assert process.returncode == -9, output[-3000:]
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    import psutil
+
+    # The killed driver's local Ray went down with it (its GCS, raylet and workers) while the re-run ran
+    _, alive = psutil.wait_procs(killer.orphans, timeout=20)
+    left = {process.pid: process.name() for process in alive if process.is_running()}
+    for process in alive:
+        process.kill()
+    assert not left, left
+
+    sessions = [s for s in Path("/tmp/ray").glob("session_2*") if s.stat().st_mtime >= started - 1]
+    assert sessions  # both runs' own local Ray
+    for folder in [tmp_path / "run", *sessions]:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                assert not any(secret.encode() in data for secret in secrets), path
+    assert not any(secret in output + again.stdout + again.stderr for secret in secrets)
+    assert what_a_run_made(tmp_path / "run") == reference

@@ -34,6 +34,18 @@ from modecotd.plan import Mixing, RunLayout
 from modecotd.tasks.schema import AnswerKind
 
 log = logging.getLogger(__name__)
+MAX_TRIAL_FAILURES = 2  # times Tune starts a trial again after its worker died
+
+
+def keep_credentials_out_of_trials() -> None:
+    """Ray Tune copies the driver's AWS keys into every trial actor's runtime environment, which
+    Ray's runtime-env agent then writes to its log in clear text (and the dashboard shows). Each
+    node reads its own credentials instead (see :mod:`modecotd.storage`), so Tune is told not to."""
+    from ray.tune.execution import class_cache
+
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(names, (set, frozenset)):
+        class_cache.ENV_VARS_TO_PROPAGATE = {name for name in names if not name.startswith("AWS_")}
 METRIC = "cv_loss"
 
 
@@ -238,6 +250,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     started = time.time()
     trainable = tune.with_resources(tune.with_parameters(MixtureTrial, context=context),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    keep_credentials_out_of_trials()
     tuner = tune.Tuner(
         trainable,
         param_space={"job": tune.grid_search(jobs)},
@@ -249,6 +262,8 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
         run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=storage.path(layout.ray),
                                   storage_filesystem=storage.filesystem,
                                   verbose=0, callbacks=callbacks,
+                                  # a trial whose worker dies starts again (from nothing: it is deterministic)
+                                  failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES),
                                   # a trial keeps nothing to resume from (see PerTaskScheduler)
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
     )

@@ -80,9 +80,9 @@ def load_task(task) -> TaskData:
     if task.source.kind == "generated":
         wanted = {s: getattr(sizes, s) if getattr(sizes, s) is not None else DEFAULT_GENERATED_SIZES[s]
                   for s in SPLITS}
-        splits = generators.generate_splits(task.source.family, wanted, seed=task.source.seed, size=task.source.size)
-        train = TrainSplit.of(splits["train"])
-        fewshot, test = splits["fewshot"], splits["test"]
+        rows, fewshot, test = generators.streamed_splits(task.source.family, wanted, seed=task.source.seed,
+                                                         size=task.source.size)
+        train = TrainSplit(rows)
     else:
         readers = _split_readers(task, kind)
         fewshot, test = ([] if readers[s] is None else _limit(list(readers[s]()), getattr(sizes, s),

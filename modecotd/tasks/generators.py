@@ -7,9 +7,12 @@ instance; it carries no ``-->``/``END`` markers (the training target adds them).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable
 
 from modecotd.errors import UserError
@@ -385,13 +388,19 @@ def generate(family: str, n: int, seed: int, size: int | None = None) -> list[Ex
     default 4), swaps (tracking, 1-6, default 3) or steps (arithmetic, 1-3, default 2).
     Raises UserError on an unknown family, a size out of range or too small a question space.
     """
+    return list(stream(family, n, seed, size))
+
+
+def stream(family: str, n: int, seed: int, size: int | None = None) -> Iterator[Example]:
+    """The examples of :func:`generate`, one at a time: only an 8-byte digest of each question is
+    kept (to keep them distinct), so that a large train split is never held in memory."""
     chosen = _check_request(family, n, size)
     build = _BUILDERS[family]
     rng = random.Random(seed)
-    examples: list[Example] = []
-    seen: set[str] = set()
+    made = 0
+    seen: set[int] = set()
     attempts_left = max(MIN_ATTEMPTS, MAX_ATTEMPTS_PER_EXAMPLE * n)
-    while len(examples) < n:
+    while made < n:
         if attempts_left == 0:
             raise UserError(
                 f"could not find {n} distinct {family!r} questions at size {chosen}; "
@@ -399,21 +408,29 @@ def generate(family: str, n: int, seed: int, size: int | None = None) -> list[Ex
             )
         attempts_left -= 1
         question, rationale, answer = build(rng, chosen)
-        if question in seen:
+        digest = int.from_bytes(hashlib.blake2b(question.encode(), digest_size=8).digest(), "big")
+        if digest in seen:
             continue
-        seen.add(question)
-        source = f"generator:{family}:{seed}:{len(examples)}"
-        examples.append(Example(question, answer, rationale, source))
-    return examples
+        seen.add(digest)
+        yield Example(question, answer, rationale, f"generator:{family}:{seed}:{made}")
+        made += 1
 
 
 def generate_splits(
     family: str, sizes: dict[str, int], seed: int, size: int | None = None
 ) -> dict[str, list[Example]]:
-    """Disjoint train/fewshot/test splits of ``family`` drawn from one pool.
+    """Disjoint train/fewshot/test splits of ``family`` drawn from one pool (train first).
 
     ``sizes`` maps split names (train, fewshot, test) to counts; a missing split gets 0.
     """
+    train, fewshot, test = streamed_splits(family, sizes, seed, size)
+    return {"train": list(train()), "fewshot": fewshot, "test": test}
+
+
+def streamed_splits(family: str, sizes: dict[str, int], seed: int, size: int | None = None
+                    ) -> tuple[Callable[[], Iterator[Example]], list[Example], list[Example]]:
+    """The splits of :func:`generate_splits` as (a function that streams the train split anew on
+    every call, the few-shot list, the test list): the train split is never held whole."""
     unknown = sorted(set(sizes) - set(SPLITS))
     if unknown:
         raise UserError(f"unknown split(s) {', '.join(unknown)}; allowed: {', '.join(SPLITS)}")
@@ -421,10 +438,14 @@ def generate_splits(
     negative = [split for split, count in counts.items() if count < 0]
     if negative:
         raise UserError(f"split size must be >= 0 for {', '.join(negative)}")
-    pool = generate(family, sum(counts.values()), seed, size)
-    splits: dict[str, list[Example]] = {}
-    start = 0
-    for split in SPLITS:
-        splits[split] = pool[start:start + counts[split]]
-        start += counts[split]
-    return splits
+    total = sum(counts.values())
+    pool = stream(family, total, seed, size)
+    for _ in islice(pool, counts["train"]):  # past the train split, to the others
+        pass
+    fewshot = list(islice(pool, counts["fewshot"]))
+    test = list(islice(pool, counts["test"]))
+
+    def train() -> Iterator[Example]:
+        return islice(stream(family, total, seed, size), counts["train"])
+
+    return train, fewshot, test

@@ -1,0 +1,140 @@
+"""Security rules that need no cluster: the token never goes over plain HTTP to another machine, a
+cluster started here always has a token, weights load from safetensors only and never run a model's
+own code, and nothing a manifest says writes outside its unit."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from modecotd.artifacts import Unit
+from modecotd.cli import main
+from modecotd.cluster import auth
+from modecotd.errors import ModelError, UserError
+from modecotd.storage import Storage, StorageError
+
+
+@pytest.fixture
+def token_mode(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t0ken-for-tests")
+    monkeypatch.delenv(auth.ALLOW_HTTP_ENV, raising=False)
+
+
+@pytest.mark.parametrize("url", ["http://10.1.2.3:8265", "http://dashboard.example.org:8265", "203.0.113.9:8265"])
+def test_the_token_is_not_sent_over_plain_http_to_another_machine(token_mode, url):
+    with pytest.raises(UserError, match="refusing to send Ray's auth token over plain HTTP"):
+        auth.check_token_transport(url)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265",
+                                 "https://dashboard.example.org", "127.0.0.2:8265"])
+def test_loopback_or_https_is_fine(token_mode, url):
+    auth.check_token_transport(url)
+
+
+def test_the_user_may_allow_plain_http_explicitly_and_without_token_nothing_is_sent(token_mode, monkeypatch):
+    monkeypatch.setenv(auth.ALLOW_HTTP_ENV, "1")
+    auth.check_token_transport("http://10.1.2.3:8265")
+    monkeypatch.delenv(auth.ALLOW_HTTP_ENV)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    auth.check_token_transport("http://10.1.2.3:8265")
+
+
+def test_the_cli_refuses_in_one_line_before_connecting(token_mode, capsys, monkeypatch):
+    code = main(["status", "modecotd-x", "--address", "http://203.0.113.9:8265"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--allow-http-token" in err[0] and "203.0.113.9:8265" in err[0]
+    monkeypatch.delenv(auth.ALLOW_HTTP_ENV, raising=False)
+
+
+def test_a_cluster_started_here_always_gets_a_token_readable_by_its_owner_only(tmp_path, monkeypatch):
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(auth, "DEFAULT_TOKEN_FILE", tmp_path / ".ray" / "auth_token")
+    path = auth.ensure_token()
+    assert path == tmp_path / ".ray" / "auth_token" and os.environ["RAY_AUTH_MODE"] == "token"
+    assert len(path.read_text()) == 64 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = path.read_text()
+    assert auth.ensure_token() == path and path.read_text() == token  # an existing token is kept
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a mode the user chose is left alone
+    assert auth.ensure_token() is None and os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_cluster_up_binds_the_dashboard_to_loopback_unless_told(monkeypatch, tmp_path):
+    from modecotd.cluster import local
+
+    started = []
+    monkeypatch.setattr(local, "_ray_start", lambda command, isolated=False: started.append(command))
+    monkeypatch.setattr(auth, "DEFAULT_TOKEN_FILE", tmp_path / "auth_token")
+    monkeypatch.setattr(local, "ensure_token", lambda: None)
+    local.up()
+    assert "--dashboard-host=127.0.0.1" in started[0]
+    local.up(dashboard_host="0.0.0.0")
+    assert "--dashboard-host=0.0.0.0" in started[1]
+
+
+# --------------------------------------------------------------------------- weights and code
+
+
+def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from modecotd.models import load_lm
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for path in tiny_model_dir.iterdir():
+        if path.suffix != ".safetensors":
+            (folder / path.name).write_bytes(path.read_bytes())
+    torch.save(load_file(str(tiny_model_dir / "model.safetensors")), folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="safetensors files only"):
+        load_lm(folder)
+
+
+def test_a_models_own_code_is_never_run(tiny_model_dir, tmp_path):
+    from modecotd.models import load_lm
+
+    folder = tmp_path / "remote-code"
+    folder.mkdir()
+    for path in tiny_model_dir.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    marker = tmp_path / "code-ran"
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    try:
+        load_lm(folder)  # transformers may load the model's own class instead; never the folder's code
+    except (ValueError, OSError):
+        pass
+    assert not marker.exists()
+
+
+def test_an_adapter_without_safetensors_is_refused(tmp_path):
+    from modecotd.mixture import read_adapter
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"not read")
+    with pytest.raises(ModelError, match="adapter_model.safetensors"):
+        read_adapter(tmp_path)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "/etc/passwd", "a/../../b", "a\\..\\b", "a//b"])
+def test_a_manifest_naming_a_file_outside_its_unit_is_never_used(tmp_path, name):
+    storage = Storage(tmp_path / "run")
+    unit = Unit(storage, "experts/x", "key")
+    (tmp_path / "run" / "experts" / "x").mkdir(parents=True)
+    (tmp_path / "run" / "experts" / "x" / "manifest.json").write_text(json.dumps(
+        {"fingerprint": "key", "files": {name: {"size": 1, "sha256": "0"}}}))
+    assert "outside the unit" in unit.problem()
+    remote = Unit(Storage("s3://bucket/run"), "experts/x", "key")
+    remote.manifest = lambda: {"fingerprint": "key", "files": {name: {"size": 1, "sha256": "0"}}}
+    with pytest.raises(StorageError, match="outside the unit"):
+        remote.local()
