@@ -25,7 +25,7 @@ from modecotd.distill import DistillSettings, train_expert
 from modecotd.errors import UserError
 from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
-from modecotd.jobs.ray_runtime import root_cause
+from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
 from modecotd.models import materialize
 from modecotd.plan import RunLayout, Training
 
@@ -242,6 +242,7 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> d
         try:
             summary = ray.get(ready[0])
         except Exception as exc:  # a failed job is reported, the others go on
+            stop_if_disk_failed(root_cause(exc), f"distill {name}")
             results[name] = {"status": "failed", "error": root_cause(exc)}
             send("distill", name, 0, None, "step", note="failed", finished=True)
             log.error("distill: %s failed: %s", name, results[name]["error"])

@@ -104,7 +104,23 @@ def _prepare(config, run_dir, stages: list[str] | None) -> Work:
         resolve_api_key(config.teacher.endpoint.api_key_env)  # that the variable is set; its value stays there
     if not layout.storage.is_local:  # an object store that cannot be reached fails before Ray starts
         layout.storage.check_reachable()
+    else:
+        check_writable(layout.storage.local_root)
     return Work(config, tasks, Plan(config, tasks, layout))
+
+
+def check_writable(folder: Path) -> None:
+    """The run folder (or, before it exists, the folder it will be made in) can be written, checked
+    before Ray starts: a read-only mount would otherwise fail the run at its first write."""
+    import os
+
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        raise UserError(f"{existing}: cannot write the run there: "
+                        f"{'read-only file system' if read_only else 'no write permission'}")
 
 
 def check_context(config, tasks: dict[str, TaskData]) -> None:
@@ -165,7 +181,8 @@ def _check_earlier_stages(work: Work, stages: list[str] | None) -> None:
     for name in STAGES[:last]:
         if name in stages:
             continue
-        missing = [u.prefix for u in work.plan.units(name) if not u.done()]
+        missing = [(u.prefix, u.problem()) for u in work.plan.units(name)]
+        missing = [f"{prefix} ({problem})" for prefix, problem in missing if problem is not None]
         if missing:
             raise UserError(f"--stage {','.join(stages)} needs the {name} stage's outputs, and "
                             f"{work.plan.layout.storage.describe()} lacks {', '.join(missing[:4])}"

@@ -19,7 +19,7 @@ from modecotd.evaluate import attach_system, load_system, predict, score_rows, s
 from modecotd.errors import UserError
 from modecotd.jobs.placement import wait_for_resources, wait_until_placed
 from modecotd.jobs.progress import send
-from modecotd.jobs.ray_runtime import root_cause
+from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
 from modecotd.models import load_lm
 from modecotd.plan import Evaluation
 from modecotd.tasks.schema import Example
@@ -156,6 +156,7 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
                         queue.insert(0, (unit, args))
                         submit(slot)
                         continue
+                stop_if_disk_failed(root_cause(exc), f"evaluate {task} / {name}")
                 results[f"{task}/{name}"] = {"status": "failed", "error": root_cause(exc)}
                 send("evaluate", f"{task} / {name}", 0, None, "question", note="failed", finished=True)
                 log.error("evaluate: %s / %s failed: %s", task, name, results[f"{task}/{name}"]["error"])

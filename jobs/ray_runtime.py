@@ -57,7 +57,7 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
     return info
 
 
-PROBE_TIMEOUT_S = 10.0  # Ray itself waits minutes for a GCS that is not there
+PROBE_TIMEOUT_S = 5.0  # Ray itself waits minutes for a GCS that is not there
 
 
 def check_reachable(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
@@ -104,3 +104,16 @@ def root_cause(exc: BaseException) -> str:
         if head.endswith(("Error", "Exception")) and " " not in head and not head.startswith("ray."):
             return line[:400]
     return (lines[-1] if lines else type(exc).__name__)[:400]
+
+
+DISK_SIGNS = ("No space left on device", "Read-only file system", "Disk quota exceeded")
+
+
+def stop_if_disk_failed(error: str, where: str) -> None:
+    """A worker's failure that is the run folder's disk (full, read-only, over quota) stops the
+    stage in one line instead of failing every unit after it in turn."""
+    if any(sign in error for sign in DISK_SIGNS):
+        from modecotd.storage import StorageError
+
+        raise StorageError(f"{where}: {error}: the stage stopped; units committed before are kept: free space "
+                           "(or make the folder writable) and run the same command again")

@@ -3,6 +3,7 @@ report, compare two runs, check a config, manage a local cluster."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -296,9 +297,22 @@ def main(argv: list[str] | None = None) -> int:
         print("modecotd: interrupted; finished units are kept: run the same command again to resume",
               file=sys.stderr)
         return INTERRUPTED
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        print(f"modecotd: error: {disk_problem(exc)}", file=sys.stderr)
+        return 1
 
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}  # the run folder's disk, not the run, is at fault
+
+
+def disk_problem(exc: OSError) -> str:
+    """One line for a full or read-only disk: where, why, and that committed units are kept."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return (f"{where}{exc.strerror or exc}: the stage stopped; units committed before are kept: free space (or "
+            "make the folder writable) and run the same command again")
 
 
 def install_interrupt_handler() -> None:

@@ -235,10 +235,17 @@ class Storage:
         a local folder gets a temporary file renamed into place."""
         if self.is_local:
             target = self.local_root / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-            self._call("write", relative, tmp.write_bytes, data)
-            os.replace(tmp, target)
+
+            def write():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    tmp.write_bytes(data)
+                    os.replace(tmp, target)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+                    raise
+            self._call("write", relative, write)
             return
 
         def put():
@@ -252,8 +259,11 @@ class Storage:
     def upload(self, source: Path, relative: str) -> None:
         if self.is_local:
             target = self.local_root / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._call("write", relative, shutil.copyfile, source, target)
+
+            def copy_local():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+            self._call("write", relative, copy_local)
             return
 
         def copy():

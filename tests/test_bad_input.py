@@ -470,6 +470,24 @@ def _(p):
     return p.run("--stage", "mix"), [str(p.run_dir), "rationales/coins", "teacher stage"]
 
 
+@case("artifacts: an expert's adapter changed after it was committed")
+def _(p):
+    from modecotd.config import load_config
+    from modecotd.jobs.driver import load_tasks
+    from modecotd.plan import Plan, RunLayout
+    from modecotd.storage import Storage
+
+    config = load_config(p.write())
+    plan = Plan(config, load_tasks(config), RunLayout(Storage(p.run_dir)))
+    with plan.rationales["coins"].writing() as staging:  # the teacher stage's unit, as committed
+        (staging / "accepted.jsonl").write_text("{}\n")
+    expert = plan.experts["coins"].unit
+    with expert.writing() as staging:
+        (staging / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (p.run_dir / expert.prefix / "adapter_model.safetensors").write_bytes(b"\1" * 64)  # same size, other bytes
+    return p.run("--stage", "mix"), [str(p.run_dir), "experts/coins", "distill stage", "changed after it was written"]
+
+
 @case("artifacts: a run folder written by another pipeline version")
 def _(p):
     p.run_dir.mkdir()

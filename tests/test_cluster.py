@@ -78,12 +78,11 @@ def test_run_with_address_on_a_started_cluster(started_cluster, tmp_path):
     address, _ = started_cluster
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    # teacher actors and a Ray Train job on the cluster's nodes (the whole pipeline: the submission below)
-    done = cli("run", str(config), "--address", address, "--run-dir", str(tmp_path / "run"),
-               "--stage", "teacher", "--stage", "distill")
+    # teacher actors on the cluster's nodes (the whole pipeline there: the submissions below)
+    done = cli("run", str(config), "--address", address, "--run-dir", str(tmp_path / "run"), "--stage", "teacher")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"report: {tmp_path / 'run' / 'report.md'}" in done.stdout
-    assert (tmp_path / "run" / "experts" / "coins" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "rationales" / "coins" / "accepted.jsonl").is_file()
 
 
 def rest(url: str, token: str | None):
@@ -220,7 +219,7 @@ def test_ten_runs_submitted_at_once_all_finish_each_in_its_own_folder(started_cl
 
     _, dashboard = started_cluster
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**CONFIG, "name": "many"}))
+    config.write_text(yaml.safe_dump({**CONFIG, "name": "many", "teacher": {"backend": "scripted", "actors": 1}}))
     ids = [jobs.submit(config, address=dashboard, run_dir=str(tmp_path / f"run-{i}"), stages=["teacher"],
                        say=lambda line: None) for i in range(10)]
     assert len(set(ids)) == 10

@@ -182,6 +182,7 @@ def test_a_seq2seq_student_runs_end_to_end(ray_cluster, tiny_t5_dir, tmp_path):
     config = json.loads(json.dumps(CONFIG))
     config["student"]["model"] = "builtin:tiny-t5"
     config["distill"].update(baselines=[], validation_fraction=0.0, zero_stage=3)
+    config["mixture"].update(method="lorahub", cv_folds=0)
     outcome = run_pipeline(parse_config(config), tmp_path)
     assert outcome.failures == {}
     training = json.loads((tmp_path / "experts/coins/training.json").read_text())

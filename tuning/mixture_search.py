@@ -27,6 +27,7 @@ from modecotd.artifacts import ROUTERS_FILE, Unit, local_folder, pending, write_
 from modecotd.errors import UserError
 from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
+from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
 from modecotd.mixture import Mixture, export_adapter
 from modecotd.mixture_fit import FitOptions, SettingFit, setting_key
 from modecotd.models import materialize
@@ -269,6 +270,9 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     )
     grid = tuner.fit()
     errors = {r.config["job"]["task"]: str(r.error).splitlines()[0][:300] for r in grid if r.error}
+    for result in grid:
+        if result.error:
+            stop_if_disk_failed(root_cause(result.error), f"mix {result.config['job']['task']}")
     results: dict[str, dict] = {}
     for name in targets:
         records = [json.loads(storage.read_text(f"{trials}/{name}/{file}"))
