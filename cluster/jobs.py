@@ -36,7 +36,12 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(resolved)
     except Exception as exc:  # connection refused, 401 without a token, not a Ray dashboard
-        raise UserError(f"cannot reach the Ray Jobs API at {resolved}: {str(exc).splitlines()[0][:300]}") from None
+        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        if "401" in text or "nauthori" in text or "authentication" in text.lower():
+            raise UserError(f"the Ray Jobs API at {resolved} refused this client's token (missing or wrong): give "
+                            "the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token "
+                            f"({text})") from None
+        raise UserError(f"cannot reach the Ray Jobs API at {resolved}: {text}") from None
 
 
 def submit(config_path: Path, *, address: str | None = None, run_dir: str | None = None,

@@ -129,7 +129,7 @@ def check_context(config, tasks: dict[str, TaskData]) -> None:
     limit = context_limit(config.student.model)
     if limit is None:
         return
-    tokenizer, context = limit
+    count_tokens, context = limit
     answer = config.evaluation.max_new_tokens
     room = context - answer
     if room <= 0:
@@ -137,8 +137,7 @@ def check_context(config, tasks: dict[str, TaskData]) -> None:
                         f"context is {context} tokens")
     for data in tasks.values():
         examples = data.test + data.fewshot
-        lengths = [len(ids) for ids in tokenizer([student_prompt(ex.question, data.kind) for ex in examples],
-                                                 add_special_tokens=True)["input_ids"]]
+        lengths = count_tokens([student_prompt(ex.question, data.kind) for ex in examples])
         for ex, length in zip(examples, lengths):
             if length > room:
                 raise UserError(f"{ex.source}: the question is {length} tokens in the student's prompt; the "

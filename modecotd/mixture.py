@@ -66,6 +66,20 @@ def check_compatible(configs: dict[str, dict], method: str) -> None:
                 raise ValueError(f"experts {first_name!r} and {name!r} differ in {key}: {a} vs {b}")
 
 
+def check_same_base(tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Experts to be mixed must have been trained on one base model: the same LoRA tensors, of the
+    same shapes (another model's layers have other sizes or names)."""
+    first_name, first = next(iter(tensors.items()))
+    for name, mine in tensors.items():
+        if set(mine) != set(first):
+            raise ValueError(f"experts {first_name!r} and {name!r} adapt different layers: trained on "
+                             "different base models?")
+        for key, tensor in mine.items():
+            if tensor.shape != first[key].shape:
+                raise ValueError(f"experts {first_name!r} and {name!r} were trained on different base models: "
+                                 f"{key} is {tuple(first[key].shape)} vs {tuple(tensor.shape)}")
+
+
 class MixedLinear(torch.nn.Module):
     """A frozen linear layer plus a mixture of n rank-r updates (see the module's docstring)."""
 
@@ -115,6 +129,7 @@ class Mixture:
         self.objective = "token_mean"  # the few-shot loss: token_mean or per_row (see _loss)
         loaded = {name: read_adapter(Path(path)) for name, path in expert_dirs.items()}
         self.configs = {name: config for name, (config, _) in loaded.items()}
+        check_same_base({name: t for name, (_, t) in loaded.items()})
         self.use_method(method)
         self.tokenizer = load_tokenizer(Path(student_dir), padding_side="right")
         self.model = model if model is not None else load_lm(Path(student_dir), dtype,

@@ -196,7 +196,8 @@ def check_reference(reference: str) -> None:
 
 
 def context_limit(reference: str):
-    """(tokenizer, context length in tokens) of a model at hand on this node: a built-in, a local
+    """(a function giving the token count of each of a list of texts, context length in tokens) of a
+    model at hand on this node: a built-in, a local
     folder, or the Hugging Face cache when nothing may be downloaded; None for a model that would
     have to be fetched first, or one without a fixed context (relative positions, as T5)."""
     import json
@@ -214,7 +215,15 @@ def context_limit(reference: str):
         return None
     context = next((config[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
                     if isinstance(config.get(k), int)), None)
-    return (load_tokenizer(folder), context) if context else None
+    if not context:
+        return None
+    if (folder / "tokenizer.json").is_file():  # the tokenizers library alone: no transformers import
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return (lambda texts: [len(e.ids) for e in fast.encode_batch(texts)]), context
+    slow = load_tokenizer(folder)
+    return (lambda texts: [len(ids) for ids in slow(texts)["input_ids"]]), context
 
 
 def _node_name() -> str:

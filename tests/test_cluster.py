@@ -229,3 +229,17 @@ def test_ten_runs_submitted_at_once_all_finish_each_in_its_own_folder(started_cl
     for i in range(10):  # each run folder holds its own run and nothing else
         assert sorted(p.name for p in (tmp_path / f"run-{i}").iterdir()) == sorted(
             p.name for p in (tmp_path / "run-0").iterdir())
+
+
+@pytest.mark.parametrize("token", ["wrong", None])
+def test_a_wrong_or_missing_token_is_refused_in_one_line(started_cluster, tmp_path, token):
+    _, dashboard = started_cluster
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    done = subprocess.run([sys.executable, "-m", "modecotd.cli", "list", "--address", dashboard], env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert dashboard in lines[0] and "token" in lines[0], lines[0]

@@ -106,6 +106,25 @@ def test_lorahub_refuses_experts_with_different_alphas(tiny_model_dir, experts):
         Mixture(tiny_model_dir, experts, "lorahub")
 
 
+def test_experts_of_other_ranks_or_other_base_models_are_refused(tiny_model_dir, experts, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ranked = shutil.copytree(experts["alpha"], tmp_path / "ranked")
+    config = json.loads((ranked / "adapter_config.json").read_text())
+    (ranked / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(ValueError, match="differ in r: 4 vs 8"):
+        Mixture(tiny_model_dir, {"alpha": experts["alpha"], "ranked": ranked}, "delta")
+    other = shutil.copytree(experts["alpha"], tmp_path / "other")  # as if its base had wider layers
+    tensors = load_file(str(other / "adapter_model.safetensors"))
+    save_file({k: torch.cat([v, v], dim=-1).contiguous() if "lora_A" in k else v for k, v in tensors.items()},
+              str(other / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="trained on different base models"):
+        Mixture(tiny_model_dir, {"alpha": experts["alpha"], "other": other}, "delta")
+
+
 def test_a_single_expert_at_weight_one_is_that_expert(tiny_model_dir, experts, batch):
     from peft import PeftModel
 
@@ -239,6 +258,6 @@ def test_experts_that_do_not_fit_leave_a_passed_in_student_untouched(tiny_model_
     save_file(kept, str(broken / "adapter_model.safetensors"))
     student = load_lm(tiny_model_dir)
     modules = [type(m) for m in student.modules()]
-    with pytest.raises(ValueError, match="have no LoRA for"):
+    with pytest.raises(ValueError, match="have no LoRA for|adapt different layers"):
         Mixture(tiny_model_dir, {"alpha": experts["alpha"], "broken": broken}, "delta", model=student)
     assert [type(m) for m in student.modules()] == modules
