@@ -269,10 +269,12 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
     )
     grid = tuner.fit()
-    errors = {r.config["job"]["task"]: str(r.error).splitlines()[0][:300] for r in grid if r.error}
+    errors: dict[str, str] = {}
     for result in grid:
         if result.error:
-            stop_if_disk_failed(root_cause(result.error), f"mix {result.config['job']['task']}")
+            task = _trial_task(result)
+            errors[task] = str(result.error).splitlines()[0][:300]
+            stop_if_disk_failed(root_cause(result.error), f"mix {task}")
     results: dict[str, dict] = {}
     for name in targets:
         records = [json.loads(storage.read_text(f"{trials}/{name}/{file}"))
@@ -287,6 +289,15 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
             results[mixing.label] = _commit(mixing, mine, experts, cfg)
     log.info("mix stage took %.1f s", time.time() - started)
     return results
+
+
+def _trial_task(result) -> str:
+    """The target task of a Tune result; a trial that failed before it reported has no config, but
+    its folder is named ``<task>-<trial id>`` (see ``trial_dirname_creator``)."""
+    config = result.config or {}
+    if "job" in config:
+        return config["job"]["task"]
+    return Path(str(result.path or "unknown-trial")).name.rsplit("-", 1)[0]
 
 
 def _trial_jobs(mixings: list[Mixing]) -> list[dict]:
