@@ -10,9 +10,8 @@ import socket
 
 import ray
 
-from modecotd.errors import UserError
-
 from modecotd.cluster.auth import token_available
+from modecotd.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,14 @@ depends on it, and a unit already on disk with the same key is skipped.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
 from modecotd.artifacts import Unit, fingerprint
 from modecotd.config import MIXER_GRID, MIXTURE
+from modecotd.errors import UserError
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Example, TaskData
 
@@ -160,10 +162,6 @@ def check_run_stamp(layout: RunLayout) -> None:
     """Refuse a run folder another pipeline version wrote: its units would not be understood (their
     fingerprints differ, so all of them would be redone over the old ones). A folder without a
     stamp was written before stamps existed, at version 1."""
-    import json
-
-    from modecotd.errors import UserError
-
     storage = layout.storage
     if not storage.exists(layout.stamp):
         return
@@ -181,8 +179,6 @@ def check_run_stamp(layout: RunLayout) -> None:
 
 
 def write_run_stamp(layout: RunLayout) -> None:
-    import json
-
     layout.storage.write_text(layout.stamp, json.dumps({"pipeline_version": PIPELINE_VERSION}) + "\n")
 
 
