@@ -90,6 +90,18 @@ def _prepare(config, run_dir, stages: list[str] | None) -> Work:
     layout = RunLayout(Storage(run_dir or config.run_location()))
     tasks = load_tasks(config)
     check_run_stamp(layout)
+    check_inputs(config, tasks, stages)
+    if not layout.storage.is_local:  # an object store that cannot be reached fails before Ray starts
+        layout.storage.check_reachable()
+    else:
+        check_writable(layout.storage.local_root)
+    return Work(config, tasks, Plan(config, tasks, layout))
+
+
+def check_inputs(config, tasks: dict[str, TaskData], stages: list[str] | None = None) -> None:
+    """What a run refuses before it starts anything, apart from its run folder (``modecotd check``
+    runs this too): a model that no node could resolve, a question too long for the student, a
+    teacher endpoint's API key variable that is not set (when the teacher stage runs)."""
     models = [("student", config.student.model)] + ([("teacher", config.teacher.model)]
                                                     if config.teacher.loads_model else [])
     for section, model in models:
@@ -102,11 +114,6 @@ def _prepare(config, run_dir, stages: list[str] | None) -> Work:
         from modecotd.backends.openai_api import resolve_api_key
 
         resolve_api_key(config.teacher.endpoint.api_key_env)  # that the variable is set; its value stays there
-    if not layout.storage.is_local:  # an object store that cannot be reached fails before Ray starts
-        layout.storage.check_reachable()
-    else:
-        check_writable(layout.storage.local_root)
-    return Work(config, tasks, Plan(config, tasks, layout))
 
 
 def check_writable(folder: Path) -> None:

@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--storage", help="where runs live, e.g. s3://bucket/prefix")
     pull.add_argument("--to", type=Path, help="the local folder (default: runs/<run name>)")
 
-    check = commands.add_parser("check", help="validate a config and load its tasks, without running")
+    check = commands.add_parser("check", help="validate a config, load its tasks and check what a run would refuse "
+                                                 "(models, question lengths, the API key variable), without running")
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -251,10 +252,12 @@ def _pull(args) -> int:
 
 def _check(args) -> int:
     from modecotd.config import load_config
-    from modecotd.jobs.driver import load_tasks
+    from modecotd.jobs.driver import check_inputs, load_tasks
 
     config = load_config(args.config, args.overrides)
-    for name, data in load_tasks(config).items():
+    tasks = load_tasks(config)
+    check_inputs(config, tasks)
+    for name, data in tasks.items():
         print(f"{name}: {data.role.value}, {data.kind.value}, train {len(data.train)}, "
               f"few-shot {len(data.fewshot)}, test {len(data.test)}")
     return 0
@@ -279,8 +282,10 @@ def _cluster(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from modecotd.cluster.auth import ALLOW_HTTP_ENV, use_token_if_available
+    from modecotd.cluster.auth import ALLOW_HTTP_ENV, make_token_file, use_token_if_available
 
+    if args.command in ("run", "tune") and not (args.address or os.environ.get("RAY_ADDRESS")):
+        make_token_file()  # the private cluster's token (0600) on a machine that has none yet, before Ray is imported
     use_token_if_available()  # before anything imports Ray
     if getattr(args, "allow_http_token", False):
         os.environ[ALLOW_HTTP_ENV] = "1"

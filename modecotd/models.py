@@ -79,18 +79,56 @@ def _smollm2_package_dir() -> Path:
     return folder
 
 
-def _build_once(target: Path, build, marker: str = "config.json") -> Path:
-    """Run ``build(tmp_folder)`` once and publish its folder atomically at ``target`` (built when
-    it holds ``marker``)."""
+@contextlib.contextmanager
+def quiet_libraries():
+    """transformers' and huggingface_hub's progress bars and notices off, and anything else written
+    to stderr (the GGUF reader's own tqdm bar) kept: what the user sees of a model being prepared or
+    loaded is this project's own line, not a library's bars between its messages. Yields the kept
+    stderr text (a ``StringIO``), to show when the work fails."""
+    import io
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    bars_on, hub_bars_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    kept = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(kept):
+            yield kept
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_on:
+            hf_logging.enable_progress_bar()
+        if not hub_bars_off:
+            enable_progress_bars()
+
+
+def _build_once(target: Path, build, what: str, marker: str = "config.json", part: bool = False) -> Path:
+    """Run ``build(tmp_folder)`` once per node and publish its folder atomically at ``target`` (built
+    when it holds ``marker``). The first time, one log line says what is being prepared (``what``)
+    and where (a debug line only for a ``part`` of a larger preparation, which has its own line); the
+    libraries' own output is kept out of the terminal (see :func:`quiet_libraries`)."""
     if (target / marker).is_file():
         return target
     with exclusive(target.with_suffix(".lock")):
         if (target / marker).is_file():
             return target
+        log.log(logging.DEBUG if part else logging.INFO, "preparing %s in the model cache %s (once on this machine)",
+                what, target.parent)
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        build(tmp)
+        with quiet_libraries() as kept:
+            try:
+                build(tmp)
+            except Exception:
+                log.debug("output of the failed preparation of %s:\n%s", what, kept.getvalue())
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     return target
@@ -105,7 +143,6 @@ def _smollm2_tokenizer():
 def _convert_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    log.info("converting %s from its GGUF file (once)", BUILTIN_SMOLLM2)
     quantized = AutoModelForCausalLM.from_pretrained(_smollm2_package_dir(), gguf_file=SMOLLM2_GGUF)
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -119,7 +156,7 @@ def _convert_smollm2(out: Path) -> None:
 
 def _smollm2_tokenizer_dir() -> Path:
     return _build_once(cache_dir() / "smollm2-tokenizer", lambda d: _smollm2_tokenizer().save_pretrained(d),
-                       marker="tokenizer_config.json")
+                       "SmolLM2's tokenizer (from its GGUF file)", marker="tokenizer_config.json", part=True)
 
 
 def _build_tiny(out: Path, seq2seq: bool = False) -> None:
@@ -144,11 +181,12 @@ def _build_tiny(out: Path, seq2seq: bool = False) -> None:
 def materialize(reference: str) -> Path:
     """Resolve a model reference to a local folder holding config, weights and tokenizer."""
     if reference == BUILTIN_SMOLLM2:
-        return _build_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2)
+        return _build_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2,
+                           f"{BUILTIN_SMOLLM2} (dequantised from its Q4_1 GGUF file)")
     if reference == BUILTIN_TINY:
-        return _build_once(cache_dir() / "tiny-llama", _build_tiny)
+        return _build_once(cache_dir() / "tiny-llama", _build_tiny, BUILTIN_TINY)
     if reference == BUILTIN_TINY_T5:
-        return _build_once(cache_dir() / "tiny-t5", lambda out: _build_tiny(out, seq2seq=True))
+        return _build_once(cache_dir() / "tiny-t5", lambda out: _build_tiny(out, seq2seq=True), BUILTIN_TINY_T5)
     if reference.startswith("builtin:"):
         raise ModelError(f"unknown built-in model {reference!r}; built-ins: {', '.join(BUILTINS)}")
     from modecotd.storage import is_uri
@@ -246,12 +284,11 @@ def _copy_from_storage(uri: str) -> Path:
         files = storage.files()
         if "config.json" not in files:
             raise ModelError(f"{storage.describe()}: not a model folder (no config.json)")
-        log.info("copying model %s to this node (%d files)", storage.describe(), len(files))
         for name in files:
             storage.download(name, out / name)
 
     try:
-        return _build_once(target, copy)
+        return _build_once(target, copy, f"model {storage.describe()} (copied from the run's storage)")
     except StorageError as error:
         raise ModelError(str(error)) from None
 
