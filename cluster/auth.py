@@ -45,17 +45,29 @@ def read_token() -> str:
     return path.read_text().strip()
 
 
+def make_token_file() -> bool:
+    """On a machine without a token, write a new random one to ``~/.ray/auth_token``, readable by
+    this user only (Ray's own first start would write it readable by every user of the machine);
+    True when it was written. Nothing is written when the user chose a mode other than token."""
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token" or token_available():
+        return False
+    DEFAULT_TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(DEFAULT_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process of this user made it a moment ago
+        return False
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    return True
+
+
 def ensure_token() -> Path | None:
-    """A token for a cluster started here: the one at hand, or a new random one written to
-    ``~/.ray/auth_token`` readable by this user only (``ray start`` leaves authentication off when no
-    token exists). None when the user chose a mode other than token."""
+    """A token for a cluster started here by ``ray start`` (which leaves authentication off when no
+    token exists): the one at hand, or a new one (:func:`make_token_file`). None when the user chose
+    a mode other than token. Called before Ray is imported: it asks for token mode."""
     if os.environ.get("RAY_AUTH_MODE", "token") != "token":
         return None
-    if not token_available():
-        DEFAULT_TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(DEFAULT_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32))
+    make_token_file()
     os.environ["RAY_AUTH_MODE"] = "token"
     return DEFAULT_TOKEN_FILE
 

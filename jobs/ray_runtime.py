@@ -10,7 +10,7 @@ import socket
 
 import ray
 
-from modecotd.cluster.auth import token_available
+from modecotd.cluster.auth import make_token_file, token_available
 from modecotd.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,10 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
                         "the connection may be refused (modecotd's CLI sets it for you)")
         context = ray.init(address=address, **kwargs)
     else:
-        context = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host, **kwargs)
+        make_token_file()  # Ray's first start on a machine would write its token readable by every user
+        # "local": a private cluster even where `ray start` runs one (Ray would join that one instead)
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                           dashboard_host=dashboard_host, **kwargs)
         from modecotd.jobs import reaper
 
         reaper.start()  # should this process be killed, its private Ray goes with it

@@ -11,9 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # As the CLI does before anything imports Ray: with a token at hand (Ray 2.60 writes one), the
 # client asks for token mode; Ray reads the mode once, at import, so the order of tests must not
-# decide it.
-from modecotd.cluster.auth import use_token_if_available  # noqa: E402
+# decide it. On a new machine there is no token yet: one is made first (as Ray's own first start
+# would make it), else a later test that starts a cluster would make it after Ray read the mode and
+# every later client would present none (tests/test_first_run.py starts from an empty home folder).
+from modecotd.cluster.auth import make_token_file, use_token_if_available  # noqa: E402
 
+make_token_file()
 use_token_if_available()
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
