@@ -434,6 +434,12 @@ class MixtureConfig(Section):
     top_k: list[int | None] = Field(default_factory=lambda: [None], min_length=1, description="mix only the k "
                                     "experts with the lowest few-shot loss on their own; null: all")
     start: float = Field(0.0, description="every weight's starting value (the paper's: 0, the student as it is)")
+    orders: int = Field(
+        3, ge=1, le=100, description="weight searches per fit, each over the experts in its own seeded random order, "
+        "each with the whole budget; the one with the lowest few-shot objective is kept and the report shows how "
+        "the weights spread over the orders. 1: a single search in the config's task order, the authors' exact "
+        "setting, whose result depends on that order (NGOpt's first step moves only the first expert's weight); "
+        "the gate does not search weights")
     candidates_per_forward: AutoInt = Field("auto", description=MIXER_CANDIDATES.help(
         "weight candidates asked for and evaluated together in batched forwards (tpe, cmaes, random; ngopt is "
         "sequential); more per round means fewer sampler updates within the budget"))
@@ -506,6 +512,9 @@ class EvaluationConfig(Section):
     """Stage 4: batched greedy decoding and scoring."""
 
     scoring: Literal["strict", "reference"] = "strict"
+    likelihood: bool = Field(True, description="also read every yes/no and multiple-choice answer by likelihood: "
+                             "the option the system finds most probable after its own reasoning and the answer "
+                             "marker (a reading that does not need the answer format), beside strict and reference")
     max_new_tokens: int = Field(256, ge=1, le=4096)
     experts_alone: bool = Field(True, json_schema_extra=RUNTIME, description="also evaluate every seen task's "
                                 "expert alone on each task that has no expert of its own (systems expert-<task>); "

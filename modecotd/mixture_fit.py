@@ -20,7 +20,7 @@ import torch
 from modecotd.config import MIXER_CANDIDATES
 from modecotd.mixture import Mixture
 from modecotd.tasks.schema import AnswerKind
-from modecotd.weight_search import search_weights
+from modecotd.weight_search import OrderedSearch, kept_search, search_in_orders
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class FitOptions:
     gate_steps: int
     gate_learning_rate: float
     objective: str = "token_mean"  # or per_row: the token mean divided by the rows (the authors' code)
+    orders: int = 1  # weight searches per fit, each over the experts in its own seeded order (1: the list's order)
 
 
 def fold_indices(n: int, k: int) -> list[list[int]]:
@@ -63,10 +64,10 @@ def top_experts(mixture: Mixture, batch: dict, k: int | None) -> list[int]:
 
 
 def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict, options: FitOptions,
-                on_evaluations: Callable[[int], None] = lambda count: None):
-    """Search the weights of the ``chosen`` experts (the others stay at 0) on ``batch``;
-    ``on_evaluations`` hears how many objective evaluations each forward made. Returns the search
-    result and the full weight vector."""
+                on_evaluations: Callable[[int], None] = lambda count: None) -> list[OrderedSearch]:
+    """Search the weights of the ``chosen`` experts (the others stay at 0) on ``batch``, once per
+    order (:func:`~modecotd.weight_search.search_in_orders`); ``on_evaluations`` hears how many
+    objective evaluations each forward made. Each search's weights are given for every expert."""
     n = len(mixture.names)
 
     def full(weights) -> torch.Tensor:
@@ -84,12 +85,33 @@ def fit_weights(mixture: Mixture, batch: dict, chosen: list[int], setting: dict,
         on_evaluations(1)
         return loss, [gradient[i] for i in chosen]
 
-    result = search_weights(
-        candidate_losses, len(chosen), optimizer=options.optimizer, budget=setting["budget"],
+    searches = search_in_orders(
+        candidate_losses, len(chosen), orders=options.orders, optimizer=options.optimizer, budget=setting["budget"],
         bound=setting["bound"], l1=setting["l1"], seed=options.seed, start=[options.start] * len(chosen),
         batch=MIXER_CANDIDATES.resolve(options.candidates_per_forward, mixture.device),  # auto: by device
         loss_and_gradient=loss_and_gradient, learning_rate=options.learning_rate)
-    return result, full(result.weights).tolist()
+    return [OrderedSearch([chosen[i] for i in s.order], s.result, full(s.weights).tolist()) for s in searches]
+
+
+ORDER_KEYS = ("orders", "weight_range", "largest_by_order", "kept_order", "order_agreement")  # order_summary's
+
+
+def order_summary(names: list[str], searches: list[OrderedSearch]) -> dict:
+    """How much the mixture depends on the order the search saw the experts in: each order's
+    weights and objective, each expert's lowest and highest weight over the orders, the expert with
+    the largest weight in each order, and the share of orders whose largest agrees with the kept
+    search's."""
+    largest = [names[max(range(len(s.weights)), key=lambda i: s.weights[i])] for s in searches]
+    kept = largest[searches.index(kept_search(searches))]
+    return {
+        "orders": [{"order": [names[i] for i in s.order], "weights": dict(zip(names, s.weights)),
+                    "objective": s.result.objective} for s in searches],
+        "weight_range": {name: [min(s.weights[i] for s in searches), max(s.weights[i] for s in searches)]
+                         for i, name in enumerate(names)},
+        "largest_by_order": largest,
+        "kept_order": searches.index(kept_search(searches)),
+        "order_agreement": sum(name == kept for name in largest) / len(largest),
+    }
 
 
 class SettingFit:
@@ -115,7 +137,7 @@ class SettingFit:
 
     @property
     def evaluations_per_fit(self) -> int:
-        return self.options.gate_steps if self.gate else self.setting["budget"]
+        return self.options.gate_steps if self.gate else self.setting["budget"] * max(1, self.options.orders)
 
     @property
     def cv_loss(self) -> float | None:
@@ -124,7 +146,7 @@ class SettingFit:
     def fold(self, index: int) -> float:
         """Fit on every fold but ``index``; the loss on that one."""
         held = self.folds[index]
-        weights, history, _ = self._fit([i for i in self.every_row if i not in held])
+        weights, history, _, _ = self._fit([i for i in self.every_row if i not in held])
         self.evaluations += len(history)
         if not self.gate:
             self.mixture.set_weights(weights)
@@ -133,7 +155,7 @@ class SettingFit:
 
     def final(self, routers: Path) -> dict:
         """Fit on every few-shot row; the setting's record (a gate's routers are saved to ``routers``)."""
-        weights, history, seconds = self._fit(self.every_row)
+        weights, history, seconds, orders = self._fit(self.every_row)
         self.evaluations += len(history)
         mixture = self.mixture
         record = {"task": self.task, **self.setting, "setting": setting_key(self.setting), "cv_loss": self.cv_loss,
@@ -149,6 +171,7 @@ class SettingFit:
             mixture.use_method("delta")  # for the loss of the student as it is (w = 0)
         else:
             record["weights"] = dict(zip(mixture.names, weights))
+            record.update(order_summary(mixture.names, orders))
         mixture.set_weights(torch.zeros(len(mixture.names)))
         record["zero_weights_loss"] = mixture.few_shot_loss(self.all_rows)
         return record
@@ -158,14 +181,17 @@ class SettingFit:
                                       self.options.max_length)
 
     def _fit(self, indices: list[int]):
-        """Fit on these few-shot rows; returns (weights or None for a gate, history, seconds)."""
+        """Fit on these few-shot rows; returns (weights or None for a gate, history, seconds, the
+        searches of every order: none for a gate). The history holds every order's evaluations, each
+        marked with its order's place."""
+        started = time.time()
         if self.gate:
-            started = time.time()
             losses = self.mixture.fit_gate(self._batch(indices, self.pooled), steps=self.options.gate_steps,
                                            learning_rate=self.options.gate_learning_rate, seed=self.options.seed,
                                            on_step=lambda: self.on_evaluations(1))
             return None, [{"evaluation": i, "loss": loss, "objective": loss} for i, loss in enumerate(losses)], \
-                time.time() - started
-        result, weights = fit_weights(self.mixture, self._batch(indices), self.chosen, self.setting, self.options,
-                                      self.on_evaluations)
-        return weights, result.history, result.seconds
+                time.time() - started, []
+        searches = fit_weights(self.mixture, self._batch(indices), self.chosen, self.setting, self.options,
+                               self.on_evaluations)
+        history = [{**h, "order": place} for place, s in enumerate(searches) for h in s.result.history]
+        return kept_search(searches).weights, history, time.time() - started, searches

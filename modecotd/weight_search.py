@@ -17,6 +17,7 @@ All evaluate ``start`` first (the paper's is w = 0: the student as it is).
 """
 from __future__ import annotations
 
+import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -106,6 +107,66 @@ def search_weights(candidate_losses: Candidates, n: int, *, optimizer: str = "ng
         for w, (_, token), loss in zip(weights, asked, candidate_losses(weights)):
             tell(token, search.record(w, loss))
     return search.result()
+
+
+def expert_orders(n: int, orders: int, seed: int) -> list[list[int]]:
+    """The orders a search sees ``n`` experts in: their own order for one search (the authors'
+    setting, where the result depends on it: NGOpt's first step moves the first weight only), else
+    ``orders`` permutations drawn with ``seed`` (the same on every run and machine)."""
+    if orders <= 1:
+        return [list(range(n))]
+    drawn = []
+    for index in range(orders):
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + index).shuffle(order)
+        drawn.append(order)
+    return drawn
+
+
+@dataclass
+class OrderedSearch:
+    """One search over the experts in one order (``order[j]``: the expert the search's j-th weight
+    is), its result in the search's own coordinates, and the weights in the experts' order."""
+
+    order: list[int]
+    result: SearchResult
+    weights: list[float]
+
+
+def search_in_orders(candidate_losses: Candidates, n: int, *, orders: int, seed: int = 0,
+                     start: Sequence[float] | None = None, loss_and_gradient: LossAndGradient | None = None,
+                     **search) -> list[OrderedSearch]:
+    """:func:`search_weights` once per order of :func:`expert_orders`, each with the whole budget.
+    ``candidate_losses``, ``loss_and_gradient`` and ``start`` speak in the experts' own order; each
+    search sees the weights permuted. Returns the searches in the order they ran (the kept one:
+    :func:`kept_search`)."""
+    start = [float(x) for x in (start if start is not None else [0.0] * n)]
+    out = []
+    for order in expert_orders(n, orders, seed):
+        def unpermute(w, order=order) -> list[float]:
+            full = [0.0] * n
+            for j, i in enumerate(order):
+                full[i] = w[j]
+            return full
+
+        def permuted_losses(candidates, unpermute=unpermute):
+            return candidate_losses([unpermute(w) for w in candidates])
+
+        permuted_gradient = None
+        if loss_and_gradient is not None:
+            def permuted_gradient(w, unpermute=unpermute, order=order):
+                loss, gradient = loss_and_gradient(unpermute(w))
+                return loss, [gradient[i] for i in order]
+
+        result = search_weights(permuted_losses, n, seed=seed, start=[start[i] for i in order],
+                                loss_and_gradient=permuted_gradient, **search)
+        out.append(OrderedSearch(order, result, unpermute(result.weights)))
+    return out
+
+
+def kept_search(searches: list[OrderedSearch]) -> OrderedSearch:
+    """The search whose weights a mixture keeps: the lowest objective (the first such one)."""
+    return min(searches, key=lambda s: s.result.objective)
 
 
 def _ask_tell(optimizer: str, n: int, budget: int, bound: float, seed: int, start: list[float]):

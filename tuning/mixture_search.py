@@ -29,7 +29,7 @@ from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
 from modecotd.mixture import Mixture, export_adapter
-from modecotd.mixture_fit import FitOptions, SettingFit, setting_key
+from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, setting_key
 from modecotd.models import materialize
 from modecotd.plan import Mixing, RunLayout
 from modecotd.tasks.schema import AnswerKind
@@ -215,6 +215,7 @@ def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], stor
     return {
         "student": config.student.model, "dtype": config.student.dtype,
         "experts": experts, "optimizer": cfg.optimizer, "start": cfg.start, "objective": cfg.objective,
+        "orders": cfg.orders,
         "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
         "seed": config.seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
         "storage": storage, "trials": trials, "gate_steps": cfg.gate_steps, "gate_learning_rate": cfg.gate_learning_rate,
@@ -315,7 +316,8 @@ def _commit(mixing: Mixing, records: list[dict], experts: dict[str, Unit], cfg) 
                "experts_mixed": best["experts_mixed"], "zero_weights_loss": best["zero_weights_loss"],
                "precision": best.get("precision"),
                "candidates": [{"setting": r["setting"], "cv_loss": r["cv_loss"]} for r in records],
-               "system": mixing.system, "settings_tried": len(mixing.settings)}  # those missing from candidates were stopped early
+               "system": mixing.system, "settings_tried": len(mixing.settings),  # those missing from candidates were stopped early
+               **{k: best[k] for k in ORDER_KEYS if k in best}}
     with unit.writing(summary) as staging:
         write_json(staging / "mixture.json", {**summary, "optimizer": cfg.optimizer,
                                               "experts": {n: e.prefix for n, e in experts.items()}})
