@@ -20,6 +20,7 @@ from modecotd.errors import UserError
 from modecotd.jobs.placement import wait_for_resources, wait_until_placed
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
+from modecotd.likelihood import likelihood_answers
 from modecotd.models import load_lm
 from modecotd.plan import Evaluation
 from modecotd.tasks.schema import Example
@@ -91,7 +92,9 @@ class Evaluator:
         batch_size = EVALUATION_BATCH.resolve(self.settings["batch_size"], model.device)  # auto: by device
         outputs = predict(model, self.tokenizer, batch, kind, batch_size=batch_size,
                           max_new_tokens=self.settings["max_new_tokens"], on_batch=on_batch)
-        rows = score_rows(batch, outputs, kind)
+        likely = (likelihood_answers(model, self.tokenizer, [e.question for e in batch], outputs, kind,
+                                     batch_size=batch_size) if self.settings["likelihood"] else None)
+        rows = score_rows(batch, outputs, kind, likely)
         tags = {"task": task, "system": system_name}
         self.done.inc(1, tags)
         self.accuracy.set(sum(r["correct"] for r in rows) / max(1, len(rows)), tags)
@@ -112,7 +115,7 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
     if todo:
         wait_for_resources({"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}, "an evaluator actor",
                            config.resources.placement_timeout_s, "evaluation.cpus_per_actor / gpus_per_actor")
-    settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
+    settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, "likelihood": cfg.likelihood}
     started = itertools.count()
 
     def new_actor():

@@ -1,7 +1,8 @@
 """Stage 4 as a library: build a system (base, expert, mixture), decode greedily, score.
 
 Scores kept per row: strict correctness (our extractor), the reference's lenient correctness,
-answer-format compliance and, for free-text answers, partial credit. The majority baseline
+answer-format compliance, for free-text answers partial credit, and for yes/no and choice answers
+the likelihood reading (:mod:`modecotd.likelihood`). The majority baseline
 (always answer the train split's most common answer) is computed beside them.
 """
 from __future__ import annotations
@@ -70,10 +71,16 @@ def predict(model, tokenizer, examples: list[Example], kind: AnswerKind, *, batc
     return [texts[0] for texts in outputs]
 
 
-def score_rows(examples: list[Example], outputs: list[str], kind: AnswerKind) -> list[dict]:
+def score_rows(examples: list[Example], outputs: list[str], kind: AnswerKind,
+               likely: list[str | None] | None = None) -> list[dict]:
+    """Each question's scores; ``likely``: the answer the likelihood reading gave (see
+    :mod:`modecotd.likelihood`), None where the kind has no options or it was not read."""
     rows = []
-    for ex, text in zip(examples, outputs):
+    likely = likely or [None] * len(examples)
+    for ex, text, option in zip(examples, outputs, likely):
         extracted = extract_answer(text, kind)
+        reading = {} if option is None else {"likely_answer": option,
+                                              "correct_likelihood": is_correct(option, ex.answer, kind)}
         rows.append({
             "question": ex.question,
             "gold": ex.answer,
@@ -84,6 +91,7 @@ def score_rows(examples: list[Example], outputs: list[str], kind: AnswerKind) ->
             "format_ok": has_answer_format(text),
             "partial": partial_credit(extracted, ex.answer, kind),
             "source": ex.source,
+            **reading,
         })
     return rows
 
@@ -96,11 +104,13 @@ def summarize(rows: list[dict], scoring: str = "strict") -> dict:
     strict = sum(r["correct"] for r in rows) / n
     reference = sum(r["correct_reference"] for r in rows) / n
     partial = [r["partial"] for r in rows if r["partial"] is not None]
+    read = [r["correct_likelihood"] for r in rows if "correct_likelihood" in r]
     return {
         "n": n,
         "accuracy": strict if scoring == "strict" else reference,
         "accuracy_strict": strict,
         "accuracy_reference": reference,
+        "accuracy_likelihood": sum(read) / len(read) if read else None,
         "format_rate": sum(r["format_ok"] for r in rows) / n,
         "partial_credit": sum(partial) / len(partial) if partial else None,
     }

@@ -95,6 +95,11 @@ def collect(run: "Storage | str | Path") -> dict:
     out["precision"] = precisions_used(out["tasks"])
     out["resources"] = stage_resources(config)
     out["means"], out["changes"] = means_with_intervals(out["tasks"], scores, out["scoring"])
+    out["readings"] = {}  # the same means and changes under every reading of the answers
+    for reading in READINGS:
+        means, changes = means_with_intervals(out["tasks"], scores, reading)
+        if means:
+            out["readings"][reading] = {"means": means, "changes": changes}
     return out
 
 
@@ -129,9 +134,12 @@ def _by_key(rows: list[dict], key: str) -> dict[tuple, dict]:
     return keyed
 
 
+READINGS = ("strict", "reference", "likelihood")  # the ways an answer is scored (likelihood: choice and yes/no)
+
+
 def correct_field(scoring: str) -> str:
-    """The row field that says whether a prediction is right under ``scoring``."""
-    return "correct" if scoring == "strict" else "correct_reference"
+    """The row field that says whether a prediction is right under ``scoring`` (a reading)."""
+    return {"strict": "correct", "reference": "correct_reference", "likelihood": "correct_likelihood"}[scoring]
 
 
 def with_interval(summary: dict) -> dict:
@@ -198,6 +206,7 @@ def means_with_intervals(tasks: dict, scores: dict[tuple[str, str], list[dict]],
     and the multi-task LoRA (unseen), on the tasks both were evaluated on, question by question.
     Each with a stratified bootstrap 95% interval (questions resampled within each task)."""
     field = correct_field(scoring)
+    scores = {pair: rows for pair, rows in scores.items() if rows and all(field in r for r in rows)}  # readable ones
     means: dict = {}
     changes: list[dict] = []
     for role in (Role.SEEN.value, Role.UNSEEN.value):
@@ -210,7 +219,7 @@ def means_with_intervals(tasks: dict, scores: dict[tuple[str, str], list[dict]],
                 means.setdefault(role, {})[system] = {"mean": mean, "ci_low": low, "ci_high": high,
                                                       "tasks": len(covered)}
         majority = [tasks[name]["majority"]["accuracy"] for name in names
-                    if tasks[name]["majority"]["accuracy"] is not None]
+                    if tasks[name]["majority"]["accuracy"] is not None and any((name, s) in scores for s in SYSTEMS)]
         if majority:
             means.setdefault(role, {})["majority"] = {"mean": sum(majority) / len(majority), "tasks": len(majority)}
         for mixture in MIXTURES:
@@ -388,6 +397,7 @@ def render_markdown(report: dict) -> str:
                          f"{m.get('budget', '–')} | {m.get('top_k') or 'all'} | "
                          f"{m.get('settings_tried', '–')} ({len(m.get('candidates', []))}) | "
                          f"{_cv_text(m)} | {'–' if zero is None else f'{zero:.3f}'} | {weights} |")
+    lines += orders_section(report)
     if any(t.get("mixtures") for t in report["tasks"].values()):
         lines += ["", "![mixture weights, target task by expert](mixture_weights.png)",
                   "", "![weight search: best objective per evaluation](search.png)"]
@@ -400,6 +410,30 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def orders_section(report: dict) -> list[str]:
+    """How much each searched mixture depends on the order its search saw the experts in: the expert
+    with the largest weight in each order, how many orders agree with the kept one, and the range of
+    that expert's weight over the orders."""
+    searched = [(name, system, m) for name, t in report["tasks"].items()
+                for system, m in t.get("mixtures", {}).items() if m.get("orders")]
+    if not searched:
+        return []
+    lines = ["", "### Order of the experts", "",
+             "Each weight search ran once per order of the experts (mixture.orders; 1 is the authors' setting, the "
+             "config's task order, on which the paper's search depends); the order with the lowest few-shot "
+             "objective was kept. Largest: the expert with the largest weight in each order, the kept order's "
+             "first.", "",
+             "| target | orders | largest, kept order | orders agreeing | its weight over the orders | largest per order |",
+             "|---|---|---|---|---|---|"]
+    for name, system, m in searched:
+        kept = m["largest_by_order"][m["kept_order"]]
+        low, high = m["weight_range"][kept]
+        label = name if system == MIXTURE else f"{name} ({system})"
+        lines.append(f"| {label} | {len(m['orders'])} | {kept} | {round(m['order_agreement'] * len(m['orders']))} of "
+                     f"{len(m['orders'])} | {low:+.2f} to {high:+.2f} | {', '.join(m['largest_by_order'])} |")
+    return lines
+
+
 def unseen_section(report: dict) -> list[str]:
     """Each task no expert was trained on, system by system: the mixture beside the base student,
     each seen expert alone, the baselines and the majority answers, with 95% intervals."""
@@ -409,33 +443,54 @@ def unseen_section(report: dict) -> list[str]:
             continue
         lines += ["", f"## Unseen task {name}", "",
                   f"{t['sizes']['test']} test questions ({t['kind']} answers); accuracy in % with its 95% Wilson "
-                  "interval; format: share of outputs that wrote the answer marker.", "",
-                  "| system | accuracy | format | partial credit | vs base (points) |", "|---|---|---|---|---|"]
+                  "interval; format: share of outputs that wrote the answer marker; likelihood: the option the "
+                  "system finds most probable after its reasoning (no answer format needed).", "",
+                  "| system | accuracy | format | likelihood | partial credit | vs base (points) |",
+                  "|---|---|---|---|---|---|"]
         base = t["eval"].get("base", {}).get("accuracy")
         for system, ev in t["eval"].items():
             gain = "–" if base is None or ev.get("accuracy") is None else f"{100 * (ev['accuracy'] - base):+.1f}"
             lines.append(f"| {system} | {_with_ci(ev)} | {_pct(ev.get('format_rate'))} | "
-                         f"{_pct(ev.get('partial_credit'))} | {gain} |")
+                         f"{_pct(ev.get('accuracy_likelihood'))} | {_pct(ev.get('partial_credit'))} | {gain} |")
         for label, majority in (("majority (train answers)", t["majority"]),
                                 ("majority (test answers)", t.get("majority_test", {}))):
             if majority.get("accuracy") is not None:
                 lines.append(f"| {label}: always {_code(majority.get('answer'))} | {_pct(majority['accuracy'])} "
-                             "| – | – | – |")
+                             "| – | – | – | – |")
     return lines
 
 
 def scoring_section(report: dict) -> list[str]:
-    """Every accuracy under both scorings: strict (ours) and reference (the authors' evaluate.py)."""
+    """Every accuracy under the three readings: strict (ours), reference (the authors' evaluate.py)
+    and likelihood (yes/no and choice tasks), then the means and changes under each."""
     pairs = [(name, system, ev) for name, t in report["tasks"].items() for system, ev in t["eval"].items()
              if ev.get("accuracy_reference") is not None]
     if not pairs:
         return []
-    lines = ["", "## Both scorings", "",
+    lines = ["", "## Three readings of the answers", "",
              "strict: the answer after the marker, normalised, must equal the gold. reference: the authors' "
              "rule (the gold as a substring of what follows the last marker, with their fallbacks), which "
-             "counts some wrong answers as right.", "", "| task | system | strict | reference |", "|---|---|---|---|"]
-    lines += [f"| {name} | {system} | {_pct(ev.get('accuracy_strict'))} | {_pct(ev.get('accuracy_reference'))} |"
-              for name, system, ev in pairs]
+             "counts some wrong answers as right. likelihood (yes/no and multiple-choice tasks): the option the "
+             "system finds most probable after its own reasoning and the marker, which needs no answer format.",
+             "", "| task | system | strict | reference | likelihood |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {system} | {_pct(ev.get('accuracy_strict'))} | {_pct(ev.get('accuracy_reference'))} | "
+              f"{_pct(ev.get('accuracy_likelihood'))} |" for name, system, ev in pairs]
+    readings = report.get("readings", {})
+    if readings:
+        lines += ["", "Mean accuracy per role and system under each reading (the tasks each reading covers), in %, "
+                  "with its bootstrap 95% interval:", "", "| role | system | " + " | ".join(readings) + " |",
+                  "|---|---|" + "---|" * len(readings)]
+        rows = dict.fromkeys((role, system) for r in readings.values() for role, by in r["means"].items() for system in by)
+        for role, system in rows:
+            cells = [readings[r]["means"].get(role, {}).get(system) for r in readings]
+            lines.append(f"| {role} | {system} | " + " | ".join(
+                "–" if m is None else f"{_with_ci({'accuracy': m['mean'], **m})} ({m['tasks']})" for m in cells) + " |")
+        changes = [(r, c) for r, found in readings.items() for c in found["changes"]]
+        if changes:
+            lines += ["", "Each mixture's change under each reading, in points, with its 95% interval:", "",
+                      "| reading | role | mixture | over | tasks | change |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r} | {c['role']} | {c['mixture']} | {c['over']} | {c['tasks']} | {100 * c['change']:+.1f} "
+                      f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] |" for r, c in changes]
     return lines
 
 

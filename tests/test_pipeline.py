@@ -142,7 +142,7 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
                                                        "expert-coins"}  # the unseen task: each expert alone
     unseen = (run_dir / "report.md").read_text().split("## Unseen task letters")[1].split("\n## ")[0]
     assert "| expert-coins | " in unseen and "| mixture | " in unseen and "majority (test answers)" in unseen
-    assert "## Both scorings" in (run_dir / "report.md").read_text()
+    assert "## Three readings of the answers" in (run_dir / "report.md").read_text()
     assert (run_dir / "accuracy.png").stat().st_size > 1000
     assert (run_dir / "training.png").stat().st_size > 1000
     assert (run_dir / "mixture_weights.png").stat().st_size > 1000 and (run_dir / "search.png").stat().st_size > 1000
