@@ -165,7 +165,10 @@ def concurrent_jobs(cfg, cluster: dict) -> tuple[int, str | None]:
 
 
 def read_rows(cfg, job: Training) -> list[dict]:
-    """The accepted rationales a job trains on; pooled rows carry their task's answer kind."""
+    """The accepted rationales a job trains on (pooled rows carry their task's answer kind), or the
+    rows the job carries itself (a control's few-shot rows)."""
+    if job.rows:
+        return [dict(r) for r in job.rows]
     rows = []
     for rationales, kind in job.sources:
         task_rows = [json.loads(line) for line in rationales.read_file("accepted.jsonl").splitlines() if line.strip()]
@@ -181,15 +184,17 @@ def distill_settings(config, job: Training, rows: list[dict]) -> DistillSettings
     """The job's settings; each worker fills in where the student and its output are on its node."""
     cfg = config.distill
     return DistillSettings(
-        student_dir="", dtype=config.student.dtype, kind=job.sources[0][1],
+        student_dir="", dtype=config.student.dtype, kind=job.kind or job.sources[0][1],
         rows=rows, output_dir="", lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
         learning_rate=cfg.full_finetune_learning_rate if job.full_finetune else cfg.learning_rate,
-        epochs=cfg.epochs, batch_size=cfg.batch_size,
+        epochs=job.epochs or cfg.epochs, batch_size=cfg.batch_size,
         max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio, zero_stage=cfg.zero_stage,
         seed=config.seed, gradient_accumulation=cfg.gradient_accumulation,
-        validation_fraction=cfg.validation_fraction, eval_every=cfg.eval_every,
-        early_stopping_patience=cfg.early_stopping_patience, checkpoint_every=cfg.checkpoint_every,
+        # a few-shot control's handful of rows is too few to hold any out
+        validation_fraction=0.0 if job.rows else cfg.validation_fraction, eval_every=cfg.eval_every,
+        early_stopping_patience=None if job.rows else cfg.early_stopping_patience,
+        checkpoint_every=cfg.checkpoint_every,
         offload_optimizer=cfg.offload_optimizer, full_finetune=job.full_finetune,
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
@@ -225,7 +230,8 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> d
             job = jobs[name]
             rows = read_rows(cfg, job)
             if not rows:
-                results[name] = {"status": "failed", "error": "the teacher kept no rationale for this task"}
+                results[name] = {"status": "failed", "error": "no few-shot rows to train on" if job.target else
+                                 "the teacher kept no rationale for this task"}
                 log.error("distill: %s: no rationales to train on", name)
                 continue
             settings = distill_settings(config, job, rows)

@@ -396,6 +396,11 @@ class DistillConfig(Section):
 MIXER_METHODS = ("lorahub", "delta", "gate")
 MIXER_GRID = ("method", "budget", "bound", "l1", "top_k")  # each one value or a list: the Tune grid
 MIXTURE = "mixture"  # the system of a target task's mixture (mixture.systems best)
+# What else a target's few-shot rows buy, each a system of its own: the experts' plain average (their
+# updates summed with weight 1/n), the one expert with the lowest few-shot loss, a LoRA trained on the
+# few-shot rows alone. The first two are fixed-weight mixtures of the mix stage, the last a training.
+CONTROLS = ("uniform", "best_expert", "fewshot_lora")
+WEIGHT_CONTROLS = ("uniform", "best_expert")
 
 
 def mixture_system(method: str) -> str:
@@ -449,6 +454,12 @@ class MixtureConfig(Section):
     gate_rows: Literal["task", "pooled"] = Field(
         "task", description="what the gate trains on: the target task's few-shot rows, or those pooled with "
         "every other task's few-shot rows")
+    controls: list[Literal[CONTROLS]] = Field(
+        default_factory=lambda: list(CONTROLS), description="systems that use a target task's few-shot rows without "
+        "a search, evaluated beside the mixtures: uniform (the experts' updates averaged, weight 1/n each), "
+        "best_expert (the one expert with the lowest few-shot loss), fewshot_lora (a LoRA trained on the few-shot "
+        "rows alone, with the distill stage's LoRA settings)")
+    fewshot_lora_epochs: float = Field(10.0, gt=0, description="epochs of the fewshot_lora control over its few rows")
     cv_folds: int = Field(2, ge=0, description="folds over the few-shot examples that score each setting; 0: no "
                           "cross-validation (only with a single setting, where there is nothing to choose)")
     scheduler: Literal["none", "asha", "median"] = Field(
@@ -482,6 +493,8 @@ class MixtureConfig(Section):
         if self.cv_folds == 1:
             raise ValueError("cv_folds must be 0 (no cross-validation) or at least 2")
         crowded = max(len(settings) for settings in self.choices().values())
+        if len(set(self.controls)) != len(self.controls):
+            raise ValueError("each control may be named once")
         if self.cv_folds == 0 and crowded > 1:
             within = " of one method" if self.systems == "per_method" else ""
             raise ValueError(f"cv_folds 0 leaves no way to choose between the {crowded} settings{within} of the "
@@ -490,10 +503,16 @@ class MixtureConfig(Section):
 
     def choices(self) -> dict[str, list[dict]]:
         """Each mixture system a target task gets, with the settings its mixture is chosen from:
-        {'mixture': every setting} or {'mixture-<method>': that method's settings}."""
+        {'mixture': every setting} or {'mixture-<method>': that method's settings}, then each
+        fixed-weight control with its one setting."""
         if self.systems == "best":
-            return {MIXTURE: self.settings()}
-        return {mixture_system(method): [s for s in self.settings() if s["method"] == method] for method in self.method}
+            chosen = {MIXTURE: self.settings()}
+        else:
+            chosen = {mixture_system(method): [s for s in self.settings() if s["method"] == method]
+                      for method in self.method}
+        for control in (c for c in WEIGHT_CONTROLS if c in self.controls):
+            chosen[control] = [{"method": control, "budget": None, "bound": None, "l1": None, "top_k": None}]
+        return chosen
 
     def settings(self) -> list[dict]:
         """The mixer settings Ray Tune tries for every target task: every combination of the

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from modecotd.config import MIXER_CANDIDATES
+from modecotd.config import MIXER_CANDIDATES, WEIGHT_CONTROLS
 from modecotd.mixture import Mixture
 from modecotd.tasks.schema import AnswerKind
 from modecotd.weight_search import OrderedSearch, kept_search, search_in_orders
@@ -48,8 +48,8 @@ def fold_indices(n: int, k: int) -> list[list[int]]:
 
 def setting_key(setting: dict) -> str:
     """A readable name for one mixer setting (trial names, record files)."""
-    if setting["method"] == "gate":
-        return "gate"
+    if setting["method"] in ("gate", *WEIGHT_CONTROLS):
+        return setting["method"]
     top_k = "all" if setting["top_k"] is None else setting["top_k"]
     return f"{setting['method']}-budget={setting['budget']}-bound={setting['bound']}-l1={setting['l1']}-top_k={top_k}"
 
@@ -124,10 +124,12 @@ class SettingFit:
         self.mixture, self.task, self.rows, self.kind = mixture, task, rows, kind
         self.setting, self.options, self.on_evaluations = setting, options, on_evaluations
         self.gate = setting["method"] == "gate"
+        self.control = setting["method"] if setting["method"] in WEIGHT_CONTROLS else None
         self.pooled = list(pooled) if self.gate else []
-        mixture.use_method(setting["method"])
+        mixture.use_method("delta" if self.control else setting["method"])  # a control's weights sum the updates
         mixture.objective = options.objective
-        self.folds = fold_indices(len(rows), options.cv_folds) if options.cv_folds else []
+        # a control has one setting and chooses nothing: no folds to score it on
+        self.folds = fold_indices(len(rows), options.cv_folds) if options.cv_folds and not self.control else []
         self.every_row = list(range(len(rows)))
         self.all_rows = self._batch(self.every_row)  # tokenised once: expert choice, zero-weight loss, gate means
         self.chosen = (list(range(len(mixture.names))) if self.gate
@@ -137,6 +139,8 @@ class SettingFit:
 
     @property
     def evaluations_per_fit(self) -> int:
+        if self.control:
+            return len(self.mixture.names) if self.control == "best_expert" else 1
         return self.options.gate_steps if self.gate else self.setting["budget"] * max(1, self.options.orders)
 
     @property
@@ -159,6 +163,7 @@ class SettingFit:
         self.evaluations += len(history)
         mixture = self.mixture
         record = {"task": self.task, **self.setting, "setting": setting_key(self.setting), "cv_loss": self.cv_loss,
+                  **({"method": "delta", "control": self.control} if self.control else {}),
                   "fold_losses": self.held_out, "objective": min(h["objective"] for h in history),
                   "loss": self.options.objective,
                   "experts_mixed": [mixture.names[i] for i in self.chosen], "history": history,
@@ -171,10 +176,24 @@ class SettingFit:
             mixture.use_method("delta")  # for the loss of the student as it is (w = 0)
         else:
             record["weights"] = dict(zip(mixture.names, weights))
-            record.update(order_summary(mixture.names, orders))
+            if orders:  # a searched mixture (a control searches nothing)
+                record.update(order_summary(mixture.names, orders))
         mixture.set_weights(torch.zeros(len(mixture.names)))
         record["zero_weights_loss"] = mixture.few_shot_loss(self.all_rows)
         return record
+
+    def _control_weights(self, batch: dict) -> tuple[list[float], list[tuple[list[float], float]]]:
+        """A fixed-weight control's weights on ``batch`` and the (weights, loss) pairs it looked at:
+        1/n each (uniform), or the expert with the lowest loss alone at weight 1 (best_expert)."""
+        n = len(self.mixture.names)
+        if self.control == "uniform":
+            candidates = [[1.0 / n] * n]
+        else:
+            candidates = torch.eye(n).tolist()
+        losses = self.mixture.candidate_losses(batch, torch.tensor(candidates))
+        self.on_evaluations(len(candidates))
+        best = min(range(len(candidates)), key=lambda i: losses[i])
+        return candidates[best], list(zip(candidates, losses))
 
     def _batch(self, indices, extra=()) -> dict:
         return self.mixture.batch_for([self.rows[i] for i in indices] + list(extra), self.kind,
@@ -185,6 +204,10 @@ class SettingFit:
         searches of every order: none for a gate). The history holds every order's evaluations, each
         marked with its order's place."""
         started = time.time()
+        if self.control:
+            weights, losses = self._control_weights(self._batch(indices))
+            return weights, [{"evaluation": i, "loss": loss, "objective": loss, "weights": w}
+                             for i, (w, loss) in enumerate(losses)], time.time() - started, []
         if self.gate:
             losses = self.mixture.fit_gate(self._batch(indices, self.pooled), steps=self.options.gate_steps,
                                            learning_rate=self.options.gate_learning_rate, seed=self.options.seed,

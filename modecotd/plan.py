@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from modecotd.artifacts import Unit, fingerprint
-from modecotd.config import MIXER_GRID, MIXTURE
+from modecotd.config import CONTROLS, MIXER_GRID, MIXTURE
 from modecotd.errors import UserError
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Example, TaskData
@@ -22,6 +22,7 @@ PIPELINE_VERSION = 1
 # Settings of the training baselines only: adding a baseline must not retrain the experts.
 BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate"}
 SHARDS = ".shards"
+FEWSHOT_LORA = CONTROLS[2]  # the control trained in the distill stage
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,15 @@ class Training:
     sources: tuple[tuple[Unit, str], ...]  # (rationales unit, answer kind) per task it trains on
     baseline: bool = False
     full_finetune: bool = False
+    target: str | None = None  # a control of one target task: trained on its few-shot rows, evaluated on it alone
+    rows: tuple[dict, ...] = ()  # the rows it trains on when they are not a teacher's (a control's few-shot rows)
+    kind: str | None = None  # their answer kind
+    epochs: float | None = None  # its own epochs (default: the distill section's)
+
+    @property
+    def system(self) -> str:
+        """The system it is evaluated as: its name, or the control's for a target's few-shot LoRA."""
+        return FEWSHOT_LORA if self.target else self.name
 
 
 @dataclass(frozen=True)
@@ -209,8 +219,9 @@ class Plan:
         """Each target task's mixtures (one, or one per method), of the experts trained so far (their
         keys are in its key), by :attr:`Mixing.label`."""
         experts_key = fingerprint(sorted((n, t.unit.key) for n, t in self.experts.items() if t.unit.done()))
+        # the grid's values are in each mixture's settings; which controls run changes no other unit
         shared = {k: v for k, v in settings_key(self.config.mixture).items()
-                  if k not in (*MIXER_GRID, "systems")}  # the grid's values are in each mixture's settings
+                  if k not in (*MIXER_GRID, "systems", "controls", "fewshot_lora_epochs")}
         mixings = [Mixing(task.name, system, tuple(settings), self.layout.unit(
             self.layout.mixture(task.name, system), fingerprint(
                 self.common, experts_key, shared, settings, examples_key(self.tasks[task.name].fewshot),
@@ -227,8 +238,8 @@ class Plan:
             systems += [System(f"{ALONE}{name}", "expert", t.unit.key, t.unit) for name, t in self.experts.items()]
         systems += [System(m.system, "mixture", m.unit.key, m.unit, {n: t.unit for n, t in self.experts.items()})
                     for m in mixtures.values() if m.task == task]
-        systems += [System(t.name, "full" if t.full_finetune else "expert", t.unit.key, t.unit)
-                    for t in self.trainings.values() if t.baseline]
+        systems += [System(t.system, "full" if t.full_finetune else "expert", t.unit.key, t.unit)
+                    for t in self.trainings.values() if t.baseline and t.target in (None, task)]
         return systems
 
     def evaluations(self, built_only: bool = True) -> list[Evaluation]:
@@ -242,7 +253,7 @@ class Plan:
             self.common, system.key, examples_key(self.tasks[task.name].test), *settings)))
             for task in self.config.tasks for system in self.systems(task.name, mixtures)
             if system.ready() or not built_only]
-        order = ["base", "expert", "multitask", *self.config.mixture.choices(), "full_finetune"]
+        order = ["base", "expert", "multitask", *self.config.mixture.choices(), FEWSHOT_LORA, "full_finetune"]
         return sorted(evaluations, key=lambda e: order.index(e.system.name) if e.system.name in order else len(order))
 
     def units(self, stage: str) -> list[Unit]:
@@ -275,4 +286,14 @@ class Plan:
                               config.distill.full_finetune_learning_rate)
             trainings["full_finetune"] = Training("full_finetune", self.layout.unit(self.layout.baseline("full_finetune"), key),
                                                   (source(task),), baseline=True, full_finetune=True)
+        if FEWSHOT_LORA in config.mixture.controls:
+            epochs = config.mixture.fewshot_lora_epochs
+            for task in config.tasks:  # every target: what its few-shot rows buy trained on directly
+                fewshot = self.tasks[task.name].fewshot
+                name = f"{FEWSHOT_LORA}-{task.name}"
+                key = fingerprint(*shared, FEWSHOT_LORA, examples_key(fewshot), self.tasks[task.name].kind.value, epochs)
+                rows = tuple({"question": e.question, "answer": e.answer, "rationale": e.rationale} for e in fewshot)
+                trainings[name] = Training(name, self.layout.unit(self.layout.baseline(name), key), (), baseline=True,
+                                           target=task.name, rows=rows, kind=self.tasks[task.name].kind.value,
+                                           epochs=epochs)
         return trainings

@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 from modecotd.artifacts import MANIFEST, write_json
-from modecotd.config import GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, STAGES, mixture_system
+from modecotd.config import CONTROLS, GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, STAGES, WEIGHT_CONTROLS, \
+    mixture_system
 from modecotd.evaluate import majority_baseline
 from modecotd.plan import ALONE, RunLayout
 from modecotd.stats import majority_answer_accuracy, mean_over_tasks_ci, wilson_interval
@@ -16,7 +17,7 @@ from modecotd.storage import Storage
 from modecotd.tasks.schema import Role, TaskData
 
 MIXTURES = (MIXTURE, *map(mixture_system, MIXER_METHODS))  # one, or one per method
-SYSTEMS = ("base", "expert", *MIXTURES, "multitask", "full_finetune")
+SYSTEMS = ("base", "expert", *MIXTURES, "multitask", *CONTROLS, "full_finetune")
 ROWS_FILE = "predictions.jsonl"  # an evaluation unit's per-question rows (modecotd.evaluate.score_rows)
 WORST_PAIRS = 10  # (task, system) pairs whose errors the report samples
 ERRORS_PER_PAIR = 3
@@ -73,7 +74,7 @@ def collect(run: "Storage | str | Path") -> dict:
         expert = _manifest(storage, layout.expert(name))
         if expert:
             entry["expert"] = expert["summary"] | {"seconds": expert.get("seconds")}
-        entry["mixtures"] = {system: manifest["summary"] for system in MIXTURES
+        entry["mixtures"] = {system: manifest["summary"] for system in MIXTURES + WEIGHT_CONTROLS
                              if (manifest := _manifest(storage, layout.mixture(name, system)))}
         entry["eval"], entry["majority_test"] = {}, {"answer": None, "accuracy": None}
         alone = [] if name in seen else [f"{ALONE}{expert}" for expert in seen]  # each expert on its own
@@ -196,7 +197,8 @@ def stage_resources(config: dict) -> dict[str, str]:
 
 
 PAPER_CHANGES = {"seen": 6.3, "unseen": 7.8}  # the paper's abstract: points of mean accuracy, Flan-T5-XL, full data
-CHANGE_REFERENCES = {"seen": ("expert", "multitask"), "unseen": ("base", "multitask")}
+# What each mixture is measured against: the paper's baselines, then the controls that use the same few-shot rows
+CHANGE_REFERENCES = {"seen": ("expert", "multitask", *CONTROLS), "unseen": ("base", "multitask", *CONTROLS)}
 
 
 def means_with_intervals(tasks: dict, scores: dict[tuple[str, str], list[dict]], scoring: str
@@ -647,6 +649,8 @@ def search_curves(run: "Storage | str | Path") -> dict[str, list[float]]:
             continue
         task = path.split("/")[0]
         mixture = json.loads(storage.read_text(f"{mixtures}/{task}/mixture.json"))
+        if mixture.get("control"):  # a fixed-weight control searched nothing
+            continue
         trial = next((t for t in json.loads(storage.read_text(f"{mixtures}/{path}"))["trials"]
                       if t.get("setting") == mixture.get("setting")), None)
         if trial and trial["history"]:

@@ -273,7 +273,18 @@ def test_cross_validation_is_off_only_where_there_is_nothing_to_choose(tmp_path,
     each = load_config(write(tmp_path, GOOD), ["mixture.cv_folds=0", "mixture.systems=per_method",
                                                "mixture.method=[lorahub,delta,gate]"]).mixture
     assert {system: [s["method"] for s in settings] for system, settings in each.choices().items()} == {
-        "mixture-lorahub": ["lorahub"], "mixture-delta": ["delta"], "mixture-gate": ["gate"]}
+        "mixture-lorahub": ["lorahub"], "mixture-delta": ["delta"], "mixture-gate": ["gate"],
+        "uniform": ["uniform"], "best_expert": ["best_expert"]}  # the fixed-weight controls, each a system
+
+
+def test_controls_default_to_all_and_may_be_left_out(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).mixture.controls == ["uniform", "best_expert", "fewshot_lora"]
+    none = load_config(write(tmp_path, GOOD), ["mixture.controls=[]"]).mixture
+    assert list(none.choices()) == ["mixture"]
+    with pytest.raises(ConfigError, match="mixture.controls"):
+        load_config(write(tmp_path, GOOD), ["mixture.controls=[uniform,median]"])
+    with pytest.raises(ConfigError, match="each control may be named once"):
+        load_config(write(tmp_path, GOOD), ["mixture.controls=[uniform,uniform]"])
 
 
 def test_student_dtype_defaults_to_auto(tmp_path):

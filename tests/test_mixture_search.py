@@ -115,3 +115,36 @@ def test_the_per_row_objective_is_the_token_mean_over_the_rows(tiny_model_dir, t
     assert per_row == pytest.approx([loss / len(ROWS) for loss in token_mean], rel=1e-5)
     loss, gradient = mixture.loss_and_gradient(batch, [0.5, -0.25])
     assert loss == pytest.approx(per_row[0], rel=1e-4)
+
+
+def test_the_fixed_weight_controls_choose_nothing_by_cross_validation(tiny_model_dir, tmp_path):
+    """uniform is every expert's update at weight 1/n; best_expert is the one expert with the lowest
+    few-shot loss alone, at weight 1. Both sum the updates (delta) and have no folds to score."""
+    import torch
+
+    from modecotd.mixture import Mixture
+    from modecotd.mixture_fit import FitOptions, SettingFit
+    from modecotd.tasks.schema import AnswerKind
+    from tests.test_mixture import ROWS, make_expert
+
+    experts = {name: make_expert(tiny_model_dir, tmp_path / name, seed) for seed, name in enumerate("xyz")}
+    mixture = Mixture(tiny_model_dir, experts, "lorahub")
+    options = FitOptions(optimizer="ngopt", start=0.0, candidates_per_forward=4, learning_rate=0.1, seed=0,
+                         cv_folds=3, max_length=128, gate_steps=3, gate_learning_rate=0.01, orders=3)
+    batch = mixture.batch_for(ROWS, AnswerKind.NUMBER, 128)
+    mixture.use_method("delta")
+    alone = mixture.candidate_losses(batch, torch.eye(3))
+    records = {}
+    for control in ("uniform", "best_expert"):
+        setting = {"method": control, "budget": None, "bound": None, "l1": None, "top_k": None}
+        counted = []
+        fit = SettingFit(mixture, "sums", ROWS, AnswerKind.NUMBER, setting, options, on_evaluations=counted.append)
+        assert fit.folds == [] and fit.evaluations_per_fit == (3 if control == "best_expert" else 1)
+        records[control] = fit.final(routers=tmp_path / "unused")
+        assert records[control]["method"] == "delta" and records[control]["control"] == control
+        assert records[control]["setting"] == control and records[control]["cv_loss"] is None
+        assert sum(counted) == fit.evaluations_per_fit and "orders" not in records[control]
+    assert records["uniform"]["weights"] == pytest.approx({"x": 1 / 3, "y": 1 / 3, "z": 1 / 3})
+    best = "xyz"[min(range(3), key=lambda i: alone[i])]
+    assert records["best_expert"]["weights"] == {n: float(n == best) for n in "xyz"}
+    assert records["best_expert"]["objective"] == pytest.approx(min(alone), rel=1e-5)

@@ -22,6 +22,7 @@ CONFIG = {
     "teacher": {"backend": "scripted"},
     "student": {"model": "builtin:tiny", "dtype": "fp32"},
     "distill": {"baselines": ["multitask"]},
+    "mixture": {"controls": []},  # the controls' units: test_controls_are_systems_of_every_target_task
 }
 
 
@@ -59,7 +60,7 @@ def test_resource_settings_change_no_key_and_a_changed_setting_redoes_what_depen
     resources = copy.deepcopy(CONFIG)
     resources["distill"].update(cpus_per_worker=2, max_concurrent_jobs=1, gradient_checkpointing=True)
     resources["teacher"].update(actors=4, max_restarts=0)
-    resources["mixture"] = {"cpus_per_trial": 2, "max_concurrent_trials": 1}
+    resources["mixture"] = {"cpus_per_trial": 2, "max_concurrent_trials": 1, "controls": []}
     resources["evaluation"] = {"actors": 3}
     assert keys(plan_of(resources, tmp_path)) == before
 
@@ -74,7 +75,7 @@ def test_resource_settings_change_no_key_and_a_changed_setting_redoes_what_depen
     assert {"eval/letters/expert-coins", "eval/letters/expert-sums"} <= changed  # each expert alone, unseen
 
     mixed = copy.deepcopy(CONFIG)
-    mixed["mixture"] = {"l1": 0.2}
+    mixed["mixture"] = {"l1": 0.2, "controls": []}
     after = keys(plan_of(mixed, tmp_path))
     assert {path for path in before if before[path] != after[path]} == {
         "mixtures/coins", "mixtures/sums", "mixtures/letters",
@@ -114,7 +115,7 @@ def test_mixtures_follow_the_experts_trained_and_only_built_systems_are_evaluate
 
 def test_per_method_mixtures_are_systems_of_their_own_keyed_by_their_settings_alone(tmp_path):
     each = copy.deepcopy(CONFIG)
-    each["mixture"] = {"method": ["lorahub", "gate"], "systems": "per_method", "cv_folds": 0}
+    each["mixture"] = {"method": ["lorahub", "gate"], "systems": "per_method", "cv_folds": 0, "controls": []}
     plan = plan_of(each, tmp_path)
     mixings = plan.mixtures()
     assert sorted(mixings) == ["coins.gate", "coins.lorahub", "letters.gate", "letters.lorahub", "sums.gate",
@@ -147,3 +148,32 @@ def test_experts_alone_can_be_left_out_without_changing_any_key(tmp_path):
     before, after = keys(plan_of(CONFIG, tmp_path)), keys(plan_of(without, tmp_path))
     assert set(before) - set(after) == {"eval/letters/expert-coins", "eval/letters/expert-sums"}
     assert all(after[prefix] == before[prefix] for prefix in after)
+
+
+def test_controls_are_systems_of_every_target_task(tmp_path):
+    """uniform and best_expert are fixed-weight mixtures of the mix stage; fewshot_lora is a training
+    on each target's own few-shot rows, evaluated on that task alone; none changes an expert's key."""
+    with_controls = copy.deepcopy(CONFIG)
+    with_controls["mixture"] = {}  # every control, the default
+    plan = plan_of(with_controls, tmp_path)
+    before, after = keys(plan_of(CONFIG, tmp_path)), keys(plan)
+    assert all(after[prefix] == before[prefix] for prefix in before)
+    assert set(after) - set(before) == {
+        *(f"mixtures/{task}.{control}" for task in ("coins", "sums", "letters") for control in ("uniform", "best_expert")),
+        *(f"baselines/fewshot_lora-{task}" for task in ("coins", "sums", "letters")),
+        *(f"eval/{task}/{system}" for task in ("coins", "sums", "letters")
+          for system in ("uniform", "best_expert", "fewshot_lora"))}
+    control = plan.trainings["fewshot_lora-letters"]
+    assert control.baseline and control.target == "letters" and control.sources == () and control.kind == "text"
+    assert [r["question"] for r in control.rows] == [e.question for e in plan.tasks["letters"].fewshot]
+    evaluated = [(e.task, e.system.name, e.system.built_by) for e in plan.evaluations(built_only=False)
+                 if e.system.name == "fewshot_lora"]
+    assert evaluated == [(task, "fewshot_lora", plan.trainings[f"fewshot_lora-{task}"].unit)
+                         for task in ("coins", "sums", "letters")]
+    mixings = plan.mixtures()
+    assert [s["method"] for s in mixings["letters.best_expert"].settings] == ["best_expert"]
+    other_rows = copy.deepcopy(with_controls)
+    other_rows["tasks"][2]["source"]["seed"] = 5  # the unseen task's few-shot rows change
+    changed = {p for p, k in keys(plan_of(other_rows, tmp_path)).items() if after[p] != k}
+    assert {"baselines/fewshot_lora-letters", "mixtures/letters.uniform", "mixtures/letters.best_expert"} <= changed
+    assert not any(p.startswith(("baselines/fewshot_lora-coins", "experts/")) for p in changed)

@@ -317,7 +317,7 @@ def _commit(mixing: Mixing, records: list[dict], experts: dict[str, Unit], cfg) 
                "precision": best.get("precision"),
                "candidates": [{"setting": r["setting"], "cv_loss": r["cv_loss"]} for r in records],
                "system": mixing.system, "settings_tried": len(mixing.settings),  # those missing from candidates were stopped early
-               **{k: best[k] for k in ORDER_KEYS if k in best}}
+               **{k: best[k] for k in (*ORDER_KEYS, "control") if k in best}}
     with unit.writing(summary) as staging:
         write_json(staging / "mixture.json", {**summary, "optimizer": cfg.optimizer,
                                               "experts": {n: e.prefix for n, e in experts.items()}})
