@@ -93,6 +93,10 @@ class GeneratedSource(Section):
                     "arithmetic_comparison"]
     size: int | None = Field(None, ge=1, description="people / words / swaps / steps per question")
     seed: int = Field(0, description="generator seed; splits never share a question")
+    wording: Literal["original", "twin"] = Field(
+        "original", description="twin: the family's skill told in other words (a lamp's switch for the coin flip, "
+        "books between readers for the balls, other stories for the arithmetic, other phrasing for the letters): "
+        "an unseen task whose matching expert is known, for checking that a mixer finds it")
 
 
 class PaperSource(Section):

@@ -243,3 +243,19 @@ def test_a_comparison_question_is_the_arithmetic_story_with_a_yes_no_question() 
         threshold = int(re.search(r"more than (\d+)\?$", example.question).group(1))
         assert threshold != result and example.answer == ("yes" if result > threshold else "no")
         assert example.rationale.endswith(f"than {threshold}.")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_twin_tells_the_same_instances_in_other_words(family):
+    """With the same seed the twin asks the same instances (same answers, same number of reasoning
+    steps) with no question, and no rationale line, in common with the original."""
+    original = generate(family, 30, seed=5, size=2)
+    twin = generate(family, 30, seed=5, size=2, wording="twin")
+    assert [e.answer for e in twin] == [e.answer for e in original]
+    assert [e.rationale.count("\n") for e in twin] == [e.rationale.count("\n") for e in original]
+    assert not {e.question for e in twin} & {e.question for e in original}
+    original_lines = {line for e in original for line in e.rationale.splitlines()}
+    assert not original_lines & {line for e in twin for line in e.rationale.splitlines()}
+    assert all(e.source.startswith(f"generator:{family}:twin:") for e in twin)
+    with pytest.raises(UserError, match="wording"):
+        generate(family, 1, seed=0, wording="paraphrase")

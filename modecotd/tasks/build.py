@@ -81,7 +81,7 @@ def load_task(task) -> TaskData:
         wanted = {s: getattr(sizes, s) if getattr(sizes, s) is not None else DEFAULT_GENERATED_SIZES[s]
                   for s in SPLITS}
         rows, fewshot, test = generators.streamed_splits(task.source.family, wanted, seed=task.source.seed,
-                                                         size=task.source.size)
+                                                         size=task.source.size, wording=task.source.wording)
         train = TrainSplit(rows)
     else:
         readers = _split_readers(task, kind)

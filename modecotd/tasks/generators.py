@@ -71,40 +71,54 @@ CHOICE_LETTERS = "ABCDEF"
 # --------------------------------------------------------------------------- coin flip
 
 
-def _coin_flip(rng: random.Random, size: int) -> tuple[str, str, str]:
-    """One coin-flip instance: question, rationale, answer ("yes" iff an even number of flips)."""
+def _coin_flip(rng: random.Random, size: int, twin: bool = False) -> tuple[str, str, str]:
+    """One coin-flip instance: question, rationale, answer ("yes" iff an even number of flips).
+    Its ``twin`` asks the same (is the state unchanged after the toggles?) of a lamp's switch."""
     people = rng.sample(NAMES, size)
-    heads = True
-    sentences = ["A coin is heads up."]
+    state = True
+    words = _LAMP if twin else _COIN
+    sentences = [words["start"]]
     lines = []
     for person in people:
         if rng.random() < FLIP_PROBABILITY:
-            heads = not heads
-            sentences.append(f"{person} flips the coin.")
-            lines.append(f"{person} flips the coin, so the coin is now {_side(heads)} up.")
+            state = not state
+            sentences.append(words["act"].format(person=person))
+            lines.append(words["acted"].format(person=person, state=words["states"][state]))
         else:
-            sentences.append(f"{person} does not flip the coin.")
-            lines.append(
-                f"{person} does not flip the coin, so the coin is still {_side(heads)} up."
-            )
-    sentences.append('Is the coin still heads up? Note that "flip" here means "reverse".')
-    lines.append(f"So the coin is {_side(heads)} up.")
-    return " ".join(sentences), "\n".join(lines), "yes" if heads else "no"
+            sentences.append(words["skip"].format(person=person))
+            lines.append(words["skipped"].format(person=person, state=words["states"][state]))
+    sentences.append(words["ask"])
+    lines.append(words["end"].format(state=words["states"][state]))
+    return " ".join(sentences), "\n".join(lines), "yes" if state else "no"
 
 
-def _side(heads: bool) -> str:
-    """The name of the coin's visible side."""
-    return "heads" if heads else "tails"
+_COIN = {"start": "A coin is heads up.", "act": "{person} flips the coin.", "skip": "{person} does not flip the coin.",
+         "acted": "{person} flips the coin, so the coin is now {state} up.",
+         "skipped": "{person} does not flip the coin, so the coin is still {state} up.",
+         "ask": 'Is the coin still heads up? Note that "flip" here means "reverse".', "end": "So the coin is {state} up.",
+         "states": {True: "heads", False: "tails"}}
+_LAMP = {"start": "A lamp is switched on.", "act": "{person} presses the lamp's switch.",
+         "skip": "{person} leaves the switch alone.",
+         "acted": "{person} presses the switch, so the lamp is now {state}.",
+         "skipped": "{person} leaves the switch alone, so the lamp is still {state}.",
+         "ask": "Is the lamp still on? Each press turns it from on to off or from off to on.",
+         "end": "So the lamp is {state}.", "states": {True: "on", False: "off"}}
 
 
 # --------------------------------------------------------------------------- last letter
 
 
-def _last_letter(rng: random.Random, size: int) -> tuple[str, str, str]:
-    """One last-letter instance: question, rationale, answer (lower-case concatenation)."""
+def _last_letter(rng: random.Random, size: int, twin: bool = False) -> tuple[str, str, str]:
+    """One last-letter instance: question, rationale, answer (lower-case concatenation). Its
+    ``twin`` asks for the same letters in other words."""
     words = rng.sample(NAMES, size)
     letters = [word[-1] for word in words]
     answer = "".join(letters).lower()
+    if twin:
+        question = f'Write down the final character of every word in "{" ".join(words)}" and join them together.'
+        lines = [f'"{word}" ends with "{letter}".' for word, letter in zip(words, letters)]
+        lines.append(f'Joined together they spell "{answer}".')
+        return question, "\n".join(lines), answer
     question = (
         f'Take the last letters of each words in "{" ".join(words)}" and concatenate them.'
     )
@@ -123,31 +137,49 @@ def _swap_ordinals(count: int) -> list[str]:
     return ["First"] + ["Then"] * (count - 2) + ["Finally"]
 
 
-def _holdings_sentence(holding: dict[str, str]) -> str:
+def _holdings_sentence(holding: dict[str, str], players: tuple[str, ...] = PLAYERS, thing: str = "ball",
+                       has: str = "has") -> str:
     """'Alice has the blue ball, Bob has ..., Claire has ...'."""
-    return ", ".join(f"{player} has the {holding[player]} ball" for player in PLAYERS)
+    return ", ".join(f"{player} {has} the {holding[player]} {thing}" for player in players)
 
 
-def _tracking(rng: random.Random, size: int) -> tuple[str, str, str]:
-    """One tracking-shuffled-objects instance with ``size`` swaps: question, rationale, letter."""
-    colours = rng.sample(COLOURS, len(PLAYERS))
-    holding = dict(zip(PLAYERS, colours))
-    start = ", ".join(f"{player} has a {holding[player]} ball" for player in PLAYERS[:-1])
-    start += f", and {PLAYERS[-1]} has a {holding[PLAYERS[-1]]} ball"
+TWIN_PLAYERS = ("Dana", "Ravi", "Tomas")
+
+
+def _tracking(rng: random.Random, size: int, twin: bool = False) -> tuple[str, str, str]:
+    """One tracking-shuffled-objects instance with ``size`` swaps: question, rationale, letter.
+    Its ``twin`` tracks books passed between three readers, told in other words."""
+    players, thing, has = (TWIN_PLAYERS, "book", "holds") if twin else (PLAYERS, "ball", "has")
+    colours = rng.sample(COLOURS, len(players))
+    holding = dict(zip(players, colours))
+    start = ", ".join(f"{player} {has} a {holding[player]} {thing}" for player in players[:-1])
+    start += f", and {players[-1]} {has} a {holding[players[-1]]} {thing}"
     swap_sentences = []
     lines = []
     for ordinal in _swap_ordinals(size):
-        first, second = rng.sample(PLAYERS, 2)
+        first, second = rng.sample(players, 2)
         holding[first], holding[second] = holding[second], holding[first]
-        swap_sentences.append(f"{ordinal}, {first} and {second} swap balls.")
-        lines.append(f"After {first} and {second} swap: {_holdings_sentence(holding)}.")
-    target = rng.choice(PLAYERS)
+        if twin:
+            swap_sentences.append(f"{ordinal}, {first} and {second} exchange their books.")
+            lines.append(f"Once {first} and {second} exchange: {_holdings_sentence(holding, players, thing, has)}.")
+        else:
+            swap_sentences.append(f"{ordinal}, {first} and {second} swap balls.")
+            lines.append(f"After {first} and {second} swap: {_holdings_sentence(holding)}.")
+    target = rng.choice(players)
     letter = CHOICE_LETTERS[colours.index(holding[target])]
     choices = ", ".join(
-        f"({CHOICE_LETTERS[i]}) {colour} ball" for i, colour in enumerate(colours)
+        f"({CHOICE_LETTERS[i]}) {colour} {thing}" for i, colour in enumerate(colours)
     )
+    if twin:
+        question = (
+            f"{', '.join(players[:-1])}, and {players[-1]} sit in a reading club. Each of them starts with one "
+            f"book: {start}. During the evening some of them exchange books. {' '.join(swap_sentences)} Which "
+            f"book does {target} hold when the evening ends? Answer choices: {choices}."
+        )
+        lines.append(f"So {target} holds the {holding[target]} book, which is choice ({letter}).")
+        return question, "\n".join(lines), letter
     question = (
-        f"{', '.join(PLAYERS[:-1])}, and {PLAYERS[-1]} are playing a game. At the start of the "
+        f"{', '.join(players[:-1])}, and {players[-1]} are playing a game. At the start of the "
         f"game, they are each holding a ball: {start}. As the game progresses, pairs of players "
         f"trade balls. {' '.join(swap_sentences)} At the end of the game, {target} has the "
         f"Answer choices: {choices}."
@@ -264,6 +296,58 @@ TEMPLATES = (
 )
 
 
+TWIN_TEMPLATES = (  # the same arithmetic told as other stories, for the twin wording
+    _Template(
+        items=("books", "magazines"),
+        start_q="A library owns {start} {item}.",
+        start_r="The library owns {start} {item} at first.",
+        add_q="It receives {k} more {item} as a gift.",
+        add_r="It receives {k}: {a} + {k} = {r}.",
+        sub_q="Readers borrow {k} {item} and never return them.",
+        sub_r="{k} are never returned: {a} - {k} = {r}.",
+        mul_q="After a donation drive it owns {k} times as many {item}.",
+        mul_r="It now owns {k} times as many: {a} * {k} = {r}.",
+        ask="How many {item} does the library own now?",
+    ),
+    _Template(
+        items=("cars",),
+        start_q="A parking lot holds {start} {item} in the morning.",
+        start_r="The lot holds {start} {item} in the morning.",
+        add_q="Then {k} more {item} drive in.",
+        add_r="{k} drive in: {a} + {k} = {r}.",
+        sub_q="Then {k} {item} drive away.",
+        sub_r="{k} drive away: {a} - {k} = {r}.",
+        mul_q="By noon the lot holds {k} times as many {item}.",
+        mul_r="It holds {k} times as many: {a} * {k} = {r}.",
+        ask="How many {item} are in the parking lot now?",
+    ),
+    _Template(
+        items=("coins",),
+        start_q="{name} keeps {start} {item} in a jar.",
+        start_r="The jar holds {start} {item} at first.",
+        add_q="{Pron} drops {k} more {item} into it.",
+        add_r="{Pron} drops in {k}: {a} + {k} = {r}.",
+        sub_q="{Pron} takes {k} {item} out to buy a snack.",
+        sub_r="{Pron} takes out {k}: {a} - {k} = {r}.",
+        mul_q="{Pron} saves until the jar holds {k} times as many {item}.",
+        mul_r="The jar holds {k} times as many: {a} * {k} = {r}.",
+        ask="How many {item} are in the jar now?",
+    ),
+    _Template(
+        items=("apple trees", "cherry trees"),
+        start_q="{name}'s orchard has {start} {item}.",
+        start_r="The orchard has {start} {item} at first.",
+        add_q="{Pron} adds {k} young {item}.",
+        add_r="{Pron} adds {k}: {a} + {k} = {r}.",
+        sub_q="A storm knocks down {k} {item}.",
+        sub_r="The storm takes {k}: {a} - {k} = {r}.",
+        mul_q="Over the years the orchard grows to {k} times as many {item}.",
+        mul_r="It grows {k} times: {a} * {k} = {r}.",
+        ask="How many {item} are in the orchard now?",
+    ),
+)
+
+
 def _feasible_steps(value: int) -> dict[str, Callable[[random.Random], int]]:
     """Operations keeping the result in 0..MAX_VALUE from ``value``, each with an operand draw."""
     steps: dict[str, Callable[[random.Random], int]] = {}
@@ -285,9 +369,10 @@ def _apply(operation: str, value: int, operand: int) -> int:
     return value * operand
 
 
-def _arithmetic(rng: random.Random, size: int) -> tuple[str, str, str]:
-    """One word problem of ``size`` steps: question, rationale (one equation a step), answer."""
-    sentences, lines, value, template, fields = _story(rng, size)
+def _arithmetic(rng: random.Random, size: int, twin: bool = False) -> tuple[str, str, str]:
+    """One word problem of ``size`` steps: question, rationale (one equation a step), answer. Its
+    ``twin`` tells other stories (:data:`TWIN_TEMPLATES`)."""
+    sentences, lines, value, template, fields = _story(rng, size, twin)
     sentences.append(template.ask.format(**fields))
     return " ".join(sentences), "\n".join(lines), str(value)
 
@@ -296,21 +381,25 @@ COMPARISON_MARGIN = (1, 10)
 """How far the threshold of a comparison question lies from the true result."""
 
 
-def _arithmetic_comparison(rng: random.Random, size: int) -> tuple[str, str, str]:
+def _arithmetic_comparison(rng: random.Random, size: int, twin: bool = False) -> tuple[str, str, str]:
     """A word problem of ``size`` steps that asks a yes/no question about its result (is it more
     than a threshold?): the arithmetic family's skill with the coin flip's kind of answer. Yes and
     no are equally likely; the threshold is never the result itself."""
-    sentences, lines, value, _, fields = _story(rng, size)
+    sentences, lines, value, _, fields = _story(rng, size, twin)
     threshold = max(0, value + rng.choice((-1, 1)) * rng.randint(*COMPARISON_MARGIN))
     if threshold == value:
         threshold = value + 1
     more = value > threshold
-    sentences.append(f"Is the number of {fields['item']} now more than {threshold}?")
-    lines.append(f"{value} is {'more' if more else 'not more'} than {threshold}.")
+    if twin:
+        sentences.append(f"Are there now more than {threshold} {fields['item']}?")
+        lines.append(f"{value} is {'above' if more else 'not above'} {threshold}.")
+    else:
+        sentences.append(f"Is the number of {fields['item']} now more than {threshold}?")
+        lines.append(f"{value} is {'more' if more else 'not more'} than {threshold}.")
     return " ".join(sentences), "\n".join(lines), "yes" if more else "no"
 
 
-def _story(rng: random.Random, size: int):
+def _story(rng: random.Random, size: int, twin: bool = False):
     """The shared part of the arithmetic families: question sentences, rationale lines, the
     result, the template and its fields."""
     template = rng.choice(TEMPLATES)
@@ -320,6 +409,10 @@ def _story(rng: random.Random, size: int):
         "Poss": possessive.capitalize(),
         "item": rng.choice(template.items),
     }
+    if twin:  # the original's draws, told as the twin story in the same place: the same instances
+        told = TWIN_TEMPLATES[TEMPLATES.index(template) % len(TWIN_TEMPLATES)]
+        fields["item"] = told.items[template.items.index(fields["item"]) % len(told.items)]
+        template = told
     value = rng.randint(*START_RANGE)
     sentences = [template.start_q.format(start=value, **fields)]
     lines = [template.start_r.format(start=value, **fields)]
@@ -337,7 +430,13 @@ def _story(rng: random.Random, size: int):
 
 # --------------------------------------------------------------------------- public API
 
-_BUILDERS: dict[str, Callable[[random.Random, int], tuple[str, str, str]]] = {
+WORDINGS = ("original", "twin")
+"""How a family's questions are told: as the original task, or as its twin, which needs the same skill
+(the same steps, the same kind of answer) told in other words: a lamp's switch for the coin, books
+passed between readers for the balls, other stories for the arithmetic, other phrasing for the
+letters. A twin is a new task for an expert trained on the original (see benchmarks/expert_retrieval.py)."""
+
+_BUILDERS: dict[str, Callable[[random.Random, int, bool], tuple[str, str, str]]] = {
     "coin_flip": _coin_flip,
     "last_letter_concatenation": _last_letter,
     "tracking_shuffled_objects": _tracking,
@@ -381,21 +480,23 @@ def _check_request(family: str, n: int, size: int | None) -> int:
     return chosen
 
 
-def generate(family: str, n: int, seed: int, size: int | None = None) -> list[Example]:
+def generate(family: str, n: int, seed: int, size: int | None = None, wording: str = "original") -> list[Example]:
     """``n`` distinct examples of ``family``, deterministic for ``seed``.
 
     ``size`` is the number of people (coin_flip, 1-8, default 4), words (last-letter, 1-8,
     default 4), swaps (tracking, 1-6, default 3) or steps (arithmetic, 1-3, default 2).
     Raises UserError on an unknown family, a size out of range or too small a question space.
     """
-    return list(stream(family, n, seed, size))
+    return list(stream(family, n, seed, size, wording))
 
 
-def stream(family: str, n: int, seed: int, size: int | None = None) -> Iterator[Example]:
+def stream(family: str, n: int, seed: int, size: int | None = None, wording: str = "original") -> Iterator[Example]:
     """The examples of :func:`generate`, one at a time: only an 8-byte digest of each question is
     kept (to keep them distinct), so that a large train split is never held in memory."""
     chosen = _check_request(family, n, size)
-    build = _BUILDERS[family]
+    if wording not in WORDINGS:
+        raise UserError(f"unknown wording {wording!r}; allowed: {', '.join(WORDINGS)}")
+    build, twin = _BUILDERS[family], wording == "twin"
     rng = random.Random(seed)
     made = 0
     seen: set[int] = set()
@@ -407,27 +508,27 @@ def stream(family: str, n: int, seed: int, size: int | None = None) -> Iterator[
                 f"ask for fewer or a larger size"
             )
         attempts_left -= 1
-        question, rationale, answer = build(rng, chosen)
+        question, rationale, answer = build(rng, chosen, twin)
         digest = int.from_bytes(hashlib.blake2b(question.encode(), digest_size=8).digest(), "big")
         if digest in seen:
             continue
         seen.add(digest)
-        yield Example(question, answer, rationale, f"generator:{family}:{seed}:{made}")
+        yield Example(question, answer, rationale, f"generator:{family}{'' if not twin else ':twin'}:{seed}:{made}")
         made += 1
 
 
 def generate_splits(
-    family: str, sizes: dict[str, int], seed: int, size: int | None = None
+    family: str, sizes: dict[str, int], seed: int, size: int | None = None, wording: str = "original"
 ) -> dict[str, list[Example]]:
     """Disjoint train/fewshot/test splits of ``family`` drawn from one pool (train first).
 
     ``sizes`` maps split names (train, fewshot, test) to counts; a missing split gets 0.
     """
-    train, fewshot, test = streamed_splits(family, sizes, seed, size)
+    train, fewshot, test = streamed_splits(family, sizes, seed, size, wording)
     return {"train": list(train()), "fewshot": fewshot, "test": test}
 
 
-def streamed_splits(family: str, sizes: dict[str, int], seed: int, size: int | None = None
+def streamed_splits(family: str, sizes: dict[str, int], seed: int, size: int | None = None, wording: str = "original"
                     ) -> tuple[Callable[[], Iterator[Example]], list[Example], list[Example]]:
     """The splits of :func:`generate_splits` as (a function that streams the train split anew on
     every call, the few-shot list, the test list): the train split is never held whole."""
@@ -439,13 +540,13 @@ def streamed_splits(family: str, sizes: dict[str, int], seed: int, size: int | N
     if negative:
         raise UserError(f"split size must be >= 0 for {', '.join(negative)}")
     total = sum(counts.values())
-    pool = stream(family, total, seed, size)
+    pool = stream(family, total, seed, size, wording)
     for _ in islice(pool, counts["train"]):  # past the train split, to the others
         pass
     fewshot = list(islice(pool, counts["fewshot"]))
     test = list(islice(pool, counts["test"]))
 
     def train() -> Iterator[Example]:
-        return islice(stream(family, total, seed, size), counts["train"])
+        return islice(stream(family, total, seed, size, wording), counts["train"])
 
     return train, fewshot, test
