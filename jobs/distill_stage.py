@@ -190,7 +190,7 @@ def distill_settings(config, job: Training, rows: list[dict]) -> DistillSettings
         learning_rate=cfg.full_finetune_learning_rate if job.full_finetune else cfg.learning_rate,
         epochs=job.epochs or cfg.epochs, batch_size=cfg.batch_size,
         max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio, zero_stage=cfg.zero_stage,
-        seed=config.seed, gradient_accumulation=cfg.gradient_accumulation,
+        seed=job.seed, gradient_accumulation=cfg.gradient_accumulation,
         # a few-shot control's handful of rows is too few to hold any out
         validation_fraction=0.0 if job.rows else cfg.validation_fraction, eval_every=cfg.eval_every,
         early_stopping_patience=None if job.rows else cfg.early_stopping_patience,

@@ -187,7 +187,7 @@ def _check_earlier_stages(work: Work, stages: list[str] | None) -> None:
     for name in STAGES[:last]:
         if name in stages:
             continue
-        missing = [(u.prefix, u.problem()) for u in work.plan.units(name)]
+        missing = [(u.prefix, u.problem()) for replica in work.plan.replicas() for u in replica.units(name)]
         missing = [f"{prefix} ({problem})" for prefix, problem in missing if problem is not None]
         if missing:
             raise UserError(f"--stage {','.join(stages)} needs the {name} stage's outputs, and "
@@ -213,23 +213,34 @@ def _teacher(work: Work) -> dict:
     return run_teacher_stage(work.config, work.plan.layout, work.tasks, work.plan.rationales)
 
 
+def _seeded(name: str, plan: Plan) -> str:
+    """A unit's name in logs and results: with its seed when it is not the run's first."""
+    return name if plan.first else f"{name}@seed{plan.seed}"
+
+
 def _distill(work: Work) -> dict:
     from modecotd.jobs.distill_stage import run_distill_stage
 
-    return run_distill_stage(work.config, work.plan.layout, work.plan.trainings)
+    trainings = {_seeded(name, plan): training for plan in work.plan.replicas()  # every seed's jobs side by side
+                 for name, training in plan.trainings.items()}
+    return run_distill_stage(work.config, work.plan.layout, trainings)
 
 
 def _mix(work: Work) -> dict:
     from modecotd.tuning.mixture_search import run_mixture_stage
 
-    return run_mixture_stage(work.config, work.plan.layout, work.tasks, work.plan.mixtures(),
-                             work.plan.trained_experts())
+    results = {}
+    for plan in work.plan.replicas():  # one Tune experiment per seed, on that seed's experts
+        found = run_mixture_stage(work.config, plan.layout, work.tasks, plan.mixtures(), plan.trained_experts(),
+                                  seed=plan.seed)
+        results.update({_seeded(label, plan): result for label, result in found.items()})
+    return results
 
 
 def _evaluate(work: Work) -> dict:
     from modecotd.jobs.evaluate_stage import run_evaluate_stage
 
-    return run_evaluate_stage(work.config, work.tasks, work.plan.evaluations())
+    return run_evaluate_stage(work.config, work.tasks, [e for plan in work.plan.replicas() for e in plan.evaluations()])
 
 
 STAGE_RUNNERS = {"teacher": _teacher, "distill": _distill, "mix": _mix, "evaluate": _evaluate}

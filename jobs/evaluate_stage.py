@@ -122,8 +122,9 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
         return Evaluator.options(name=f"eval-{next(started)}", num_cpus=cfg.cpus_per_actor,
                                  num_gpus=cfg.gpus_per_actor).remote(config.student.model, config.student.dtype, settings)
 
-    queue = [(e.unit, (e.task, e.system.name, e.system.spec(), tasks[e.task].kind,
-                       [asdict(ex) for ex in tasks[e.task].test])) for e in todo]
+    # another seed's system is named with its seed in logs, progress and metrics
+    queue = [(e.unit, (e.task, e.system.name if e.seed is None else f"{e.system.name}@seed{e.seed}", e.system.spec(),
+                       tasks[e.task].kind, [asdict(ex) for ex in tasks[e.task].test])) for e in todo]
     actors = [new_actor() for _ in range(min(cfg.actors, len(queue)))]
     try:  # a cluster may hold the CPUs in total but on no single node
         wait_until_placed(actors, "evaluator actors", {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor},

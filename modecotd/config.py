@@ -567,7 +567,12 @@ class RunConfig(Section):
     """The whole run: tasks and the four stages."""
 
     name: str = Field(pattern=TASK_NAME_PATTERN)
-    seed: int = 0
+    seed: int = Field(0, description="the teacher's and the data's seed, and the training seed when seeds is not given")
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="training and mixing seeds: the distill and mix stages run once per seed "
+        "into this run (the teacher once), each seed's systems are evaluated, and the report gives each seed's "
+        "results, their mean and intervals that include the spread over seeds; the first seed's units have the "
+        "run's plain paths, the others' are under seed-<s>/. Default: [seed]")
     storage: str = Field("runs", min_length=1, json_schema_extra=RUNTIME,
                          description="where runs live, the run in <storage>/<name>: a local folder (one machine), "
                                      "a folder every node mounts (NFS, a ReadWriteMany volume) or s3://bucket/prefix, "
@@ -599,6 +604,17 @@ class RunConfig(Section):
                                         f"teacher backend 'scripted' needs generated tasks; {task.name} is "
                                         f"{task.source.kind!r}")
         return self
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("each seed may be given once")
+        return value
+
+    def replicate_seeds(self) -> list[int]:
+        """The seeds the distill and mix stages run with, the first one's units at the plain paths."""
+        return list(self.seeds) if self.seeds else [self.seed]
 
     _origin: ConfigOrigin | None = PrivateAttr(None)  # where the config came from, for error messages
 

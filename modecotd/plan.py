@@ -7,6 +7,7 @@ depends on it, and a unit already on disk with the same key is skipped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ PIPELINE_VERSION = 1
 # Settings of the training baselines only: adding a baseline must not retrain the experts.
 BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate"}
 SHARDS = ".shards"
+SEED_FOLDER = "seed-"  # seed-<s>/: the units of a seed other than the run's first (see RunConfig.seeds)
 FEWSHOT_LORA = CONTROLS[2]  # the control trained in the distill stage
 
 
@@ -35,9 +37,14 @@ class RunLayout:
     timings: str = "timings.json"
     experts: str = "experts"
     mixtures: str = "mixtures"
-    mixture_trials: str = "mixtures/.trials"  # each Tune trial's gate routers, until its mixture is committed
+    trials: str = ".trials"  # under the mixtures: each Tune trial's record and gate routers, until committed
     ray: str = "ray"  # Ray Train's and Tune's storage
     stamp: str = "run.json"  # which pipeline version wrote the run (see check_run_stamp)
+    replica: str = ""  # "" for the run's first seed; "seed-<s>/" holds another seed's trainings, mixtures, evaluations
+
+    def for_seed(self, seed: int) -> "RunLayout":
+        """The layout of another seed's units (the run's first seed keeps the plain paths)."""
+        return dataclasses.replace(self, replica=f"{SEED_FOLDER}{seed}/")
 
     def unit(self, prefix: str, key: str) -> Unit:
         return Unit(self.storage, prefix, key)
@@ -54,18 +61,23 @@ class RunLayout:
         return f"rationales/{SHARDS}/{task}"
 
     def expert(self, task: str) -> str:
-        return f"{self.experts}/{task}"
+        return f"{self.replica}{self.experts}/{task}"
 
     def baseline(self, name: str) -> str:
-        return f"baselines/{name}"
+        return f"{self.replica}baselines/{name}"
 
     def mixture(self, task: str, system: str = MIXTURE) -> str:
         """A target task's mixture: ``mixtures/<task>``, or ``mixtures/<task>.<method>`` for the
         mixture system of one method (``mixture.systems: per_method``; task names hold no dot)."""
-        return f"{self.mixtures}/{task}" if system == MIXTURE else f"{self.mixtures}/{task}.{system.removeprefix(MIXTURE + '-')}"
+        label = task if system == MIXTURE else f"{task}.{system.removeprefix(MIXTURE + '-')}"
+        return f"{self.replica}{self.mixtures}/{label}"
+
+    @property
+    def mixture_trials(self) -> str:
+        return f"{self.replica}{self.mixtures}/{self.trials}"
 
     def evaluation(self, task: str, system: str) -> str:
-        return f"eval/{task}/{system}"
+        return f"{self.replica}eval/{task}/{system}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class Training:
     rows: tuple[dict, ...] = ()  # the rows it trains on when they are not a teacher's (a control's few-shot rows)
     kind: str | None = None  # their answer kind
     epochs: float | None = None  # its own epochs (default: the distill section's)
+    seed: int = 0  # the seed it trains with (one of the run's seeds)
 
     @property
     def system(self) -> str:
@@ -145,6 +158,12 @@ class Evaluation:
     task: str
     system: System
     unit: Unit
+    seed: int | None = None  # None: the run's first seed (or a system no seed changes, the base student)
+
+    @property
+    def label(self) -> str:
+        """How logs and progress name it: task / system, with the seed when it is not the first."""
+        return f"{self.task} / {self.system.name}" + ("" if self.seed is None else f" (seed {self.seed})")
 
 
 def settings_key(section) -> dict:
@@ -198,15 +217,27 @@ class Plan:
     target evaluated on the base student and on every system built for it (its expert, its
     mixture, each baseline)."""
 
-    def __init__(self, config, tasks: dict[str, TaskData], layout: RunLayout):
+    def __init__(self, config, tasks: dict[str, TaskData], layout: RunLayout, seed: int | None = None):
+        """The plan of the run's first seed (``config.replicate_seeds()``), or with ``seed`` and that
+        seed's ``layout``, another seed's (see :meth:`replicas`)."""
         self.config, self.tasks, self.layout = config, tasks, layout
-        self.common = {"version": PIPELINE_VERSION, "seed": config.seed}
+        self.seed = config.replicate_seeds()[0] if seed is None else seed
+        self.first = not layout.replica
+        self.common = {"version": PIPELINE_VERSION, "seed": self.seed}
+        teacher = {"version": PIPELINE_VERSION, "seed": config.seed}  # one teacher stage for every seed
         self.rationales: dict[str, Unit] = {name: layout.unit(layout.rationales(name), fingerprint(
-            self.common, settings_key(config.teacher), tasks[name].train.key, tasks[name].kind.value,
+            teacher, settings_key(config.teacher), tasks[name].train.key, tasks[name].kind.value,
             config.task(name).teacher_template,
             examples_key(tasks[name].fewshot) if config.teacher.prompting == "few_shot" else None))
             for name in (t.name for t in config.seen_tasks)}
         self.trainings: dict[str, Training] = self._trainings()  # experts by seen task, then baselines
+
+    def replicas(self) -> list["Plan"]:
+        """One plan per seed of the run: this one (its first seed, the plain paths), then each other
+        seed's, whose trainings, mixtures and evaluations live under ``seed-<s>/`` (the teacher's
+        rationales and the base student's evaluations are shared)."""
+        return [self] + [Plan(self.config, self.tasks, self.layout.for_seed(seed), seed)
+                         for seed in self.config.replicate_seeds()[1:]]
 
     @property
     def experts(self) -> dict[str, Training]:
@@ -231,7 +262,7 @@ class Plan:
 
     def systems(self, task: str, mixtures: dict[str, Mixing]) -> list[System]:
         """What ``task`` is evaluated on, built or not yet."""
-        systems = [System("base", "base", self.config.student.model)]
+        systems = [System("base", "base", self.config.student.model)] if self.first else []  # no seed changes it
         if task in self.experts:
             systems.append(System("expert", "expert", self.experts[task].unit.key, self.experts[task].unit))
         elif self.config.evaluation.experts_alone:  # a task without its own: each seen task's expert alone
@@ -250,7 +281,7 @@ class Plan:
         mixtures = self.mixtures()
         settings = (settings_key(self.config.evaluation), self.config.student.model_dump(mode="json"))
         evaluations = [Evaluation(task.name, system, self.layout.unit(self.layout.evaluation(task.name, system.name), fingerprint(
-            self.common, system.key, examples_key(self.tasks[task.name].test), *settings)))
+            self.common, system.key, examples_key(self.tasks[task.name].test), *settings)), None if self.first else self.seed)
             for task in self.config.tasks for system in self.systems(task.name, mixtures)
             if system.ready() or not built_only]
         order = ["base", "expert", "multitask", *self.config.mixture.choices(), FEWSHOT_LORA, "full_finetune"]
@@ -275,17 +306,17 @@ class Plan:
             return rationales[name], self.tasks[name].kind.value
 
         trainings = {name: Training(name, self.layout.unit(self.layout.expert(name), fingerprint(*shared, unit.key)),
-                                    (source(name),)) for name, unit in rationales.items()}
+                                    (source(name),), seed=self.seed) for name, unit in rationales.items()}
         if "multitask" in config.distill.baselines:
             key = fingerprint(*shared, "multitask", sorted((n, u.key) for n, u in rationales.items()))
             trainings["multitask"] = Training("multitask", self.layout.unit(self.layout.baseline("multitask"), key),
-                                              tuple(source(n) for n in rationales), baseline=True)
+                                              tuple(source(n) for n in rationales), baseline=True, seed=self.seed)
         if "full_finetune" in config.distill.baselines:
             task = config.distill.full_finetune_task or next(iter(rationales))
             key = fingerprint(*shared, "full_finetune", rationales[task].key,
                               config.distill.full_finetune_learning_rate)
             trainings["full_finetune"] = Training("full_finetune", self.layout.unit(self.layout.baseline("full_finetune"), key),
-                                                  (source(task),), baseline=True, full_finetune=True)
+                                                  (source(task),), baseline=True, full_finetune=True, seed=self.seed)
         if FEWSHOT_LORA in config.mixture.controls:
             epochs = config.mixture.fewshot_lora_epochs
             for task in config.tasks:  # every target: what its few-shot rows buy trained on directly
@@ -295,5 +326,5 @@ class Plan:
                 rows = tuple({"question": e.question, "answer": e.answer, "rationale": e.rationale} for e in fewshot)
                 trainings[name] = Training(name, self.layout.unit(self.layout.baseline(name), key), (), baseline=True,
                                            target=task.name, rows=rows, kind=self.tasks[task.name].kind.value,
-                                           epochs=epochs)
+                                           epochs=epochs, seed=self.seed)
         return trainings

@@ -12,7 +12,7 @@ from modecotd.config import CONTROLS, GENERATING_BACKENDS, MIXER_METHODS, MIXTUR
     mixture_system
 from modecotd.evaluate import majority_baseline
 from modecotd.plan import ALONE, RunLayout
-from modecotd.stats import majority_answer_accuracy, mean_over_tasks_ci, wilson_interval
+from modecotd.stats import majority_answer_accuracy, mean_over_seeds_and_tasks_ci, wilson_interval
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Role, TaskData
 
@@ -63,8 +63,11 @@ def collect(run: "Storage | str | Path") -> dict:
                  "sampled": {t["name"]: t["sizes"]["sample_seed"] for t in config["tasks"]
                              if t.get("sizes", {}).get("sample_seed") is not None}}
     facts = json.loads(storage.read_text(layout.tasks))
-    errors: list[dict] = []  # one entry per evaluated (task, system) pair with its rows
-    scores: dict[tuple[str, str], list[dict]] = {}  # (task, system) -> its per-question rows
+    errors: list[dict] = []  # one entry per evaluated (task, system) pair with its rows (the first seed's)
+    scores: dict[tuple[str, str], dict] = {}  # (task, system) -> {seed: its per-question rows}
+    seeds = config.get("seeds") or [config.get("seed", 0)]
+    layouts = {seed: layout if index == 0 else layout.for_seed(seed) for index, seed in enumerate(seeds)}
+    out["seeds"] = seeds
     seen = [task["name"] for task in config["tasks"] if task["role"] == Role.SEEN.value]
     for name in (task["name"] for task in config["tasks"]):  # in the config's order
         entry: dict = dict(facts[name])
@@ -79,17 +82,19 @@ def collect(run: "Storage | str | Path") -> dict:
         entry["eval"], entry["majority_test"] = {}, {"answer": None, "accuracy": None}
         alone = [] if name in seen else [f"{ALONE}{expert}" for expert in seen]  # each expert on its own
         for system in SYSTEMS + tuple(alone):
-            result = _manifest(storage, layout.evaluation(name, system))
-            if not result:
+            by_seed = {seed: (summary, rows) for seed, where in layouts.items()
+                       if (summary := _manifest(storage, where.evaluation(name, system)))
+                       and (rows := eval_rows(storage, name, system, where)) is not None}
+            if not by_seed:
                 continue
-            entry["eval"][system] = with_interval(result["summary"])
-            rows = eval_rows(storage, name, system)
-            if rows:
-                scores[(name, system)] = rows
-                answer, accuracy = majority_answer_accuracy([r["gold"] for r in rows])
-                entry["majority_test"] = {"answer": answer, "accuracy": accuracy}
-                errors.append(_error_entry(name, system, entry["eval"][system], rows, out["scoring"],
-                                           f"{layout.evaluation(name, system)}/{ROWS_FILE}"))
+            first_summary, rows = next(iter(by_seed.values()))
+            entry["eval"][system] = seeds_summary({seed: m["summary"] for seed, (m, _) in by_seed.items()},
+                                                  {seed: r for seed, (_, r) in by_seed.items()}, out["scoring"])
+            scores[(name, system)] = {seed: r for seed, (_, r) in by_seed.items()}
+            answer, accuracy = majority_answer_accuracy([r["gold"] for r in rows])
+            entry["majority_test"] = {"answer": answer, "accuracy": accuracy}
+            errors.append(_error_entry(name, system, with_interval(first_summary["summary"]), rows, out["scoring"],
+                                       f"{layouts[next(iter(by_seed))].evaluation(name, system)}/{ROWS_FILE}"))
         out["tasks"][name] = entry
     out["worst"] = worst_pairs(errors)
     out["seconds"] = json.loads(storage.read_text(layout.timings)) if storage.exists(layout.timings) else {}
@@ -104,10 +109,11 @@ def collect(run: "Storage | str | Path") -> dict:
     return out
 
 
-def eval_rows(storage: Storage, task: str, system: str) -> list[dict] | None:
-    """The per-question rows of a committed evaluation of ``system`` on ``task``; None when there
-    is none (not evaluated, not committed, or its rows file is missing)."""
-    prefix = RunLayout(storage).evaluation(task, system)
+def eval_rows(storage: Storage, task: str, system: str, layout: RunLayout | None = None) -> list[dict] | None:
+    """The per-question rows of a committed evaluation of ``system`` on ``task`` (of the seed whose
+    ``layout`` is given, default the run's first); None when there is none (not evaluated, not
+    committed, or its rows file is missing)."""
+    prefix = (layout or RunLayout(storage)).evaluation(task, system)
     if _manifest(storage, prefix) is None:
         return None
     try:
@@ -141,6 +147,24 @@ READINGS = ("strict", "reference", "likelihood")  # the ways an answer is scored
 def correct_field(scoring: str) -> str:
     """The row field that says whether a prediction is right under ``scoring`` (a reading)."""
     return {"strict": "correct", "reference": "correct_reference", "likelihood": "correct_likelihood"}[scoring]
+
+
+def seeds_summary(summaries: dict, rows: dict, scoring: str) -> dict:
+    """One (task, system) pair's summary over the seeds it was evaluated with: with one seed its
+    own, with the Wilson interval; with several, the mean of each score over the seeds, each seed's
+    accuracy (``by_seed``) and an interval from a bootstrap over seeds and questions."""
+    if len(summaries) == 1:
+        return with_interval(next(iter(summaries.values())))
+    field = correct_field(scoring)
+    averaged = {}
+    for key in ("accuracy", "accuracy_strict", "accuracy_reference", "accuracy_likelihood", "format_rate",
+                "partial_credit"):
+        values = [m[key] for m in summaries.values() if m.get(key) is not None]
+        averaged[key] = sum(values) / len(values) if values else None
+    _, low, high = mean_over_seeds_and_tasks_ci([[[bool(r.get(field)) for r in seed_rows]] for seed_rows in rows.values()])
+    first = next(iter(summaries.values()))
+    return {**averaged, "n": first.get("n"), "precision": first.get("precision"), "ci_low": low, "ci_high": high,
+            "by_seed": {str(seed): m.get("accuracy") for seed, m in summaries.items()}}
 
 
 def with_interval(summary: dict) -> dict:
@@ -201,51 +225,75 @@ PAPER_CHANGES = {"seen": 6.3, "unseen": 7.8}  # the paper's abstract: points of 
 CHANGE_REFERENCES = {"seen": ("expert", "multitask", *CONTROLS), "unseen": ("base", "multitask", *CONTROLS)}
 
 
-def means_with_intervals(tasks: dict, scores: dict[tuple[str, str], list[dict]], scoring: str
-                         ) -> tuple[dict, list[dict]]:
+def means_with_intervals(tasks: dict, scores: dict[tuple[str, str], dict], scoring: str) -> tuple[dict, list[dict]]:
     """Mean accuracy per role and system over the tasks it was evaluated on, and each mixture's
     change over the per-task experts and the multi-task LoRA (seen tasks) or over the base student
-    and the multi-task LoRA (unseen), on the tasks both were evaluated on, question by question.
-    Each with a stratified bootstrap 95% interval (questions resampled within each task)."""
+    and the multi-task LoRA (unseen), then over each control, on the tasks both were evaluated on,
+    question by question within each seed. ``scores[(task, system)]``: {seed: rows}; a system
+    evaluated once for every seed (the base student) pairs with each seed's. Each with a 95%
+    bootstrap interval over the seeds and the questions within each task and seed
+    (:func:`~modecotd.stats.mean_over_seeds_and_tasks_ci`)."""
     field = correct_field(scoring)
-    scores = {pair: rows for pair, rows in scores.items() if rows and all(field in r for r in rows)}  # readable ones
+    scores = {pair: by_seed for pair, by_seed in scores.items()  # the rows this reading can score
+              if by_seed and all(rows and all(field in r for r in rows) for rows in by_seed.values())}
     means: dict = {}
     changes: list[dict] = []
     for role in (Role.SEEN.value, Role.UNSEEN.value):
         names = [name for name, entry in tasks.items() if entry["role"] == role]
         for system in SYSTEMS:
             covered = [name for name in names if (name, system) in scores]
-            if covered:
-                mean, low, high = mean_over_tasks_ci([[bool(r.get(field)) for r in scores[(name, system)]]
-                                                      for name in covered])
+            seeds = _common_seeds([scores[(name, system)] for name in covered])
+            if covered and seeds:
+                mean, low, high = mean_over_seeds_and_tasks_ci(
+                    [[[bool(r.get(field)) for r in scores[(name, system)][seed]] for name in covered] for seed in seeds])
                 means.setdefault(role, {})[system] = {"mean": mean, "ci_low": low, "ci_high": high,
-                                                      "tasks": len(covered)}
+                                                      "tasks": len(covered), "seeds": len(seeds)}
         majority = [tasks[name]["majority"]["accuracy"] for name in names
                     if tasks[name]["majority"]["accuracy"] is not None and any((name, s) in scores for s in SYSTEMS)]
         if majority:
             means.setdefault(role, {})["majority"] = {"mean": sum(majority) / len(majority), "tasks": len(majority)}
         for mixture in MIXTURES:
             for reference in CHANGE_REFERENCES[role]:
-                differences = []
-                for name in names:
-                    if (name, mixture) in scores and (name, reference) in scores:
-                        pairs, _ = pair_rows(scores[(name, reference)], scores[(name, mixture)])
-                        if pairs:
-                            differences.append([int(bool(m.get(field))) - int(bool(r.get(field))) for r, m in pairs])
-                if differences:
-                    change, low, high = mean_over_tasks_ci(differences)
-                    changes.append({"role": role, "mixture": mixture, "over": reference, "tasks": len(differences),
-                                    "change": change, "ci_low": low, "ci_high": high, "paper": PAPER_CHANGES[role]})
+                both = [name for name in names if (name, mixture) in scores and (name, reference) in scores]
+                mixed = {name: scores[(name, mixture)] for name in both}
+                seeds = _common_seeds(list(mixed.values()))
+                differences = [[_differences(scores[(name, reference)], mixed[name], seed, field) for name in both]
+                               for seed in seeds]
+                if both and seeds and all(all(task) for task in differences):
+                    change, low, high = mean_over_seeds_and_tasks_ci(differences)
+                    changes.append({"role": role, "mixture": mixture, "over": reference, "tasks": len(both),
+                                    "seeds": len(seeds), "change": change, "ci_low": low, "ci_high": high,
+                                    "paper": PAPER_CHANGES[role]})
     return means, changes
+
+
+def _common_seeds(by_seed: list[dict]) -> list:
+    """The seeds every one of these (task, system) pairs was evaluated with."""
+    if not by_seed:
+        return []
+    return [seed for seed in by_seed[0] if all(seed in pair for pair in by_seed)]
+
+
+def _differences(reference: dict, mixture: dict, seed, field: str) -> list[int]:
+    """Question by question, the mixture's correctness minus the reference's, within one seed (a
+    reference evaluated once, as the base student, serves every seed)."""
+    rows = reference.get(seed) or (next(iter(reference.values())) if len(reference) == 1 else None)
+    if rows is None:
+        return []
+    pairs, _ = pair_rows(rows, mixture[seed])
+    return [int(bool(m.get(field))) - int(bool(r.get(field))) for r, m in pairs]
 
 
 def means_section(report: dict) -> list[str]:
     """The means per role and system, then each mixture's change beside the paper's."""
     if not report.get("means"):
         return []
+    seeded = len(report.get("seeds") or []) > 1
     lines = ["", "## Means over tasks", "",
              "Mean over the tasks of each role of the per-task accuracy (each task weighs the same), in %, with a "
-             "95% interval from a bootstrap that resamples questions within each task.", "",
+             "95% interval from a bootstrap that resamples questions within each task" +
+             (" and the training seeds (a system trained with several seeds: the mean over its seeds; the interval "
+              "covers their spread)." if seeded else "."), "",
              "| role | system | tasks | mean accuracy |", "|---|---|---|---|"]
     for role, by_system in report["means"].items():
         lines += [f"| {role} | {system} | {m['tasks']} | {_with_ci({'accuracy': m['mean'], **m})} |"
@@ -258,6 +306,26 @@ def means_section(report: dict) -> list[str]:
         lines += [f"| {c['role']} | {c['mixture']} | {c['over']} | {c['tasks']} | {100 * c['change']:+.1f} "
                   f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] | +{c['paper']} |"
                   for c in report["changes"]]
+    return lines
+
+
+def seeds_section(report: dict) -> list[str]:
+    """Each seed's accuracy of every (task, system) pair trained with several seeds, beside their
+    mean and its interval over seeds and questions."""
+    seeds = [str(seed) for seed in report.get("seeds") or []]
+    pairs = [(name, system, ev) for name, t in report["tasks"].items() for system, ev in t["eval"].items()
+             if ev.get("by_seed")]
+    if len(seeds) < 2 or not pairs:
+        return []
+    lines = ["", "## Seeds", "",
+             f"The distill and mix stages ran once per seed ({', '.join(seeds)}); the teacher's rationales and the "
+             "base student are the same for every seed. Accuracy in % per seed; mean over the seeds with a 95% "
+             "interval from a bootstrap over seeds and questions. One interval among many comparisons is not a "
+             "finding by itself.", "",
+             "| task | system | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean [95% CI] |",
+             "|---|---|" + "---|" * (len(seeds) + 1)]
+    lines += [f"| {name} | {system} | " + " | ".join(_pct(ev["by_seed"].get(seed)) for seed in seeds) +
+              f" | {_with_ci(ev)} |" for name, system, ev in pairs]
     return lines
 
 
@@ -346,6 +414,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- {name}: " + ", ".join(f"{s} {_pct(ev.get('partial_credit'))}"
                                                    for s, ev in t["eval"].items()))
     lines += means_section(report)
+    lines += seeds_section(report)
     lines += worst_section(report.get("worst", []))
     lines += ["", "## Teacher", "",
               "Yield: share of questions with at least one accepted rationale. Rationalized: accepted rows "

@@ -106,6 +106,32 @@ def mean_over_tasks_ci(scores: Sequence[Sequence[float]], *, resamples: int = 20
     return float(np.mean([np.mean(task) for task in scores])), float(low), float(high)
 
 
+def mean_over_seeds_and_tasks_ci(scores: Sequence[Sequence[Sequence[float]]], *, resamples: int = 2000,
+                                 seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) for scores[seed][task] = per-question scores of one system trained and mixed
+    with each of several seeds: the mean over seeds of the mean over tasks, with a percentile
+    bootstrap interval that resamples the seeds (with replacement) and, within each seed, the
+    questions of each task. The interval thus covers the spread between training seeds as well as
+    the sampling of questions; with one seed it is :func:`mean_over_tasks_ci`'s. Seeded."""
+    import numpy as np
+
+    if not scores or any(not seed_scores or any(len(task) == 0 for task in seed_scores) for seed_scores in scores):
+        raise ValueError("every seed needs every task with at least one scored question")
+    rng = np.random.default_rng(seed)
+    per_seed = np.zeros((len(scores), resamples))  # each seed's mean over tasks, per resample of its questions
+    for index, seed_scores in enumerate(scores):
+        for task in seed_scores:
+            values = np.asarray(task, dtype=float)
+            per_seed[index] += values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+        per_seed[index] /= len(seed_scores)
+    drawn = rng.integers(0, len(scores), size=(resamples, len(scores)))  # the seeds of each resample
+    means = per_seed[drawn, np.arange(resamples)[:, None]].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    point = float(np.mean([np.mean([np.mean(task) for task in seed_scores]) for seed_scores in scores]))
+    return point, float(low), float(high)
+
+
 def majority_answer_accuracy(golds: Sequence[str]) -> tuple[str | None, float | None]:
     """(answer, accuracy) of always giving the most frequent gold answer of these (test) golds.
 

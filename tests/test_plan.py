@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from modecotd.config import parse_config
+from modecotd.errors import ConfigError
 from modecotd.jobs.driver import load_tasks
 from modecotd.plan import Plan, RunLayout
 from modecotd.storage import Storage
@@ -177,3 +180,28 @@ def test_controls_are_systems_of_every_target_task(tmp_path):
     changed = {p for p, k in keys(plan_of(other_rows, tmp_path)).items() if after[p] != k}
     assert {"baselines/fewshot_lora-letters", "mixtures/letters.uniform", "mixtures/letters.best_expert"} <= changed
     assert not any(p.startswith(("baselines/fewshot_lora-coins", "experts/")) for p in changed)
+
+
+def test_each_seed_has_its_own_trainings_mixtures_and_evaluations_and_shares_the_teacher(tmp_path):
+    """seeds: the first seed keeps the plain paths and the keys a run without seeds has; each other
+    seed's trainings, mixtures and evaluations live under seed-<s>/ with keys of their own; the
+    teacher's rationales and the base student's evaluations are shared."""
+    seeded = copy.deepcopy(CONFIG)
+    seeded["seeds"] = [0, 7]
+    plan = plan_of(seeded, tmp_path)
+    first, other = plan.replicas()
+    assert (first.seed, other.seed, first.first, other.first) == (0, 7, True, False)
+    assert keys(first) == keys(plan_of(CONFIG, tmp_path))  # seeds [0] is the run without seeds
+    assert {n: (u.prefix, u.key) for n, u in other.rationales.items()} == {n: (u.prefix, u.key) for n, u in first.rationales.items()}
+    assert other.trainings["coins"].unit.prefix == "seed-7/experts/coins" and other.trainings["coins"].seed == 7
+    assert other.trainings["multitask"].unit.prefix == "seed-7/baselines/multitask"
+    assert other.trainings["coins"].unit.key != first.trainings["coins"].unit.key
+    assert other.mixtures()["letters"].unit.prefix == "seed-7/mixtures/letters"
+    assert other.layout.mixture_trials == "seed-7/mixtures/.trials"
+    evaluations = {(e.task, e.system.name): e for e in other.evaluations(built_only=False)}
+    assert ("coins", "base") not in evaluations and evaluations[("coins", "expert")].unit.prefix == "seed-7/eval/coins/expert"
+    assert evaluations[("coins", "expert")].seed == 7 and evaluations[("coins", "expert")].label == "coins / expert (seed 7)"
+    assert all(e.seed is None for e in first.evaluations(built_only=False))
+    with pytest.raises(ConfigError, match="each seed may be given once"):
+        parse_config({**seeded, "seeds": [1, 1]})
+    assert parse_config(CONFIG).replicate_seeds() == [0] and parse_config({**CONFIG, "seed": 3}).replicate_seeds() == [3]

@@ -102,12 +102,12 @@ def test_the_report_means_and_the_mixtures_changes_are_paired_by_question():
     from modecotd.report import means_with_intervals, means_section
 
     def rows(correct):
-        return [{"id": i, "question": f"q{i}", "correct": c} for i, c in enumerate(correct)]
+        return {0: [{"id": i, "question": f"q{i}", "correct": c} for i, c in enumerate(correct)]}  # one seed
 
     tasks = {"a": {"role": "seen", "majority": {"accuracy": 0.5}}, "b": {"role": "seen", "majority": {"accuracy": 0.3}},
              "u": {"role": "unseen", "majority": {"accuracy": None}}}
     scores = {("a", "expert"): rows([1, 0, 0, 0]), ("a", "mixture-delta"): rows([1, 1, 0, 0]),
-              ("b", "expert"): rows([1, 1]), ("b", "mixture-delta"): list(reversed(rows([0, 1]))),  # order differs
+              ("b", "expert"): rows([1, 1]), ("b", "mixture-delta"): {0: list(reversed(rows([0, 1])[0]))},  # order differs
               ("u", "base"): rows([0, 0, 0]), ("u", "mixture-delta"): rows([1, 0, 0])}
     means, changes = means_with_intervals(tasks, scores, "strict")
     assert means["seen"]["expert"]["mean"] == (0.25 + 1.0) / 2 and means["seen"]["expert"]["tasks"] == 2
@@ -118,3 +118,28 @@ def test_the_report_means_and_the_mixtures_changes_are_paired_by_question():
     assert by[("unseen", "base")]["change"] == 1 / 3 and by[("unseen", "base")]["paper"] == 7.8
     text = "\n".join(means_section({"means": means, "changes": changes}))
     assert "| seen | mixture-delta | expert | 2 | -12.5 [" in text and "| +6.3 |" in text
+
+    # a second seed of the mixture: the base student, evaluated once, pairs with each seed's rows
+    scores[("u", "mixture-delta")] = {0: rows([1, 0, 0])[0], 7: rows([1, 1, 1])[0]}
+    means, changes = means_with_intervals(tasks, scores, "strict")
+    unseen = next(c for c in changes if c["role"] == "unseen")
+    assert unseen["seeds"] == 2 and unseen["change"] == pytest.approx((1 / 3 + 1) / 2)
+    assert means["unseen"]["mixture-delta"]["seeds"] == 2 and means["unseen"]["base"]["seeds"] == 1
+    assert means["unseen"]["mixture-delta"]["mean"] == pytest.approx(2 / 3)
+
+
+def test_the_interval_over_seeds_and_questions_widens_with_the_spread_between_seeds():
+    from modecotd.stats import mean_over_seeds_and_tasks_ci, mean_over_tasks_ci
+
+    task_a, task_b = [1, 0] * 50, [1, 1, 0, 0, 0] * 20
+    one = mean_over_seeds_and_tasks_ci([[task_a, task_b]])
+    assert one == mean_over_tasks_ci([task_a, task_b])  # one seed: the stratified bootstrap over questions
+    agreeing = mean_over_seeds_and_tasks_ci([[task_a, task_b]] * 3)
+    far_apart = mean_over_seeds_and_tasks_ci([[[1] * 100, [1] * 100], [[0] * 100, [0] * 100], [task_a, task_b]])
+    assert agreeing[0] == pytest.approx(0.45)
+    assert far_apart[0] == pytest.approx((1 + 0 + 0.45) / 3)
+    assert far_apart[2] - far_apart[1] > 3 * (agreeing[2] - agreeing[1])  # the seeds' spread is in the interval
+    assert far_apart[1] <= far_apart[0] <= far_apart[2]
+    assert mean_over_seeds_and_tasks_ci([[task_a]] * 2, seed=1) == mean_over_seeds_and_tasks_ci([[task_a]] * 2, seed=1)
+    with pytest.raises(ValueError):
+        mean_over_seeds_and_tasks_ci([[task_a], []])

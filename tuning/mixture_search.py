@@ -208,16 +208,16 @@ def tune_loggers(cfg, run_name: str) -> list:
     return [MLflowLoggerCallback(tracking_uri=cfg.mlflow_tracking_uri, experiment_name=f"modecotd-{run_name}")]
 
 
-def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], storage, trials: str) -> dict:
+def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], storage, trials: str, seed: int) -> dict:
     """What every trial gets: where the student, the experts and the storage are, the mixer's
-    settings and each target task's few-shot rows."""
+    settings, the seed and each target task's few-shot rows."""
     cfg = config.mixture
     return {
         "student": config.student.model, "dtype": config.student.dtype,
         "experts": experts, "optimizer": cfg.optimizer, "start": cfg.start, "objective": cfg.objective,
         "orders": cfg.orders,
         "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
-        "seed": config.seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
+        "seed": seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
         "storage": storage, "trials": trials, "gate_steps": cfg.gate_steps, "gate_learning_rate": cfg.gate_learning_rate,
         "pooled": ({name: [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale,
                             "kind": task.kind.value} for ex in task.fewshot] for name, task in tasks.items()}
@@ -228,10 +228,12 @@ def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], stor
     }
 
 
-def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixing], experts: dict[str, Unit]
-                      ) -> dict[str, dict]:
-    """Search the mixtures not done yet (one per target task, or one per method and task); commit
-    each one's best setting. A setting is tried once per task, whichever mixtures choose from it."""
+def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixing], experts: dict[str, Unit],
+                      seed: int | None = None) -> dict[str, dict]:
+    """Search the mixtures not done yet (one per target task, or one per method and task) with
+    ``seed`` (default: the config's); commit each one's best setting. A setting is tried once per
+    task, whichever mixtures choose from it."""
+    seed = config.seed if seed is None else seed
     todo = [mixings[label] for label in pending({label: m.unit for label, m in mixings.items()}, "mix", log)]
     if not todo:
         return {}
@@ -246,7 +248,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     targets = sorted({job["task"] for job in jobs})
     for name in targets:  # records of an earlier search with other settings must not be read back
         storage.delete(f"{trials}/{name}")
-    context = trial_context(config, tasks, targets, experts, storage, trials)
+    context = trial_context(config, tasks, targets, experts, storage, trials, seed)
     per_task = {name: sum(job["task"] == name for job in jobs) for name in targets}
     callbacks = tune_loggers(cfg, config.name) + [TrialProgress(per_task)]
     started = time.time()
@@ -261,7 +263,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
                                     trial_name_creator=lambda t: f"mix:{t.config['job']['task']}:"
                                                                  f"{setting_key(t.config['job']['setting'])}",
                                     trial_dirname_creator=lambda t: f"{t.config['job']['task']}-{t.trial_id}"),
-        run_config=tune.RunConfig(name=f"mix-{int(started)}", storage_path=storage.path(layout.ray),
+        run_config=tune.RunConfig(name=f"mix-{seed}-{int(started)}", storage_path=storage.path(layout.ray),
                                   storage_filesystem=storage.filesystem,
                                   verbose=0, callbacks=callbacks,
                                   # a trial whose worker dies starts again (from nothing: it is deterministic)
