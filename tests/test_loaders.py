@@ -254,8 +254,8 @@ CHOICE_PROMPT = "Infer the correct choice for the question.\n\nQ: {question}\nA:
 
 
 def _reclor_like(data_dir: Path) -> Path:
-    """A task the paper's table does not know, with letter answers."""
-    return write_task(data_dir, "reclor",
+    """A task the paper's table does not know (shaped like ReClor, which it does), with letter answers."""
+    return write_task(data_dir, "logiqa",
                       train=[rationale_row(f"Argument {i}? Answer choices: (A) x, (B) y.", "AB"[i % 2], CHOICE_PROMPT)
                              for i in range(6)],
                       learn=[rationale_row(f"Claim {i}? Answer choices: (A) x, (B) y.", "B", CHOICE_PROMPT)
@@ -265,33 +265,33 @@ def _reclor_like(data_dir: Path) -> Path:
 
 def test_unknown_task_kind_is_inferred_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    data = load_task(paper_config("reclor", "unseen", _reclor_like(tmp_path)))
+    data = load_task(paper_config("logiqa", "unseen", _reclor_like(tmp_path)))
     assert (data.kind, data.role) == (AnswerKind.CHOICE, Role.UNSEEN)
     assert (len(data.train), len(data.fewshot), len(data.test)) == (6, 3, 4)
     assert data.test[0].question == "Case 0? Answer choices: (A) x, (B) y." and data.unparsed == {}
     inferred = [r.getMessage() for r in caplog.records if "inferred" in r.getMessage()]
-    assert len(inferred) == 1 and "reclor" in inferred[0] and "'choice'" in inferred[0]
+    assert len(inferred) == 1 and "logiqa" in inferred[0] and "'choice'" in inferred[0]
 
 
 def test_unknown_task_kind_and_role_from_the_config(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    data = load_task(paper_config("reclor", "seen", _reclor_like(tmp_path), answer="text"))
+    data = load_task(paper_config("logiqa", "seen", _reclor_like(tmp_path), answer="text"))
     assert (data.kind, data.role) == (AnswerKind.TEXT, Role.SEEN)
     assert data.test[0].answer == "a"  # a text answer, lower-cased
     assert not [r for r in caplog.records if "inferred" in r.getMessage()]
 
 
 def test_source_task_names_the_files(tmp_path: Path) -> None:
-    source = {"kind": "paper", "data_dir": str(_reclor_like(tmp_path)), "task": "reclor"}
-    data = load_task(TaskConfig.model_validate({"name": "my_reclor", "role": "unseen", "source": source}))
-    assert data.name == "my_reclor" and data.kind == AnswerKind.CHOICE and len(data.test) == 4
+    source = {"kind": "paper", "data_dir": str(_reclor_like(tmp_path)), "task": "logiqa"}
+    data = load_task(TaskConfig.model_validate({"name": "my_logiqa", "role": "unseen", "source": source}))
+    assert data.name == "my_logiqa" and data.kind == AnswerKind.CHOICE and len(data.test) == 4
 
 
 def test_load_paper_task_of_an_unknown_task(tmp_path: Path) -> None:
     _reclor_like(tmp_path)
     with pytest.raises(UserError, match="give its role"):
-        load_paper_task(tmp_path, "reclor")
-    data = load_paper_task(tmp_path, "reclor", role=Role.UNSEEN)
+        load_paper_task(tmp_path, "logiqa")
+    data = load_paper_task(tmp_path, "logiqa", role=Role.UNSEEN)
     assert data.kind == AnswerKind.CHOICE and len(data.train) == 6
 
 
@@ -378,9 +378,23 @@ def test_fewshot_rows_all_in_training_fail(tmp_path: Path) -> None:
 def test_format_table_marks_the_release_prompt_shapes() -> None:
     for name in ("coin_flip", "strategy_qa"):
         assert PAPER_SPECS[name].prompts == {"train": "separator", "fewshot": "separator", "test": "instruction"}
-    assert {spec.prompts["test"] for spec in PAPER_SPECS.values()} == {"instruction"}
+    assert {spec.prompts["test"] for spec in PAPER_SPECS.values()} == {"instruction", "bare"}
+    assert PAPER_SPECS["openbook_qa"].prompts == {"train": "cot_instruction", "fewshot": "cot_instruction", "test": "bare"}
     assert all(set(spec.prompts) == {"train", "fewshot", "test"} for spec in PAPER_SPECS.values())
     assert {shape for spec in PAPER_SPECS.values() for shape in spec.prompts.values()} <= set(PROMPT_SHAPES)
+
+
+def test_the_multiple_choice_unseen_tasks_read_down_to_bare_questions(paper_data: Path) -> None:
+    """OpenBookQA's train and learn rows are zero-shot CoT prompts and its test rows bare questions;
+    ReClor has learn and test rows only (some learn rows end in a literal backslash-n)."""
+    for task in ("openbook_qa", "reclor"):
+        data = load_task(paper_config(task, "unseen", paper_data))
+        assert data.kind is AnswerKind.CHOICE and len(data.fewshot) == 5 and data.unparsed == {}
+        for example in [*data.fewshot, *data.test[:50], *list(data.train)[:50]]:
+            assert not example.question.startswith("Infer") and "step by step" not in example.question
+            assert not example.question.endswith("\\n") and "(A)" in example.question
+        assert all(e.rationale for e in data.fewshot) and {e.answer for e in data.test} <= set("ABCDE")
+    assert len(list(load_task(paper_config("openbook_qa", "unseen", paper_data)).train)) > 0
 
 
 @pytest.mark.parametrize("task", ["coin_flip", "strategy_qa"])
@@ -398,7 +412,8 @@ def test_fewshot_rows_render_in_the_test_format(paper_data: Path, task: str) -> 
 
 PAPER_TEST_SIZES = {"addsub": 119, "aqua": 254, "coin_flip": 150, "commonsense_qa": 1221, "date_understanding": 111,
                     "gsm8k": 1319, "last_letter_concatenation": 150, "multiarith": 180, "single_eq": 152,
-                    "strategy_qa": 687, "svamp": 300, "tracking_shuffled_objects": 225}
+                    "strategy_qa": 687, "svamp": 300, "tracking_shuffled_objects": 225, "openbook_qa": 500,
+                    "reclor": 500}
 
 
 def test_shipped_tasks_load_with_no_unparsed_row(paper_data: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -490,15 +505,15 @@ def test_hf_dataset_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_paper_registry() -> None:
-    assert len(PAPER_TASKS) == 12
+    assert len(PAPER_TASKS) == 14
     assert set(PAPER_SEEN) | set(PAPER_UNSEEN) == set(PAPER_TASKS)
     assert not set(PAPER_SEEN) & set(PAPER_UNSEEN)
-    assert PAPER_UNSEEN == ("coin_flip", "strategy_qa")
+    assert PAPER_UNSEEN == ("coin_flip", "openbook_qa", "reclor", "strategy_qa")
     assert PAPER_TASKS["last_letter_concatenation"] is AnswerKind.TEXT
     assert PAPER_TASKS["date_understanding"] is AnswerKind.CHOICE
     assert paper_role("gsm8k") is Role.SEEN
     with pytest.raises(UserError, match="give its role"):
-        paper_role("openbook_qa")
+        paper_role("logiqa")
 
 
 def test_paper_split_path_layout(tmp_path: Path) -> None:
@@ -522,7 +537,7 @@ def test_every_paper_file_loads(task: str) -> None:
     for split in ("train", "fewshot", "test"):
         path = paper_split_path(data_dir, task, split)
         if path is None:
-            assert (task, split) == ("coin_flip", "fewshot")
+            assert (task, split) in {("coin_flip", "fewshot"), ("reclor", "train")}
             continue
         reader = PaperSplitReader(path, kind, task, (PAPER_SPECS[task].prompts[split],))
         examples = list(reader())
@@ -533,7 +548,7 @@ def test_every_paper_file_loads(task: str) -> None:
         assert not any(e.question.startswith("Infer ") or "###" in e.question for e in examples)
     data = load_paper_task(data_dir, task)
     assert data.role is (Role.SEEN if task in PAPER_SEEN else Role.UNSEEN)
-    assert data.train and data.test and data.unparsed == {}
+    assert (data.train or task == "reclor") and data.test and data.unparsed == {}
 
 
 @pytest.mark.parametrize("task", ["coin_flip", "strategy_qa"])

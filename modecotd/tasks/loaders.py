@@ -58,7 +58,13 @@ _INSTRUCTION_INPUT = re.compile(
 """Paper prompt (a) ``Infer ... \\n\\nQ: {question}\\nA:`` and (c), the same without ``Q:``."""
 _SEPARATOR_INPUT = re.compile(r"(?P<question>.*)\n\n###\n\n", re.DOTALL)
 """Paper prompt (b) ``{question}\\n\\n###\\n\\n`` (strategy_qa, coin_flip train)."""
-PROMPT_SHAPES: dict[str, re.Pattern[str]] = {"instruction": _INSTRUCTION_INPUT, "separator": _SEPARATOR_INPUT}
+_COT_INSTRUCTION_INPUT = re.compile(
+    r"Infer [^\n]*? for the question\. Q: (?P<question>.*)\nA: Let's think step by step\.\s*", re.DOTALL)
+"""Paper prompt (d) ``Infer ... Q: {question}\nA: Let's think step by step.`` (openbook_qa train and learn)."""
+_BARE_INPUT = re.compile(r"(?P<question>.*\S.*)", re.DOTALL)
+"""Paper prompt (e): the question alone (openbook_qa test)."""
+PROMPT_SHAPES: dict[str, re.Pattern[str]] = {"instruction": _INSTRUCTION_INPUT, "separator": _SEPARATOR_INPUT,
+                                             "cot_instruction": _COT_INSTRUCTION_INPUT, "bare": _BARE_INPUT}
 """The release's prompt shapes by name; which task uses which in which split: paper.PAPER_SPECS."""
 _END = re.compile(rf"\b{END_MARK}\b")
 
@@ -202,13 +208,17 @@ def _gold(answer: str, kind: AnswerKind, field: str, locator: str) -> str:
 # --------------------------------------------------------------------------- paper rows
 
 
-def match_prompt(prompt: str, shapes: Iterable[str] = tuple(PROMPT_SHAPES)) -> tuple[str | None, str]:
+GUESSED_SHAPES = ("instruction", "separator", "cot_instruction")  # tried on a task not in paper.PAPER_SPECS
+
+
+def match_prompt(prompt: str, shapes: Iterable[str] = GUESSED_SHAPES) -> tuple[str | None, str]:
     """(name of the first of ``shapes`` that ``prompt`` has, bare question); (None, the prompt
-    stripped) when it has none of them."""
+    stripped) when it has none of them. A literal ``\n`` left at the question's end (some of
+    ReClor's released rows) is dropped."""
     for name in shapes:
         match = PROMPT_SHAPES[name].fullmatch(prompt)
         if match:
-            return name, match.group("question").strip()
+            return name, match.group("question").strip().removesuffix("\\n").strip()
     return None, prompt.strip()
 
 
@@ -257,7 +267,7 @@ class PaperSplitReader:
     naming the task; readers sharing one ``warned`` set (a task's splits) warn once between them.
     """
 
-    def __init__(self, path: Path, kind: AnswerKind, task: str = "", shapes: Iterable[str] = tuple(PROMPT_SHAPES),
+    def __init__(self, path: Path, kind: AnswerKind, task: str = "", shapes: Iterable[str] = GUESSED_SHAPES,
                  warned: set[str] | None = None):
         self.path = Path(path)
         self.kind = AnswerKind(kind)

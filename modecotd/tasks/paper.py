@@ -24,7 +24,7 @@ from itertools import chain
 from pathlib import Path
 
 from modecotd.errors import DataError, UserError
-from modecotd.tasks.loaders import PROMPT_SHAPES, PaperSplitReader, infer_kind, paper_answers
+from modecotd.tasks.loaders import GUESSED_SHAPES, PaperSplitReader, infer_kind, paper_answers
 from modecotd.tasks.schema import AnswerKind, Role, TaskData, TrainSplit
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,12 @@ PAPER_SPECS: dict[str, PaperTask] = {
     "last_letter_concatenation": PaperTask(AnswerKind.TEXT, Role.SEEN, _INSTRUCTION),
     "coin_flip": PaperTask(AnswerKind.YES_NO, Role.UNSEEN, _SEPARATOR_TEST_INSTRUCTION),  # no learn file
     "strategy_qa": PaperTask(AnswerKind.YES_NO, Role.UNSEEN, _SEPARATOR_TEST_INSTRUCTION),
+    # zero-shot CoT prompts in train and learn, the bare question in test
+    "openbook_qa": PaperTask(AnswerKind.CHOICE, Role.UNSEEN, {"train": "cot_instruction", "fewshot": "cot_instruction",
+                                                              "test": "bare"}),
+    "reclor": PaperTask(AnswerKind.CHOICE, Role.UNSEEN, _INSTRUCTION),  # no train file: learn and test only
 }
-"""The paper's twelve released tasks (OpenBookQA and ReClor are in the release, not in this table:
-they load as unknown tasks)."""
+"""The paper's fourteen released tasks: ten seen, four unseen."""
 
 PAPER_TASKS: dict[str, AnswerKind] = {name: spec.kind for name, spec in PAPER_SPECS.items()}
 PAPER_SEEN: tuple[str, ...] = tuple(sorted(n for n, s in PAPER_SPECS.items() if s.role == Role.SEEN))
@@ -135,7 +138,7 @@ def paper_readers(data_dir: Path, task: str, kind: AnswerKind, name: str | None 
     readers: dict[str, PaperSplitReader | None] = {}
     for split, path in _split_paths(data_dir, task).items():
         first = (spec.prompts[split],) if spec else ()
-        shapes = first + tuple(s for s in PROMPT_SHAPES if s not in first)
+        shapes = first + tuple(s for s in GUESSED_SHAPES if s not in first)  # "bare" only where the table says
         readers[split] = None if path is None else PaperSplitReader(path, kind, name or task, shapes, warned)
     return readers
 
