@@ -27,8 +27,9 @@ CONFIG = {
     "distill": {"epochs": 3, "batch_size": 4, "learning_rate": 5e-3, "max_length": 160, "zero_stage": 2,
                 "lora": {"r": 4, "alpha": 8}, "baselines": ["multitask", "full_finetune"],
                 "validation_fraction": 0.25},
+    # one order and no controls here: test_seeds_controls_orders_and_the_likelihood_reading has them
     "mixture": {"budget": 4, "method": ["lorahub", "delta", "gate"], "cv_folds": 2, "scheduler": "none",
-                "optimizer": "gradient", "gate_steps": 5, "gate_rows": "pooled"},
+                "optimizer": "gradient", "gate_steps": 5, "gate_rows": "pooled", "orders": 1, "controls": []},
     "evaluation": {"max_new_tokens": 8, "batch_size": 8, "actors": 1},
 }
 
@@ -269,6 +270,52 @@ def test_each_method_can_be_a_system_of_its_own(first_run):
     assert {"mixture-lorahub", "mixture-delta", "mixture-gate"} <= set(report["tasks"]["coins"]["eval"])
     mixtures = (run_dir / "report.md").read_text().split("## Mixtures")[1]
     assert "| letters (mixture-gate) | gate |" in mixtures and "– (no CV; fit" in mixtures
+
+
+def test_seeds_controls_orders_and_the_likelihood_reading(ray_cluster, tmp_path):
+    """Two seeds, the three controls, lorahub over two orders and the likelihood reading, on the coin
+    flip and its twin as the unseen target: each seed trains and mixes on its own (the second under
+    seed-1/), the teacher and the base student are shared, every control is a system of every
+    target, and the report gives seeds, orders and the three readings. (Two experts' controls and
+    orders: tests/test_mixture_search.py.)"""
+    config = json.loads(json.dumps(CONFIG))
+    config["seeds"] = [0, 1]
+    config["tasks"] = [
+        CONFIG["tasks"][0],
+        {"name": "lamp", "role": "unseen", "source": {"kind": "generated", "family": "coin_flip", "size": 2,
+                                                      "seed": 9, "wording": "twin"},
+         "sizes": {"train": 0, "fewshot": 4, "test": 6}}]
+    config["distill"].update(baselines=[], validation_fraction=0.0, epochs=1)
+    config["mixture"] = {"method": "lorahub", "optimizer": "ngopt", "budget": 3, "orders": 2, "cv_folds": 0,
+                         "fewshot_lora_epochs": 2}
+    outcome = run_pipeline(parse_config(config), tmp_path)
+    assert outcome.failures == {}
+    for seed_folder in ("", "seed-1/"):
+        for unit in ("experts/coins", "baselines/fewshot_lora-coins", "baselines/fewshot_lora-lamp", "mixtures/lamp",
+                     "mixtures/lamp.uniform", "mixtures/lamp.best_expert", "eval/lamp/fewshot_lora",
+                     "eval/lamp/uniform", "eval/lamp/best_expert", "eval/lamp/mixture", "eval/coins/expert"):
+            assert (tmp_path / seed_folder / unit / "manifest.json").is_file(), seed_folder + unit
+    assert not (tmp_path / "seed-1/rationales").exists() and not (tmp_path / "seed-1/eval/lamp/base").exists()
+    first, second = (json.loads((tmp_path / f / "experts/coins/manifest.json").read_text()) for f in ("", "seed-1"))
+    assert first["fingerprint"] != second["fingerprint"]
+    uniform = json.loads((tmp_path / "mixtures/lamp.uniform/mixture.json").read_text())
+    assert uniform["weights"] == {"coins": 1.0} and uniform["control"] == "uniform" and uniform["method"] == "delta"
+    searched = json.loads((tmp_path / "seed-1/mixtures/lamp/mixture.json").read_text())
+    assert len(searched["orders"]) == 2 and set(searched["weight_range"]) == {"coins"}
+    rows = read_jsonl(tmp_path / "seed-1/eval/lamp/mixture/predictions.jsonl")
+    assert len(rows) == 6 and all(r["likely_answer"] in ("yes", "no") for r in rows)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    lamp = report["tasks"]["lamp"]["eval"]
+    assert report["seeds"] == [0, 1] and set(lamp["mixture"]["by_seed"]) == {"0", "1"}
+    assert "by_seed" not in lamp["base"] and lamp["mixture"]["accuracy_likelihood"] is not None
+    assert {"uniform", "best_expert", "fewshot_lora"} <= set(lamp)
+    overs = {c["over"] for c in report["changes"] if c["role"] == "unseen"}
+    assert {"base", "uniform", "best_expert", "fewshot_lora"} <= overs
+    assert all(c["seeds"] == 2 for c in report["changes"])
+    assert "likelihood" in report["readings"]
+    text = (tmp_path / "report.md").read_text()
+    assert "## Seeds" in text and "### Order of the experts" in text and "| lamp | mixture | " in text
 
 
 # --------------------------------------------------------------------------- kill -9 in every stage
