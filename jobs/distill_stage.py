@@ -25,7 +25,7 @@ from modecotd.distill import DistillSettings, train_expert
 from modecotd.errors import UserError
 from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
-from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
+from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed, this_cluster_env
 from modecotd.models import materialize
 from modecotd.plan import RunLayout, Training
 
@@ -235,7 +235,7 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> d
                 log.error("distill: %s: no rationales to train on", name)
                 continue
             settings = distill_settings(config, job, rows)
-            ref = fit_expert.options(name=f"distill:{name}").remote(
+            ref = fit_expert.options(name=f"distill:{name}", runtime_env={"env_vars": this_cluster_env()}).remote(
                 name, job.unit, config.student.model, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker,
                 ray_storage, f"distill-{name}-{job.unit.key}", cfg.max_failures,
                 cfg.gpus_per_worker if cfg.use_gpu else 0)

@@ -29,6 +29,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def this_cluster_env() -> dict[str, str]:
+    """Environment variables for the Ray work a stage starts (the workers' own plus RAY_ADDRESS, this
+    cluster's GCS): Ray Train's helper actors look the cluster up with Ray's state API, which without
+    RAY_ADDRESS searches the machine for a Ray and fails where it finds two (a private run's cluster
+    beside a `ray start` one), printing a traceback and leaving a dead job's placement group behind."""
+    return {**worker_env(), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
 def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True,
             dashboard_host: str = "127.0.0.1") -> dict:
     """Start or join a Ray cluster; returns what the run should print about it. Without an

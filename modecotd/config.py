@@ -461,8 +461,8 @@ class MixtureConfig(Section):
     controls: list[Literal[CONTROLS]] = Field(
         default_factory=lambda: list(CONTROLS), description="systems that use a target task's few-shot rows without "
         "a search, evaluated beside the mixtures: uniform (the experts' updates averaged, weight 1/n each), "
-        "best_expert (the one expert with the lowest few-shot loss), fewshot_lora (a LoRA trained on the few-shot "
-        "rows alone, with the distill stage's LoRA settings)")
+        "best_expert (the one expert with the lowest few-shot loss), fewshot_lora (a LoRA trained on an unseen "
+        "target's few-shot rows alone, with the distill stage's LoRA settings; a seen target has its expert)")
     fewshot_lora_epochs: float = Field(10.0, gt=0, description="epochs of the fewshot_lora control over its few rows")
     cv_folds: int = Field(2, ge=0, description="folds over the few-shot examples that score each setting; 0: no "
                           "cross-validation (only with a single setting, where there is nothing to choose)")

@@ -46,6 +46,11 @@ def fold_indices(n: int, k: int) -> list[list[int]]:
     return [list(range(i, n, k)) for i in range(k)]
 
 
+def forward_method(method: str) -> str:
+    """How the student computes a setting's mixture: a fixed-weight control sums the updates (delta)."""
+    return "delta" if method in WEIGHT_CONTROLS else method
+
+
 def setting_key(setting: dict) -> str:
     """A readable name for one mixer setting (trial names, record files)."""
     if setting["method"] in ("gate", *WEIGHT_CONTROLS):
@@ -126,7 +131,7 @@ class SettingFit:
         self.gate = setting["method"] == "gate"
         self.control = setting["method"] if setting["method"] in WEIGHT_CONTROLS else None
         self.pooled = list(pooled) if self.gate else []
-        mixture.use_method("delta" if self.control else setting["method"])  # a control's weights sum the updates
+        mixture.use_method(forward_method(setting["method"]))
         mixture.objective = options.objective
         # a control has one setting and chooses nothing: no folds to score it on
         self.folds = fold_indices(len(rows), options.cv_folds) if options.cv_folds and not self.control else []

@@ -17,7 +17,7 @@ from modecotd.artifacts import Unit, fingerprint
 from modecotd.config import CONTROLS, MIXER_GRID, MIXTURE
 from modecotd.errors import UserError
 from modecotd.storage import Storage
-from modecotd.tasks.schema import Example, TaskData
+from modecotd.tasks.schema import Example, Role, TaskData
 
 PIPELINE_VERSION = 1
 # Settings of the training baselines only: adding a baseline must not retrain the experts.
@@ -319,7 +319,9 @@ class Plan:
                                                   (source(task),), baseline=True, full_finetune=True, seed=self.seed)
         if FEWSHOT_LORA in config.mixture.controls:
             epochs = config.mixture.fewshot_lora_epochs
-            for task in config.tasks:  # every target: what its few-shot rows buy trained on directly
+            # an unseen target's few-shot rows trained on directly (a seen target has its own expert,
+            # trained on many more rows of the same task)
+            for task in (t for t in config.tasks if t.role == Role.UNSEEN):
                 fewshot = self.tasks[task.name].fewshot
                 name = f"{FEWSHOT_LORA}-{task.name}"
                 key = fingerprint(*shared, FEWSHOT_LORA, examples_key(fewshot), self.tasks[task.name].kind.value, epochs)

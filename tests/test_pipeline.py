@@ -290,12 +290,14 @@ def test_seeds_controls_orders_and_the_likelihood_reading(ray_cluster, tmp_path)
                          "fewshot_lora_epochs": 2}
     outcome = run_pipeline(parse_config(config), tmp_path)
     assert outcome.failures == {}
+    assert not list(tmp_path.glob("ray/mix-*/**/error.txt"))  # no trial failed, a control's first included
     for seed_folder in ("", "seed-1/"):
-        for unit in ("experts/coins", "baselines/fewshot_lora-coins", "baselines/fewshot_lora-lamp", "mixtures/lamp",
+        for unit in ("experts/coins", "baselines/fewshot_lora-lamp", "mixtures/lamp",
                      "mixtures/lamp.uniform", "mixtures/lamp.best_expert", "eval/lamp/fewshot_lora",
                      "eval/lamp/uniform", "eval/lamp/best_expert", "eval/lamp/mixture", "eval/coins/expert"):
             assert (tmp_path / seed_folder / unit / "manifest.json").is_file(), seed_folder + unit
     assert not (tmp_path / "seed-1/rationales").exists() and not (tmp_path / "seed-1/eval/lamp/base").exists()
+    assert not (tmp_path / "baselines/fewshot_lora-coins").exists()  # a seen target has its expert
     first, second = (json.loads((tmp_path / f / "experts/coins/manifest.json").read_text()) for f in ("", "seed-1"))
     assert first["fingerprint"] != second["fingerprint"]
     uniform = json.loads((tmp_path / "mixtures/lamp.uniform/mixture.json").read_text())

@@ -65,15 +65,17 @@ def test_a_teacher_that_loads_slowly_is_not_taken_for_one_that_cannot_be_placed(
             return True
 
         def load(self):
-            time.sleep(4)
+            time.sleep(12)
             return True
 
     pool = ActorPool(2, lambda name: SlowLoader.options(name=name).remote(), max_restarts=0)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(placement, "START_GRACE_S", 0)
+            # placement may take a few seconds on a busy machine (worker processes start); loading
+            # takes longer than the whole timeout
+            patch.setattr(placement, "START_GRACE_S", 6)
             started = time.time()
             pool.check_ready({"CPU": 0}, 1)
-        assert time.time() - started >= 4
+        assert time.time() - started >= 12
     finally:
         pool.kill_all()

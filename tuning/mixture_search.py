@@ -29,7 +29,7 @@ from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
 from modecotd.mixture import Mixture, export_adapter
-from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, setting_key
+from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, forward_method, setting_key
 from modecotd.models import materialize
 from modecotd.plan import Mixing, RunLayout
 from modecotd.tasks.schema import AnswerKind
@@ -78,7 +78,7 @@ class MixtureTrial(tune.Trainable):
             started = time.time()
             self.mixture = Mixture(materialize(self.context["student"]),
                                    {n: local_folder(unit) for n, unit in self.context["experts"].items()},
-                                   setting["method"], self.context["dtype"])
+                                   forward_method(setting["method"]), self.context["dtype"])
             self.load_seconds = time.time() - started
         spec = self.context["tasks"][task]
         pooled = [r for name, other in self.context["pooled"].items() if name != task for r in other]
