@@ -117,7 +117,7 @@ def test_the_report_means_and_the_mixtures_changes_are_paired_by_question():
     assert abs(by[("seen", "expert")]["change"] - (0.25 - 0.5) / 2) < 1e-12  # b: q0 lost, paired by id
     assert by[("unseen", "base")]["change"] == 1 / 3 and by[("unseen", "base")]["paper"] == 7.8
     text = "\n".join(means_section({"means": means, "changes": changes}))
-    assert "| seen | mixture-delta | expert | 2 | -12.5 [" in text and "| +6.3 |" in text
+    assert "| seen | mixture-delta | expert | 2 | -12.5 [" in text and "+6.3 (seen)" in text and "2 comparisons" in text
 
     # a second seed of the mixture: the base student, evaluated once, pairs with each seed's rows
     scores[("u", "mixture-delta")] = {0: rows([1, 0, 0])[0], 7: rows([1, 1, 1])[0]}
