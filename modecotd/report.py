@@ -82,19 +82,10 @@ def collect(run: "Storage | str | Path") -> dict:
         entry["eval"], entry["majority_test"] = {}, {"answer": None, "accuracy": None}
         alone = [] if name in seen else [f"{ALONE}{expert}" for expert in seen]  # each expert on its own
         for system in SYSTEMS + tuple(alone):
-            by_seed = {seed: (summary, rows) for seed, where in layouts.items()
-                       if (summary := _manifest(storage, where.evaluation(name, system)))
-                       and (rows := eval_rows(storage, name, system, where)) is not None}
-            if not by_seed:
-                continue
-            first_summary, rows = next(iter(by_seed.values()))
-            entry["eval"][system] = seeds_summary({seed: m["summary"] for seed, (m, _) in by_seed.items()},
-                                                  {seed: r for seed, (_, r) in by_seed.items()}, out["scoring"])
-            scores[(name, system)] = {seed: r for seed, (_, r) in by_seed.items()}
-            answer, accuracy = majority_answer_accuracy([r["gold"] for r in rows])
-            entry["majority_test"] = {"answer": answer, "accuracy": accuracy}
-            errors.append(_error_entry(name, system, with_interval(first_summary["summary"]), rows, out["scoring"],
-                                       f"{layouts[next(iter(by_seed))].evaluation(name, system)}/{ROWS_FILE}"))
+            found = _evaluation(storage, layouts, name, system, out["scoring"])
+            if found:
+                entry["eval"][system], scores[(name, system)], entry["majority_test"], error = found
+                errors.append(error)
         out["tasks"][name] = entry
     out["worst"] = worst_pairs(errors)
     out["seconds"] = json.loads(storage.read_text(layout.timings)) if storage.exists(layout.timings) else {}
@@ -107,6 +98,25 @@ def collect(run: "Storage | str | Path") -> dict:
         if means:
             out["readings"][reading] = {"means": means, "changes": changes}
     return out
+
+
+def _evaluation(storage: Storage, layouts: dict, task: str, system: str, scoring: str):
+    """``system`` on ``task`` over every seed it was evaluated with: (its summary over the seeds,
+    {seed: rows}, the test set's majority answer, its error entry from the first seed's rows); None
+    when it was not evaluated."""
+    by_seed = {seed: (summary, rows) for seed, where in layouts.items()
+               if (summary := _manifest(storage, where.evaluation(task, system)))
+               and (rows := eval_rows(storage, task, system, where)) is not None}
+    if not by_seed:
+        return None
+    first_seed = next(iter(by_seed))
+    first_summary, rows = by_seed[first_seed]
+    summary = seeds_summary({seed: m["summary"] for seed, (m, _) in by_seed.items()},
+                            {seed: r for seed, (_, r) in by_seed.items()}, scoring)
+    answer, accuracy = majority_answer_accuracy([r["gold"] for r in rows])
+    error = _error_entry(task, system, with_interval(first_summary["summary"]), rows, scoring,
+                         f"{layouts[first_seed].evaluation(task, system)}/{ROWS_FILE}")
+    return summary, {seed: r for seed, (_, r) in by_seed.items()}, {"answer": answer, "accuracy": accuracy}, error
 
 
 def eval_rows(storage: Storage, task: str, system: str, layout: RunLayout | None = None) -> list[dict] | None:
