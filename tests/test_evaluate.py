@@ -32,10 +32,12 @@ def test_a_failed_pair_is_recorded_and_the_others_go_on(ray_cluster, tiny_model_
     from modecotd.storage import Storage
     from modecotd.tasks.schema import AnswerKind, Example
 
-    evaluation = SimpleNamespace(batch_size=4, max_new_tokens=4, actors=1, cpus_per_actor=1, gpus_per_actor=0,
-                                 scoring="strict")
-    config = SimpleNamespace(evaluation=evaluation, student=SimpleNamespace(model=str(tiny_model_dir), dtype="fp32"),
-                             resources=SimpleNamespace(placement_timeout_s=0))
+    from modecotd.config import EvaluationConfig, ResourcesConfig, StudentConfig
+
+    # the stage reads these three sections only: the real schema's, so the test follows it
+    config = SimpleNamespace(evaluation=EvaluationConfig(batch_size=4, max_new_tokens=4),
+                             student=StudentConfig(model=str(tiny_model_dir), dtype="fp32"),
+                             resources=ResourcesConfig(placement_timeout_s=0))
     tasks = {"sums": SimpleNamespace(kind=AnswerKind.NUMBER,
                                      test=[Example(question="What is 1 + 1?", answer="2", source="t:1")])}
     storage = Storage(tmp_path)

@@ -30,8 +30,8 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_student(tiny_model_dir, tmp_pat
     by few-shot loss needs no order: it must find every twin's expert wherever it is listed."""
     env = {**os.environ, "MODECOTD_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-m", "benchmarks.expert_retrieval", "--quick", "--student",
-                           str(tiny_model_dir), "--test", "2", "--max-new-tokens", "6", "--gate-steps", "8"],
-                          env=env, capture_output=True, text=True, timeout=900)
+                           str(tiny_model_dir), "--test", "2", "--max-new-tokens", "6", "--gate-steps", "6",
+                           "--budget", "6"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     mixers = result["mixers"]
