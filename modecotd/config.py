@@ -183,14 +183,16 @@ class TaskConfig(Section):
 class EndpointConfig(Section):
     """An OpenAI-compatible server (OpenAI, a vLLM server, ...) for teacher backend `openai`."""
 
-    url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1")
+    url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1; a redirect from it is refused, "
+                     "never followed with the API key")
     api: Literal["chat", "completions"] = Field("chat", description="chat completions or legacy text completions")
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="environment variable holding the API key (the key itself is never "
         "written to the config, logs or run folder); null: no key", json_schema_extra=RUNTIME)
     concurrency: int = Field(8, ge=1, le=1024, description="requests in flight per teacher actor",
                              json_schema_extra=RUNTIME)
-    timeout_s: float = Field(120.0, gt=0, json_schema_extra=RUNTIME)
+    timeout_s: float = Field(120.0, gt=0, description="one request's whole time (connect, send, the full reply); "
+                             "a reply still arriving then is cut off and retried", json_schema_extra=RUNTIME)
     max_retries: int = Field(5, ge=0, le=100, description="retries on 429, 5xx, timeouts and connection errors",
                              json_schema_extra=RUNTIME)
     backoff_s: float = Field(1.0, ge=0, description="first retry wait; doubles each retry", json_schema_extra=RUNTIME)

@@ -10,7 +10,10 @@ thread and records every request. Markers in the prompt make failures happen:
 - ``SLOW``: waits 2 s before answering (so a client timeout of ~0.3 s fails);
 - ``GARBLED``: 200 with a body that is not JSON;
 - ``NOCHOICES``: 200 with JSON that has no ``choices``;
-- ``CLOSE``: the connection is closed without an answer.
+- ``CLOSE``: the connection is closed without an answer;
+- ``REDIRECT``: 302 to the same path under ``redirect_to`` (another server's ``.../v1``);
+- ``TRICKLE``: a good reply whose body comes one byte every 0.1 s;
+- ``HUGE``: a good reply with a text of 100,000 characters.
 
 Markers ending in ``ONCE`` (``GARBLEDONCE``, ``CLOSEONCE``) fail only the prompt's first request.
 ``ignore_n`` makes the stub answer one choice whatever ``n`` asks, as llama.cpp's server does.
@@ -46,7 +49,8 @@ class StubServer:
 
     def __init__(self, responder: Callable[[str, int], list[str]] | None = None, api_key: str | None = None,
                  delay_s: float = 0.0, *, retry_after: str | None = "0", report_usage: bool = True,
-                 ignore_n: bool = False):
+                 ignore_n: bool = False, redirect_to: str = ""):
+        self.redirect_to = redirect_to
         self.responder = responder or default_responder
         self.api_key = api_key
         self.delay_s = delay_s
@@ -163,6 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(401, _error(f"Incorrect API key provided: {got!r}"))
         prompt = _prompt_of(body) or ""
         n = 1 if stub.ignore_n else int(body.get("n", 1))
+        if "REDIRECT" in prompt:
+            target = stub.redirect_to + self.path.removeprefix("/v1")
+            return self._send(302, b"", "text/plain", {"Location": target})
         if "REFUSE" in prompt:
             return self._json(400, _error("This model's maximum context length is 8 tokens (stub refusal)"))
         if "FLAKY" in prompt and seen == 1:
@@ -183,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"<html>this is not json</html>", "text/html")
         if "NOCHOICES" in prompt:
             return self._json(200, {"id": "stub", "object": "chat.completion", "usage": {"completion_tokens": 0}})
-        texts = stub.responder(prompt, n)
+        texts = ["x" * 100_000] * n if "HUGE" in prompt else stub.responder(prompt, n)
         chat = self.path.endswith("/chat/completions")
         choices = [{"index": i, "finish_reason": "stop",
                     **({"message": {"role": "assistant", "content": t}} if chat else {"text": t})}
@@ -194,7 +201,20 @@ class _Handler(BaseHTTPRequestHandler):
             tokens = sum(len(t) for t in texts)
             reply["usage"] = {"prompt_tokens": len(prompt), "completion_tokens": tokens,
                               "total_tokens": len(prompt) + tokens}
+        if "TRICKLE" in prompt:
+            return self._trickle(stub, json.dumps(reply).encode())
         return self._json(200, reply)
+
+    def _trickle(self, stub: StubServer, data: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        for i in range(len(data)):
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
+            if not stub._wait(0.1):
+                return
 
     def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
         self._send(status, json.dumps(payload).encode(), "application/json", headers)

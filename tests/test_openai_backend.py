@@ -267,6 +267,36 @@ def test_api_key_never_shows_in_repr_errors_or_logs(caplog, waits):
     assert prompt_text not in caplog.text  # ... or the prompt
 
 
+def test_a_redirect_is_not_followed_and_the_key_goes_to_no_other_host():
+    with StubServer() as elsewhere, StubServer(api_key=SECRET, redirect_to=elsewhere.url) as endpoint:
+        out = OpenAIGenerator(endpoint.url, "m", api_key=SECRET, **FAST).generate(["REDIRECT me"], **ARGS)
+    assert elsewhere.requests == []  # neither the key nor the prompt reached the other server
+    assert out[0].texts == [] and out[0].error.startswith("endpoint answered HTTP 302, a redirect to "
+                                                          f"{elsewhere.url}/chat/completions")
+    assert "teacher.endpoint.url" in out[0].error
+    assert endpoint.count("REDIRECT") == 1  # not retried: another try would be redirected again
+
+
+def test_a_trickling_reply_is_cut_off_at_the_requests_whole_deadline(waits):
+    with StubServer() as stub:
+        gen = OpenAIGenerator(stub.url, "m", timeout_s=0.5, max_retries=1, backoff_s=0.01)
+        start = time.perf_counter()
+        out = gen.generate(["TRICKLE", "quick"], **ARGS)
+        elapsed = time.perf_counter() - start
+    # each byte comes well within the socket timeout; the whole reply would take minutes
+    assert out[0].error is not None and "timed out after 0.5 s" in out[0].error
+    assert out[1].error is None
+    assert elapsed < 3.0
+
+
+def test_a_reply_larger_than_the_cap_is_refused():
+    with StubServer() as stub:
+        gen = OpenAIGenerator(stub.url, "m", max_reply_bytes=10_000, **FAST)
+        out = gen.generate(["HUGE", "small"], **ARGS)
+    assert out[0].error == "the endpoint's reply is larger than 10000 bytes; refused"
+    assert out[1].error is None and stub.count("HUGE") == 1
+
+
 def test_resolve_api_key_reads_the_environment(monkeypatch):
     assert resolve_api_key(None) is None
     monkeypatch.setenv("MODECOTD_TEST_KEY", SECRET)

@@ -8,7 +8,9 @@ timeouts, dropped connections, malformed replies). A server that sends fewer cho
 (llama.cpp's server ignores ``n``) is asked again for the missing samples, each time with a new seed.
 
 The API key is sent as a Bearer header and is kept out of ``repr``, log records and every
-error string (a server that echoes the key back has it masked).
+error string (a server that echoes the key back has it masked). Redirects are never followed (the
+key would go wherever a server points), a reply larger than ``max_reply_bytes`` is refused, and
+``timeout_s`` is one request's whole time: a server that trickles its reply is cut off there.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import json
 import logging
 import math
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +35,7 @@ APIS = {"chat": "/chat/completions", "completions": "/completions"}
 MAX_STOP_SENT = 4  # the OpenAI API accepts at most 4 stop strings; the rest are cut locally
 MAX_WAIT_S = 60.0  # cap on a server's Retry-After (and on our own backoff)
 MESSAGE_CHARS = 200  # how much of a server's error message goes into an error string
+MAX_REPLY_BYTES = 64 * 2**20  # a reply larger than this is refused (a completion is a few KiB)
 
 _sleep = time.sleep  # one place to stub out waiting in tests
 
@@ -63,12 +68,14 @@ class OpenAIGenerator:
 
     ``api`` is ``"chat"`` (the prompt is sent as one user message) or ``"completions"`` (sent as
     the raw prompt). At most ``concurrency`` requests are in flight; ``timeout_s`` bounds each
-    socket operation of a request; a retryable failure is tried again up to ``max_retries`` times,
-    waiting ``backoff_s * 2**attempt`` seconds (or the server's numeric Retry-After).
+    request as a whole (connect, send, the full reply); a retryable failure is tried again up to
+    ``max_retries`` times, waiting ``backoff_s * 2**attempt`` seconds (or the server's numeric
+    Retry-After).
     """
 
     def __init__(self, url: str, model: str, *, api: str = "chat", api_key: str | None = None,
-                 concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5, backoff_s: float = 1.0):
+                 concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5, backoff_s: float = 1.0,
+                 max_reply_bytes: int = MAX_REPLY_BYTES):
         if api not in APIS:
             raise ValueError(f"api must be one of {sorted(APIS)}, not {api!r}")
         if concurrency < 1:
@@ -84,7 +91,7 @@ class OpenAIGenerator:
         self.backoff_s = backoff_s
         self._endpoint = self.url + APIS[api]
         self._api_key = api_key or None
-        self._opener = urllib.request.build_opener()
+        self.max_reply_bytes = max_reply_bytes
         self._told_short = False  # warned once that the server sends fewer choices than asked
 
     def __repr__(self) -> str:
@@ -179,23 +186,35 @@ class OpenAIGenerator:
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self._endpoint, data=body, headers=headers, method="POST")
+        deadline = _Deadline(self.timeout_s)
         try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
-                raw = response.read()
+            with deadline, _opener(deadline).open(request, timeout=self.timeout_s) as response:
+                raw = response.read(self.max_reply_bytes + 1)
         except urllib.error.HTTPError as error:
             status = error.code
+            if 300 <= status < 400:
+                where = _short(error.headers.get("Location") or "no Location header")
+                raise _Fail(f"endpoint answered HTTP {status}, a redirect to {where}: redirects are not followed "
+                            "(the API key goes to no other address); set teacher.endpoint.url to the address "
+                            "that answers") from None
             message = _server_message(error)
             if status == 429 or status >= 500:
                 raise _Retry(f"HTTP {status}: {message}", _retry_after(error.headers)) from None
             raise _Fail(f"endpoint refused the request (HTTP {status}): {message}") from None
         except urllib.error.URLError as error:
-            if isinstance(error.reason, TimeoutError):
+            if isinstance(error.reason, TimeoutError) or deadline.expired:
                 raise _Retry(f"timed out after {self.timeout_s:g} s") from None
             raise _Retry(f"connection failed: {error.reason}") from None
         except TimeoutError:
             raise _Retry(f"timed out after {self.timeout_s:g} s") from None
         except (OSError, http.client.HTTPException) as error:
+            if deadline.expired:
+                raise _Retry(f"timed out after {self.timeout_s:g} s") from None
             raise _Retry(f"connection failed: {type(error).__name__}: {error}") from None
+        if deadline.expired:
+            raise _Retry(f"timed out after {self.timeout_s:g} s")
+        if len(raw) > self.max_reply_bytes:
+            raise _Fail(f"the endpoint's reply is larger than {self.max_reply_bytes} bytes; refused")
         try:
             return json.loads(raw)
         except ValueError:  # a proxy's error page or a cut-off body: another try may be whole
@@ -204,6 +223,77 @@ class OpenAIGenerator:
     def _redact(self, text: str) -> str:
         """``text`` with the API key masked, should a server have echoed it."""
         return text.replace(self._api_key, "***") if self._api_key else text
+
+
+class _Deadline:
+    """One request's whole time: when it runs out, the request's sockets are shut down, which
+    ends a read that a trickling server would keep alive forever (a socket timeout bounds each
+    read alone). Used as a context manager around the request."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed already
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx reply is handed back as an error instead of being followed with the API key."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """An opener whose connections register their sockets with ``deadline`` and that follows no
+    redirect (proxies from the environment still apply)."""
+
+    def watched(base):
+        class Watched(base):
+            def connect(self):
+                super().connect()
+                deadline.watch(self.sock)
+        return Watched
+
+    http_class, https_class = watched(http.client.HTTPConnection), watched(http.client.HTTPSConnection)
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(http_class, req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            extra = {"check_hostname": self._check_hostname} if hasattr(self, "_check_hostname") else {}
+            return self.do_open(https_class, req, context=self._context, **extra)
+
+    return urllib.request.build_opener(_NoRedirects, HTTP, HTTPS)
 
 
 def _parse(reply: object, stop: list[str]) -> Completion:
