@@ -18,9 +18,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from modecotd.config import DATA_PATH_KEYS
+from modecotd.config import DATA_PATH_KEYS, ConfigError, read_yaml
 from modecotd.errors import UserError
 
 UPLOAD_LIMIT_BYTES = 100 * 2**20  # the Ray dashboard's request body limit (DASHBOARD_CLIENT_MAX_SIZE)
@@ -94,8 +93,8 @@ def _needed_files(config_path: Path) -> tuple[Path, set[str], list[str]]:
     """(base folder, files under it to send, absolute paths left to the cluster) for the config and
     the data paths it names; base is the deepest folder holding the config and every relative path."""
     try:
-        data = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
+        data = read_yaml(config_path.read_text(encoding="utf-8"), str(config_path)) or {}
+    except (ConfigError, UnicodeDecodeError):
         data = {}  # load_config has already said what is wrong with it
     local: list[Path] = [config_path]
     remote: list[str] = []

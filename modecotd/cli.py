@@ -122,10 +122,11 @@ def _setup_logging(verbose: bool) -> None:
 
 def _run(args) -> int:
     from modecotd.config import load_config
-    from modecotd.jobs.driver import run_pipeline
 
     overrides = list(args.overrides) + ([f"storage={args.storage}"] if args.storage else [])
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides)  # a bad config is refused before the heavy imports
+    from modecotd.jobs.driver import run_pipeline
+
     outcome = run_pipeline(config, args.run_dir, address=args.address, stages=args.stages)
     print(_summary(outcome.storage.read_text("report.md")))
     print(f"report: {outcome.report}")
@@ -252,9 +253,11 @@ def _pull(args) -> int:
 
 def _check(args) -> int:
     from modecotd.config import load_config
+
+    config = load_config(args.config, args.overrides)  # a bad config is refused before the heavy imports
     from modecotd.jobs.driver import check_inputs, load_tasks
 
-    config = load_config(args.config, args.overrides)
+
     tasks = load_tasks(config)
     check_inputs(config, tasks)
     for name, data in tasks.items():

@@ -2,9 +2,8 @@
 difference in accuracy with a paired bootstrap interval and the exact McNemar p-value."""
 from __future__ import annotations
 
-import yaml
-
 from modecotd.artifacts import MANIFEST
+from modecotd.config import read_yaml
 from modecotd.errors import UserError
 from modecotd.plan import RunLayout
 from modecotd.report import SYSTEMS, _manifest, _pct, correct_field, eval_rows, pair_rows
@@ -63,7 +62,7 @@ def _config(storage: Storage) -> dict:
     layout = RunLayout(storage)
     if not storage.exists(layout.config):
         raise UserError(f"{storage.describe()}: no modecotd run there (no {layout.config})")
-    return yaml.safe_load(storage.read_text(layout.config))
+    return read_yaml(storage.read_text(layout.config), f"{storage.describe()}/{layout.config}")
 
 
 def evaluated_systems(storage: Storage, task: str) -> list[str]:

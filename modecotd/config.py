@@ -653,6 +653,52 @@ class RunConfig(Section):
 
 # --- loading -----------------------------------------------------------------------------------
 
+MAX_YAML_VALUES = 100_000  # a config with its aliases expanded; a real one holds a few thousand
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """The YAML document in ``text`` (``where`` names it in errors), refused in one line when its
+    aliases would expand it to more than :data:`MAX_YAML_VALUES` values or refer to themselves
+    (an "alias bomb" of a few hundred bytes otherwise takes minutes or all memory to walk)."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if root is None:
+        return None
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node, open_: frozenset) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}: a YAML alias refers to the value that holds it")
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        total = 1 + sum(size(child, open_ | {id(node)}) for child in children)
+        sizes[id(node)] = total
+        return total
+
+    try:
+        total = size(root, frozenset())
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    if total > MAX_YAML_VALUES:
+        node = root  # name the innermost value whose aliases blow it up
+        while True:
+            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+                node.value if isinstance(node, yaml.SequenceNode) else []
+            big = next((c for c in children if sizes[id(c)] > MAX_YAML_VALUES), None)
+            if big is None:
+                break
+            node = big
+        raise ConfigError(f"{where}:{node.start_mark.line + 1}: YAML aliases expand the document to {total:,} values "
+                          f"(at most {MAX_YAML_VALUES:,}); write the values out or nest fewer aliases")
+    return yaml.safe_load(text)
+
+
 
 def _key_lines(text: str) -> dict[tuple, int]:
     """Map each key path in a YAML document to its 1-based line (list items by index)."""
@@ -742,9 +788,9 @@ def apply_override(data: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: expected key.path=value")
     dotted, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+        value = read_yaml(raw, f"--set {assignment!r}") if raw != "" else ""
+    except ConfigError:
+        value = raw  # not YAML (or an alias bomb): taken as the plain string it is
     parts = [p for p in dotted.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {assignment!r}: empty key")
@@ -828,12 +874,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the config as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml(text, str(path))
     if data is None:
         raise ConfigError(f"{path}: the config file is empty")
     for assignment in overrides:

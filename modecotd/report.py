@@ -5,11 +5,10 @@ import json
 import tempfile
 from pathlib import Path
 
-import yaml
 
 from modecotd.artifacts import MANIFEST, write_json
 from modecotd.config import CONTROLS, GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, STAGES, WEIGHT_CONTROLS, \
-    mixture_system
+    mixture_system, read_yaml
 from modecotd.evaluate import majority_baseline
 from modecotd.plan import ALONE, RunLayout
 from modecotd.stats import majority_answer_accuracy, mean_over_seeds_and_tasks_ci, wilson_interval
@@ -53,7 +52,7 @@ def collect(run: "Storage | str | Path") -> dict:
     for needed in (layout.config, layout.tasks):
         if not storage.exists(needed):
             raise FileNotFoundError(f"{storage.describe()}: no {needed}; is this a modecotd run?")
-    config = yaml.safe_load(storage.read_text(layout.config))
+    config = read_yaml(storage.read_text(layout.config), f"{storage.describe()}/{layout.config}")
     teacher = config["teacher"]
     generates = teacher["backend"] in GENERATING_BACKENDS
     out: dict = {"run": config["name"], "run_dir": storage.describe(),
