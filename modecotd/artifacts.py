@@ -62,6 +62,9 @@ def scratch_dir() -> Path:
     return cache_dir() / "units"
 
 
+FETCH_TRIES = 3  # reads of one file of a unit before a transfer that keeps differing is given up
+
+
 def is_inside(name: str) -> bool:
     """Whether a file name from a manifest stays inside its unit: relative, no ``..``, no backslash."""
     parts = name.split("/")
@@ -217,20 +220,61 @@ class Unit:
             shutil.rmtree(tmp, ignore_errors=True)
             if not all(is_inside(name) for name in manifest["files"]):  # never write outside the copy
                 raise StorageError(f"{self.where}: its manifest names a file outside the unit")
-            for name, facts in manifest["files"].items():
-                self.storage.download(self._file(name), tmp / name)
-                if sha256_of(tmp / name) != facts["sha256"]:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    self.storage.delete(self._file(MANIFEST))  # never read again: the next run redoes it
-                    raise StorageError(f"{self.where}/{name}: does not match its manifest (sha256); "
-                                       "the unit is dropped and the next run writes it again")
+            try:
+                for name, facts in manifest["files"].items():
+                    self._fetch_verified(name, facts["sha256"], tmp / name)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             write_json(tmp / MANIFEST, manifest)
             os.replace(tmp, target)
         return target
 
     def read_file(self, name: str) -> str:
-        """One file of the committed unit, read straight from storage."""
-        return self.storage.read_text(self._file(name))
+        """One file of the committed unit, read straight from storage and checked against the
+        manifest's sha256."""
+        manifest = self.manifest()
+        if manifest is None or manifest.get("fingerprint") != self.key:
+            raise StorageError(f"{self.where}: not done ({self.problem()}); it cannot be read")
+        return read_listed(self.storage, self.prefix, name, manifest)
+
+    def _fetch_verified(self, name: str, expected: str, target: Path) -> None:
+        """Download one file of the unit to ``target`` and check it against the manifest."""
+        def fetch() -> Path:
+            self.storage.download(self._file(name), target)
+            return target
+        _verified(self.storage, self.prefix, name, expected, fetch, sha256_of)
+
+
+def read_listed(storage: Storage, prefix: str, name: str, manifest: dict) -> str:
+    """The file ``name`` of the unit at ``prefix`` whose ``manifest`` lists it, checked against its
+    sha256 (FileNotFoundError when the manifest does not list it)."""
+    facts = manifest.get("files", {}).get(name) if isinstance(manifest.get("files"), dict) else None
+    if not isinstance(facts, dict):
+        raise FileNotFoundError(f"{storage.describe(prefix)}/{name}: not listed in the unit's manifest")
+    data = _verified(storage, prefix, name, facts.get("sha256"), lambda: storage.read_bytes(f"{prefix}/{name}"),
+                     lambda data: hashlib.sha256(data).hexdigest())
+    return data.decode("utf-8")
+
+
+def _verified(storage: Storage, prefix: str, name: str, expected: str, read, digest):
+    """``read()`` until its ``digest`` is ``expected``. A read that differs is tried again: a bad
+    transfer to this node says nothing about the stored file. Only when two reads agree on a wrong
+    sha256 is the stored file itself wrong: then the unit is dropped (its manifest deleted, so that
+    no node reads it again and the next run writes it anew)."""
+    seen: set[str] = set()
+    for _ in range(FETCH_TRIES):
+        data = read()
+        got = digest(data)
+        if got == expected:
+            return data
+        if got in seen:
+            storage.delete(f"{prefix}/{MANIFEST}")
+            raise StorageError(f"{storage.describe(prefix)}/{name}: the stored file does not match its manifest "
+                               "(sha256); the unit is dropped and the next run writes it again")
+        seen.add(got)
+    raise StorageError(f"{storage.describe(prefix)}/{name}: {FETCH_TRIES} reads differ from each other and from "
+                       "the manifest (sha256); the unit is kept: the transfers, not the stored file, look wrong")
 
 
 def local_folder(where: "Unit | str | Path") -> Path:

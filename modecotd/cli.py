@@ -72,10 +72,11 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
     listing = commands.add_parser("list", help="modecotd runs submitted to a cluster, newest first")
     listing.add_argument("--address")
-    for name in ("submit", "status", "logs", "stop", "list"):
+    for name in ("run", "tune", "submit", "status", "logs", "stop", "list"):
         commands.choices[name].add_argument(
             "--allow-http-token", action="store_true",
-            help="send Ray's auth token over plain http:// to a host other than this machine (refused otherwise)")
+            help="send Ray's auth token in clear text (plain http://, or gRPC without Ray's TLS) to a host other "
+                 "than this machine (refused otherwise)")
 
     report = commands.add_parser("report", help="rebuild report.md, report.json and the plots of a run")
     report.add_argument("run", help="the run's folder or URI; with --storage, its name")
@@ -237,13 +238,16 @@ def _compare(args) -> int:
 
 def _pull(args) -> int:
     """Every file of a run (but Ray's own checkpoints and unfinished shards) into a local folder."""
+    from modecotd.storage import local_path
+
     storage = _run_storage(args)
     target = args.to or Path("runs") / args.run.rstrip("/").rsplit("/", 1)[-1]
     files = [f for f in storage.files() if not f.startswith(("ray/", "rationales/.shards/", "mixtures/.trials/"))]
+    targets = [local_path(target, name) for name in files]  # every name checked before anything is written
     total = 0
-    for index, name in enumerate(files, 1):
-        storage.download(name, target / name)
-        total += (target / name).stat().st_size
+    for index, (name, path) in enumerate(zip(files, targets), 1):
+        storage.download(name, path)
+        total += path.stat().st_size
         print(f"\rpull: {index}/{len(files)} files, {total / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     print(f"pulled {storage.describe()} into {target} ({len(files)} files); "
@@ -256,7 +260,6 @@ def _check(args) -> int:
 
     config = load_config(args.config, args.overrides)  # a bad config is refused before the heavy imports
     from modecotd.jobs.driver import check_inputs, load_tasks
-
 
     tasks = load_tasks(config)
     check_inputs(config, tasks)

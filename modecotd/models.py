@@ -275,7 +275,7 @@ def _copy_from_storage(uri: str) -> Path:
     several processes of one node from copying it at once)."""
     import hashlib
 
-    from modecotd.storage import Storage, StorageError
+    from modecotd.storage import Storage, StorageError, local_path
 
     storage = Storage(uri)
     target = cache_dir() / "remote-models" / hashlib.sha256(storage.uri.encode()).hexdigest()[:16]
@@ -285,7 +285,7 @@ def _copy_from_storage(uri: str) -> Path:
         if "config.json" not in files:
             raise ModelError(f"{storage.describe()}: not a model folder (no config.json)")
         for name in files:
-            storage.download(name, out / name)
+            storage.download(name, local_path(out, name))
 
     try:
         return _build_once(target, copy, f"model {storage.describe()} (copied from the run's storage)")

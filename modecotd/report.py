@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 
-from modecotd.artifacts import MANIFEST, write_json
+from modecotd.artifacts import MANIFEST, read_listed, write_json
 from modecotd.config import CONTROLS, GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, STAGES, WEIGHT_CONTROLS, \
     mixture_system, read_yaml
 from modecotd.evaluate import majority_baseline
@@ -123,10 +123,11 @@ def eval_rows(storage: Storage, task: str, system: str, layout: RunLayout | None
     ``layout`` is given, default the run's first); None when there is none (not evaluated, not
     committed, or its rows file is missing)."""
     prefix = (layout or RunLayout(storage)).evaluation(task, system)
-    if _manifest(storage, prefix) is None:
+    manifest = _manifest(storage, prefix)
+    if manifest is None:
         return None
     try:
-        text = storage.read_text(f"{prefix}/{ROWS_FILE}")
+        text = read_listed(storage, prefix, ROWS_FILE, manifest)
     except FileNotFoundError:
         return None
     return [json.loads(line) for line in text.splitlines() if line.strip()]

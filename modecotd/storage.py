@@ -43,6 +43,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def local_path(root: Path, relative: str) -> Path:
+    """Where the storage file ``relative`` goes under the local folder ``root``; a name that would
+    land outside it (absolute, ``..``, a backslash, a link out of ``root``) is refused: listings and
+    manifests come from the storage, and whoever can write there must not write elsewhere."""
+    parts = relative.split("/")
+    target = root / relative
+    if (not relative or relative.startswith("/") or "\\" in relative or ".." in parts or "" in parts
+            or not target.resolve().is_relative_to(root.resolve())):
+        raise StorageError(f"{relative!r}: a file name in the storage that would be written outside {root}; refused")
+    return target
+
+
 def is_uri(location: str) -> bool:
     scheme = urlsplit(str(location)).scheme
     return len(scheme) > 1  # "C:" is a drive, not a scheme
@@ -221,6 +233,7 @@ class Storage:
         return sorted(info.path[len(base):].lstrip("/") for info in infos if info.type == pafs.FileType.File)
 
     def download(self, relative: str, target: Path) -> None:
+        """Copy the file at ``relative`` to the local path ``target``."""
         target.parent.mkdir(parents=True, exist_ok=True)
 
         def copy():

@@ -106,6 +106,49 @@ def test_an_edited_file_of_the_same_size_is_caught(storage):
         assert not unit.done()
 
 
+def test_a_same_size_edit_is_caught_where_a_units_file_is_read(storage):
+    unit = Unit(storage, "rationales/t", "k")
+    with unit.writing() as staging:
+        (staging / "accepted.jsonl").write_text('{"answer": "yes"}\n')
+    assert unit.read_file("accepted.jsonl") == '{"answer": "yes"}\n'
+    storage.write_bytes("rationales/t/accepted.jsonl", b'{"answer": "no!"}\n')  # same size, other rows
+    with pytest.raises(StorageError, match="does not match its manifest"):
+        unit.read_file("accepted.jsonl")
+    assert not unit.done()  # dropped: the next run writes it again
+    with pytest.raises(StorageError, match="not done"):
+        unit.read_file("accepted.jsonl")
+
+
+def test_a_bad_transfer_is_tried_again_and_never_drops_a_good_unit(tmp_path, monkeypatch, s3_env, s3_bucket):
+    monkeypatch.setenv("MODECOTD_CACHE", str(tmp_path / "node"))
+    storage = Storage(s3_env.uri(s3_bucket, f"runs/{uuid.uuid4().hex[:10]}"))
+    unit = Unit(storage, "experts/a", "k")
+    with unit.writing() as staging:
+        (staging / "adapter.bin").write_bytes(b"good" * 100)
+    real = Storage.download
+    garbled = []
+
+    def flaky(self, relative, target):  # the first transfer of each file arrives damaged
+        real(self, relative, target)
+        if relative not in garbled:
+            garbled.append(relative)
+            target.write_bytes(b"bad!" * 100)
+    monkeypatch.setattr(Storage, "download", flaky)
+    assert (unit.local() / "adapter.bin").read_bytes() == b"good" * 100
+    assert unit.done() and garbled == ["experts/a/adapter.bin"]
+
+    def always_different(self, relative, target):  # every transfer damaged differently
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(uuid.uuid4().bytes * 25)
+    monkeypatch.setattr(Storage, "download", always_different)
+    other = Unit(storage, "experts/b", "k")
+    with other.writing() as staging:
+        (staging / "adapter.bin").write_bytes(b"good" * 100)
+    with pytest.raises(StorageError, match="3 reads differ .* the unit is kept"):
+        other.local()
+    assert other.done()  # one node's bad line does not delete the unit for every node
+
+
 def test_clean_staging_removes_leftovers(tmp_path):
     storage = Storage(tmp_path)
     staging = Unit(storage, "stage/task", "k").begin()
