@@ -86,14 +86,49 @@ def is_loopback(host: str) -> bool:
             return False
 
 
+def is_this_machine(host: str) -> bool:
+    """Whether every address of ``host`` is this machine's own (loopback, or an interface a socket
+    can bind to): traffic to it never leaves the machine (a job's driver on the head node reaches
+    the cluster at the head's own address)."""
+    if is_loopback(host):
+        return True
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None)
+    except OSError:
+        return False
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.bind((sockaddr[0], 0))
+        except OSError:
+            return False
+    return bool(infos)
+
+
 def check_token_transport(url: str) -> None:
     """Refuse to send Ray's token in clear text over the network: plain ``http://`` to a host other
-    than this machine's loopback needs MODECOTD_ALLOW_HTTP_TOKEN=1 (the CLI's ``--allow-http-token``).
+    than this machine needs MODECOTD_ALLOW_HTTP_TOKEN=1 (the CLI's ``--allow-http-token``).
     Without token mode nothing is sent, so anything goes."""
     if os.environ.get("RAY_AUTH_MODE") != "token" or os.environ.get(ALLOW_HTTP_ENV) == "1":
         return
     parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+    if parts.scheme == "http" and not is_this_machine(parts.hostname or ""):
         raise UserError(f"refusing to send Ray's auth token over plain HTTP to {parts.netloc}: reach the dashboard "
                         "through https://, an SSH tunnel or kubectl port-forward to 127.0.0.1, or pass "
                         "--allow-http-token if this network is trusted")
+
+
+def check_token_over_grpc(address: str) -> None:
+    """The same rule for joining a cluster by address (``host:port`` of its GCS, or ``ray://`` for
+    Ray Client): the token goes over gRPC, in clear text unless Ray's TLS is on (RAY_USE_TLS=1).
+    "auto" and "local" find a cluster on this machine."""
+    if address in ("auto", "local") or os.environ.get("RAY_AUTH_MODE") != "token" \
+            or os.environ.get(ALLOW_HTTP_ENV) == "1" or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host = target.rpartition(":")[0] or target
+    if not is_this_machine(host):
+        raise UserError(f"refusing to send Ray's auth token over plain gRPC to {target}: turn on Ray's TLS "
+                        "(RAY_USE_TLS=1 with RAY_TLS_SERVER_CERT, RAY_TLS_SERVER_KEY and RAY_TLS_CA_CERT), reach "
+                        "the cluster through an SSH tunnel to 127.0.0.1, or pass --allow-http-token if this "
+                        "network is trusted")

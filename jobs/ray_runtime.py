@@ -10,7 +10,7 @@ import socket
 
 import ray
 
-from modecotd.cluster.auth import make_token_file, token_available
+from modecotd.cluster.auth import check_token_over_grpc, make_token_file, token_available
 from modecotd.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,13 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
             dashboard_host: str = "127.0.0.1") -> dict:
     """Start or join a Ray cluster; returns what the run should print about it. Without an
     address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        check_token_over_grpc(address or os.environ["RAY_ADDRESS"])  # never the token in clear text on a network
     if address:
         check_reachable(address)  # before anything else: Ray would wait for minutes
+    address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return {"address": "already connected", "dashboard": None}
-    address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(runtime_env={"env_vars": worker_env()}, logging_level=logging.WARNING,
                   log_to_driver=True)
     if address:

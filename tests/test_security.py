@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 
 import pytest
@@ -48,6 +49,32 @@ def test_the_cli_refuses_in_one_line_before_connecting(token_mode, capsys, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--allow-http-token" in err[0] and "203.0.113.9:8265" in err[0]
     monkeypatch.delenv(auth.ALLOW_HTTP_ENV, raising=False)
+
+
+@pytest.mark.parametrize("address", ["10.1.2.3:6379", "ray://203.0.113.9:10001", "head.example.org:6379"])
+def test_joining_a_cluster_on_another_machine_over_plain_grpc_is_refused_in_one_line(token_mode, capsys, address,
+                                                                                  tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_USE_TLS", raising=False)
+    code = main(["run", "quickstart", "--address", address, "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "refusing to send Ray's auth token over plain gRPC" in err[0] and "RAY_USE_TLS" in err[0]
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("RAY_ADDRESS", address)  # a run inside a job, or a user's environment: the same rule
+    with pytest.raises(UserError, match="plain gRPC"):
+        auth.check_token_over_grpc(address)
+
+
+def test_grpc_to_this_machine_with_tls_or_when_allowed_is_fine(token_mode, monkeypatch):
+    own = socket.gethostbyname(socket.gethostname())  # a job's driver reaches its head at the head's own address
+    for address in ("127.0.0.1:6379", "localhost:6379", f"{own}:6379", "auto", "local", "ray://[::1]:10001"):
+        auth.check_token_over_grpc(address)
+    auth.check_token_transport(f"http://{own}:8265")
+    monkeypatch.setenv("RAY_USE_TLS", "1")
+    auth.check_token_over_grpc("10.1.2.3:6379")
+    monkeypatch.delenv("RAY_USE_TLS")
+    monkeypatch.setenv(auth.ALLOW_HTTP_ENV, "1")
+    auth.check_token_over_grpc("10.1.2.3:6379")
 
 
 def test_a_cluster_started_here_always_gets_a_token_readable_by_its_owner_only(tmp_path, monkeypatch):
@@ -138,3 +165,20 @@ def test_a_manifest_naming_a_file_outside_its_unit_is_never_used(tmp_path, name)
     remote.manifest = lambda: {"fingerprint": "key", "files": {name: {"size": 1, "sha256": "0"}}}
     with pytest.raises(StorageError, match="outside the unit"):
         remote.local()
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "experts/../../escape.txt", "/tmp/abs.txt"])
+def test_pull_writes_nothing_outside_its_target(tmp_path, monkeypatch, capsys, name):
+    run = tmp_path / "store" / "r"
+    (run / "experts").mkdir(parents=True)
+    (run / "report.md").write_text("report")
+    (run / "config.yaml").write_text("name: r\n")
+    listed = Storage.files
+
+    def listing_with_a_hostile_key(self, relative=""):  # an object store may hold any key
+        return [*listed(self, relative), name]
+    monkeypatch.setattr(Storage, "files", listing_with_a_hostile_key)
+    code = main(["pull", str(run), "--to", str(tmp_path / "out" / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "would be written outside" in err[-1]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out" / "escape.txt").exists()
