@@ -131,9 +131,9 @@ def test_submitted_run_is_visible_through_the_dashboards_rest_api(started_cluste
     logs = cli("logs", submission_id, "--address", dashboard).stdout
     assert "report:" in logs
 
-    token = auth.DEFAULT_TOKEN_FILE.read_text().strip() if auth.DEFAULT_TOKEN_FILE.is_file() else None
-    if token:  # security is on: nothing without the token
-        assert rest(f"{dashboard}/api/jobs/", None)[0] == 401
+    token = auth.read_token()  # `cluster up` always turns token authentication on
+    assert rest(f"{dashboard}/api/jobs/", None)[0] == 401  # nothing without the token
+    assert rest(f"{dashboard}/api/jobs/", "not-the-token")[0] == 401
     code, jobs = rest(f"{dashboard}/api/jobs/{submission_id}", token)
     assert code == 200 and jobs["status"] == "SUCCEEDED"
     assert jobs["metadata"]["run"] == "submitted" and jobs["metadata"]["stages"] == "all"
