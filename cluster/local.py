@@ -9,9 +9,11 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from modecotd.cluster.auth import ensure_token, read_token, token_available
@@ -19,6 +21,8 @@ from modecotd.errors import UserError
 
 DEFAULT_GCS_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
+RECORDS = Path.home() / ".ray" / "modecotd-clusters"  # one file per cluster `up` started: what `down` stops
+STOP_GRACE_S = 10.0
 
 
 def _ray_cli() -> str:
@@ -41,6 +45,24 @@ def up(num_cpus: int | None = None, port: int = DEFAULT_GCS_PORT, dashboard_port
     none) unless RAY_AUTH_MODE says otherwise; the dashboard and the Jobs API listen on
     ``dashboard_host`` only. Returns the address to pass as --address."""
     ensure_token()
+    for what, number in (("Ray's GCS", port), ("the dashboard", dashboard_port)):
+        if port_taken(number):
+            raise UserError(f"port {number} for {what} is taken on this machine (a Ray cluster runs there already?): "
+                            f"use that cluster (--address 127.0.0.1:{port}), stop one that `cluster up` started with "
+                            "`modecotd cluster down`, or pick another port; nothing was started or stopped")
+    try:
+        _start_nodes(port, dashboard_port, workers, num_cpus, cpus_per_worker, isolated, dashboard_host)
+    except BaseException:
+        stop_cluster(port)  # what this call started, and nothing else of the user's
+        raise
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    (RECORDS / f"{port}.json").write_text(json.dumps({"port": port, "dashboard_port": dashboard_port,
+                                                       "workers": workers, "started_at": time.time()}))
+    return f"127.0.0.1:{port}"
+
+
+def _start_nodes(port: int, dashboard_port: int, workers: int, num_cpus: int | None, cpus_per_worker: float,
+                 isolated: bool, dashboard_host: str) -> None:
     head = [_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=true",
             f"--dashboard-host={dashboard_host}", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
     if workers:
@@ -55,7 +77,17 @@ def up(num_cpus: int | None = None, port: int = DEFAULT_GCS_PORT, dashboard_port
         command = [_ray_cli(), "start", f"--address=127.0.0.1:{port}", f"--num-cpus={cpus_per_worker:g}",
                    f"--resources={json.dumps({f'worker-{i}': 1})}", f"--temp-dir={temp}", "--disable-usage-stats"]
         _ray_start(_in_own_mount_namespace(command, i) if isolated else command, isolated)
-    return f"127.0.0.1:{port}"
+
+
+def port_taken(port: int) -> bool:
+    """Whether something listens on ``port`` of this machine (any interface)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return True
+    return False
 
 
 def private_paths() -> list[Path]:
@@ -110,7 +142,6 @@ def _ray_start(command: list[str], isolated: bool = False) -> None:
             env["RAY_AUTH_TOKEN"] = read_token()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        down()
         raise UserError(f"ray start failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
 
 
@@ -121,6 +152,70 @@ def token_file() -> str:
     return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
 
 
-def down() -> None:
-    """Stop every Ray process of this machine's local cluster."""
-    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, text=True, check=False)
+def down(port: int | None = None) -> list[int]:
+    """Stop the clusters that `cluster up` started here (or the one on ``port``): their processes on
+    every node of this machine, and nothing else (a run's private Ray, a cluster the user started
+    with `ray start`). Returns the ports of the clusters stopped."""
+    ports = [port] if port else sorted(int(p.stem) for p in RECORDS.glob("*.json") if p.stem.isdigit())
+    for number in ports:
+        stop_cluster(number)
+        (RECORDS / f"{number}.json").unlink(missing_ok=True)
+    return ports
+
+
+def cluster_processes(port: int) -> list:
+    """The processes of the Ray cluster whose GCS listens on ``port``: those naming its session or its
+    GCS address on their command line (GCS, raylets, dashboard, agents, monitors of every node), and
+    the processes those started (workers)."""
+    import psutil
+
+    def command(process) -> list[str]:
+        try:
+            return process.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return []
+
+    everything = list(psutil.process_iter())
+    sessions = {arg.split("=", 1)[1] for p in everything for arg in command(p)
+                if arg.startswith("--session-name=") and f"--gcs_server_port={port}" in command(p)}
+    ours = []
+    for process in everything:
+        args = command(process)
+        names_the_gcs = any(arg.startswith(("--address=", "--gcs-address=")) and arg.endswith(f":{port}")
+                            for arg in args)
+        if names_the_gcs or f"--gcs_server_port={port}" in args or any(s in a for s in sessions for a in args):
+            ours.append(process)
+    found = {p.pid: p for p in ours}
+    for process in ours:
+        try:
+            found.update({child.pid: child for child in process.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    return list(found.values())
+
+
+def stop_cluster(port: int) -> None:
+    """SIGTERM every process of the cluster on ``port``, then SIGKILL what is left after
+    :data:`STOP_GRACE_S` seconds."""
+    import psutil
+
+    processes = cluster_processes(port)
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=STOP_GRACE_S)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+    # where Ray looks for "the" cluster of this machine (ray.init() without an address joins it)
+    current = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        if current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
+    except OSError:
+        pass

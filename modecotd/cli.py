@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--workers", type=int, default=0,
                          help="worker nodes to start beside the head on this machine (a multi-node cluster)")
     cluster.add_argument("--cpus-per-worker", type=float, default=1)
+    cluster.add_argument("--port", type=int, help="the GCS port (up: default 6379; down: stop only the cluster on "
+                                                  "this port, default every cluster `cluster up` started)")
+    cluster.add_argument("--dashboard-port", type=int, default=8265)
     cluster.add_argument("--dashboard-host", default="127.0.0.1",
                          help="the interface the dashboard and Jobs API listen on (default 127.0.0.1, this machine "
                               "only; 0.0.0.0 for every interface: the token is then sent over plain HTTP)")
@@ -273,15 +276,18 @@ def _cluster(args) -> int:
     from modecotd.cluster import local
 
     if args.action == "up":
-        address = local.up(args.num_cpus, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                           isolated=args.isolated, dashboard_host=args.dashboard_host)
+        port = args.port or local.DEFAULT_GCS_PORT
+        address = local.up(args.num_cpus, port=port, dashboard_port=args.dashboard_port, workers=args.workers,
+                           cpus_per_worker=args.cpus_per_worker, isolated=args.isolated,
+                           dashboard_host=args.dashboard_host)
         security = (f"token authentication on: {local.token_file()}" if os.environ.get("RAY_AUTH_MODE") == "token"
                     else "token authentication OFF: RAY_AUTH_MODE says so")
         print(f"Ray cluster up ({1 + args.workers} nodes): modecotd run CONFIG --address {address}; "
-              f"dashboard and Jobs API: http://{args.dashboard_host}:{local.DEFAULT_DASHBOARD_PORT} ({security})")
+              f"dashboard and Jobs API: http://{args.dashboard_host}:{args.dashboard_port} ({security})")
     else:
-        local.down()
-        print("Ray cluster stopped")
+        stopped = local.down(args.port)
+        print(f"stopped the Ray cluster{'s' if len(stopped) > 1 else ''} on port {', '.join(map(str, stopped))}"
+              if stopped else "no cluster started by `modecotd cluster up` is running here; nothing stopped")
     return 0
 
 

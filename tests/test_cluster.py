@@ -55,17 +55,17 @@ def started_cluster(s3_server):
     dashboard URL)."""
     import ray
 
-    # `cluster down` stops every Ray process of this machine, so no other Ray may be running here.
     assert not ray.is_initialized(), "run this test before any test that starts Ray in-process"
     dashboard_port = free_port()
     with pytest.MonkeyPatch.context() as patch:
         for name, value in s3_server.environment.items():
             patch.setenv(name, value)
-        address = local.up(port=free_port(), dashboard_port=dashboard_port, workers=2, cpus_per_worker=1)
+        port = free_port()
+        address = local.up(port=port, dashboard_port=dashboard_port, workers=2, cpus_per_worker=1)
     try:
         yield address, f"http://127.0.0.1:{dashboard_port}"
     finally:
-        local.down()
+        local.down(port)
 
 
 def cli(*args, timeout=600):
@@ -74,15 +74,39 @@ def cli(*args, timeout=600):
                           timeout=timeout)
 
 
-def test_run_with_address_on_a_started_cluster(started_cluster, tmp_path):
-    address, _ = started_cluster
+def test_run_with_address_on_a_started_cluster_survives_cluster_up_twice_and_down_of_another(started_cluster,
+                                                                                             tmp_path):
+    address, dashboard = started_cluster
+    port = int(address.rsplit(":", 1)[1])
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    # teacher actors on the cluster's nodes (the whole pipeline there: the submissions below)
-    done = cli("run", str(config), "--address", address, "--run-dir", str(tmp_path / "run"), "--stage", "teacher")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"report: {tmp_path / 'run' / 'report.md'}" in done.stdout
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    # teacher actors and a training job on the cluster's nodes (the whole pipeline there: the submissions below)
+    run = subprocess.Popen([sys.executable, "-m", "modecotd.cli", "run", str(config), "--address", address,
+                            "--run-dir", str(tmp_path / "run"), "--stage", "teacher", "--stage", "distill"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # `cluster up` twice on the running cluster's port: refused in one line, the cluster untouched
+        for _ in range(2):
+            again = cli("cluster", "up", "--workers", "2", "--port", str(port), "--dashboard-port", str(free_port()))
+            lines = again.stderr.strip().splitlines()
+            assert again.returncode == 2 and len(lines) == 1 and f"port {port} for Ray's GCS is taken" in lines[0]
+        # a second cluster beside it, then `cluster down` of that one alone
+        other = free_port()
+        second = cli("cluster", "up", "--port", str(other), "--dashboard-port", str(free_port()), "--num-cpus", "1")
+        assert second.returncode == 0, second.stderr[-2000:]
+        down = cli("cluster", "down", "--port", str(other))
+        assert down.returncode == 0 and f"stopped the Ray cluster on port {other}" in down.stdout
+        assert not local.cluster_processes(other) and local.cluster_processes(port)
+        assert run.poll() is None, "the run ended before the cluster was tried (make it longer)"
+        out, err = run.communicate(timeout=600)
+    finally:
+        run.kill()
+    assert run.returncode == 0, err[-3000:]
+    assert f"report: {tmp_path / 'run' / 'report.md'}" in out
     assert (tmp_path / "run" / "rationales" / "coins" / "accepted.jsonl").is_file()
+    assert (tmp_path / "run" / "experts" / "coins" / "manifest.json").is_file()
+    assert cli("list", "--address", dashboard).returncode == 0  # the Jobs API still answers
 
 
 def rest(url: str, token: str | None):
@@ -133,7 +157,7 @@ def test_submitted_run_is_visible_through_the_dashboards_rest_api(started_cluste
 
     token = auth.read_token()  # `cluster up` always turns token authentication on
     assert rest(f"{dashboard}/api/jobs/", None)[0] == 401  # nothing without the token
-    assert rest(f"{dashboard}/api/jobs/", "not-the-token")[0] == 401
+    assert rest(f"{dashboard}/api/jobs/", "not-the-token")[0] in (401, 403)
     code, jobs = rest(f"{dashboard}/api/jobs/{submission_id}", token)
     assert code == 200 and jobs["status"] == "SUCCEEDED"
     assert jobs["metadata"]["run"] == "submitted" and jobs["metadata"]["stages"] == "all"

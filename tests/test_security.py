@@ -97,6 +97,8 @@ def test_cluster_up_binds_the_dashboard_to_loopback_unless_told(monkeypatch, tmp
     monkeypatch.setattr(local, "_ray_start", lambda command, isolated=False: started.append(command))
     monkeypatch.setattr(auth, "DEFAULT_TOKEN_FILE", tmp_path / "auth_token")
     monkeypatch.setattr(local, "ensure_token", lambda: None)
+    monkeypatch.setattr(local, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(local, "port_taken", lambda port: False)
     local.up()
     assert "--dashboard-host=127.0.0.1" in started[0]
     local.up(dashboard_host="0.0.0.0")
