@@ -163,6 +163,22 @@ def test_rerun_skips_finished_units(first_run):
     assert manifests(run_dir) == before  # nothing redone
 
 
+def test_a_mix_stage_cut_short_scores_no_setting_twice_and_leaves_no_unfinished_search(first_run):
+    outcome, run_dir, _ = first_run
+    mixture = json.loads((run_dir / "mixtures/coins/mixture.json").read_text())
+    records = {p.name: p.read_text() for p in (run_dir / "mixtures/.trials/coins").glob("*.json")}
+    searches = sorted(p.name for p in (run_dir / "ray").glob("mix-*"))
+    (run_dir / "mixtures/coins/manifest.json").unlink()  # as if the driver died after the trials, before the commit
+    cut_short = run_dir / "ray" / f"mix-{CONFIG.get('seed', 0)}-1" / "coins-0001"
+    cut_short.mkdir(parents=True)  # Tune's folder of a search a crash cut short
+    (cut_short / "result.json").write_text("{}")
+    again = run_pipeline(parse_config(CONFIG), run_dir, stages=["mix"])
+    assert again.failures == {}
+    assert json.loads((run_dir / "mixtures/coins/mixture.json").read_text())["weights"] == mixture["weights"]
+    assert {p.name: p.read_text() for p in (run_dir / "mixtures/.trials/coins").glob("*.json")} == records
+    assert sorted(p.name for p in (run_dir / "ray").glob("mix-*")) == searches  # no new search, none cut short
+
+
 def test_changed_mixer_setting_redoes_only_what_depends_on_it(first_run):
     outcome, run_dir, _ = first_run
     before = manifests(run_dir)

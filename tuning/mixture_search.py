@@ -23,7 +23,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianSt
 
 from ray.util.metrics import Counter, Gauge
 
-from modecotd.artifacts import ROUTERS_FILE, Unit, local_folder, pending, write_json
+from modecotd.artifacts import ROUTERS_FILE, Unit, fingerprint, local_folder, pending, write_json
 from modecotd.errors import UserError
 from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
@@ -107,7 +107,8 @@ class MixtureTrial(tune.Trainable):
                 routers = f"{trials}/{setting_key(fit.setting)}.{ROUTERS_FILE}"
                 storage.upload(Path(record["routers"]), routers)
                 record["routers"] = routers
-        record.update(worker_pid=os.getpid(), load_seconds=self.load_seconds)
+        record.update(worker_pid=os.getpid(), load_seconds=self.load_seconds,
+                      context_key=self.context["keys"][fit.task])
         storage.write_text(f"{trials}/{setting_key(fit.setting)}.json", json.dumps(record, default=str))
         self.metrics["done"].inc(1, {"task": fit.task})
         if fit.cv_loss is not None:
@@ -228,6 +229,46 @@ def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], stor
     }
 
 
+FINISHED_MARK = ".finished"  # in a Tune experiment's folder once its search has ended
+
+
+def trial_keys(context: dict, targets: list[str]) -> dict[str, str]:
+    """Per target task, a fingerprint of everything its trials' scores depend on besides the
+    setting (the student, the experts' units, the search options, the seed, the task's rows)."""
+    common = {k: v for k, v in context.items() if k not in ("storage", "trials", "tasks", "experts", "keys")}
+    common["experts"] = {name: unit.key for name, unit in sorted(context["experts"].items())}
+    return {task: fingerprint(common, context["tasks"][task]) for task in targets}
+
+
+def kept_records(storage, trials: str, keys: dict[str, str]) -> set[tuple[str, str]]:
+    """The (task, setting) pairs already scored with the inputs of ``keys``; records (and gate
+    routers) written with other inputs are deleted."""
+    kept = set()
+    for task, key in keys.items():
+        for file in storage.files(f"{trials}/{task}"):
+            if not file.endswith(".json"):
+                continue
+            try:
+                record = json.loads(storage.read_text(f"{trials}/{task}/{file}"))
+            except (ValueError, UnicodeDecodeError):
+                record = {}
+            if record.get("context_key") == key:
+                kept.add((task, record["setting"]))
+            else:
+                storage.delete(f"{trials}/{task}/{file}")
+                storage.delete(f"{trials}/{task}/{file.removesuffix('.json')}.{ROUTERS_FILE}")
+    return kept
+
+
+def remove_unfinished_experiments(storage, ray_folder: str, prefix: str) -> None:
+    """Tune's folders of searches that a crash cut short: their trials are scored again (or were
+    kept, see :func:`kept_records`), so nothing in them is read."""
+    names = {path.split("/", 1)[0] for path in storage.files(ray_folder) if path.startswith(prefix)}
+    for name in sorted(names):
+        if not storage.exists(f"{ray_folder}/{name}/{FINISHED_MARK}"):
+            storage.delete(f"{ray_folder}/{name}")
+
+
 def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixing], experts: dict[str, Unit],
                       seed: int | None = None) -> dict[str, dict]:
     """Search the mixtures not done yet (one per target task, or one per method and task) with
@@ -246,38 +287,18 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     storage, trials = layout.storage, layout.mixture_trials
     jobs = _trial_jobs(todo)
     targets = sorted({job["task"] for job in jobs})
-    for name in targets:  # records of an earlier search with other settings must not be read back
-        storage.delete(f"{trials}/{name}")
     context = trial_context(config, tasks, targets, experts, storage, trials, seed)
-    per_task = {name: sum(job["task"] == name for job in jobs) for name in targets}
-    callbacks = tune_loggers(cfg, config.name) + [TrialProgress(per_task)]
+    context["keys"] = trial_keys(context, targets)
+    # A setting scored by an earlier attempt with the same inputs (a crash came after it) is not
+    # scored again; records of other inputs are deleted, never read back.
+    scored = kept_records(storage, trials, context["keys"])
+    jobs = [job for job in jobs if (job["task"], setting_key(job["setting"])) not in scored]
+    if scored:
+        log.info("mix: %d setting(s) scored before with the same inputs are kept; %d to score", len(scored), len(jobs))
+    experiment = f"mix-{seed}-{int(time.time())}"
+    remove_unfinished_experiments(storage, layout.ray, f"mix-{seed}-")
     started = time.time()
-    trainable = tune.with_resources(tune.with_parameters(MixtureTrial, context=context),
-                                    {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-    keep_credentials_out_of_trials()
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"job": tune.grid_search(jobs)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
-                                    scheduler=make_scheduler(cfg.scheduler, cfg.cv_folds),
-                                    trial_name_creator=lambda t: f"mix:{t.config['job']['task']}:"
-                                                                 f"{setting_key(t.config['job']['setting'])}",
-                                    trial_dirname_creator=lambda t: f"{t.config['job']['task']}-{t.trial_id}"),
-        run_config=tune.RunConfig(name=f"mix-{seed}-{int(started)}", storage_path=storage.path(layout.ray),
-                                  storage_filesystem=storage.filesystem,
-                                  verbose=0, callbacks=callbacks,
-                                  # a trial whose worker dies starts again (from nothing: it is deterministic)
-                                  failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES),
-                                  # a trial keeps nothing to resume from (see PerTaskScheduler)
-                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
-    )
-    grid = tuner.fit()
-    errors: dict[str, str] = {}
-    for result in grid:
-        if result.error:
-            task = _trial_task(result)
-            errors[task] = str(result.error).splitlines()[0][:300]
-            stop_if_disk_failed(root_cause(result.error), f"mix {task}")
+    errors = _search(jobs, cfg, config.name, context, storage, layout.ray, experiment) if jobs else {}
     results: dict[str, dict] = {}
     for name in targets:
         records = [json.loads(storage.read_text(f"{trials}/{name}/{file}"))
@@ -292,6 +313,42 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
             results[mixing.label] = _commit(mixing, mine, experts, cfg)
     log.info("mix stage took %.1f s", time.time() - started)
     return results
+
+
+def _search(jobs: list[dict], cfg, run_name: str, context: dict, storage, ray_folder: str, experiment: str
+            ) -> dict[str, str]:
+    """One Tune experiment over ``jobs``; returns the error of a failed trial by target task. The
+    experiment's folder (Tune's own logs, TensorBoard's among them) is marked finished at its end."""
+    per_task = {name: sum(job["task"] == name for job in jobs) for name in {job["task"] for job in jobs}}
+    callbacks = tune_loggers(cfg, run_name) + [TrialProgress(per_task)]
+    trainable = tune.with_resources(tune.with_parameters(MixtureTrial, context=context),
+                                    {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    keep_credentials_out_of_trials()
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"job": tune.grid_search(jobs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
+                                    scheduler=make_scheduler(cfg.scheduler, cfg.cv_folds),
+                                    trial_name_creator=lambda t: f"mix:{t.config['job']['task']}:"
+                                                                 f"{setting_key(t.config['job']['setting'])}",
+                                    trial_dirname_creator=lambda t: f"{t.config['job']['task']}-{t.trial_id}"),
+        run_config=tune.RunConfig(name=experiment, storage_path=storage.path(ray_folder),
+                                  storage_filesystem=storage.filesystem,
+                                  verbose=0, callbacks=callbacks,
+                                  # a trial whose worker dies starts again (from nothing: it is deterministic)
+                                  failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES),
+                                  # a trial keeps nothing to resume from (see PerTaskScheduler)
+                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
+    )
+    grid = tuner.fit()
+    errors: dict[str, str] = {}
+    for result in grid:
+        if result.error:
+            task = _trial_task(result)
+            errors[task] = str(result.error).splitlines()[0][:300]
+            stop_if_disk_failed(root_cause(result.error), f"mix {task}")
+    storage.write_text(f"{ray_folder}/{experiment}/{FINISHED_MARK}", "")
+    return errors
 
 
 def _trial_task(result) -> str:
