@@ -12,7 +12,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -50,6 +49,7 @@ def test_a_full_then_read_only_run_folder_stops_in_one_line_and_the_next_run_fin
 set -u
 mount -t tmpfs -o size={SMALL} modecotd-test-disk {run_dir}
 {run} > {out}/full.out 2> {out}/full.err; echo $? > {out}/full.code
+find {run_dir} -name '.*.tmp' > {out}/leftover-full.txt
 cp {run_dir}/rationales/coins/manifest.json {out}/teacher-manifest.json
 mount -o remount,size=200m {run_dir}
 {run} > {out}/ro.out 2> {out}/ro.err &
@@ -58,6 +58,7 @@ for i in $(seq 1 1200); do grep -q "full_finetune started" {out}/ro.err && break
 for i in $(seq 1 200); do mount -o remount,ro {run_dir} 2>/dev/null && break; sleep 0.05; done
 wait $run; echo $? > {out}/ro.code
 mount -o remount,rw {run_dir}
+find {run_dir} -name '.*.tmp' > {out}/leftover-ro.txt
 {run} > {out}/again.out 2> {out}/again.err; echo $? > {out}/again.code
 cp {run_dir}/rationales/coins/manifest.json {out}/teacher-manifest-after.json
 ls {run_dir}/experts/coins/manifest.json {run_dir}/baselines/full_finetune/manifest.json > {out}/done.txt
@@ -83,4 +84,6 @@ ls {run_dir}/experts/coins/manifest.json {run_dir}/baselines/full_finetune/manif
     # the teacher's unit, committed before the disk filled, was kept (not redone) through both failures
     assert (out / "teacher-manifest.json").read_text() == (out / "teacher-manifest-after.json").read_text()
     assert len((out / "done.txt").read_text().split()) == 2
-    assert not list(Path(tmp_path).glob("run/**/.*.tmp"))
+    # storage writes left no half-written temporary file, looked for while the small disk was still mounted
+    for name in ("leftover-full.txt", "leftover-ro.txt"):
+        assert (out / name).read_text() == "", (out / name).read_text()
