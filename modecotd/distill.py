@@ -9,6 +9,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -470,9 +471,47 @@ def save_training_state(engine, folder: Path, rank: int, state: LoopState) -> No
     torch.save(saved, Path(folder) / TRAINER_STATE.format(rank=rank))
 
 
+# The only classes besides tensors and plain containers in DeepSpeed's own checkpoint files (found
+# by loading ZeRO-1/2/3 checkpoints with weights_only=True): plain data, no code runs to build them.
+DEEPSPEED_CHECKPOINT_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                                "deepspeed.runtime.zero.config.ZeroStageEnum",
+                                "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def load_without_pickle(engine) -> None:
+    """Make ``engine`` read its checkpoint files with ``torch.load(weights_only=True)``: tensors,
+    plain containers and the data classes of :data:`DEEPSPEED_CHECKPOINT_CLASSES` only. DeepSpeed
+    itself unpickles them, and a pickle runs whatever code it names: anyone who can write the run's
+    storage could run code on the next resume. A file that holds anything else is refused."""
+    import importlib
+
+    from modecotd.errors import UserError
+
+    def resolve(name: str):
+        module, _, attribute = name.rpartition(".")
+        return getattr(importlib.import_module(module), attribute)
+
+    allowed = [resolve(name) for name in DEEPSPEED_CHECKPOINT_CLASSES]
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise UserError(f"{path}: the checkpoint holds more than tensors and DeepSpeed's known data classes "
+                            f"({str(error).splitlines()[0][:200]}); it is not loaded, since loading it would run "
+                            "pickled code. Delete the expert's checkpoints (<run>/ray/distill-<name>-*) to train "
+                            "it from the start") from None
+
+    checkpoint_engine.load = load
+
+
 def load_training_state(engine, folder: Path, rank: int) -> LoopState:
-    """Restore what :func:`save_training_state` wrote. A checkpoint without a CUDA RNG state (written
-    on a CPU, or by an older version) still loads; a CUDA state is restored only where there is a GPU."""
+    """Restore what :func:`save_training_state` wrote, without unpickling anything (see
+    :func:`load_without_pickle`). A checkpoint without a CUDA RNG state (written on a CPU, or by an
+    older version) still loads; a CUDA state is restored only where there is a GPU."""
+    load_without_pickle(engine)
     engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_module_strict=False)
     saved = torch.load(Path(folder) / TRAINER_STATE.format(rank=rank), weights_only=True)
     torch.set_rng_state(saved["torch_rng"])

@@ -91,6 +91,41 @@ def test_a_crashed_run_resumes_from_its_checkpoint_to_the_same_adapter(process_g
         assert (before[name] - after[name]).abs().max() < 1e-5, name
 
 
+class Planted:
+    """A pickle that would run code when loaded: it creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(process_group, tiny_model_dir, tmp_path):
+    import torch
+
+    from modecotd.errors import UserError
+
+    checkpoints = FolderCheckpoints(tmp_path / "checkpoints")
+    settings = _settings(tiny_model_dir, tmp_path / "out", checkpoint_every=2)
+    (tmp_path / "out").mkdir()
+
+    def crash_at_step_3(metrics):
+        if metrics["step"] == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_expert(settings, 0, 1, report=crash_at_step_3, checkpoints=checkpoints)
+    [optimizer_state] = (tmp_path / "checkpoints").rglob("*optim_states.pt")
+    marker = tmp_path / "code-ran"
+    torch.save({"optimizer_state_dict": Planted(marker)}, optimizer_state)  # someone with write access to storage
+    with pytest.raises(UserError, match="would run pickled code"):
+        train_expert(settings, 0, 1, checkpoints=checkpoints)
+    assert not marker.exists()
+
+
 def test_gradient_accumulation_counts_optimizer_steps(process_group, tiny_model_dir, tmp_path, monkeypatch):
     from modecotd import distill
 
