@@ -148,3 +148,19 @@ def test_the_fixed_weight_controls_choose_nothing_by_cross_validation(tiny_model
     best = "xyz"[min(range(3), key=lambda i: alone[i])]
     assert records["best_expert"]["weights"] == {n: float(n == best) for n in "xyz"}
     assert records["best_expert"]["objective"] == pytest.approx(min(alone), rel=1e-5)
+
+
+def test_a_tie_goes_to_the_setting_listed_first_whatever_order_the_trials_finished_in():
+    from modecotd.tuning.mixture_search import best_record
+
+    order = ["lorahub-b4", "delta-b4", "gate"]
+    equal = [{"setting": "gate", "cv_loss": 10.646644592285156, "objective": 1.0},
+             {"setting": "delta-b4", "cv_loss": 10.646644592285156 + 2e-6, "objective": 1.0},  # last bits differ
+             {"setting": "lorahub-b4", "cv_loss": 10.646644592285156, "objective": 1.0}]
+    for records in (equal, equal[::-1], equal[1:] + equal[:1]):
+        assert best_record(records, order)["setting"] == "lorahub-b4"
+    lower = [*equal, {"setting": "delta-b8", "cv_loss": 10.5, "objective": 1.0}]
+    assert best_record(lower, order)["setting"] == "delta-b8"  # a real difference still decides
+    no_folds = [{"setting": "gate", "cv_loss": None, "objective": 2.0},
+                {"setting": "delta-b4", "cv_loss": None, "objective": 3.0}]
+    assert best_record(no_folds, order)["setting"] == "gate"

@@ -59,6 +59,9 @@ def what_a_run_made(run_dir) -> dict:
     """What two runs of one config must agree on: the question ids of each rationale file, each
     expert's and baseline's tensors, each mixture's choice and weights, each evaluation's outputs,
     and the report's numbers (not timings, process ids or file times)."""
+    import hashlib
+
+    import torch
     from safetensors.torch import load_file
 
     made = {}
@@ -66,7 +69,9 @@ def what_a_run_made(run_dir) -> dict:
         made[f"rationales/{status}"] = sorted(r["id"] for r in read_jsonl(run_dir / f"rationales/coins/{status}.jsonl"))
     for unit in ("experts/coins", "baselines/multitask"):
         made[unit] = {k: v.tolist() for k, v in load_file(str(run_dir / unit / "adapter_model.safetensors")).items()}
-    made["baselines/full_finetune"] = (run_dir / "baselines/full_finetune/model.safetensors").stat().st_size
+    full = load_file(str(run_dir / "baselines/full_finetune/model.safetensors"))
+    made["baselines/full_finetune"] = {k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+                                       for k, v in full.items()}  # every weight, bit for bit
     for task in ("coins", "letters"):
         mixture = json.loads((run_dir / f"mixtures/{task}/mixture.json").read_text())
         made[f"mixtures/{task}"] = (mixture["method"], mixture["setting"], mixture["weights"])
@@ -347,10 +352,12 @@ class Killer:
     """Kills (SIGKILL) one process of each of :data:`VICTIMS` among a driver's descendants as soon
     as it shows up, then the driver itself once the evaluation stage has lost its actor."""
 
-    def __init__(self, driver_pid: int):
+    def __init__(self, driver_pid: int, run_dir):
         import threading
 
         self.driver_pid = driver_pid
+        self.run_dir = run_dir
+        self.committed: dict[str, bytes] = {}  # every unit's manifest when the driver was killed
         self.killed: dict[str, float] = {}
         self.orphans: list = []  # the driver's descendants when it was killed (its local Ray)
         self.stop = threading.Event()
@@ -381,6 +388,8 @@ class Killer:
             if "Evaluator" in self.killed and time.time() - self.killed["Evaluator"] > 3:
                 self.orphans = processes
                 os.kill(self.driver_pid, signal.SIGKILL)
+                self.committed = {str(p.relative_to(self.run_dir)): p.read_bytes()
+                                  for p in self.run_dir.glob("**/manifest.json") if "/." not in str(p)}
                 self.killed["driver"] = time.time()
                 return
             time.sleep(0.05)
@@ -408,7 +417,7 @@ def test_a_process_killed_in_every_stage_and_then_the_driver_leave_what_an_undis
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "AWS_SECRET_ACCESS_KEY": secrets[0], "OPENAI_API_KEY": secrets[1]}
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    killer = Killer(process.pid)
+    killer = Killer(process.pid, tmp_path / "run")
     killer.thread.start()
     try:
         output = process.communicate(timeout=600)[0]
@@ -438,3 +447,7 @@ def test_a_process_killed_in_every_stage_and_then_the_driver_leave_what_an_undis
                 assert not any(secret.encode() in data for secret in secrets), path
     assert not any(secret in output + again.stdout + again.stderr for secret in secrets)
     assert what_a_run_made(tmp_path / "run") == reference
+    # the units committed before the driver died were kept as they were, not redone
+    assert "rationales/coins/manifest.json" in killer.committed and "experts/coins/manifest.json" in killer.committed
+    for name, manifest in killer.committed.items():
+        assert (tmp_path / "run" / name).read_bytes() == manifest, name

@@ -366,10 +366,27 @@ def _trial_jobs(mixings: list[Mixing]) -> list[dict]:
     return list(jobs.values())
 
 
+TIE_TOLERANCE = 1e-6  # relative: scores this close are equal (float sums differ in the last bits by trial order)
+
+
+def best_record(records: list[dict], order: list[str]) -> dict:
+    """The record with the lowest CV loss (the objective without folds). Settings that score the
+    same within :data:`TIE_TOLERANCE` (one expert mixed by every method, say) are a tie, won by the
+    setting listed first in ``order`` (the config's): never by which trial happened to finish
+    first or on which worker, which would change the choice between two runs of one config."""
+    def score(record: dict) -> float:
+        return record["cv_loss"] if record["cv_loss"] is not None else record["objective"]
+
+    lowest = min(score(r) for r in records)
+    tied = [r for r in records if score(r) <= lowest + TIE_TOLERANCE * max(1.0, abs(lowest))]
+    rank = {key: i for i, key in enumerate(order)}
+    return min(tied, key=lambda r: (rank.get(r["setting"], len(rank)), r["setting"]))
+
+
 def _commit(mixing: Mixing, records: list[dict], experts: dict[str, Unit], cfg) -> dict:
     """Keep the best setting's mixture: its weights, the merged adapter, and every trial's search."""
     unit = mixing.unit
-    best = min(records, key=lambda r: r["cv_loss"] if r["cv_loss"] is not None else r["objective"])
+    best = best_record(records, [setting_key(s) for s in mixing.settings])
     summary = {"status": "done", **{k: best[k] for k in ("method", "budget", "bound", "l1", "top_k", "setting")},
                "cv_loss": best["cv_loss"], "objective": best["objective"], "weights": best["weights"],
                "experts_mixed": best["experts_mixed"], "zero_weights_loss": best["zero_weights_loss"],
