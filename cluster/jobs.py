@@ -47,10 +47,12 @@ def client(address: str | None):
 def submit(config_path: Path, *, address: str | None = None, run_dir: str | None = None,
            stages: list[str] | None = None, overrides: list[str] | None = None, pip: list[str] | None = None,
            env: dict[str, str] | None = None, working_dir: Path | None = None, excludes: list[str] | None = None,
-           say=print) -> str:
+           submission_id: str | None = None, say=print) -> str:
     """Submit a run; returns its submission id. ``env``: variables for the run's driver only;
     ``working_dir`` and ``excludes``: send that folder (but what the patterns exclude) instead of only
-    the config and its data files; ``say`` is told what is uploaded before it is sent."""
+    the config and its data files; ``say`` is told what is uploaded before it is sent. With
+    ``submission_id``, a retry is idempotent: a job of that id with the same config and run folder
+    is that run (nothing is submitted again); one with another config is refused."""
     from modecotd.artifacts import fingerprint
     from modecotd.config import load_config
 
@@ -77,20 +79,39 @@ def submit(config_path: Path, *, address: str | None = None, run_dir: str | None
         runtime_env["env_vars"] = dict(env)
     if pip:
         runtime_env["pip"] = list(pip)
-    # unique even for one config submitted many times in one second
-    submission_id = f"{JOB_PREFIX}{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     metadata = {"run": config.name, "stages": ",".join(stages or []) or "all", "run_dir": run_dir,
                 "config_fingerprint": fingerprint(config.model_dump(mode="json"))}
+    # unique even for one config submitted many times in one second
+    submission_id = submission_id or f"{JOB_PREFIX}{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     try:
         jobs = client(address)
+        if _already_submitted(jobs, submission_id, metadata):
+            say(f"{submission_id} was submitted before with this config and run folder: not submitted again")
+            return submission_id
         say(upload.describe())
         return jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
                                metadata=metadata)
     except RuntimeError as error:  # the Jobs API's refusal, e.g. HTTP 413 from a server with a lower limit
+        if "already exists" in str(error) and _already_submitted(jobs, submission_id, metadata):
+            return submission_id  # a retry racing the first submission
         raise UserError(f"the Ray Jobs API at {address_or_default(address)} refused the job: "
                         f"{str(error).splitlines()[0][:300]}") from None
     finally:
         upload.remove()
+
+
+def _already_submitted(jobs, submission_id: str, metadata: dict) -> bool:
+    """Whether the cluster holds a job ``submission_id`` for this very run (same config fingerprint,
+    stages and run folder); a job of that id for anything else is refused."""
+    try:
+        info = jobs.get_job_info(submission_id)
+    except RuntimeError:  # no such job
+        return False
+    held = info.metadata or {}
+    if all(held.get(key) == metadata[key] for key in ("config_fingerprint", "stages", "run_dir")):
+        return True
+    raise UserError(f"submission id {submission_id} is taken by another run (run {held.get('run')!r}, run folder "
+                    f"{held.get('run_dir')!r}); pick another --submission-id, or leave it out for a new one")
 
 
 def _shell_word(word: str) -> str:
@@ -147,7 +168,8 @@ def stop(submission_id: str, address: str | None = None) -> bool:
 
 def list_runs(address: str | None = None) -> list[dict]:
     """modecotd's jobs on the cluster, newest first."""
-    jobs = [j for j in client(address).list_jobs() if (j.submission_id or "").startswith(JOB_PREFIX)]
+    jobs = [j for j in client(address).list_jobs()  # ours: our ids, or an id the user chose with our metadata
+            if (j.submission_id or "").startswith(JOB_PREFIX) or "config_fingerprint" in (j.metadata or {})]
     jobs.sort(key=lambda j: j.start_time or 0, reverse=True)
     return [{"submission_id": j.submission_id, "status": str(j.status.value), "run": (j.metadata or {}).get("run"),
              "stages": (j.metadata or {}).get("stages"), "start_time": j.start_time} for j in jobs]

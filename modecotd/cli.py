@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="with --working-dir: leave out what this .gitignore-style pattern matches (repeatable)")
     submit.add_argument("--wait", action="store_true", help="follow the job's log until it ends")
+    submit.add_argument("--submission-id", help="the job's id (default: a new one); submitting again with the same "
+                                                "id and config does nothing (a safe retry), with another config "
+                                                "is refused")
     for name, text in (("status", "a submitted run's state"), ("logs", "a submitted run's log"),
                        ("stop", "stop a submitted run")):
         command = commands.add_parser(name, help=text)
@@ -171,7 +174,8 @@ def _submit(args) -> int:
         raise UserError("--exclude needs --working-dir (without it only the config and its data files are sent)")
     submission_id = jobs.submit(Path(args.config), address=args.address, run_dir=args.run_dir, stages=args.stages,
                                 overrides=overrides, pip=args.pip, working_dir=args.working_dir,
-                                excludes=args.exclude, say=lambda line: print(line, file=sys.stderr))
+                                excludes=args.exclude, submission_id=args.submission_id,
+                                say=lambda line: print(line, file=sys.stderr))
     address = jobs.address_or_default(args.address)
     print(f"submitted {submission_id} to {address}")
     print(f"follow it: modecotd logs {submission_id} --follow --address {address}")

@@ -218,13 +218,23 @@ def test_plain_ray_job_submit_runs_modecotd(started_cluster, tmp_path):
     assert (tmp_path / "run" / "report.md").is_file()
 
 
-def test_a_submitted_run_can_be_stopped(started_cluster, tmp_path):
+def test_a_retried_submit_is_one_run_and_a_submitted_run_can_be_stopped(started_cluster, tmp_path):
     _, dashboard = started_cluster
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "name": "stopped", "distill": {**CONFIG["distill"], "epochs": 200}}))
-    done = cli("submit", str(config), "--address", dashboard, "--run-dir", str(tmp_path / "run"))
+    chosen = f"retried-{time.time_ns()}"  # an id of the user's own
+    submit = ("submit", str(config), "--address", dashboard, "--run-dir", str(tmp_path / "run"),
+              "--submission-id", chosen)
+    done = cli(*submit)
     assert done.returncode == 0, done.stderr[-2000:]
     submission_id = done.stdout.split("submitted ", 1)[1].split()[0]
+    assert submission_id == chosen
+    again = cli(*submit)  # a retry (the first reply was lost, say): the same run, nothing submitted twice
+    assert again.returncode == 0 and "not submitted again" in again.stderr, again.stderr[-2000:]
+    other = cli("submit", str(config), "--address", dashboard, "--run-dir", str(tmp_path / "other"),
+                "--submission-id", chosen)
+    assert other.returncode == 2 and f"submission id {chosen} is taken by another run" in other.stderr
+    assert cli("list", "--address", dashboard).stdout.count(chosen) == 1
     stopped = cli("stop", submission_id, "--address", dashboard)
     assert stopped.returncode == 0 and "stopping" in stopped.stdout
     deadline, state = time.time() + 120, ""
