@@ -41,11 +41,11 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
             dashboard_host: str = "127.0.0.1") -> dict:
     """Start or join a Ray cluster; returns what the run should print about it. Without an
     address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster."""
-    if address or os.environ.get("RAY_ADDRESS"):
-        check_token_over_grpc(address or os.environ["RAY_ADDRESS"])  # never the token in clear text on a network
+    given, address = address, address or os.environ.get("RAY_ADDRESS")
     if address:
-        check_reachable(address)  # before anything else: Ray would wait for minutes
-    address = address or os.environ.get("RAY_ADDRESS")
+        check_token_over_grpc(address)  # never the token in clear text on a network
+    if given:
+        check_reachable(given)  # before anything else: Ray would wait for minutes
     if ray.is_initialized():
         return {"address": "already connected", "dashboard": None}
     kwargs = dict(runtime_env={"env_vars": worker_env()}, logging_level=logging.WARNING,

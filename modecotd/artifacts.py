@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from modecotd.storage import Storage, StorageError, sha256_of
+from modecotd.storage import Storage, StorageError, is_inside, sha256_of
 
 MANIFEST = "manifest.json"
 ROUTERS_FILE = "routers.safetensors"  # a gate mixture's unit holds its routers under this name
@@ -67,12 +67,6 @@ def scratch_dir() -> Path:
 
 
 FETCH_TRIES = 3  # reads of one file of a unit before a transfer that keeps differing is given up
-
-
-def is_inside(name: str) -> bool:
-    """Whether a file name from a manifest stays inside its unit: relative, no ``..``, no backslash."""
-    parts = name.split("/")
-    return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in parts and "" not in parts
 
 
 def listed_files(folder: Path) -> dict[str, dict]:

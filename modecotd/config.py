@@ -656,6 +656,13 @@ class RunConfig(Section):
 MAX_YAML_VALUES = 100_000  # a config with its aliases expanded; a real one holds a few thousand
 
 
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    """A composed node's keys and values (mapping), items (sequence), or nothing (scalar)."""
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else []
+
+
 def read_yaml(text: str, where: str) -> Any:
     """The YAML document in ``text`` (``where`` names it in errors), refused in one line when its
     aliases would expand it to more than :data:`MAX_YAML_VALUES` values or refer to themselves
@@ -675,9 +682,7 @@ def read_yaml(text: str, where: str) -> Any:
             return sizes[id(node)]
         if id(node) in open_:
             raise ConfigError(f"{where}:{node.start_mark.line + 1}: a YAML alias refers to the value that holds it")
-        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
-            node.value if isinstance(node, yaml.SequenceNode) else []
-        total = 1 + sum(size(child, open_ | {id(node)}) for child in children)
+        total = 1 + sum(size(child, open_ | {id(node)}) for child in _yaml_children(node))
         sizes[id(node)] = total
         return total
 
@@ -688,9 +693,7 @@ def read_yaml(text: str, where: str) -> Any:
     if total > MAX_YAML_VALUES:
         node = root  # name the innermost value whose aliases blow it up
         while True:
-            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
-                node.value if isinstance(node, yaml.SequenceNode) else []
-            big = next((c for c in children if sizes[id(c)] > MAX_YAML_VALUES), None)
+            big = next((c for c in _yaml_children(node) if sizes[id(c)] > MAX_YAML_VALUES), None)
             if big is None:
                 break
             node = big

@@ -43,14 +43,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_inside(name: str) -> bool:
+    """Whether a storage file name stays inside the folder it is relative to: relative, no ``..``,
+    no backslash, no empty part."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in parts and "" not in parts
+
+
 def local_path(root: Path, relative: str) -> Path:
     """Where the storage file ``relative`` goes under the local folder ``root``; a name that would
     land outside it (absolute, ``..``, a backslash, a link out of ``root``) is refused: listings and
     manifests come from the storage, and whoever can write there must not write elsewhere."""
-    parts = relative.split("/")
     target = root / relative
-    if (not relative or relative.startswith("/") or "\\" in relative or ".." in parts or "" in parts
-            or not target.resolve().is_relative_to(root.resolve())):
+    if not is_inside(relative) or not target.resolve().is_relative_to(root.resolve()):
         raise StorageError(f"{relative!r}: a file name in the storage that would be written outside {root}; refused")
     return target
 
