@@ -6,12 +6,19 @@ the config gives as absolute names the cluster's own disk and is not sent. With 
 directory the user chooses, all of it is sent but for :data:`ALWAYS_EXCLUDED` and the user's
 ``.gitignore``-style patterns.
 
+Two things never travel, in either mode, and the line printed before sending says which files were
+left out and why: files that look like secrets (:data:`SECRET_PATTERNS`: ``.env``, cloud and SSH
+credentials, private keys, tokens), and links that lead out of the folder being sent (a link in the
+data folder to ``~/.aws/credentials`` would otherwise ship the file it points to). A data file the
+config names itself that is either is refused in one line, since the run could not read it.
+
 The files are copied into a staging folder and zipped, as Ray will zip them, to know the size
 before anything is sent: an upload over the Jobs API's request limit is refused in one line
 instead of failing on the server with HTTP 413.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import zipfile
@@ -24,6 +31,14 @@ from modecotd.errors import UserError
 
 UPLOAD_LIMIT_BYTES = 100 * 2**20  # the Ray dashboard's request body limit (DASHBOARD_CLIENT_MAX_SIZE)
 ALWAYS_EXCLUDED = [".git", ".venv", "venv", "__pycache__", "runs/", "*.safetensors", "*.gguf", "*.bin", "*.pt"]
+# Files that hold secrets by name (``.gitignore`` syntax): never sent to a cluster, whose token
+# holders can read every job's files.
+SECRET_PATTERNS = [".env", ".env.*", "*.env", ".envrc", ".netrc", ".pgpass", ".pypirc", ".npmrc", ".git-credentials",
+                   ".aws/", ".ssh/", ".gnupg/", ".kube/", ".docker/config.json", ".config/gcloud/",
+                   "credentials", "credentials.*", "*credentials*.json", "*service-account*.json",
+                   "auth_token", "*.token", "secrets.*", "*.secret", "*.secrets",
+                   "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.kdbx", "*.asc", "*.gpg",
+                   "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*"]
 
 
 @dataclass
@@ -37,6 +52,7 @@ class Upload:
     files: dict[str, int] = field(default_factory=dict)
     zipped: int = 0
     remote: list[str] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)  # relative path -> why it is not sent
 
     def describe(self) -> str:
         """One line for the terminal: what is sent and its size."""
@@ -46,6 +62,10 @@ class Upload:
                 f"({_mb(self.zipped)} zipped): {shown}")
         if self.remote:
             line += f"; read on the cluster: {', '.join(self.remote)}"
+        if self.left_out:
+            names = sorted(self.left_out)
+            line += ("; left out: " + ", ".join(f"{n} ({self.left_out[n]})" for n in names[:10])
+                     + (f" and {len(names) - 10} more" if len(names) > 10 else ""))
         return line
 
     def remove(self) -> None:
@@ -57,18 +77,20 @@ def stage(config_path: Path, working_dir: Path | None = None, excludes: list[str
     """Stage and measure the upload of a run of ``config_path`` (see the module's text); refuses one
     over ``limit`` bytes zipped."""
     config_path = Path(config_path).resolve()
+    left_out: dict[str, str] = {}
     if working_dir is None:
-        base, files, remote = _needed_files(config_path)
+        base, files, remote = _needed_files(config_path, left_out)
     else:
-        base = Path(working_dir).resolve()
+        base = Path(os.path.abspath(working_dir))
         if not base.is_dir():
             raise UserError(f"--working-dir {working_dir}: no such folder")
-        if not config_path.is_relative_to(base):
+        if not config_path.is_relative_to(base.resolve()):
             raise UserError(f"--working-dir {working_dir}: the config {config_path} is not inside it")
-        files, remote = _folder_files(base, list(excludes)), []
-        files.add(config_path.relative_to(base).as_posix())
+        config_path = base / config_path.relative_to(base.resolve())
+        files, remote = _folder_files(base, list(excludes), left_out), []
+        files.add(_named_file(config_path, base, "the config"))
     root = Path(tempfile.mkdtemp(prefix="modecotd-upload-")) / "job"
-    upload = Upload(root, config_path.relative_to(base).as_posix(), remote=remote)
+    upload = Upload(root, config_path.relative_to(base).as_posix(), remote=remote, left_out=left_out)
     try:
         for name in sorted(files):
             target = root / name
@@ -89,9 +111,10 @@ def stage(config_path: Path, working_dir: Path | None = None, excludes: list[str
     return upload
 
 
-def _needed_files(config_path: Path) -> tuple[Path, set[str], list[str]]:
+def _needed_files(config_path: Path, left_out: dict[str, str]) -> tuple[Path, set[str], list[str]]:
     """(base folder, files under it to send, absolute paths left to the cluster) for the config and
-    the data paths it names; base is the deepest folder holding the config and every relative path."""
+    the data paths it names; base is the deepest folder holding the config and every relative path
+    (links are not followed to find it: a path through a link stays where the config says)."""
     try:
         data = read_yaml(config_path.read_text(encoding="utf-8"), str(config_path)) or {}
     except (ConfigError, UnicodeDecodeError):
@@ -107,16 +130,40 @@ def _needed_files(config_path: Path) -> tuple[Path, set[str], list[str]]:
             if Path(value).expanduser().is_absolute():
                 remote.append(value)
             else:
-                local.append((config_path.parent / value).resolve())
-    base = Path(*_common_parts([p if p.is_dir() else p.parent for p in local]))
+                local.append(Path(os.path.normpath(config_path.parent / value)))
+    base = Path(*_common_parts([p if p.is_dir() and not p.is_symlink() else p.parent for p in local]))
     files: set[str] = set()
     for path in local:
         if path.is_dir():
+            inside = _inside(path, base)
+            if inside is not True:
+                raise UserError(f"{config_path}: the data folder {path} {inside}")
             files |= {(path / name).relative_to(base).as_posix()
-                      for name in _folder_files(path, [])}
+                      for name in _folder_files(path, [], left_out, base)}
         elif path.is_file():
-            files.add(path.relative_to(base).as_posix())
+            files.add(_named_file(path, base, f"{config_path}: the data file"))
     return base, files, sorted(set(remote))
+
+
+def _inside(path: Path, base: Path) -> bool | str:
+    """True when ``path``, links followed, stays inside ``base``; else why not, for a message."""
+    target = path.resolve()
+    if target.is_relative_to(base.resolve()):
+        return True
+    return f"is a link to {target}, outside the folder sent ({base})"
+
+
+def _named_file(path: Path, base: Path, what: str) -> str:
+    """``path`` relative to ``base``: a file the run needs by name, refused if it must not travel."""
+    relative = path.relative_to(base).as_posix()
+    inside = _inside(path, base)
+    if inside is not True:
+        raise UserError(f"{what} {path} {inside}: copy the file into the folder, or give the absolute path "
+                        "where the cluster reads it")
+    if _secret_spec().match_file(relative):
+        raise UserError(f"{what} {path} is named like a secret (.env, credentials, private keys: never sent to a "
+                        "cluster); rename it if it is data")
+    return relative
 
 
 def _common_parts(paths: list[Path]) -> tuple[str, ...]:
@@ -129,14 +176,51 @@ def _common_parts(paths: list[Path]) -> tuple[str, ...]:
     return parts
 
 
-def _folder_files(folder: Path, excludes: list[str]) -> set[str]:
-    """Every file under ``folder``, relative to it, but those the patterns exclude (``.gitignore``
-    syntax; :data:`ALWAYS_EXCLUDED` first)."""
+def _secret_spec():
     from ray._private.thirdparty.pathspec import PathSpec
 
-    spec = PathSpec.from_lines("gitwildmatch", ALWAYS_EXCLUDED + excludes)
-    return {path.relative_to(folder).as_posix() for path in folder.rglob("*")
-            if path.is_file() and not spec.match_file(path.relative_to(folder).as_posix())}
+    return PathSpec.from_lines("gitwildmatch", SECRET_PATTERNS)
+
+
+def _folder_files(folder: Path, excludes: list[str], left_out: dict[str, str], base: Path | None = None) -> set[str]:
+    """Every file under ``folder``, relative to it, but those the patterns exclude (``.gitignore``
+    syntax; :data:`ALWAYS_EXCLUDED` first). Files named like secrets and links that lead out of
+    ``base`` (default: ``folder``) are not returned; they go to ``left_out`` (path relative to
+    ``base`` -> why). A linked folder inside ``base`` is walked once."""
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    base = base or folder
+    spec, secret = PathSpec.from_lines("gitwildmatch", ALWAYS_EXCLUDED + excludes), _secret_spec()
+    files: set[str] = set()
+    walked = {folder.resolve()}
+    for here, folders, names in os.walk(folder, followlinks=True):
+        here = Path(here)
+        for name in list(folders):
+            path = here / name
+            relative = path.relative_to(folder).as_posix() + "/"
+            if spec.match_file(relative):
+                folders.remove(name)
+            elif secret.match_file(path.relative_to(base).as_posix() + "/"):
+                left_out[path.relative_to(base).as_posix() + "/"] = "named like a secret"
+                folders.remove(name)
+            elif path.is_symlink() and (_inside(path, base) is not True or path.resolve() in walked):
+                if _inside(path, base) is not True:
+                    left_out[path.relative_to(base).as_posix() + "/"] = "a link out of the folder sent"
+                folders.remove(name)
+            else:
+                walked.add(path.resolve())
+        for name in names:
+            path = here / name
+            relative = path.relative_to(folder).as_posix()
+            if not path.is_file() or spec.match_file(relative):
+                continue
+            if secret.match_file(path.relative_to(base).as_posix()):
+                left_out[path.relative_to(base).as_posix()] = "named like a secret"
+            elif _inside(path, base) is not True:
+                left_out[path.relative_to(base).as_posix()] = "a link out of the folder sent"
+            else:
+                files.add(relative)
+    return files
 
 
 def _zipped_size(folder: Path) -> int:

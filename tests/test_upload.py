@@ -84,3 +84,60 @@ def test_an_upload_over_the_limit_is_refused_before_sending(tmp_path, monkeypatc
     assert "2.0 MB zipped, over the 1.0 MB" in message and "data/train.jsonl" in message
     assert "--working-dir" in message
     assert not list(scratch.iterdir())  # the staged copy is gone
+
+
+def test_secrets_and_links_out_of_the_folder_are_left_out_and_named(tmp_path):
+    (tmp_path / "project").mkdir()
+    config = project(tmp_path / "project", data_dir="paper")
+    paper = tmp_path / "project" / "exp" / "paper"
+    (paper / "train").mkdir(parents=True)
+    (paper / "train" / "x_train.json").write_text("[]")
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text("aws_secret_access_key = SECRET\n")
+    (paper / "train" / "creds.json").symlink_to(home / ".aws" / "credentials")  # a link out, named like data
+    (paper / "outside").symlink_to(home / ".aws", target_is_directory=True)
+    (paper / "same.json").symlink_to(paper / "train" / "x_train.json")  # a link that stays inside: sent
+    (paper / "loop").symlink_to(paper, target_is_directory=True)  # a link to its own folder: walked once
+    (paper / ".env").write_text("OPENAI_API_KEY=SECRET\n")
+    (paper / "deploy.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (paper / ".ssh").mkdir()
+    (paper / ".ssh" / "id_ed25519").write_text("SECRET\n")
+    upload = stage(config)
+    try:
+        assert "exp/paper/train/x_train.json" in upload.files and "exp/paper/same.json" in upload.files
+        assert upload.left_out == {"exp/paper/train/creds.json": "a link out of the folder sent",
+                                   "exp/paper/outside/": "a link out of the folder sent",
+                                   "exp/paper/.env": "named like a secret",
+                                   "exp/paper/deploy.pem": "named like a secret",
+                                   "exp/paper/.ssh/": "named like a secret"}
+        assert not any("loop" in name for name in upload.files)
+        staged = [p for p in upload.root.rglob("*") if p.is_file()]
+        assert not any("SECRET" in p.read_text() or "PRIVATE" in p.read_text() for p in staged)
+        line = upload.describe()
+        assert "left out: " in line and "exp/paper/.env (named like a secret)" in line
+    finally:
+        upload.remove()
+    upload = stage(config, tmp_path / "project" / "exp")  # a chosen working directory: the same rules
+    try:
+        assert "paper/.env" in upload.left_out and "paper/train/creds.json" in upload.left_out
+        assert not any("SECRET" in p.read_text() for p in upload.root.rglob("*") if p.is_file())
+    finally:
+        upload.remove()
+
+
+@pytest.mark.parametrize("name,why", [(".env", "named like a secret"), ("link.jsonl", "is a link to")])
+def test_a_named_data_file_that_must_not_travel_is_refused_in_one_line(tmp_path, name, why):
+    (tmp_path / "project").mkdir()
+    config = project(tmp_path / "project")  # sends project/ (the config names ../shared/test.jsonl)
+    (tmp_path / "elsewhere.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    data = tmp_path / "project" / "exp" / "data" / name
+    if name == "link.jsonl":
+        data.symlink_to(tmp_path / "elsewhere.jsonl")
+    else:
+        data.write_text('{"question": "q", "answer": "a"}\n')
+    text = config.read_text().replace("data/train.jsonl", f"data/{name}")
+    config.write_text(text)
+    with pytest.raises(UserError, match=why) as caught:
+        stage(config)
+    assert str(config) in str(caught.value) and "\n" not in str(caught.value)
