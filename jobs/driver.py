@@ -78,6 +78,7 @@ def run_pipeline(config, run_dir: str | Path | None = None, address: str | None 
     timings = json.loads(storage.read_text(layout.timings)) if storage.exists(layout.timings) else {}
     # a run of some stages keeps the others' times
     storage.write_text(layout.timings, json.dumps({**timings, **outcome.seconds}, indent=2, sort_keys=True))
+    write_plan(work)
     outcome.report = build_report(storage)
     return outcome
 
@@ -178,6 +179,12 @@ def _start_run_folder(layout: RunLayout, config, tasks: dict[str, TaskData]) -> 
     storage.write_text(layout.tasks, json.dumps(task_facts(tasks), indent=2, sort_keys=True))
 
 
+def write_plan(work: Work) -> None:
+    """Record every unit's wanted fingerprint (:meth:`Plan.wanted`) in the run's storage."""
+    layout = work.plan.layout
+    layout.storage.write_text(layout.plan, json.dumps(work.plan.wanted(), indent=1, sort_keys=True) + "\n")
+
+
 def _check_earlier_stages(work: Work, stages: list[str] | None) -> None:
     """With only some stages asked for, every stage before the last one asked for and not itself
     asked for must have left its units in the run's storage (checked before anything is written)."""
@@ -199,6 +206,7 @@ def _run_stage(name: str, work: Work, stages: list[str] | None, outcome: RunOutc
     """Run stage ``name`` unless only other stages were asked for."""
     if stages and name not in stages:
         return
+    write_plan(work)  # a stage's wanted units are known once the stages before it are done
     started = time.time()
     results = STAGE_RUNNERS[name](work) or {}
     outcome.seconds[name] = time.time() - started

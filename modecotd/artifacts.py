@@ -220,7 +220,7 @@ class Unit:
                 raise StorageError(f"{self.where}: its manifest names a file outside the unit")
             try:
                 for name, facts in manifest["files"].items():
-                    self._fetch_verified(name, facts["sha256"], tmp / name)
+                    verified_download(self.storage, self.prefix, name, facts["sha256"], tmp / name)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -236,12 +236,15 @@ class Unit:
             raise StorageError(f"{self.where}: not done ({self.problem()}); it cannot be read")
         return read_listed(self.storage, self.prefix, name, manifest)
 
-    def _fetch_verified(self, name: str, expected: str, target: Path) -> None:
-        """Download one file of the unit to ``target`` and check it against the manifest."""
-        def fetch() -> Path:
-            self.storage.download(self._file(name), target)
-            return target
-        _verified(self.storage, self.prefix, name, expected, fetch, sha256_of)
+
+
+def verified_download(storage: Storage, prefix: str, name: str, expected: str, target: Path) -> None:
+    """Download the file ``name`` of the unit at ``prefix`` to ``target`` and check it against the
+    manifest's sha256 ``expected`` (see :func:`_verified`)."""
+    def fetch() -> Path:
+        storage.download(f"{prefix}/{name}", target)
+        return target
+    _verified(storage, prefix, name, expected, fetch, sha256_of)
 
 
 def read_listed(storage: Storage, prefix: str, name: str, manifest: dict) -> str:

@@ -244,21 +244,43 @@ def _compare(args) -> int:
 
 
 def _pull(args) -> int:
-    """Every file of a run (but Ray's own checkpoints and unfinished shards) into a local folder."""
+    """The run's current units (see :class:`modecotd.run_view.RunView`), each file checked against
+    its manifest's sha256, and the run's own files (config, plan, report), into a local folder;
+    Ray's checkpoints, unfinished shards and trials, staging folders and stale units are left."""
+    from modecotd.artifacts import verified_download
+    from modecotd.run_view import RunView
     from modecotd.storage import local_path
 
     storage = _run_storage(args)
+    view = RunView(storage)
     target = args.to or Path("runs") / args.run.rstrip("/").rsplit("/", 1)[-1]
-    files = [f for f in storage.files() if not f.startswith(("ray/", "rationales/.shards/", "mixtures/.trials/"))]
-    targets = [local_path(target, name) for name in files]  # every name checked before anything is written
+    current, stale = view.units()
+    wanted: list[tuple[str, dict | None, str]] = []  # (file, its facts in a manifest or None, unit prefix)
+    for prefix in current:
+        manifest = view.manifest(prefix)
+        listed = manifest.get("files") if manifest else None
+        if isinstance(listed, dict):
+            wanted += [(f"{prefix}/{name}", facts, prefix) for name, facts in sorted(listed.items())]
+            wanted.append((f"{prefix}/manifest.json", None, prefix))
+    in_units = tuple(f"{prefix}/" for prefix in current + stale)
+    wanted += [(name, None, "") for name in storage.files()
+               if not name.startswith(("ray/", "rationales/.shards/", "mixtures/.trials/") + in_units)
+               and not any(part.startswith(".") for part in name.split("/"))]
+    targets = [local_path(target, name) for name, _, _ in wanted]  # every name checked before anything is written
     total = 0
-    for index, (name, path) in enumerate(zip(files, targets), 1):
-        storage.download(name, path)
+    for index, ((name, facts, prefix), path) in enumerate(zip(wanted, targets), 1):
+        if facts is None:
+            storage.download(name, path)
+        else:
+            verified_download(storage, prefix, name[len(prefix) + 1:], facts.get("sha256"), path)
         total += path.stat().st_size
-        print(f"\rpull: {index}/{len(files)} files, {total / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)
+        print(f"\rpull: {index}/{len(wanted)} files, {total / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    print(f"pulled {storage.describe()} into {target} ({len(files)} files); "
-          f"report: {target / 'report.md'}")
+    if stale:
+        print(f"left out {len(stale)} unit(s) the run's plan no longer wants (a failed redo, or a system the "
+              f"config dropped): {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
+    print(f"pulled {storage.describe()} into {target} ({len(wanted)} files, each unit's checked against its "
+          f"manifest); report: {target / 'report.md'}")
     return 0
 
 

@@ -6,7 +6,8 @@ from modecotd.artifacts import MANIFEST
 from modecotd.config import read_yaml
 from modecotd.errors import UserError
 from modecotd.plan import RunLayout
-from modecotd.report import SYSTEMS, _manifest, _pct, correct_field, eval_rows, pair_rows
+from modecotd.report import SYSTEMS, _pct, correct_field, eval_rows, pair_rows
+from modecotd.run_view import RunView
 from modecotd.stats import mcnemar_test, paired_bootstrap_diff_ci
 from modecotd.storage import Storage
 
@@ -25,19 +26,20 @@ def compare(run_a: Storage, run_b: Storage | None = None, system_a: str | None =
             raise UserError("give a second run, or --system and --system-b to compare two systems of one run")
         run_b = run_a
     config_a, config_b = _config(run_a), _config(run_b)
+    view_a, view_b = RunView(run_a), RunView(run_b)
     tasks_b = {t["name"] for t in config_b["tasks"]}
     tasks = [t["name"] for t in config_a["tasks"] if t["name"] in tasks_b]
     if not tasks:
         raise UserError(f"{run_a.describe()} and {run_b.describe()} share no task")
-    for storage, system in ((run_a, system_a), (run_b, system_b or system_a)):
+    for view, system in ((view_a, system_a), (view_b, system_b or system_a)):
         if system:
-            _require_system(storage, tasks, system)
+            _require_system(view, tasks, system)
     systems = [(system_a, system_b or system_a)] if system_a else None
     scoring_a, scoring_b = config_a["evaluation"]["scoring"], config_b["evaluation"]["scoring"]
     rows = []
     for task in tasks:
-        for name_a, name_b in systems or [(s, s) for s in evaluated_systems(run_a, task)]:
-            rows_a, rows_b = eval_rows(run_a, task, name_a), eval_rows(run_b, task, name_b)
+        for name_a, name_b in systems or [(s, s) for s in evaluated_systems(view_a, task)]:
+            rows_a, rows_b = eval_rows(view_a, task, name_a), eval_rows(view_b, task, name_b)
             if rows_a is None or rows_b is None:
                 continue
             pairs, key = pair_rows(rows_a, rows_b)
@@ -65,20 +67,20 @@ def _config(storage: Storage) -> dict:
     return read_yaml(storage.read_text(layout.config), f"{storage.describe()}/{layout.config}")
 
 
-def evaluated_systems(storage: Storage, task: str) -> list[str]:
-    """The systems with a committed evaluation on ``task`` (any name: the standard ones first)."""
-    prefix = RunLayout(storage).evaluation(task, "").rstrip("/")
-    names = {path.split("/")[0] for path in storage.files(prefix)
-             if path.count("/") == 1 and path.endswith(f"/{MANIFEST}") and not path.startswith(".")}
+def evaluated_systems(view: RunView, task: str) -> list[str]:
+    """The systems with a current evaluation on ``task`` (any name: the standard ones first)."""
+    prefix = view.layout.evaluation(task, "").rstrip("/")
+    names = {name for path in view.storage.files(prefix)
+             if path.count("/") == 1 and path.endswith(f"/{MANIFEST}") and not path.startswith(".")
+             and view.manifest(view.layout.evaluation(task, name := path.split("/")[0]))}
     return sorted(names, key=lambda name: (SYSTEMS.index(name) if name in SYSTEMS else len(SYSTEMS), name))
 
 
-def _require_system(storage: Storage, tasks: list[str], system: str) -> None:
-    layout = RunLayout(storage)
-    if any(_manifest(storage, layout.evaluation(task, system)) for task in tasks):
+def _require_system(view: RunView, tasks: list[str], system: str) -> None:
+    if any(view.manifest(view.layout.evaluation(task, system)) for task in tasks):
         return
-    evaluated = sorted({s for task in tasks for s in evaluated_systems(storage, task)})
-    raise UserError(f"{storage.describe()}: system {system!r} was not evaluated on any shared task "
+    evaluated = sorted({s for task in tasks for s in evaluated_systems(view, task)})
+    raise UserError(f"{view.storage.describe()}: system {system!r} was not evaluated on any shared task "
                     f"(evaluated: {', '.join(evaluated) or 'none'})")
 
 

@@ -40,6 +40,7 @@ class RunLayout:
     trials: str = ".trials"  # under the mixtures: each Tune trial's record and gate routers, until committed
     ray: str = "ray"  # Ray Train's and Tune's storage
     stamp: str = "run.json"  # which pipeline version wrote the run (see check_run_stamp)
+    plan: str = "plan.json"  # every unit's wanted fingerprint, as the driver last planned (see Plan.wanted)
     replica: str = ""  # "" for the run's first seed; "seed-<s>/" holds another seed's trainings, mixtures, evaluations
 
     def for_seed(self, seed: int) -> "RunLayout":
@@ -286,6 +287,15 @@ class Plan:
             if system.ready() or not built_only]
         order = ["base", "expert", "multitask", *self.config.mixture.choices(), FEWSHOT_LORA, "full_finetune"]
         return sorted(evaluations, key=lambda e: order.index(e.system.name) if e.system.name in order else len(order))
+
+    def wanted(self) -> dict[str, str]:
+        """Every unit of the run, built or not, of every seed: its prefix and the fingerprint this
+        config wants there. The driver keeps it in :attr:`RunLayout.plan`, so that what reads a run
+        (report, compare, pull) takes only units of the current plan, never one a redo failed to
+        replace or one of a system the config no longer has (see :class:`modecotd.run_view.RunView`)."""
+        return {unit.prefix: unit.key for plan in self.replicas() for stage in ("teacher", "distill", "mix")
+                for unit in plan.units(stage)} | {
+            e.unit.prefix: e.unit.key for plan in self.replicas() for e in plan.evaluations(built_only=False)}
 
     def units(self, stage: str) -> list[Unit]:
         """The units a stage makes."""

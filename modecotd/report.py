@@ -6,11 +6,12 @@ import tempfile
 from pathlib import Path
 
 
-from modecotd.artifacts import MANIFEST, read_listed, write_json
+from modecotd.artifacts import MANIFEST, write_json
 from modecotd.config import CONTROLS, GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, STAGES, WEIGHT_CONTROLS, \
     mixture_system, read_yaml
 from modecotd.evaluate import majority_baseline
 from modecotd.plan import ALONE, RunLayout
+from modecotd.run_view import RunView
 from modecotd.stats import majority_answer_accuracy, mean_over_seeds_and_tasks_ci, wilson_interval
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Role, TaskData
@@ -20,13 +21,6 @@ SYSTEMS = ("base", "expert", *MIXTURES, "multitask", *CONTROLS, "full_finetune")
 ROWS_FILE = "predictions.jsonl"  # an evaluation unit's per-question rows (modecotd.evaluate.score_rows)
 WORST_PAIRS = 10  # (task, system) pairs whose errors the report samples
 ERRORS_PER_PAIR = 3
-
-
-def _manifest(storage: Storage, prefix: str) -> dict | None:
-    try:
-        return json.loads(storage.read_text(f"{prefix}/{MANIFEST}"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _storage(run: "Storage | str | Path") -> Storage:
@@ -46,9 +40,11 @@ def task_facts(tasks: dict[str, TaskData]) -> dict[str, dict]:
 
 def collect(run: "Storage | str | Path") -> dict:
     """Everything the report shows, as one JSON-able dict, from the run's artifacts (a folder or a
-    URI): its config.yaml, tasks.json and the units' manifests."""
+    URI): its config.yaml, tasks.json and the manifests of the units its plan wants (see
+    :class:`RunView`)."""
     storage = _storage(run)
-    layout = RunLayout(storage)
+    view = RunView(storage)
+    layout = view.layout
     for needed in (layout.config, layout.tasks):
         if not storage.exists(needed):
             raise FileNotFoundError(f"{storage.describe()}: no {needed}; is this a modecotd run?")
@@ -70,18 +66,18 @@ def collect(run: "Storage | str | Path") -> dict:
     seen = [task["name"] for task in config["tasks"] if task["role"] == Role.SEEN.value]
     for name in (task["name"] for task in config["tasks"]):  # in the config's order
         entry: dict = dict(facts[name])
-        teacher = _manifest(storage, layout.rationales(name))
+        teacher = view.manifest(layout.rationales(name))
         if teacher:
             entry["teacher"] = teacher["summary"]
-        expert = _manifest(storage, layout.expert(name))
+        expert = view.manifest(layout.expert(name))
         if expert:
             entry["expert"] = expert["summary"] | {"seconds": expert.get("seconds")}
         entry["mixtures"] = {system: manifest["summary"] for system in MIXTURES + WEIGHT_CONTROLS
-                             if (manifest := _manifest(storage, layout.mixture(name, system)))}
+                             if (manifest := view.manifest(layout.mixture(name, system)))}
         entry["eval"], entry["majority_test"] = {}, {"answer": None, "accuracy": None}
         alone = [] if name in seen else [f"{ALONE}{expert}" for expert in seen]  # each expert on its own
         for system in SYSTEMS + tuple(alone):
-            found = _evaluation(storage, layouts, name, system, out["scoring"])
+            found = _evaluation(view, layouts, name, system, out["scoring"])
             if found:
                 entry["eval"][system], scores[(name, system)], entry["majority_test"], error = found
                 errors.append(error)
@@ -99,13 +95,13 @@ def collect(run: "Storage | str | Path") -> dict:
     return out
 
 
-def _evaluation(storage: Storage, layouts: dict, task: str, system: str, scoring: str):
+def _evaluation(view: RunView, layouts: dict, task: str, system: str, scoring: str):
     """``system`` on ``task`` over every seed it was evaluated with: (its summary over the seeds,
     {seed: rows}, the test set's majority answer, its error entry from the first seed's rows); None
     when it was not evaluated."""
     by_seed = {seed: (summary, rows) for seed, where in layouts.items()
-               if (summary := _manifest(storage, where.evaluation(task, system)))
-               and (rows := eval_rows(storage, task, system, where)) is not None}
+               if (summary := view.manifest(where.evaluation(task, system)))
+               and (rows := eval_rows(view, task, system, where)) is not None}
     if not by_seed:
         return None
     first_seed = next(iter(by_seed))
@@ -118,19 +114,12 @@ def _evaluation(storage: Storage, layouts: dict, task: str, system: str, scoring
     return summary, {seed: r for seed, (_, r) in by_seed.items()}, {"answer": answer, "accuracy": accuracy}, error
 
 
-def eval_rows(storage: Storage, task: str, system: str, layout: RunLayout | None = None) -> list[dict] | None:
-    """The per-question rows of a committed evaluation of ``system`` on ``task`` (of the seed whose
+def eval_rows(view: RunView, task: str, system: str, layout: RunLayout | None = None) -> list[dict] | None:
+    """The per-question rows of a current evaluation of ``system`` on ``task`` (of the seed whose
     ``layout`` is given, default the run's first); None when there is none (not evaluated, not
-    committed, or its rows file is missing)."""
-    prefix = (layout or RunLayout(storage)).evaluation(task, system)
-    manifest = _manifest(storage, prefix)
-    if manifest is None:
-        return None
-    try:
-        text = read_listed(storage, prefix, ROWS_FILE, manifest)
-    except FileNotFoundError:
-        return None
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    committed, not what the run's plan wants, or its rows file is missing)."""
+    text = view.read((layout or view.layout).evaluation(task, system), ROWS_FILE)
+    return None if text is None else [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def pair_rows(rows_a: list[dict], rows_b: list[dict]) -> tuple[list[tuple[dict, dict]], str]:
@@ -668,17 +657,25 @@ def plot_accuracy(report: dict, path: Path) -> None:
 
 
 def training_curves(run: "Storage | str | Path") -> dict[str, dict]:
-    """Each expert's loss per micro-batch and validation losses, from its training.json."""
-    storage, experts = _storage(run), RunLayout.experts
+    """Each current expert's loss per micro-batch and validation losses, from its training.json."""
+    view = RunView(_storage(run))
     curves = {}
-    for path in storage.files(experts):
-        if path.count("/") != 1 or not path.endswith("/training.json") or path.startswith("."):
+    for prefix in _units_under(view, view.layout.expert("")):
+        text = view.read(prefix, "training.json")
+        if text is None:
             continue
-        summary = json.loads(storage.read_text(f"{experts}/{path}"))
-        curves[path.split("/")[0]] = {"losses": summary.get("losses", []),
-                                    "accumulation": summary.get("gradient_accumulation", 1),
-                                    "validation": summary.get("validation_losses", [])}
+        summary = json.loads(text)
+        curves[prefix.rsplit("/", 1)[1]] = {"losses": summary.get("losses", []),
+                                            "accumulation": summary.get("gradient_accumulation", 1),
+                                            "validation": summary.get("validation_losses", [])}
     return curves
+
+
+def _units_under(view: RunView, folder: str) -> list[str]:
+    """The prefixes of the units directly under ``folder`` (hidden folders, such as staging, left out)."""
+    folder = folder.rstrip("/")
+    return sorted(f"{folder}/{path.split('/')[0]}" for path in view.storage.files(folder)
+                  if path.count("/") == 1 and path.endswith(f"/{MANIFEST}") and not path.startswith("."))
 
 
 def plot_training(curves: dict[str, dict], path: Path) -> None:
@@ -723,24 +720,24 @@ def plot_mixture_weights(report: dict, path: Path) -> None:
 
 
 def search_curves(run: "Storage | str | Path") -> dict[str, list[float]]:
-    """Best objective so far per evaluation of the chosen setting's final search, per target task."""
-    storage, mixtures = _storage(run), RunLayout.mixtures
+    """Best objective so far per evaluation of the chosen setting's final search, per target task
+    (of each current mixture)."""
+    view = RunView(_storage(run))
     curves = {}
-    for path in storage.files(mixtures):
-        if path.count("/") != 1 or not path.endswith("/search.json") or path.startswith("."):
+    for prefix in _units_under(view, view.layout.mixture("")):
+        mixture, search = view.read(prefix, "mixture.json"), view.read(prefix, "search.json")
+        if mixture is None or search is None:
             continue
-        task = path.split("/")[0]
-        mixture = json.loads(storage.read_text(f"{mixtures}/{task}/mixture.json"))
+        mixture = json.loads(mixture)
         if mixture.get("control"):  # a fixed-weight control searched nothing
             continue
-        trial = next((t for t in json.loads(storage.read_text(f"{mixtures}/{path}"))["trials"]
-                      if t.get("setting") == mixture.get("setting")), None)
+        trial = next((t for t in json.loads(search)["trials"] if t.get("setting") == mixture.get("setting")), None)
         if trial and trial["history"]:
             best, curve = float("inf"), []
             for h in trial["history"]:
                 best = min(best, h["objective"])
                 curve.append(best)
-            curves[task] = curve
+            curves[prefix.rsplit("/", 1)[1]] = curve
     return curves
 
 

@@ -211,3 +211,44 @@ def test_report_names_the_seed_of_subsampled_tasks(runs):
     (run_a / "config.yaml").write_text(yaml.safe_dump(config))
     build_report(run_a)
     assert "- Rows drawn at random from the data files (seed per task): coins 123" in (run_a / "report.md").read_text()
+
+
+# ---- only what the run's plan wants is read ----
+
+
+def plan_wanting(run: Path, **keys: str) -> None:
+    """The run's plan.json as the driver writes it: {unit folder: fingerprint}; ``keys`` maps
+    task__system to the fingerprint its evaluation must have."""
+    (run / "plan.json").write_text(json.dumps({f"eval/{k.replace('__', '/')}": v for k, v in keys.items()}))
+
+
+def test_report_compare_and_pull_leave_out_units_the_plan_no_longer_wants(capsys, tmp_path, runs):
+    run_a, run_b = runs
+    # the last run wanted a new mixture for coins (its redo failed: the old unit is still there)
+    plan_wanting(run_a, coins__base="key-base", coins__mixture="key-a-new-mixture", letters__base="key-base")
+    build_report(run_a)
+    report = json.loads((run_a / "report.json").read_text())
+    assert set(report["tasks"]["coins"]["eval"]) == {"base"}  # the old mixture is not shown as current
+    code, _, err = run_cli(capsys, "compare", str(run_a), str(run_b), "--system", "mixture")
+    assert_one_line_error(code, err, "run-a", "'mixture' was not evaluated", "evaluated: base")
+    code, out, err = run_cli(capsys, "pull", str(run_a), "--to", str(tmp_path / "pulled"))
+    assert code == 0, err
+    pulled = tmp_path / "pulled"
+    assert (pulled / "eval/coins/base/predictions.jsonl").read_bytes() == (run_a / "eval/coins/base/predictions.jsonl").read_bytes()
+    assert (pulled / "plan.json").is_file() and (pulled / "report.md").is_file()
+    assert not (pulled / "eval/coins/mixture").exists()
+    assert "left out 1 unit(s) the run's plan no longer wants" in out and "eval/coins/mixture" in out
+
+    plan_wanting(run_a, coins__base="key-base")  # a system the config dropped is not current either
+    build_report(run_a)
+    assert json.loads((run_a / "report.json").read_text())["tasks"]["letters"]["eval"] == {}
+
+
+def test_pull_checks_every_file_against_its_manifest(capsys, tmp_path, runs):
+    run_a, _ = runs
+    rows = run_a / "eval/coins/base/predictions.jsonl"
+    text = rows.read_text()
+    rows.write_text(text.replace('"correct": false', '"correct": true ', 1))  # same size, other content
+    assert rows.stat().st_size == len(text.encode())
+    code, _, err = run_cli(capsys, "pull", str(run_a), "--to", str(tmp_path / "pulled"))
+    assert_one_line_error(code, err, "eval/coins/base", "does not match its manifest")

@@ -231,6 +231,27 @@ def test_report_is_rebuilt_from_the_run_folder_alone(first_run, capsys):
     assert "no config.yaml" in capsys.readouterr().err
 
 
+def test_the_plan_names_every_unit_and_a_unit_not_redone_for_a_new_config_is_not_reported(first_run):
+    from modecotd.run_view import RunView
+    from modecotd.storage import Storage
+
+    _, run_dir, _ = first_run
+    planned = json.loads((run_dir / "plan.json").read_text())
+    assert {unit: json.loads((run_dir / unit / "manifest.json").read_text())["fingerprint"] for unit in UNITS} \
+        == {unit: planned[unit] for unit in UNITS}
+    assert RunView(Storage(run_dir)).units()[1] == []  # no stale unit
+    run_pipeline(parse_config(CONFIG), run_dir, stages=["teacher"])  # CONFIG's plan (an earlier test changed it)
+    before = json.loads((run_dir / "report.json").read_text())["tasks"]["coins"]["eval"]
+    assert {"base", "expert"} <= set(before)
+    changed = json.loads(json.dumps(CONFIG))
+    changed["evaluation"]["max_new_tokens"] = 9  # every evaluation is now another unit, not yet made
+    run_pipeline(parse_config(changed), run_dir, stages=["teacher"])
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["tasks"]["coins"]["eval"] == {} and "expert" in report["tasks"]["coins"]  # the expert still is
+    run_pipeline(parse_config(CONFIG), run_dir, stages=["teacher"])  # the first config's plan again
+    assert json.loads((run_dir / "report.json").read_text())["tasks"]["coins"]["eval"] == before
+
+
 def test_one_stage_runs_on_the_earlier_stages_artifacts(ray_cluster, tmp_path):
     from modecotd.errors import UserError
 

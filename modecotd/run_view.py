@@ -1,0 +1,65 @@
+"""A run's storage as the commands that read a finished (or running) run see it: `report`, `compare`
+and `pull`. A unit counts only when its manifest's fingerprint is the one the run's plan wants at
+its place (``plan.json``, written by the driver before each stage and at the end): a unit whose redo
+failed in the last run, or one of a system the config no longer has, is left out, never shown as
+current. A run written before ``plan.json`` existed is read as it is, every committed unit counting."""
+from __future__ import annotations
+
+import json
+
+from modecotd.artifacts import MANIFEST, read_listed
+from modecotd.errors import UserError
+from modecotd.plan import RunLayout
+from modecotd.storage import Storage
+
+
+class RunView:
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.layout = RunLayout(storage)
+        self.planned = self._planned()
+
+    def _planned(self) -> dict[str, str] | None:
+        name = self.layout.plan
+        try:
+            planned = json.loads(self.storage.read_text(name))
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            planned = None
+        if not isinstance(planned, dict) or not all(isinstance(v, str) for v in planned.values()):
+            raise UserError(f"{self.storage.describe(name)}: not a modecotd plan (a JSON object of unit folder -> "
+                            "fingerprint); run the same command again to write it anew")
+        return planned
+
+    def manifest(self, prefix: str) -> dict | None:
+        """The manifest of the unit at ``prefix`` when it is committed and current; else None."""
+        if self.planned is not None and prefix not in self.planned:
+            return None
+        try:
+            manifest = json.loads(self.storage.read_text(f"{prefix}/{MANIFEST}"))
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(manifest, dict):
+            return None
+        if self.planned is not None and manifest.get("fingerprint") != self.planned[prefix]:
+            return None
+        return manifest
+
+    def read(self, prefix: str, name: str) -> str | None:
+        """The file ``name`` of the current unit at ``prefix``, checked against its manifest's sha256;
+        None when the unit is not current or does not list it."""
+        manifest = self.manifest(prefix)
+        if manifest is None:
+            return None
+        try:
+            return read_listed(self.storage, prefix, name, manifest)
+        except FileNotFoundError:
+            return None
+
+    def units(self) -> tuple[list[str], list[str]]:
+        """(current units, stale units): the folders holding a manifest, split by :meth:`manifest`."""
+        prefixes = sorted(path[: -len(MANIFEST) - 1] for path in self.storage.files()
+                          if path.endswith(f"/{MANIFEST}"))
+        current = [prefix for prefix in prefixes if self.manifest(prefix) is not None]
+        return current, [prefix for prefix in prefixes if prefix not in current]
