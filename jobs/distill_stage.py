@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from modecotd.artifacts import Unit, pending
 from modecotd.distill import DistillSettings, train_expert
 from modecotd.errors import UserError
+from modecotd.jobs.liveness import train_health_env
 from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed, this_cluster_env
@@ -235,7 +236,8 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> d
                 log.error("distill: %s: no rationales to train on", name)
                 continue
             settings = distill_settings(config, job, rows)
-            ref = fit_expert.options(name=f"distill:{name}", runtime_env={"env_vars": this_cluster_env()}).remote(
+            ref = fit_expert.options(name=f"distill:{name}", runtime_env={"env_vars": {
+                **this_cluster_env(), **train_health_env(config.resources.stall_timeout_s)}}).remote(
                 name, job.unit, config.student.model, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker,
                 ray_storage, f"distill-{name}-{job.unit.key}", cfg.max_failures,
                 cfg.gpus_per_worker if cfg.use_gpu else 0)

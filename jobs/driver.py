@@ -51,16 +51,28 @@ def load_tasks(config) -> dict[str, TaskData]:
 
 
 def run_pipeline(config, run_dir: str | Path | None = None, address: str | None = None,
-                 stages: list[str] | None = None, progress: ProgressBoard | None = None) -> RunOutcome:
+                 stages: list[str] | None = None, progress: ProgressBoard | None = None,
+                 take_over: bool = False) -> RunOutcome:
     """Run the four stages on Ray (or only ``stages``, on the artifacts the earlier stages left in
     the run's storage: ``run_dir``, a folder or a URI, by default ``<config.storage>/<name>``);
     returns where the report is and what failed. Progress goes to ``progress`` (default: a board on
-    standard error)."""
-    from modecotd.jobs import ray_runtime
-    from modecotd.jobs.progress import progress_display
+    standard error). The run's lease (:mod:`modecotd.lease`) is held throughout: a second driver on
+    the same run is refused, unless ``take_over``."""
+    from modecotd.jobs.ray_runtime import check_address
+    from modecotd.lease import RunLease
 
     work = _prepare(config, run_dir, stages)  # bad input fails here, before anything is written or started
     _check_earlier_stages(work, stages)
+    check_address(address)
+    with RunLease(work.plan.layout.storage, take_over) as lease:
+        return _run_held(work, address, stages, progress, lease)
+
+
+def _run_held(work: Work, address: str | None, stages: list[str] | None, progress: ProgressBoard | None,
+              lease) -> RunOutcome:
+    from modecotd.jobs import ray_runtime
+    from modecotd.jobs.progress import progress_display
+
     layout = work.plan.layout
     _connect(work, address)
     _start_run_folder(layout, work.config, work.tasks)
@@ -73,6 +85,8 @@ def run_pipeline(config, run_dir: str | Path | None = None, address: str | None 
         log.warning("interrupted: stopping every job and actor of this run; finished units are kept and the same "
                     "command resumes the run")
         ray_runtime.shutdown()
+        if lease.lost:
+            raise UserError(lease.lost) from None
         raise
     storage = layout.storage
     timings = json.loads(storage.read_text(layout.timings)) if storage.exists(layout.timings) else {}

@@ -17,6 +17,8 @@ from modecotd.artifacts import write_jsonl
 from modecotd.config import EVALUATION_BATCH
 from modecotd.evaluate import attach_system, load_system, predict, score_rows, summarize
 from modecotd.errors import UserError
+from modecotd.jobs.liveness import LIVENESS_GROUP, Liveness
+from modecotd.jobs.liveness import WAIT_S as LIVENESS_WAIT_S
 from modecotd.jobs.placement import wait_for_resources, wait_until_placed
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
@@ -28,7 +30,7 @@ from modecotd.tasks.schema import Example
 log = logging.getLogger(__name__)
 
 
-@ray.remote
+@ray.remote(concurrency_groups=LIVENESS_GROUP)
 class Evaluator:
     """Decodes test questions with one system at a time. The tokenizer and the student are loaded
     once; each system (but a fully fine-tuned copy) is wired into that student for its pair and
@@ -42,6 +44,11 @@ class Evaluator:
 
         self.done = Counter("modecotd_eval_pairs_done", "(task, system) pairs evaluated", ("task", "system"))
         self.accuracy = Gauge("modecotd_eval_accuracy", "strict accuracy of a system on a task", ("task", "system"))
+
+    @ray.method(concurrency_group="liveness")
+    def alive(self) -> bool:
+        """Answered while a pair runs (see :mod:`modecotd.jobs.liveness`)."""
+        return True
 
     def placed(self) -> bool:
         return True
@@ -134,6 +141,7 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
             ray.kill(actor)
         raise
     running: dict = {}  # future -> (actor slot, unit, the evaluate call's arguments)
+    liveness = Liveness(config.resources.stall_timeout_s, "evaluator actor", config.resources.placement_timeout_s)
     losses: dict[str, int] = {}  # unit prefix -> actors that died on it
 
     def submit(slot: int) -> None:
@@ -145,7 +153,13 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
         submit(slot)
     try:
         while running:
-            [future], _ = ray.wait(list(running), num_returns=1)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=LIVENESS_WAIT_S)
+            busy = {slot: actors[slot] for slot, _, _ in running.values()}
+            for slot in liveness.stalled(busy):  # killed: its pair comes back below as an actor's death
+                ray.kill(busy[slot], no_restart=True)
+            if not ready:
+                continue
+            [future] = ready
             slot, unit, args = running.pop(future)
             task, name = args[0], args[1]
             try:

@@ -37,15 +37,22 @@ def this_cluster_env() -> dict[str, str]:
     return {**worker_env(), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
-def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True,
-            dashboard_host: str = "127.0.0.1") -> dict:
-    """Start or join a Ray cluster; returns what the run should print about it. Without an
-    address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster."""
+def check_address(address: str | None) -> None:
+    """Refuse, in one line and before anything is written or started, an ``address`` (or
+    ``RAY_ADDRESS``) that would send the token in clear text or that no Ray answers at."""
     given, address = address, address or os.environ.get("RAY_ADDRESS")
     if address:
         check_token_over_grpc(address)  # never the token in clear text on a network
     if given:
         check_reachable(given)  # before anything else: Ray would wait for minutes
+
+
+def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True,
+            dashboard_host: str = "127.0.0.1") -> dict:
+    """Start or join a Ray cluster; returns what the run should print about it. Without an
+    address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster."""
+    check_address(address)
+    address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return {"address": "already connected", "dashboard": None}
     kwargs = dict(runtime_env={"env_vars": worker_env()}, logging_level=logging.WARNING,

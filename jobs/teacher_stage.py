@@ -25,6 +25,8 @@ import ray
 
 from modecotd.artifacts import Unit, fingerprint, pending
 from modecotd.errors import ModelError, UserError
+from modecotd.jobs.liveness import LIVENESS_GROUP, Liveness
+from modecotd.jobs.liveness import WAIT_S as LIVENESS_WAIT_S
 from modecotd.jobs.placement import wait_for_resources, wait_until_placed
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
@@ -73,7 +75,7 @@ class TaskEnd:
     task: str
 
 
-@ray.remote
+@ray.remote(concurrency_groups=LIVENESS_GROUP)
 class TeacherWorker:
     """Holds one teacher backend; turns shards of questions into rows. Reports Ray metrics."""
 
@@ -96,6 +98,11 @@ class TeacherWorker:
         }
 
     def placed(self) -> bool:
+        return True
+
+    @ray.method(concurrency_group="liveness")
+    def alive(self) -> bool:
+        """Answered while a shard runs (see :mod:`modecotd.jobs.liveness`)."""
         return True
 
     def load(self) -> bool:
@@ -298,6 +305,7 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
     in_flight: dict = {}
     outstanding: Counter = Counter()
     fed_all: set[str] = set()
+    liveness = Liveness(config.resources.stall_timeout_s, "teacher actor", config.resources.placement_timeout_s)
     started = time.time()
     try:
         while True:
@@ -312,7 +320,13 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
                 outstanding[shard.task] += 1
             if not in_flight:
                 break
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=LIVENESS_WAIT_S)
+            busy = {slot: actor for slot, actor, _ in in_flight.values() if pool.actors.get(slot) is actor}
+            for slot in liveness.stalled(busy):  # killed: its shards come back below as an actor's death
+                ray.kill(busy[slot], no_restart=True)
+            if not ready:
+                continue
+            (ref,) = ready
             slot, actor, shard = in_flight.pop(ref)
             result = _shard_outcome(ref, slot, actor, shard, pool, cfg.max_restarts)
             if result is None:  # its actor died: the shard goes round again

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", dest="stages", action="append", choices=STAGES, metavar="STAGE",
                      help=f"run only this stage ({', '.join(STAGES)}; repeatable) on the artifacts the earlier "
                           "stages left in the run folder")
+    run.add_argument("--take-over", action="store_true",
+                     help="take the run's lease from another driver that holds it (one known to be dead on another "
+                          "machine; a lapsed lease, or one of a dead process on this machine, is taken anyway)")
 
     tune = commands.add_parser("tune", help="run only the mixer search (the mix stage) on a run's experts")
     tune.add_argument("config")
@@ -41,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage")
     tune.add_argument("--run-dir")
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tune.add_argument("--take-over", action="store_true", help="as for run")
     for key, example in TUNE_GRID.items():
         tune.add_argument(f"--{key.replace('_', '-')}", metavar="V[,V...]",
                           help=f"mixture.{key}: one value or a comma list to search, e.g. {example}")
@@ -134,7 +138,7 @@ def _run(args) -> int:
     config = load_config(args.config, overrides)  # a bad config is refused before the heavy imports
     from modecotd.jobs.driver import run_pipeline
 
-    outcome = run_pipeline(config, args.run_dir, address=args.address, stages=args.stages)
+    outcome = run_pipeline(config, args.run_dir, address=args.address, stages=args.stages, take_over=args.take_over)
     print(_summary(outcome.storage.read_text("report.md")))
     print(f"report: {outcome.report}")
     if outcome.failures:
@@ -248,6 +252,7 @@ def _pull(args) -> int:
     its manifest's sha256, and the run's own files (config, plan, report), into a local folder;
     Ray's checkpoints, unfinished shards and trials, staging folders and stale units are left."""
     from modecotd.artifacts import verified_download
+    from modecotd.lease import LEASE
     from modecotd.run_view import RunView
     from modecotd.storage import local_path
 
@@ -265,7 +270,8 @@ def _pull(args) -> int:
     in_units = tuple(f"{prefix}/" for prefix in current + stale)
     wanted += [(name, None, "") for name in storage.files()
                if not name.startswith(("ray/", "rationales/.shards/", "mixtures/.trials/") + in_units)
-               and not any(part.startswith(".") for part in name.split("/"))]
+               and not any(part.startswith(".") and part != ".." for part in name.split("/"))  # staging; ".." refused below
+               and name != LEASE]
     targets = [local_path(target, name) for name, _, _ in wanted]  # every name checked before anything is written
     total = 0
     for index, ((name, facts, prefix), path) in enumerate(zip(wanted, targets), 1):

@@ -563,6 +563,10 @@ class ResourcesConfig(Section):
                                        description="how long a stage whose actors or jobs do not fit the cluster "
                                                    "waits for nodes to join (autoscaling) before it fails; a "
                                                    "cluster the run started itself is never waited for")
+    stall_timeout_s: float = Field(300, gt=0, json_schema_extra=RUNTIME,
+                                   description="how long an actor or training worker holding work may go without "
+                                               "answering (stopped, frozen, cut off by the network) before it is "
+                                               "killed and its work given to another")
 
 
 class RunConfig(Section):

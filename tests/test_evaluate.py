@@ -49,3 +49,52 @@ def test_a_failed_pair_is_recorded_and_the_others_go_on(ray_cluster, tiny_model_
     assert results["sums/expert"]["status"] == "failed" and "no-such-adapter" in results["sums/expert"]["error"]
     assert results["sums/base"]["n"] == 1  # after the failure, on the same actor, with a fresh student
     assert jobs[1].unit.done() and not jobs[0].unit.done()
+
+
+def test_a_stopped_evaluator_is_noticed_killed_and_its_pair_run_again(ray_cluster, tiny_model_dir, tmp_path):
+    """SIGSTOP: the actor neither works nor dies; without a deadline the stage would wait forever."""
+    import os
+    import signal
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from ray.util.state import list_actors
+
+    from modecotd.artifacts import Unit
+    from modecotd.config import EvaluationConfig, ResourcesConfig, StudentConfig
+    from modecotd.jobs.evaluate_stage import run_evaluate_stage
+    from modecotd.plan import Evaluation, System
+    from modecotd.storage import Storage
+    from modecotd.tasks.schema import AnswerKind, Example
+    from tests.deadline import fails_after
+
+    config = SimpleNamespace(evaluation=EvaluationConfig(batch_size=2, max_new_tokens=16),
+                             student=StudentConfig(model=str(tiny_model_dir), dtype="fp32"),
+                             resources=ResourcesConfig(placement_timeout_s=0, stall_timeout_s=3))
+    test = [Example(question=f"What is {i} + 1?", answer=str(i + 1), source=f"t:{i}") for i in range(200)]
+    tasks = {"sums": SimpleNamespace(kind=AnswerKind.NUMBER, test=test)}
+    job = Evaluation("sums", System("base", "base", "tiny"), Unit(Storage(tmp_path), "eval/sums/base", "k"))
+    stopped = []
+
+    def stop_while_it_works():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            found = list_actors(filters=[("name", "=", "eval-0"), ("state", "=", "ALIVE")])
+            if found:
+                time.sleep(0.5)  # loading the student, then decoding 100 batches
+                if not job.unit.done():
+                    os.kill(found[0].pid, signal.SIGSTOP)
+                    stopped.append(time.time())
+                return
+            time.sleep(0.05)
+
+    stopper = threading.Thread(target=stop_while_it_works)
+    stopper.start()
+    with fails_after(300, "the evaluate stage with a stopped actor"):
+        results = run_evaluate_stage(config, tasks, [job])
+    stopper.join()
+    assert stopped, "the evaluator finished before it could be stopped: give it more questions"
+    assert results["sums/base"]["n"] == 200 and job.unit.done()
+    names = {a.name for a in list_actors(filters=[("class_name", "=", "Evaluator")], limit=1000)}
+    assert "eval-1" in names  # the pair ran again on a new actor

@@ -26,7 +26,7 @@ CONFIG = {
     "student": {"model": "builtin:tiny", "dtype": "fp32"},
     "distill": {"epochs": 3, "batch_size": 4, "learning_rate": 5e-3, "max_length": 160, "zero_stage": 2,
                 "lora": {"r": 4, "alpha": 8}, "baselines": ["multitask", "full_finetune"],
-                "validation_fraction": 0.25},
+                "validation_fraction": 0.25, "checkpoint_every": 2},
     # one order and no controls here: test_seeds_controls_orders_and_the_likelihood_reading has them
     "mixture": {"budget": 4, "method": ["lorahub", "delta", "gate"], "cv_folds": 2, "scheduler": "none",
                 "optimizer": "gradient", "gate_steps": 5, "gate_rows": "pooled", "orders": 1, "controls": []},
@@ -367,11 +367,14 @@ def test_seeds_controls_orders_and_the_likelihood_reading(ray_cluster, tmp_path)
 # Ray's process titles (ray::<class>). A scripted teacher's actors live a fraction of a second, too
 # short to catch reliably here; tests/test_teacher_stage.py kills one mid-stage (a slow endpoint).
 VICTIMS = ("RayTrainWorker", "MixtureTrial", "Evaluator")
+STALL_S = 10  # resources.stall_timeout_s of the run whose training workers are stopped
 
 
 class Killer:
-    """Kills (SIGKILL) one process of each of :data:`VICTIMS` among a driver's descendants as soon
-    as it shows up, then the driver itself once the evaluation stage has lost its actor."""
+    """Stops (SIGSTOP) every Ray Train worker once the expert's first checkpoint is registered, so
+    that the job must notice the silence and resume from that checkpoint; kills (SIGKILL) one process
+    of each other :data:`VICTIMS` among a driver's descendants as soon as it shows up; then the
+    driver itself once the evaluation stage has lost its actor."""
 
     def __init__(self, driver_pid: int, run_dir):
         import threading
@@ -384,7 +387,13 @@ class Killer:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
+    def _expert_checkpointed(self) -> bool:
+        """True once Ray Train's controller has registered a checkpoint of the expert's job."""
+        snapshots = list(self.run_dir.glob("ray/distill-coins-*/checkpoint_manager_snapshot.json"))
+        return bool(snapshots) and "checkpoint_" in snapshots[0].read_text(errors="ignore")
+
     def _watch(self) -> None:
+        import contextlib
         import os
         import signal
         import time
@@ -403,8 +412,16 @@ class Killer:
                 except psutil.Error:
                     continue
                 for victim in VICTIMS:
-                    if victim not in self.killed and title.startswith(f"ray::{victim}"):
+                    if victim in self.killed or not title.startswith(f"ray::{victim}"):
+                        continue
+                    if victim != "RayTrainWorker":
                         os.kill(process.pid, signal.SIGKILL)
+                        self.killed[victim] = time.time()
+                    elif self._expert_checkpointed():  # every training worker alive now: the expert's among them
+                        for worker in processes:
+                            with contextlib.suppress(psutil.Error):
+                                if " ".join(worker.cmdline()).startswith("ray::RayTrainWorker"):
+                                    os.kill(worker.pid, signal.SIGSTOP)
                         self.killed[victim] = time.time()
             if "Evaluator" in self.killed and time.time() - self.killed["Evaluator"] > 3:
                 self.orphans = processes
@@ -418,8 +435,10 @@ class Killer:
 
 def test_a_process_killed_in_every_stage_and_then_the_driver_leave_what_an_undisturbed_run_makes(first_run,
                                                                                                  tmp_path):
-    """kill -9 of a training worker, a Tune trial's worker and an evaluation actor, then of the
-    driver; the same command run again finishes, and the run equals the first one. Secrets planted
+    """SIGSTOP of the training workers after the expert's first checkpoint (they neither work nor die:
+    the job must notice and resume from that checkpoint), kill -9 of a Tune trial's worker and an
+    evaluation actor, then of the driver; the same command run again finishes, and the run equals
+    the first one. Secrets planted
     in the run's environment (storage keys, an API key) show up in no file of the run folder, no Ray
     log of either run and nothing either run printed."""
     import os
@@ -432,7 +451,7 @@ def test_a_process_killed_in_every_stage_and_then_the_driver_leave_what_an_undis
 
     reference = results[first_run[1]]
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
+    config.write_text(yaml.safe_dump({**CONFIG, "resources": {"stall_timeout_s": STALL_S}}))  # not in any fingerprint
     command = [sys.executable, "-m", "modecotd.cli", "run", str(config), "--run-dir", str(tmp_path / "run")]
     secrets = ("aws-planted-3b8f-never-written", "sk-planted-7d1e0c9b-never-written")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "AWS_SECRET_ACCESS_KEY": secrets[0], "OPENAI_API_KEY": secrets[1]}
@@ -468,6 +487,8 @@ def test_a_process_killed_in_every_stage_and_then_the_driver_leave_what_an_undis
                 assert not any(secret.encode() in data for secret in secrets), path
     assert not any(secret in output + again.stdout + again.stderr for secret in secrets)
     assert what_a_run_made(tmp_path / "run") == reference
+    training = json.loads((tmp_path / "run" / "experts/coins/training.json").read_text())
+    assert training["resumed_from_step"] in (2, 4, 6, 8), training["resumed_from_step"]  # from a checkpoint
     # the units committed before the driver died were kept as they were, not redone
     assert "rationales/coins/manifest.json" in killer.committed and "experts/coins/manifest.json" in killer.committed
     for name, manifest in killer.committed.items():

@@ -46,12 +46,12 @@ def write_questions(folder: Path, count: int, *, marks: dict[int, str] | None = 
     return path
 
 
-def make_config(folder: Path, teacher: dict) -> object:
+def make_config(folder: Path, teacher: dict, **sections) -> object:
     source = {"kind": "jsonl", "train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl"),
               "fewshot": str(folder / "fewshot.jsonl"), "rationale_field": "rationale"}
     return parse_config({"name": "teacher-test", "tasks": [{"name": "plus", "role": "seen", "answer": "number",
                                                            "source": source}],
-                         "teacher": teacher, "student": {"model": "builtin:tiny"}})
+                         "teacher": teacher, "student": {"model": "builtin:tiny"}, **sections})
 
 
 def openai_teacher(stub: StubServer, **changes) -> dict:
@@ -135,6 +135,52 @@ def test_a_killed_actor_loses_no_question(ray_cluster, tmp_path, monkeypatch):
 
     names = {a.name for a in list_actors(filters=[("class_name", "=", "TeacherWorker")], limit=1000)}
     assert "teacher-0-restart1" in names  # the dead actor was replaced
+
+
+def test_a_stopped_actor_is_noticed_killed_and_its_shards_redone(ray_cluster, tmp_path, monkeypatch):
+    """SIGSTOP: the actor neither works nor dies; without a deadline the stage would wait forever."""
+    import os
+    import signal
+
+    import psutil
+    from ray.util.state import list_actors
+
+    from tests.deadline import fails_after
+
+    monkeypatch.setenv("MODECOTD_TEST_KEY", SECRET)
+    write_questions(tmp_path, 24)
+    with StubServer(plus_one, api_key=SECRET, delay_s=0.05) as stub:
+        config = make_config(tmp_path, openai_teacher(stub), resources={"stall_timeout_s": 3})
+        shards = tmp_path / "rationales" / ".shards" / "plus" / "key"
+        stopped = []
+
+        def stop_when_work_started():
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                if shards.is_dir() and len(list(shards.glob("*.jsonl"))) >= 2:
+                    [actor] = list_actors(filters=[("name", "=", "teacher-0"), ("state", "=", "ALIVE")])
+                    os.kill(actor.pid, signal.SIGSTOP)
+                    stopped.append((actor.pid, time.time()))
+                    return
+                time.sleep(0.02)
+
+        stopper = threading.Thread(target=stop_when_work_started)
+        stopper.start()
+        with fails_after(120, "the teacher stage with a stopped actor"):
+            summary = run_stage(config, tmp_path)["plus"]
+        ended = time.time()
+        stopper.join()
+    assert stopped, "the actor was never stopped: the stage ended before two shards were written"
+    pid, when = stopped[0]
+    assert sorted(row["id"] for row in rows(tmp_path, "accepted")) == list(range(24))  # every question once
+    assert summary["questions"] == 24 and summary["failed"] == 0
+    assert ended - when < 30  # noticed after 3 s of silence, not waited on forever
+    names = {a.name for a in list_actors(filters=[("class_name", "=", "TeacherWorker")], limit=1000)}
+    assert "teacher-0-restart1" in names  # the stopped actor was replaced
+    deadline = time.time() + 30
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # killed, not left frozen
 
 
 def test_an_interrupted_stage_redoes_only_unfinished_shards(ray_cluster, tmp_path, monkeypatch):
