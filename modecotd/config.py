@@ -120,16 +120,42 @@ class JsonlSource(Section):
 
 
 class HFSource(Section):
-    """A Hugging Face dataset by name or a local `save_to_disk` folder."""
+    """A Hugging Face dataset by name or a local `save_to_disk` folder. A row whose gold cannot be
+    read is skipped and counted per split in the report, never guessed (a number task's gold must
+    be a lone number: GSM8K's answer field needs ``answer_convention: gsm8k``)."""
 
     kind: Literal["hf"]
-    dataset: str
+    dataset: str = Field(description="a hub id (owner/name) or a local save_to_disk folder")
+    name: str | None = Field(None, description="the dataset's subset (config name), e.g. main for gsm8k")
+    revision: str | None = Field(None, description="a branch, tag or commit of the hub dataset")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="data files of the hub dataset (datasets.load_dataset's data_files)")
     train_split: str | None = "train"
     fewshot_split: str | None = None
     test_split: str | None = "test"
     question_field: str = "question"
     answer_field: str = "answer"
-    rationale_field: str | None = None
+    rationale_field: str | None = Field(None, description="a field with a rationale; with answer_convention "
+                                                          "gsm8k the answer field's solution is one")
+    answer_convention: Literal["plain", "gsm8k"] = Field(
+        "plain", description="plain: the field is the answer; gsm8k: the answer follows the last ####, the text "
+                             "before it (calculator notes removed) is the rationale")
+    answer_regex: str | None = Field(None, description="a regular expression whose group 'answer' (else its "
+                                                       "first group, else the match) is the gold")
+    choices_field: str | None = Field(None, description="a field with the choices (a list of texts, or {label, "
+                                                        "text} lists): they are written into the question with "
+                                                        "letters, and the gold (a label, an index or a choice's "
+                                                        "text) becomes its letter; needs answer: choice")
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"not a regular expression: {error}") from None
+        return value
 
 
 TaskSource = Annotated[Union[GeneratedSource, PaperSource, JsonlSource, HFSource], Field(discriminator="kind")]
@@ -174,6 +200,9 @@ class TaskConfig(Section):
         if self.sizes.sample_seed is not None and self.source.kind == "generated":
             raise ValueError("sizes.sample_seed draws rows from a file; a generated task is drawn with "
                              "source.seed")
+        if getattr(self.source, "choices_field", None) and self.answer not in (None, AnswerKind.CHOICE):
+            raise ValueError(f"source.choices_field needs answer: choice (the gold becomes the letter of its "
+                             f"choice), not {self.answer.value}")
         return self
 
 

@@ -257,6 +257,22 @@ def _(p):
     return argv, ["c.yaml:", "tasks.0.source", "csv"]
 
 
+@case("config: a hub answer_regex that is not a regular expression")
+def _(p):
+    p.task("coins")["source"] = {"kind": "hf", "dataset": str(p.root / "ds"), "answer_regex": "(#### [0-9"}
+    argv = p.run()
+    return argv, [f"c.yaml:{p.line_of('answer_regex')}", "tasks.0.source.answer_regex", "not a regular expression"]
+
+
+@case("config: a hub choices_field on a task whose answer is not a choice")
+def _(p):
+    p.task("coins")["source"] = {"kind": "hf", "dataset": str(p.root / "ds"), "choices_field": "choices"}
+    p.task("coins")["answer"] = "yes_no"
+    p.config["teacher"] = {"backend": "precomputed"}
+    argv = p.run()
+    return argv, ["c.yaml:", "tasks.0", "source.choices_field needs answer: choice"]
+
+
 @case("config: unknown model")
 def _(p):
     p.config["student"]["model"] = "no-such-org/no-such-model"

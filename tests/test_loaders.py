@@ -488,8 +488,84 @@ def test_hf_dataset_dict_split_and_errors(tmp_path: Path) -> None:
     assert [e.answer for e in examples] == ["nb", "ex"]
     with pytest.raises(DataError, match="no split 'train'"):
         load_hf_dataset(str(folder), "train", AnswerKind.TEXT, "question", "answer")
-    with pytest.raises(DataError, match=r"row 1: field 'prompt' is missing"):
+    with pytest.raises(DataError, match=r"row 1: field 'prompt' is missing \(its columns: question, answer, cot\)"):
         load_hf_dataset(str(folder), "test", AnswerKind.TEXT, "prompt", "answer")
+
+
+GSM8K_ROWS = [  # GSM8K's shape: the solution, with calculator notes, then #### and the number
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                 "How many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+               "altogether in April and May.\n#### 72"},
+    {"question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+                 "How much did she earn?",
+     "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
+               "$<<0.2*50=10>>10.\n#### 1,000"},
+    {"question": "A row whose solution lost its final line.", "answer": "She had 3 apples and 4 pears."},
+]
+
+
+def save(tmp_path: Path, rows: list[dict], name: str, test: list[dict] | None = None) -> str:
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / name
+    splits = {"train": rows} | ({"test": test} if test else {})
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(folder))
+    return str(folder)
+
+
+def test_a_gsm8k_gold_is_the_number_after_the_mark_never_the_first_number(tmp_path: Path) -> None:
+    from modecotd.tasks.loaders import HubFields, HubSplitReader
+
+    folder = save(tmp_path, GSM8K_ROWS, "gsm8k")
+    with pytest.raises(DataError, match=r"no row's gold reads as a number answer .*answer_convention: gsm8k"):
+        load_hf_dataset(folder, "train", AnswerKind.NUMBER)  # before: the gold was 48, silently
+    reader = HubSplitReader(folder, "train", AnswerKind.NUMBER, HubFields(convention="gsm8k"))
+    examples = list(reader())
+    assert [e.answer for e in examples] == ["72", "1000"]
+    assert examples[0].rationale == ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips "
+                                     "altogether in April and May.")
+    assert reader.unparsed == {"gold not readable": 1}  # the third row: counted, not guessed
+    regex = load_hf_dataset(folder, "train", AnswerKind.NUMBER, regex=r"####\s*(?P<answer>[\d,]+)")
+    assert [e.answer for e in regex] == ["72", "1000"] and regex[0].rationale is None
+
+
+def test_a_multiple_choice_set_gets_lettered_choices_and_its_gold_letter(tmp_path: Path) -> None:
+    rows = [  # CommonsenseQA's shape: choices with labels and texts, answerKey a label
+        {"question": "Where would you find a revolving door?", "answerKey": "B",
+         "choices": {"label": ["A", "B", "C"], "text": ["a cave", "a bank", "a tent"]}},
+        {"question": "What do people aim to do at work?", "answerKey": "",
+         "choices": {"label": ["A", "B", "C"], "text": ["complete job", "sleep", "hide"]}},
+    ]
+    examples = load_hf_dataset(save(tmp_path, rows, "csqa"), "train", AnswerKind.CHOICE, answer_field="answerKey",
+                               choices="choices")
+    assert [(e.question, e.answer) for e in examples] == [
+        ("Where would you find a revolving door? Answer choices: (A) a cave, (B) a bank, (C) a tent.", "B")]
+    numbered = [{"question": "2 + 2?", "options": ["3", "4", "5"], "label": 1},  # an index
+                {"question": "Capital of France?", "options": ["Rome", "Paris"], "label": "Paris"}]  # a text
+    examples = load_hf_dataset(save(tmp_path, [{**r, "label": str(r["label"])} for r in numbered], "mc"), "train",
+                               AnswerKind.CHOICE, answer_field="label", choices="options")
+    assert [e.answer for e in examples] == ["B", "B"]
+
+
+def test_a_yes_no_set_reads_booleans_and_words(tmp_path: Path) -> None:
+    rows = [{"question": "Is the sky green?", "answer": False}, {"question": "Is water wet?", "answer": True}]
+    assert [e.answer for e in load_hf_dataset(save(tmp_path, rows, "strategy"), "train", AnswerKind.YES_NO)] \
+        == ["no", "yes"]
+
+
+def test_a_hub_tasks_unreadable_golds_are_counted_per_split(tmp_path: Path) -> None:
+    from modecotd.config import parse_config
+    from modecotd.tasks.build import load_task
+
+    test = [{**row, "question": f"{row['question']} ({i})"} for i, row in enumerate(GSM8K_ROWS * 4)]
+    folder = save(tmp_path, GSM8K_ROWS, "gsm8k", test=test)
+    config = parse_config({"name": "hub", "student": {"model": "builtin:tiny"}, "tasks": [
+        {"name": "coins", "role": "seen", "source": {"kind": "generated", "family": "coin_flip"}},
+        {"name": "gsm", "role": "unseen", "answer": "number",  # its few-shot rows: its train rows
+         "source": {"kind": "hf", "dataset": folder, "answer_convention": "gsm8k"}}]})
+    data = load_task(config.tasks[1])
+    assert data.unparsed == {"train": {"gold not readable": 1}, "test": {"gold not readable": 4}}
+    assert len(data.test) == 8 and {e.answer for e in data.test} == {"72", "1000"}
 
 
 def test_hf_dataset_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

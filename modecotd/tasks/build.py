@@ -63,8 +63,11 @@ def _split_readers(task, kind: AnswerKind) -> dict[str, Callable[[], Iterable[Ex
         return {split: partial(loaders.iter_qa_jsonl, Path(getattr(source, split)), kind, **fields)
                 if getattr(source, split) else None for split in SPLITS}
     if source.kind == "hf":
-        return {split: partial(loaders.iter_hf_dataset, source.dataset, getattr(source, f"{split}_split"), kind,
-                               **fields) if getattr(source, f"{split}_split") else None for split in SPLITS}
+        hub = loaders.HubFields(source.question_field, source.answer_field, source.rationale_field,
+                                source.answer_convention, source.answer_regex, source.choices_field)
+        return {split: loaders.HubSplitReader(source.dataset, getattr(source, f"{split}_split"), kind, hub,
+                                              source.name, source.revision, source.data_files)
+                if getattr(source, f"{split}_split") else None for split in SPLITS}
     raise ConfigError(f"tasks.{task.name}.source.kind: unknown {source.kind!r}")
 
 

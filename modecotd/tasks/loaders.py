@@ -14,6 +14,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -390,12 +391,17 @@ def load_qa_jsonl(path: Path, kind: AnswerKind, question_field: str = "question"
     return list(iter_qa_jsonl(path, kind, question_field, answer_field, rationale_field))
 
 
-def _open_hf_dataset(name_or_path: str, split: str) -> Any:
-    """The ``split`` of a local ``save_to_disk`` folder or of a hub/builder dataset."""
+def _open_hf_dataset(name_or_path: str, split: str, name: str | None = None, revision: str | None = None,
+                     data_files: Any = None) -> Any:
+    """The ``split`` of a local ``save_to_disk`` folder or of a hub/builder dataset (its subset
+    ``name``, at ``revision``, from ``data_files``)."""
     import datasets  # lazy: heavy import, only needed for this loader
 
     local = Path(name_or_path)
     if local.is_dir() and _is_saved_dataset(local):
+        if name or revision or data_files:
+            raise DataError(f"{name_or_path}: a save_to_disk folder has no subset, revision or data_files; "
+                            "leave name, revision and data_files out")
         loaded = datasets.load_from_disk(str(local))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
@@ -404,7 +410,7 @@ def _open_hf_dataset(name_or_path: str, split: str) -> Any:
                 )
             return loaded[split]
         return loaded
-    return datasets.load_dataset(name_or_path, split=split)
+    return datasets.load_dataset(name_or_path, name, split=split, revision=revision, data_files=data_files)
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -412,37 +418,162 @@ def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
-def iter_hf_dataset(
-    name_or_path: str,
-    split: str,
-    kind: AnswerKind,
-    question_field: str,
-    answer_field: str,
-    rationale_field: str | None = None,
-) -> Iterator[Example]:
-    """Examples of a Hugging Face dataset (a ``save_to_disk`` folder or a hub name), streamed
-    from its memory-mapped table.
-
-    Sources are ``{name_or_path}[{split}]:row N``. Loading failures become DataError.
-    """
-    try:
-        dataset = _open_hf_dataset(name_or_path, split)
-    except DataError:
-        raise
-    except Exception as error:  # datasets raises many unrelated types; all mean "cannot load"
-        raise DataError(
-            f"{name_or_path}: cannot load dataset split {split!r} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no details'})"
-        ) from error
-    count = 0
-    for number, row in enumerate(dataset, start=1):
-        locator = f"{name_or_path}[{split}]:row {number}"
-        count += 1
-        yield _qa_example(row, kind, locator, question_field, answer_field, rationale_field)
-    if not count:
-        raise DataError(f"{name_or_path}: split {split!r} has no rows")
+GSM8K_MARK = "####"
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations inside its solutions
+_LONE_NUMBER = re.compile(r"[-+]?\s*\$?\s*[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?\s*%?\.?")
+CHOICE_LETTERS = "ABCDEF"  # what a choice answer can be (modecotd.tasks.answers)
 
 
-def load_hf_dataset(name_or_path: str, split: str, kind: AnswerKind, question_field: str, answer_field: str,
-                    rationale_field: str | None = None) -> list[Example]:
-    return list(iter_hf_dataset(name_or_path, split, kind, question_field, answer_field, rationale_field))
+@dataclass(frozen=True)
+class HubFields:
+    """How a row of a hub dataset becomes an example: which fields hold what, and how the gold is
+    taken out of its field (``convention`` "gsm8k": after the last ``####``, the text before it
+    being the rationale; or ``regex``: its ``answer`` group, else its first group, else the match)
+    and mapped to a letter through ``choices`` (a list of texts, or ``{label: [...], text: [...]}``)."""
+
+    question: str = "question"
+    answer: str = "answer"
+    rationale: str | None = None
+    convention: str = "plain"
+    regex: str | None = None
+    choices: str | None = None
+
+    def required(self) -> list[str]:
+        return [self.question, self.answer] + [f for f in (self.rationale, self.choices) if f]
+
+
+def _hub_gold(row: Mapping[str, Any], kind: AnswerKind, fields: HubFields) -> tuple[str | None, str | None]:
+    """(canonical gold, or None when it cannot be read; the rationale the answer field carries)."""
+    value = row.get(fields.answer)
+    rationale = None
+    if value is None or isinstance(value, (list, dict)):
+        return None, None
+    text = str(value).strip()
+    if fields.convention == "gsm8k":
+        if GSM8K_MARK not in text:
+            return None, None
+        rationale, text = (part.strip() for part in text.rsplit(GSM8K_MARK, 1))
+        rationale = _CALCULATOR.sub("", rationale).strip() or None
+    if fields.regex:
+        match = re.search(fields.regex, text)
+        if match is None:
+            return None, rationale
+        groups = match.groupdict()
+        text = groups.get("answer") if "answer" in groups else match.group(1) if match.re.groups else match.group(0)
+        text = (text or "").strip()
+    if fields.choices:
+        return _choice_gold(text, value, row.get(fields.choices)), rationale
+    if isinstance(value, bool):
+        text = "yes" if value else "no"
+    if kind == AnswerKind.NUMBER and not (_LONE_NUMBER.fullmatch(text) and any(c.isdigit() for c in text)):
+        return None, rationale  # more than a number: its first number would be a guess
+    return normalize(text, kind), rationale
+
+
+def _choice_list(choices: Any) -> tuple[list[str], list[str]] | None:
+    """(labels, texts) of a choices value, or None when it has neither shape."""
+    if isinstance(choices, Mapping) and isinstance(choices.get("text"), list):
+        texts = [str(t) for t in choices["text"]]
+        labels = [str(label) for label in (choices.get("label") or CHOICE_LETTERS[:len(texts)])]
+        return (labels, texts) if len(labels) == len(texts) else None
+    if isinstance(choices, list) and all(isinstance(c, (str, int, float)) for c in choices):
+        return list(CHOICE_LETTERS[:len(choices)]), [str(c) for c in choices]
+    return None
+
+
+def _choice_gold(text: str, value: Any, choices: Any) -> str | None:
+    """The letter of the right choice: the gold is one of the labels, else a 0-based index, else a
+    choice's text."""
+    found = _choice_list(choices)
+    if found is None or not 0 < len(found[0]) <= len(CHOICE_LETTERS):
+        return None
+    labels, texts = found
+    if text in labels:
+        return CHOICE_LETTERS[labels.index(text)]
+    if text.isdigit() and not isinstance(value, bool) and int(text) < len(labels):  # a 0-based index
+        return CHOICE_LETTERS[int(text)]
+    lowered = [t.strip().lower() for t in texts]
+    return CHOICE_LETTERS[lowered.index(text.lower())] if text.lower() in lowered else None
+
+
+def _with_choices(question: str, choices: Any) -> str:
+    """The question with its choices, as the paper's multiple-choice prompts give them."""
+    found = _choice_list(choices)
+    if found is None:
+        return question
+    listed = ", ".join(f"({letter}) {text}" for letter, text in zip(CHOICE_LETTERS, found[1]))
+    return f"{question} Answer choices: {listed}."
+
+
+class HubSplitReader:
+    """One split of a Hugging Face dataset (a ``save_to_disk`` folder or a hub name), streamed as
+    Examples by calling it; every call is one pass over its memory-mapped table.
+
+    A field the rows do not have is a DataError. A row whose gold cannot be read (:func:`_hub_gold`:
+    absent, not of the task's kind, more than a number where a number is wanted, no ``####`` under
+    the gsm8k convention, not one of the choices) or whose question is empty is skipped and counted
+    in ``unparsed``, never guessed; a split where no row can be read is a DataError that says what
+    to set. Sources are ``{dataset}[{split}]:row N``."""
+
+    def __init__(self, dataset: str, split: str, kind: AnswerKind, fields: HubFields = HubFields(),
+                 name: str | None = None, revision: str | None = None, data_files: Any = None):
+        self.dataset, self.split, self.kind, self.fields = dataset, split, AnswerKind(kind), fields
+        self.name, self.revision, self.data_files = name, revision, data_files
+        self.unparsed: Counter[str] = Counter()
+
+    def _table(self) -> Any:
+        try:
+            table = _open_hf_dataset(self.dataset, self.split, self.name, self.revision, self.data_files)
+        except DataError:
+            raise
+        except Exception as error:  # datasets raises many unrelated types; all mean "cannot load"
+            raise DataError(
+                f"{self.dataset}: cannot load dataset split {self.split!r} ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no details'})"
+            ) from error
+        columns = list(getattr(table, "column_names", None) or [])
+        missing = [field for field in self.fields.required() if columns and field not in columns]
+        if missing:
+            raise DataError(f"{self.dataset}[{self.split}]:row 1: field {missing[0]!r} is missing (its columns: "
+                            f"{', '.join(columns)})")
+        return table
+
+    def __call__(self) -> Iterator[Example]:
+        table = self._table()
+        self.unparsed = Counter()
+        count, first_bad = 0, None
+        for number, row in enumerate(table, start=1):
+            locator = f"{self.dataset}[{self.split}]:row {number}"
+            count += 1
+            question = str(row.get(self.fields.question) or "").strip()
+            gold, carried = _hub_gold(row, self.kind, self.fields)
+            if not question:
+                self.unparsed["empty question"] += 1
+                continue
+            if gold is None:
+                self.unparsed["gold not readable"] += 1
+                first_bad = first_bad or (locator, row.get(self.fields.answer))
+                continue
+            if self.fields.choices:
+                question = _with_choices(question, row.get(self.fields.choices))
+            rationale = (_optional_field_text(row, self.fields.rationale, locator)
+                         if self.fields.rationale and self.fields.rationale != self.fields.answer else carried)
+            yield Example(question, gold, rationale, locator)
+        if not count:
+            raise DataError(f"{self.dataset}: split {self.split!r} has no rows")
+        if first_bad and self.unparsed["gold not readable"] + self.unparsed["empty question"] == count:
+            raise DataError(
+                f"{first_bad[0]}: field {self.fields.answer!r}: no row's gold reads as a {self.kind.value} answer "
+                f"(first: {str(first_bad[1])[:MAX_QUOTED_CHARS]!r}); say how to take it out of the field: "
+                "answer_convention: gsm8k (the number after ####), answer_regex, or choices_field")
+        if first_bad:
+            log.warning("%s[%s]: %d of %d rows skipped, their gold not readable as a %s answer (first: %s %r)",
+                        self.dataset, self.split, self.unparsed["gold not readable"], count, self.kind.value,
+                        first_bad[0], str(first_bad[1])[:MAX_QUOTED_CHARS])
+
+
+def load_hf_dataset(name_or_path: str, split: str, kind: AnswerKind, question_field: str = "question",
+                    answer_field: str = "answer", rationale_field: str | None = None, **fields) -> list[Example]:
+    """Every readable row of one split (see :class:`HubSplitReader`)."""
+    return list(HubSplitReader(name_or_path, split, kind, HubFields(question_field, answer_field, rationale_field,
+                                                                    **fields))())

@@ -144,9 +144,10 @@ def paper_readers(data_dir: Path, task: str, kind: AnswerKind, name: str | None 
 
 
 def unparsed_counts(readers: dict[str, object]) -> dict[str, dict[str, int]]:
-    """split -> reason -> rows skipped, from the last pass of each paper reader (splits with any)."""
-    return {split: dict(sorted(reader.unparsed.items())) for split, reader in readers.items()
-            if isinstance(reader, PaperSplitReader) and reader.unparsed}
+    """split -> reason -> rows skipped, from the last pass of each reader that counts them (a paper
+    file's, a hub dataset's), for the splits with any."""
+    return {split: dict(sorted(counts.items())) for split, reader in readers.items()
+            if (counts := getattr(reader, "unparsed", None))}
 
 
 def load_paper_task(data_dir: Path, task: str, kind: AnswerKind | None = None, role: Role | None = None) -> TaskData:
