@@ -21,6 +21,8 @@ TUNE_GRID = {"method": "lorahub,delta", "budget": "20,40", "bound": "1.5,3", "l1
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modecotd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"modecotd {_version()}",
+                        help="print modecotd's version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the four stages (teacher, distill, mix, evaluate) on Ray")
@@ -121,7 +123,35 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--isolated", action="store_true",
                          help="each worker node in its own mount namespace, sharing no /tmp, home, ./runs or "
                               "model cache with this machine, as a node on another machine (needs root)")
+    for command in commands.choices.values():  # what several verbs share is said once
+        for action in command._actions:
+            if action.help is None and action.dest in SHARED_HELP:
+                action.help = SHARED_HELP[action.dest]
     return parser
+
+
+SHARED_HELP = {
+    "config": "YAML config file, or a built-in name such as 'quickstart'",
+    "address": "the Ray cluster: host:6379 (GCS) for run and tune, http://host:8265 (dashboard) for the job "
+               "commands (default: $RAY_ADDRESS)",
+    "storage": "where runs live: a folder, a mount every node shares, or s3://bucket/prefix / gs://bucket/prefix",
+    "run_dir": "this run's own folder or URI (default: <storage>/<name>)",
+    "overrides": "override a config key, e.g. --set distill.epochs=1 (repeatable)",
+    "stages": f"only this stage ({', '.join(STAGES)}; repeatable)",
+    "submission_id": "the job's submission id (modecotd list shows them)",
+    "action": "up: start a local cluster (token authentication on); down: stop the clusters up started",
+    "cpus_per_worker": "CPUs of each worker node (default 1)",
+    "dashboard_port": "the dashboard's and Jobs API's port (default 8265)",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modecotd")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -95,3 +95,21 @@ def test_check_lists_tasks(capsys):
 def test_bad_override(capsys):
     code, _, err = run_cli(capsys, "check", "quickstart", "--set", "distill.zero_stage=7")
     assert_one_line_error(code, err, "distill.zero_stage")
+
+
+def test_every_argument_of_every_command_has_help_and_version_prints(capsys):
+    import pytest
+
+    import argparse
+    from importlib.metadata import version
+
+    from modecotd.cli import _parser, main
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {action.option_strings or action.dest}" for name, command in commands.choices.items()
+               for action in command._actions if not action.help and not isinstance(action, argparse._HelpAction)]
+    assert missing == []
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"modecotd {version('modecotd')}"
