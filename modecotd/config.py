@@ -88,9 +88,9 @@ class Section(BaseModel):
 class GeneratedSource(Section):
     """A seeded procedural task (coin flip, last letters, shuffled objects, arithmetic)."""
 
-    kind: Literal["generated"]
+    kind: Literal["generated"] = Field(description='generated: questions made by a seeded generator')
     family: Literal["coin_flip", "last_letter_concatenation", "tracking_shuffled_objects", "arithmetic",
-                    "arithmetic_comparison"]
+                    "arithmetic_comparison"] = Field(description="the generator")
     size: int | None = Field(None, ge=1, description="people / words / swaps / steps per question")
     seed: int = Field(0, description="generator seed; splits never share a question")
     wording: Literal["original", "twin"] = Field(
@@ -102,7 +102,7 @@ class GeneratedSource(Section):
 class PaperSource(Section):
     """The paper's released `{input, output}` files: train/, learn/ (few-shot), evaluation/."""
 
-    kind: Literal["paper"]
+    kind: Literal["paper"] = Field(description="paper: the paper's released {input, output} files")
     data_dir: Path = Field(description="folder holding train/, learn/ and evaluation/")
     task: str | None = Field(None, description="file stem in the data folder; default: the task's name")
 
@@ -110,13 +110,14 @@ class PaperSource(Section):
 class JsonlSource(Section):
     """JSONL files with question / answer (and optional rationale) fields."""
 
-    kind: Literal["jsonl"]
-    train: Path | None = None
-    fewshot: Path | None = None
-    test: Path | None = None
-    question_field: str = "question"
-    answer_field: str = "answer"
-    rationale_field: str | None = None
+    kind: Literal["jsonl"] = Field(description='jsonl: JSONL files of question/answer objects')
+    train: Path | None = Field(None, description='the train split file (the teacher answers these questions)')
+    fewshot: Path | None = Field(None, description='the few-shot split file (what a mixture is fitted on)')
+    test: Path | None = Field(None, description='the test split file (what every system is evaluated on)')
+    question_field: str = Field("question", description='the field with the question')
+    answer_field: str = Field("answer", description='the field with the gold answer')
+    rationale_field: str | None = Field(None, description="a field with a rationale (few-shot rows of an unseen "
+                                                          "task need one)")
 
 
 class HFSource(Section):
@@ -124,17 +125,18 @@ class HFSource(Section):
     read is skipped and counted per split in the report, never guessed (a number task's gold must
     be a lone number: GSM8K's answer field needs ``answer_convention: gsm8k``)."""
 
-    kind: Literal["hf"]
+    kind: Literal["hf"] = Field(description='hf: a Hugging Face dataset')
     dataset: str = Field(description="a hub id (owner/name) or a local save_to_disk folder")
     name: str | None = Field(None, description="the dataset's subset (config name), e.g. main for gsm8k")
     revision: str | None = Field(None, description="a branch, tag or commit of the hub dataset")
     data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
         None, description="data files of the hub dataset (datasets.load_dataset's data_files)")
-    train_split: str | None = "train"
-    fewshot_split: str | None = None
-    test_split: str | None = "test"
-    question_field: str = "question"
-    answer_field: str = "answer"
+    train_split: str | None = Field("train", description='the split the teacher answers; null: none')
+    fewshot_split: str | None = Field(None, description="the split a mixture is fitted on; null: an unseen task "
+                                                        "takes its first train rows")
+    test_split: str | None = Field("test", description='the split every system is evaluated on; null: none')
+    question_field: str = Field("question", description='the field with the question')
+    answer_field: str = Field("answer", description='the field with the gold answer')
     rationale_field: str | None = Field(None, description="a field with a rationale; with answer_convention "
                                                           "gsm8k the answer field's solution is one")
     answer_convention: Literal["plain", "gsm8k"] = Field(
@@ -165,9 +167,10 @@ class SplitSizes(Section):
     """Rows per split: how many to generate, or N to keep from a file (null: all): the first N, or
     with ``sample_seed`` N drawn at random with that seed (the same rows on every run and machine)."""
 
-    train: int | None = Field(None, ge=0)
-    fewshot: int | None = Field(None, ge=0)
-    test: int | None = Field(None, ge=0)
+    train: int | None = Field(None, ge=0, description='train rows kept (default: all; generated: 200)')
+    fewshot: int | None = Field(None, ge=0, description="few-shot rows kept (default: all; generated: 5; an unseen "
+                                                        "file task without a few-shot split: 5 of its train rows)")
+    test: int | None = Field(None, ge=0, description='test rows kept (default: all; generated: 50)')
     sample_seed: int | None = Field(None, description="files only: draw each split's N rows at random with "
                                                       "this seed instead of taking the first N")
 
@@ -175,8 +178,10 @@ class SplitSizes(Section):
 class TaskConfig(Section):
     """One task: where its data comes from and its role in the method."""
 
-    name: str = Field(pattern=TASK_NAME_PATTERN)
-    role: Role
+    name: str = Field(pattern=TASK_NAME_PATTERN, description="the task's name: letters, digits, - and _ (names its "
+                                                             "folders and systems)")
+    role: Role = Field(description="seen: the teacher answers its train questions and an expert is trained on "
+                                   "them; unseen: no expert, only a mixture fitted on its few-shot rows")
     answer: AnswerKind | None = Field(None, description="answer kind; default from the family or paper task")
     source: TaskSource
     sizes: SplitSizes = SplitSizes()
@@ -281,13 +286,14 @@ class TeacherConfig(Section):
         "zero_shot", description="zero_shot: 'Let's think step by step.' (Kojima et al.); few_shot: worked "
         "examples from the task's few-shot split before the question")
     fewshot_examples: int = Field(4, ge=1, le=64, description="worked examples shown in few_shot prompting")
-    cot_trigger: str = "Let's think step by step."
+    cot_trigger: str = Field("Let's think step by step.", description="the zero-shot chain-of-thought trigger after "
+                                                                      "the question")
     answer_trigger: str | None = Field(
         None, description="second-stage prompt that makes the teacher state its answer; default: Kojima et al.'s "
         "for the task's answer kind, e.g. 'Therefore, the answer (arabic numerals) is'")
     samples: int = Field(4, ge=1, le=64, description="rationales sampled per question")
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    max_new_tokens: int = Field(128, ge=1, le=32768)
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="the teacher's sampling temperature")
+    max_new_tokens: int = Field(128, ge=1, le=32768, description='longest rationale the teacher writes, in tokens')
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longer prompts are recorded as failed rows; default: the model's context "
         "length minus max_new_tokens")
@@ -356,7 +362,8 @@ class TeacherConfig(Section):
 class StudentConfig(Section):
     """The small model whose weights stay frozen."""
 
-    model: str = "builtin:smollm2-135m-instruct"
+    model: str = Field("builtin:smollm2-135m-instruct", description="the student: builtin:NAME, a local model "
+                       "folder (safetensors) or a cached hub id")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description=DTYPE_HELP + "; used by training, the mixer and evaluation")
 
@@ -364,9 +371,9 @@ class StudentConfig(Section):
 class LoraSettings(Section):
     """The LoRA each expert trains (reference: r=16, alpha=32, dropout 0.1 on q and v)."""
 
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    r: int = Field(16, ge=1, le=1024, description='LoRA rank of each expert')
+    alpha: float = Field(32.0, gt=0, description='LoRA alpha (the update is scaled by alpha / r)')
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description='LoRA dropout while training')
     target_modules: list[str] | None = Field(
         None, min_length=1, description="module names the LoRA wraps; default: the architecture's attention "
         "query and value projections (q_proj, v_proj for Llama; q, v for T5)")
@@ -376,13 +383,16 @@ class DistillConfig(Section):
     """Stage 2: one LoRA expert per seen task, a Ray Train job each, DeepSpeed inside."""
 
     lora: LoraSettings = LoraSettings()
-    learning_rate: float = Field(5e-4, gt=0, le=1.0)
-    epochs: float = Field(3.0, gt=0)
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(512, ge=8)
+    learning_rate: float = Field(5e-4, gt=0, le=1.0, description="the experts' peak learning rate (AdamW, linear "
+                                                                 "warm-up then decay)")
+    epochs: float = Field(3.0, gt=0, description='passes over the rationales (a fraction stops part-way)')
+    batch_size: int = Field(8, ge=1, description='rows per optimizer step, over all workers')
+    max_length: int = Field(512, ge=8, description="longest training row in tokens (question, rationale and "
+                                                   "answer); longer rows are left out and counted")
     max_rows_per_task: int | None = Field(None, ge=1, description="cap on accepted rationales used")
     use_rationalized: bool = Field(True, description="train on the teacher's rationalized rows too")
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the steps spent warming the learning "
+                                                                 "rate up")
     gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step (batch_size is "
                                        "split over workers and accumulation steps)")
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of the rationales held out for a "
@@ -399,8 +409,9 @@ class DistillConfig(Section):
         "LoRA on all seen tasks pooled) and full_finetune (every student weight trained on one task)")
     full_finetune_task: str | None = Field(None, description="the task full_finetune trains on; default: the "
                                            "first seen task")
-    full_finetune_learning_rate: float = Field(2e-5, gt=0, le=1.0)
-    zero_stage: Literal[1, 2, 3] = 2
+    full_finetune_learning_rate: float = Field(2e-5, gt=0, le=1.0, description="the full_finetune baseline's "
+                                                                               "learning rate")
+    zero_stage: Literal[1, 2, 3] = Field(2, description='DeepSpeed ZeRO stage of every training job')
     offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (DeepSpeed ZeRO-Offload)")
     use_gpu: bool = Field(False, description="train on GPUs (NCCL between workers) instead of CPUs (gloo)",
                           json_schema_extra=RUNTIME)
@@ -485,7 +496,7 @@ class MixtureConfig(Section):
         "sequential); more per round means fewer sampler updates within the budget"))
     learning_rate: float = Field(0.2, gt=0, description="step size of the gradient optimizer")
     gate_steps: int = Field(50, ge=1, description="full-batch AdamW steps that train the gate's routers")
-    gate_learning_rate: float = Field(1e-2, gt=0)
+    gate_learning_rate: float = Field(1e-2, gt=0, description="step size of the gate mixer's router training")
     gate_rows: Literal["task", "pooled"] = Field(
         "task", description="what the gate trains on: the target task's few-shot rows, or those pooled with "
         "every other task's few-shot rows")
@@ -565,11 +576,15 @@ class MixtureConfig(Section):
 class EvaluationConfig(Section):
     """Stage 4: batched greedy decoding and scoring."""
 
-    scoring: Literal["strict", "reference"] = "strict"
+    scoring: Literal["strict", "reference"] = Field("strict", description="the reading the report leads with: "
+                                                                          "strict (the answer after the student's "
+                                                                          "--> marker) or reference (the paper's "
+                                                                          "own extraction)")
     likelihood: bool = Field(True, description="also read every yes/no and multiple-choice answer by likelihood: "
                              "the option the system finds most probable after its own reasoning and the answer "
                              "marker (a reading that does not need the answer format), beside strict and reference")
-    max_new_tokens: int = Field(256, ge=1, le=4096)
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="longest answer a system writes when evaluated, in "
+                                                                "tokens")
     experts_alone: bool = Field(True, json_schema_extra=RUNTIME, description="also evaluate every seen task's "
                                 "expert alone on each task that has no expert of its own (systems expert-<task>); "
                                 "which pairs are evaluated, not what one produces, so no fingerprint input")
@@ -584,8 +599,9 @@ class ResourcesConfig(Section):
     """What a local Ray cluster started by `modecotd run` may use (num_cpus, dashboard: ignored with
     --address), and how long a stage waits for an autoscaled cluster to hold what it asks for."""
 
-    num_cpus: int | None = Field(None, ge=1)
-    dashboard: bool = True
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster a run starts (default: every "
+                                                         "CPU of this machine)")
+    dashboard: bool = Field(True, description='start the Ray dashboard with a local cluster')
     dashboard_host: str = Field("127.0.0.1", json_schema_extra=RUNTIME,
                                 description="the interface the local cluster's dashboard listens on (0.0.0.0: all)")
     placement_timeout_s: float = Field(600, ge=0, json_schema_extra=RUNTIME,
@@ -601,7 +617,7 @@ class ResourcesConfig(Section):
 class RunConfig(Section):
     """The whole run: tasks and the four stages."""
 
-    name: str = Field(pattern=TASK_NAME_PATTERN)
+    name: str = Field(pattern=TASK_NAME_PATTERN, description="the run's name: its folder is <storage>/<name>")
     seed: int = Field(0, description="the teacher's and the data's seed, and the training seed when seeds is not given")
     seeds: list[int] | None = Field(
         None, min_length=1, description="training and mixing seeds: the distill and mix stages run once per seed "
