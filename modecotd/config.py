@@ -107,38 +107,9 @@ class PaperSource(Section):
     task: str | None = Field(None, description="file stem in the data folder; default: the task's name")
 
 
-class JsonlSource(Section):
-    """JSONL files with question / answer (and optional rationale) fields."""
+class AnswerReading(Section):
+    """How the gold is taken out of a question/answer row's answer field (jsonl and hf sources)."""
 
-    kind: Literal["jsonl"] = Field(description='jsonl: JSONL files of question/answer objects')
-    train: Path | None = Field(None, description='the train split file (the teacher answers these questions)')
-    fewshot: Path | None = Field(None, description='the few-shot split file (what a mixture is fitted on)')
-    test: Path | None = Field(None, description='the test split file (what every system is evaluated on)')
-    question_field: str = Field("question", description='the field with the question')
-    answer_field: str = Field("answer", description='the field with the gold answer')
-    rationale_field: str | None = Field(None, description="a field with a rationale (few-shot rows of an unseen "
-                                                          "task need one)")
-
-
-class HFSource(Section):
-    """A Hugging Face dataset by name or a local `save_to_disk` folder. A row whose gold cannot be
-    read is skipped and counted per split in the report, never guessed (a number task's gold must
-    be a lone number: GSM8K's answer field needs ``answer_convention: gsm8k``)."""
-
-    kind: Literal["hf"] = Field(description='hf: a Hugging Face dataset')
-    dataset: str = Field(description="a hub id (owner/name) or a local save_to_disk folder")
-    name: str | None = Field(None, description="the dataset's subset (config name), e.g. main for gsm8k")
-    revision: str | None = Field(None, description="a branch, tag or commit of the hub dataset")
-    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
-        None, description="data files of the hub dataset (datasets.load_dataset's data_files)")
-    train_split: str | None = Field("train", description='the split the teacher answers; null: none')
-    fewshot_split: str | None = Field(None, description="the split a mixture is fitted on; null: an unseen task "
-                                                        "takes its first train rows")
-    test_split: str | None = Field("test", description='the split every system is evaluated on; null: none')
-    question_field: str = Field("question", description='the field with the question')
-    answer_field: str = Field("answer", description='the field with the gold answer')
-    rationale_field: str | None = Field(None, description="a field with a rationale; with answer_convention "
-                                                          "gsm8k the answer field's solution is one")
     answer_convention: Literal["plain", "gsm8k"] = Field(
         "plain", description="plain: the field is the answer; gsm8k: the answer follows the last ####, the text "
                              "before it (calculator notes removed) is the rationale")
@@ -158,6 +129,40 @@ class HFSource(Section):
             except re.error as error:
                 raise ValueError(f"not a regular expression: {error}") from None
         return value
+
+
+class JsonlSource(AnswerReading):
+    """JSONL files with question / answer (and optional rationale) fields."""
+
+    kind: Literal["jsonl"] = Field(description='jsonl: JSONL files of question/answer objects')
+    train: Path | None = Field(None, description='the train split file (the teacher answers these questions)')
+    fewshot: Path | None = Field(None, description='the few-shot split file (what a mixture is fitted on)')
+    test: Path | None = Field(None, description='the test split file (what every system is evaluated on)')
+    question_field: str = Field("question", description='the field with the question')
+    answer_field: str = Field("answer", description='the field with the gold answer')
+    rationale_field: str | None = Field(None, description="a field with a rationale (few-shot rows of an unseen "
+                                                          "task need one)")
+
+
+class HFSource(AnswerReading):
+    """A Hugging Face dataset by name or a local `save_to_disk` folder. A row whose gold cannot be
+    read is skipped and counted per split in the report, never guessed (a number task's gold must
+    be a lone number: GSM8K's answer field needs ``answer_convention: gsm8k``)."""
+
+    kind: Literal["hf"] = Field(description='hf: a Hugging Face dataset')
+    dataset: str = Field(description="a hub id (owner/name) or a local save_to_disk folder")
+    name: str | None = Field(None, description="the dataset's subset (config name), e.g. main for gsm8k")
+    revision: str | None = Field(None, description="a branch, tag or commit of the hub dataset")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="data files of the hub dataset (datasets.load_dataset's data_files)")
+    train_split: str | None = Field("train", description='the split the teacher answers; null: none')
+    fewshot_split: str | None = Field(None, description="the split a mixture is fitted on; null: an unseen task "
+                                                        "takes its first train rows")
+    test_split: str | None = Field("test", description='the split every system is evaluated on; null: none')
+    question_field: str = Field("question", description='the field with the question')
+    answer_field: str = Field("answer", description='the field with the gold answer')
+    rationale_field: str | None = Field(None, description="a field with a rationale; with answer_convention "
+                                                          "gsm8k the answer field's solution is one")
 
 
 TaskSource = Annotated[Union[GeneratedSource, PaperSource, JsonlSource, HFSource], Field(discriminator="kind")]

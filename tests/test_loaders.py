@@ -514,12 +514,12 @@ def save(tmp_path: Path, rows: list[dict], name: str, test: list[dict] | None = 
 
 
 def test_a_gsm8k_gold_is_the_number_after_the_mark_never_the_first_number(tmp_path: Path) -> None:
-    from modecotd.tasks.loaders import HubFields, HubSplitReader
+    from modecotd.tasks.loaders import QAFields, HubSplitReader
 
     folder = save(tmp_path, GSM8K_ROWS, "gsm8k")
     with pytest.raises(DataError, match=r"no row's gold reads as a number answer .*answer_convention: gsm8k"):
         load_hf_dataset(folder, "train", AnswerKind.NUMBER)  # before: the gold was 48, silently
-    reader = HubSplitReader(folder, "train", AnswerKind.NUMBER, HubFields(convention="gsm8k"))
+    reader = HubSplitReader(folder, "train", AnswerKind.NUMBER, QAFields(convention="gsm8k"))
     examples = list(reader())
     assert [e.answer for e in examples] == ["72", "1000"]
     assert examples[0].rationale == ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips "
@@ -527,6 +527,18 @@ def test_a_gsm8k_gold_is_the_number_after_the_mark_never_the_first_number(tmp_pa
     assert reader.unparsed == {"gold not readable": 1}  # the third row: counted, not guessed
     regex = load_hf_dataset(folder, "train", AnswerKind.NUMBER, regex=r"####\s*(?P<answer>[\d,]+)")
     assert [e.answer for e in regex] == ["72", "1000"] and regex[0].rationale is None
+
+
+def test_a_jsonl_number_gold_must_be_a_lone_number_and_reads_gsm8k_solutions(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS[:2])
+    with pytest.raises(DataError, match=r"gsm8k\.jsonl:1: field 'answer': .* is not a valid number answer \(more "
+                                        r"than a number: .*answer_convention: gsm8k"):
+        load_qa_jsonl(path, AnswerKind.NUMBER)  # before: the gold was 48, silently
+    examples = load_qa_jsonl(path, AnswerKind.NUMBER, convention="gsm8k")
+    assert [e.answer for e in examples] == ["72", "1000"] and examples[1].rationale.endswith("she earned 0.2 x 50 = $10.")
+    choices = write_jsonl(tmp_path / "mc.jsonl", [{"question": "2 + 2?", "options": ["3", "4"], "answer": "4"}])
+    [example] = load_qa_jsonl(choices, AnswerKind.CHOICE, choices="options")
+    assert (example.question, example.answer) == ("2 + 2? Answer choices: (A) 3, (B) 4.", "B")
 
 
 def test_a_multiple_choice_set_gets_lettered_choices_and_its_gold_letter(tmp_path: Path) -> None:

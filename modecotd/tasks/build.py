@@ -57,15 +57,15 @@ def _split_readers(task, kind: AnswerKind) -> dict[str, Callable[[], Iterable[Ex
     source = task.source
     if source.kind == "paper":  # readers that count the rows they cannot parse (paper.unparsed_counts)
         return paper.paper_readers(Path(source.data_dir), source.task or task.name, kind, name=task.name)
-    fields = dict(question_field=source.question_field, answer_field=source.answer_field,
-                  rationale_field=source.rationale_field)
+    fields = loaders.QAFields(source.question_field, source.answer_field, source.rationale_field,
+                              source.answer_convention, source.answer_regex, source.choices_field)
     if source.kind == "jsonl":
-        return {split: partial(loaders.iter_qa_jsonl, Path(getattr(source, split)), kind, **fields)
+        return {split: partial(loaders.iter_qa_jsonl, Path(getattr(source, split)), kind, fields.question,
+                               fields.answer, fields.rationale, convention=fields.convention, regex=fields.regex,
+                               choices=fields.choices)
                 if getattr(source, split) else None for split in SPLITS}
     if source.kind == "hf":
-        hub = loaders.HubFields(source.question_field, source.answer_field, source.rationale_field,
-                                source.answer_convention, source.answer_regex, source.choices_field)
-        return {split: loaders.HubSplitReader(source.dataset, getattr(source, f"{split}_split"), kind, hub,
+        return {split: loaders.HubSplitReader(source.dataset, getattr(source, f"{split}_split"), kind, fields,
                                               source.name, source.revision, source.data_files)
                 if getattr(source, f"{split}_split") else None for split in SPLITS}
     raise ConfigError(f"tasks.{task.name}.source.kind: unknown {source.kind!r}")

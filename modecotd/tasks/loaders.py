@@ -351,44 +351,41 @@ def paper_answers(path: Path) -> Iterator[str]:
 # --------------------------------------------------------------------------- generic QA rows
 
 
-def _qa_example(
-    row: Mapping[str, Any],
-    kind: AnswerKind,
-    locator: str,
-    question_field: str,
-    answer_field: str,
-    rationale_field: str | None,
-) -> Example:
-    """One question/answer row as an Example."""
-    question = _field_text(row, question_field, locator, EMPTY_QUESTION).strip()
-    answer = _gold(_field_text(row, answer_field, locator, BAD_ANSWER), kind, answer_field, locator)
-    rationale = None
-    if rationale_field is not None:
-        rationale = _optional_field_text(row, rationale_field, locator)
-    return Example(question, answer, rationale, locator)
+def _qa_example(row: Mapping[str, Any], kind: AnswerKind, locator: str, fields: QAFields) -> Example:
+    """One question/answer row as an Example; a gold that cannot be read (see :func:`read_gold`) is
+    a BadRow naming the field."""
+    question = _field_text(row, fields.question, locator, EMPTY_QUESTION).strip()
+    text = _field_text(row, fields.answer, locator, BAD_ANSWER)
+    gold, carried = read_gold(row, kind, fields)
+    if gold is None:
+        hint = ""
+        if kind == AnswerKind.NUMBER and normalize(text, kind) is not None and fields.convention == "plain":
+            hint = " (more than a number: for a solution ending in '#### 72' set answer_convention: gsm8k, or answer_regex)"
+        raise BadRow(locator, BAD_ANSWER, f"field {fields.answer!r}: {text.strip()[:MAX_QUOTED_CHARS]!r} is not a "
+                     f"valid {AnswerKind(kind).value} answer{hint}")
+    if fields.choices:
+        question = _with_choices(question, row.get(fields.choices))
+    rationale = carried
+    if fields.rationale is not None and fields.rationale != fields.answer:
+        rationale = _optional_field_text(row, fields.rationale, locator)
+    return Example(question, gold, rationale, locator)
 
 
-def iter_qa_jsonl(
-    path: Path,
-    kind: AnswerKind,
-    question_field: str = "question",
-    answer_field: str = "answer",
-    rationale_field: str | None = None,
-) -> Iterator[Example]:
+def iter_qa_jsonl(path: Path, kind: AnswerKind, question_field: str = "question", answer_field: str = "answer",
+                  rationale_field: str | None = None, **reading) -> Iterator[Example]:
     """Examples of a JSONL file of question/answer(/rationale) objects, streamed.
 
-    The question is taken as is; the answer is normalized for ``kind``; the rationale (when a
-    field is named) may be absent or null on some rows.
+    The question is taken as is; the gold is read as :func:`read_gold` says (``reading``: the
+    :class:`QAFields` convention, regex and choices); the rationale (when a field is named) may be
+    absent or null on some rows. The first row that cannot be read is a DataError naming its line.
     """
-    return (
-        _qa_example(row, kind, locator, question_field, answer_field, rationale_field)
-        for locator, row in iter_rows(Path(path))
-    )
+    fields = QAFields(question_field, answer_field, rationale_field, **reading)
+    return (_qa_example(row, kind, locator, fields) for locator, row in iter_rows(Path(path)))
 
 
 def load_qa_jsonl(path: Path, kind: AnswerKind, question_field: str = "question", answer_field: str = "answer",
-                  rationale_field: str | None = None) -> list[Example]:
-    return list(iter_qa_jsonl(path, kind, question_field, answer_field, rationale_field))
+                  rationale_field: str | None = None, **reading) -> list[Example]:
+    return list(iter_qa_jsonl(path, kind, question_field, answer_field, rationale_field, **reading))
 
 
 def _open_hf_dataset(name_or_path: str, split: str, name: str | None = None, revision: str | None = None,
@@ -425,8 +422,8 @@ CHOICE_LETTERS = "ABCDEF"  # what a choice answer can be (modecotd.tasks.answers
 
 
 @dataclass(frozen=True)
-class HubFields:
-    """How a row of a hub dataset becomes an example: which fields hold what, and how the gold is
+class QAFields:
+    """How a question/answer row (a hub dataset's, a JSONL file's) becomes an example: which fields hold what, and how the gold is
     taken out of its field (``convention`` "gsm8k": after the last ``####``, the text before it
     being the rationale; or ``regex``: its ``answer`` group, else its first group, else the match)
     and mapped to a letter through ``choices`` (a list of texts, or ``{label: [...], text: [...]}``)."""
@@ -442,7 +439,7 @@ class HubFields:
         return [self.question, self.answer] + [f for f in (self.rationale, self.choices) if f]
 
 
-def _hub_gold(row: Mapping[str, Any], kind: AnswerKind, fields: HubFields) -> tuple[str | None, str | None]:
+def read_gold(row: Mapping[str, Any], kind: AnswerKind, fields: QAFields) -> tuple[str | None, str | None]:
     """(canonical gold, or None when it cannot be read; the rationale the answer field carries)."""
     value = row.get(fields.answer)
     rationale = None
@@ -509,13 +506,13 @@ class HubSplitReader:
     """One split of a Hugging Face dataset (a ``save_to_disk`` folder or a hub name), streamed as
     Examples by calling it; every call is one pass over its memory-mapped table.
 
-    A field the rows do not have is a DataError. A row whose gold cannot be read (:func:`_hub_gold`:
+    A field the rows do not have is a DataError. A row whose gold cannot be read (:func:`read_gold`:
     absent, not of the task's kind, more than a number where a number is wanted, no ``####`` under
     the gsm8k convention, not one of the choices) or whose question is empty is skipped and counted
     in ``unparsed``, never guessed; a split where no row can be read is a DataError that says what
     to set. Sources are ``{dataset}[{split}]:row N``."""
 
-    def __init__(self, dataset: str, split: str, kind: AnswerKind, fields: HubFields = HubFields(),
+    def __init__(self, dataset: str, split: str, kind: AnswerKind, fields: QAFields = QAFields(),
                  name: str | None = None, revision: str | None = None, data_files: Any = None):
         self.dataset, self.split, self.kind, self.fields = dataset, split, AnswerKind(kind), fields
         self.name, self.revision, self.data_files = name, revision, data_files
@@ -546,7 +543,7 @@ class HubSplitReader:
             locator = f"{self.dataset}[{self.split}]:row {number}"
             count += 1
             question = str(row.get(self.fields.question) or "").strip()
-            gold, carried = _hub_gold(row, self.kind, self.fields)
+            gold, carried = read_gold(row, self.kind, self.fields)
             if not question:
                 self.unparsed["empty question"] += 1
                 continue
@@ -575,5 +572,5 @@ class HubSplitReader:
 def load_hf_dataset(name_or_path: str, split: str, kind: AnswerKind, question_field: str = "question",
                     answer_field: str = "answer", rationale_field: str | None = None, **fields) -> list[Example]:
     """Every readable row of one split (see :class:`HubSplitReader`)."""
-    return list(HubSplitReader(name_or_path, split, kind, HubFields(question_field, answer_field, rationale_field,
+    return list(HubSplitReader(name_or_path, split, kind, QAFields(question_field, answer_field, rationale_field,
                                                                     **fields))())
