@@ -18,7 +18,6 @@ from modecotd.config import EVALUATION_BATCH
 from modecotd.evaluate import attach_system, load_system, predict, score_rows, summarize
 from modecotd.errors import UserError
 from modecotd.jobs.liveness import LIVENESS_GROUP, Liveness
-from modecotd.jobs.liveness import WAIT_S as LIVENESS_WAIT_S
 from modecotd.jobs.placement import wait_for_resources, wait_until_placed
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
@@ -153,13 +152,10 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
         submit(slot)
     try:
         while running:
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=LIVENESS_WAIT_S)
             busy = {slot: actors[slot] for slot, _, _ in running.values()}
-            for slot in liveness.stalled(busy):  # killed: its pair comes back below as an actor's death
-                ray.kill(busy[slot], no_restart=True)
-            if not ready:
+            future = liveness.wait(list(running), busy)  # a stalled actor's pair comes back as its death
+            if future is None:
                 continue
-            [future] = ready
             slot, unit, args = running.pop(future)
             task, name = args[0], args[1]
             try:

@@ -57,6 +57,16 @@ class Liveness:
         return stalled
 
 
+    def wait(self, pending: list, busy: dict):
+        """Wait up to :data:`WAIT_S` for one of ``pending``; meanwhile kill every actor of ``busy``
+        that :meth:`stalled` names (its work then fails as an actor's death, which the pool already
+        handles). Returns the ref that is ready, or None."""
+        ready, _ = ray.wait(pending, num_returns=1, timeout=WAIT_S)
+        for key in self.stalled(busy):
+            ray.kill(busy[key], no_restart=True)
+        return ready[0] if ready else None
+
+
 def train_health_env(stall_s: float) -> dict[str, str]:
     """The environment that makes Ray Train give up on a worker that has not answered its health
     check for ``stall_s`` (then the job restarts from its last checkpoint, up to max_failures)."""

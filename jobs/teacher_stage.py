@@ -26,7 +26,6 @@ import ray
 from modecotd.artifacts import Unit, fingerprint, pending
 from modecotd.errors import ModelError, UserError
 from modecotd.jobs.liveness import LIVENESS_GROUP, Liveness
-from modecotd.jobs.liveness import WAIT_S as LIVENESS_WAIT_S
 from modecotd.jobs.placement import wait_for_resources, wait_until_placed
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
@@ -320,13 +319,10 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
                 outstanding[shard.task] += 1
             if not in_flight:
                 break
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=LIVENESS_WAIT_S)
             busy = {slot: actor for slot, actor, _ in in_flight.values() if pool.actors.get(slot) is actor}
-            for slot in liveness.stalled(busy):  # killed: its shards come back below as an actor's death
-                ray.kill(busy[slot], no_restart=True)
-            if not ready:
+            ref = liveness.wait(list(in_flight), busy)  # a stalled actor's shards come back as its death
+            if ref is None:
                 continue
-            (ref,) = ready
             slot, actor, shard = in_flight.pop(ref)
             result = _shard_outcome(ref, slot, actor, shard, pool, cfg.max_restarts)
             if result is None:  # its actor died: the shard goes round again

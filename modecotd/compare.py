@@ -2,7 +2,6 @@
 difference in accuracy with a paired bootstrap interval and the exact McNemar p-value."""
 from __future__ import annotations
 
-from modecotd.artifacts import MANIFEST
 from modecotd.config import read_yaml
 from modecotd.errors import UserError
 from modecotd.plan import RunLayout
@@ -69,10 +68,7 @@ def _config(storage: Storage) -> dict:
 
 def evaluated_systems(view: RunView, task: str) -> list[str]:
     """The systems with a current evaluation on ``task`` (any name: the standard ones first)."""
-    prefix = view.layout.evaluation(task, "").rstrip("/")
-    names = {name for path in view.storage.files(prefix)
-             if path.count("/") == 1 and path.endswith(f"/{MANIFEST}") and not path.startswith(".")
-             and view.manifest(view.layout.evaluation(task, name := path.split("/")[0]))}
+    names = {prefix.rsplit("/", 1)[1] for prefix in view.units_under(view.layout.evaluation(task, ""))}
     return sorted(names, key=lambda name: (SYSTEMS.index(name) if name in SYSTEMS else len(SYSTEMS), name))
 
 

@@ -259,14 +259,15 @@ class RunLease:
                     lease = {}
                 now = time.time()
                 lapsed = now - lease.get("renewed_at", 0) > lease.get("ttl_s", self.ttl_s)
-                if not (lapsed or holder_is_gone(lease) or self.take_over):
+                gone = holder_is_gone(lease)
+                if not (lapsed or gone or self.take_over):
                     raise UserError(
                         f"{where}: this run is held by {describe(lease, now)}: two drivers on one run would delete "
                         f"each other's work. Wait for it to end or stop it; if it is dead, its lease lapses "
                         f"{lease.get('ttl_s', self.ttl_s):.0f} s after its last renewal, or run again with --take-over")
-                if lapsed or holder_is_gone(lease):
+                if lapsed or gone:
                     log.info("%s: taking over the lease of %s (%s)", where, describe(lease, now),
-                             "its process is gone" if holder_is_gone(lease) else "it lapsed")
+                             "its process is gone" if gone else "it lapsed")
                 else:
                     log.warning("%s: taking over the lease of %s (--take-over)", where, describe(lease, now))
                 expected = current[1]

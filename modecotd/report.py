@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 
-from modecotd.artifacts import MANIFEST, write_json
+from modecotd.artifacts import write_json
 from modecotd.config import CONTROLS, GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, STAGES, WEIGHT_CONTROLS, \
     mixture_system, read_yaml
 from modecotd.evaluate import majority_baseline
@@ -660,7 +660,7 @@ def training_curves(run: "Storage | str | Path") -> dict[str, dict]:
     """Each current expert's loss per micro-batch and validation losses, from its training.json."""
     view = RunView(_storage(run))
     curves = {}
-    for prefix in _units_under(view, view.layout.expert("")):
+    for prefix in view.units_under(view.layout.expert("")):
         text = view.read(prefix, "training.json")
         if text is None:
             continue
@@ -669,13 +669,6 @@ def training_curves(run: "Storage | str | Path") -> dict[str, dict]:
                                             "accumulation": summary.get("gradient_accumulation", 1),
                                             "validation": summary.get("validation_losses", [])}
     return curves
-
-
-def _units_under(view: RunView, folder: str) -> list[str]:
-    """The prefixes of the units directly under ``folder`` (hidden folders, such as staging, left out)."""
-    folder = folder.rstrip("/")
-    return sorted(f"{folder}/{path.split('/')[0]}" for path in view.storage.files(folder)
-                  if path.count("/") == 1 and path.endswith(f"/{MANIFEST}") and not path.startswith("."))
 
 
 def plot_training(curves: dict[str, dict], path: Path) -> None:
@@ -724,7 +717,7 @@ def search_curves(run: "Storage | str | Path") -> dict[str, list[float]]:
     (of each current mixture)."""
     view = RunView(_storage(run))
     curves = {}
-    for prefix in _units_under(view, view.layout.mixture("")):
+    for prefix in view.units_under(view.layout.mixture("")):
         mixture, search = view.read(prefix, "mixture.json"), view.read(prefix, "search.json")
         if mixture is None or search is None:
             continue

@@ -57,6 +57,14 @@ class RunView:
         except FileNotFoundError:
             return None
 
+    def units_under(self, folder: str) -> list[str]:
+        """The prefixes of the current units directly under ``folder`` (hidden ones, such as
+        staging folders, left out)."""
+        folder = folder.rstrip("/")
+        return sorted(prefix for path in self.storage.files(folder)
+                      if path.count("/") == 1 and path.endswith(f"/{MANIFEST}") and not path.startswith(".")
+                      and self.manifest(prefix := f"{folder}/{path.split('/')[0]}") is not None)
+
     def units(self) -> tuple[list[str], list[str]]:
         """(current units, stale units): the folders holding a manifest, split by :meth:`manifest`."""
         prefixes = sorted(path[: -len(MANIFEST) - 1] for path in self.storage.files()
