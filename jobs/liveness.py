@@ -19,12 +19,14 @@ log = logging.getLogger(__name__)
 LIVENESS_GROUP = {"liveness": 1}  # @ray.remote(concurrency_groups=...) of an actor that answers pings
 PING = "alive"  # the method, in that group, that answers True
 WAIT_S = 1.0  # how long a pool waits on its work before it looks at its actors again
+START_S = 60.0  # at least this long for an actor that never answered to start: a replacement may queue for CPUs
 
 
 class Liveness:
     """The pings in flight of one pool's actors, by a key the pool chooses (a slot). An actor that
-    has never answered may still be waiting for a node: it is given ``start_s`` more (the stage's
-    placement wait) before it counts as stalled."""
+    has never answered may still be waiting for a node or for CPUs other actors hold: it is given
+    ``start_s`` more (the stage's placement wait), and at least :data:`START_S`, before it counts as
+    stalled."""
 
     def __init__(self, stall_s: float, what: str, start_s: float = 0.0):
         self.stall_s, self.start_s, self.what = stall_s, start_s, what
@@ -48,7 +50,7 @@ class Liveness:
                 self.seen.add(actor._actor_id)
                 self.pings[key] = (actor, getattr(actor, PING).remote(), now)
                 continue
-            allowed = self.stall_s + (0 if actor._actor_id in self.seen else self.start_s)
+            allowed = self.stall_s + (0 if actor._actor_id in self.seen else max(self.start_s, START_S))
             if now - sent > allowed:
                 log.warning("%s %s has not answered for %.0f s (resources.stall_timeout_s): stopped, frozen or cut "
                             "off; it is killed and its work goes to another", self.what, key, now - sent)
