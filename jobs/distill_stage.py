@@ -60,7 +60,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     unit: Unit = loop_config["unit"]
     staging = unit.begin() if rank == 0 else None
     settings = DistillSettings(**{**loop_config["settings"], "student_dir": str(materialize(loop_config["student"])),
-                                  "output_dir": str(staging or "")})
+                                  "student": loop_config["student"], "output_dir": str(staging or "")})
     checkpoint_every = settings.checkpoint_every
 
     gauges = {}

@@ -56,6 +56,7 @@ class DistillSettings:
     offload_optimizer: bool = False
     full_finetune: bool = False  # train every student weight instead of a LoRA (a baseline)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
+    student: str = ""  # the student's reference as the config gives it (recorded in the adapter); "": student_dir
 
 
 def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int,
@@ -364,7 +365,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
                "started_at": started, "finished_at": time.time(),
                "target_tokens_per_s_rank0": (state.target_tokens - tokens_at_start) / max(1e-9, time.time() - started)}
     save_adapter(engine, settings.output_dir, rank, settings.zero_stage, settings.student_dir, state=best_state,
-                 full_finetune=settings.full_finetune)
+                 full_finetune=settings.full_finetune, student=settings.student)
     return summary
 
 
@@ -543,10 +544,11 @@ def trained_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(engine, output_dir: str, rank: int, zero_stage: int, student_dir: str,
-                 state: dict | None = None, full_finetune: bool = False) -> None:
-    """Save what was trained (``state``, or the current weights): a standard peft adapter folder,
-    or for full fine-tuning a whole model folder with the student's tokenizer; then check it (see
-    :func:`check_adapter` and :func:`check_model`)."""
+                 state: dict | None = None, full_finetune: bool = False, student: str = "") -> None:
+    """Save what was trained (``state``, or the current weights): a standard peft adapter folder
+    whose base model is named as another machine can load it (``student``, the config's reference:
+    see :func:`modecotd.models.record_base_model`), or for full fine-tuning a whole model folder with
+    the student's tokenizer; then check it (see :func:`check_adapter` and :func:`check_model`)."""
     state = state if state is not None else trained_state(engine, zero_stage)
     if rank != 0:
         return
@@ -557,6 +559,9 @@ def save_adapter(engine, output_dir: str, rank: int, zero_stage: int, student_di
         load_tokenizer(Path(student_dir)).save_pretrained(output_dir)
         check_model(output_dir, state)
     else:
+        from modecotd.models import record_base_model
+
+        record_base_model(Path(output_dir), student or student_dir, Path(student_dir))
         check_adapter(output_dir, student_dir, len(state))
 
 

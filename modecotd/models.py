@@ -165,10 +165,11 @@ def _build_tiny(out: Path, seq2seq: bool = False) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, T5Config
 
     tokenizer = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
-    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # older
+    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)  # transformers read no pad from the GGUF
     torch.manual_seed(TINY_SEED)
     if seq2seq:
-        config = T5Config(vocab_size=len(tokenizer), decoder_start_token_id=tokenizer.pad_token_id,
+        config = T5Config(vocab_size=len(tokenizer), decoder_start_token_id=pad,
                           **special, **TINY_T5)
         model = AutoModelForSeq2SeqLM.from_config(config)
     else:
@@ -211,6 +212,42 @@ def materialize(reference: str) -> Path:
                  else "and it could not be downloaded from the hub")
         raise ModelError(f"model {reference!r} is neither a local folder {where} on node {_node_name()} "
                          f"({type(exc).__name__}); built-ins: {', '.join(BUILTINS)}") from None
+
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub release the built-in student was quantised from (its weights differ: Q4_1, dequantised)."""
+
+
+def public_reference(reference: str, folder: Path) -> tuple[str, str | None]:
+    """What another machine can load in place of the model this node resolved ``reference`` to at
+    ``folder``: (a name for ``base_model_name_or_path``, a revision or None). A hub id keeps its id
+    and the commit of the snapshot it came from; the built-in SmolLM2 names the hub release it was
+    quantised from (its weights are not that release's: Q4_1, dequantised); anything else (a folder,
+    an object-store prefix, another built-in) is the user's own reference as written, never a path
+    of this node's model cache."""
+    if reference == BUILTIN_SMOLLM2:
+        return SMOLLM2_HUB_ID, None
+    if reference.startswith("builtin:") or Path(reference.removeprefix("file://")).expanduser().is_dir():
+        return reference, None
+    from modecotd.storage import is_uri
+
+    if is_uri(reference):
+        return reference, None
+    parts = Path(folder).parts
+    revision = parts[-1] if len(parts) > 1 and parts[-2] == "snapshots" else None  # the hub cache's layout
+    return reference, revision
+
+
+def record_base_model(adapter_dir: Path, reference: str, folder: Path) -> None:
+    """Rewrite a saved peft adapter's ``base_model_name_or_path`` (peft writes the local folder the
+    base was loaded from: a path of this node's cache) as :func:`public_reference` names it, with
+    its revision."""
+    import json
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"], config["revision"] = public_reference(reference, folder)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def check_reference(reference: str) -> None:
