@@ -1,5 +1,6 @@
 """The `modecotd` command: run the pipeline (or some of its stages), search the mixer, rebuild a
-report, compare two runs, check a config, manage a local cluster."""
+report, compare two runs, export a system, write out an example config, check a config, manage a
+local cluster."""
 from __future__ import annotations
 
 import argparse
@@ -102,6 +103,27 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("run", help="the run's name (with --storage) or its URI")
     pull.add_argument("--storage", help="where runs live, e.g. s3://bucket/prefix")
     pull.add_argument("--to", type=Path, help="the local folder (default: runs/<run name>)")
+
+    export = commands.add_parser("export", help="one system of a run as a folder that plain transformers + peft (or "
+                                                 "vLLM) load: a LoRA adapter, or merged into the student")
+    export.add_argument("run", help="the run's folder or URI; with --storage, its name")
+    export.add_argument("--storage", help="where runs live (a folder or s3://bucket/prefix)")
+    export.add_argument("--task", required=True, help="the task whose system to export")
+    export.add_argument("--system", required=True,
+                        help="expert, expert-<seen task>, multitask, full_finetune, fewshot_lora, mixture or "
+                             "mixture-<method> (as the report names them); a gate mixture cannot be exported")
+    export.add_argument("--to", type=Path, required=True, help="a new (or empty) folder to write it to")
+    export.add_argument("--merge", action="store_true",
+                        help="merge the adapter into the student's weights (a plain transformers model, fp32)")
+    export.add_argument("--seed", type=int, help="which of the run's seeds (default: its first)")
+    export.add_argument("--push-to-hub", metavar="REPO",
+                        help="also upload the folder to this Hugging Face hub repository (private; needs HF_TOKEN)")
+
+    examples = commands.add_parser("examples", help="list the example configs shipped with modecotd, or write one "
+                                                    "out to edit (each also runs by name: modecotd run quickstart)")
+    examples.add_argument("name", nargs="?", help="the example to write out (default: list them)")
+    examples.add_argument("--to", type=Path, default=Path("."),
+                          help="the folder to write it to, as <name>.yaml (default: this folder)")
 
     check = commands.add_parser("check", help="validate a config, load its tasks and check what a run would refuse "
                                                  "(models, question lengths, the API key variable), without running")
@@ -320,6 +342,40 @@ def _pull(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from modecotd.export import export, push_to_hub
+
+    record = export(_run_storage(args), args.task, args.system, args.to, merge=args.merge, seed=args.seed)
+    accuracy = (record.get("evaluation") or {}).get("accuracy_strict")
+    print(f"exported {record['system']} of {record['task']} ({record['kind']}) to {args.to}"
+          + ("" if accuracy is None else f"; its accuracy in the run: {100 * accuracy:.1f}%")
+          + f"; model card: {args.to / 'README.md'}")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(args.to, args.push_to_hub)}")
+    return 0
+
+
+def _examples(args) -> int:
+    from modecotd.config import builtin_configs
+
+    shipped = builtin_configs()
+    if args.name is None:
+        for name, path in shipped.items():
+            first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+            print(f"{name:<18} {first}")
+        print("write one out: modecotd examples NAME [--to DIR]; run one as it is: modecotd run NAME")
+        return 0
+    if args.name not in shipped:
+        raise UserError(f"no example {args.name!r}; examples: {', '.join(shipped)}")
+    target = args.to / f"{args.name}.yaml"
+    if target.exists():
+        raise UserError(f"{target}: exists; give another --to folder (nothing was overwritten)")
+    args.to.mkdir(parents=True, exist_ok=True)
+    target.write_text(shipped[args.name].read_text())
+    print(f"wrote {target}: edit it (data paths in it are relative to its folder), then: modecotd run {target}")
+    return 0
+
+
 def _check(args) -> int:
     from modecotd.config import load_config
 
@@ -364,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "allow_http_token", False):
         os.environ[ALLOW_HTTP_ENV] = "1"
     handlers = {"run": _run, "tune": _tune, "submit": _submit, "status": _jobs, "logs": _jobs, "stop": _jobs,
-                "list": _jobs, "report": _report, "compare": _compare, "pull": _pull, "check": _check,
+                "list": _jobs, "report": _report, "compare": _compare, "pull": _pull, "export": _export, "examples": _examples, "check": _check,
                 "cluster": _cluster}
     install_interrupt_handler()
     try:

@@ -314,6 +314,89 @@ def test_each_method_can_be_a_system_of_its_own(first_run):
     assert "| letters (mixture-gate) | gate |" in mixtures and "– (no CV; fit" in mixtures
 
 
+PLAIN_DECODE = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base, adapter, prompts_file = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+if adapter != "-":
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, adapter)
+tokenizer = AutoTokenizer.from_pretrained(adapter if adapter != "-" else base)
+outputs = []
+for prompt in json.load(open(prompts_file)):
+    ids = tokenizer(prompt, return_tensors="pt")
+    new = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    outputs.append(text[: text.index("END") + 3] if "END" in text else text)
+print(json.dumps({"outputs": outputs, "modecotd_imported": any(m.startswith("modecotd") for m in sys.modules)}))
+"""
+
+
+def decode_without_modecotd(tmp_path, base, adapter, unit_dir) -> list[tuple[str, str]]:
+    """(the run's output, plain transformers + peft's greedy output) for each test row of an evaluation
+    unit, decoded in a process that never imports modecotd."""
+    import subprocess
+    import sys
+
+    from modecotd.prompts import student_prompt
+    from modecotd.tasks.schema import AnswerKind
+
+    rows = read_jsonl(unit_dir / "predictions.jsonl")
+    kind = AnswerKind(json.loads((unit_dir.parents[2] / "tasks.json").read_text())[unit_dir.parent.name]["kind"])
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps([student_prompt(r["question"], kind) for r in rows]))
+    done = subprocess.run([sys.executable, "-c", PLAIN_DECODE, str(base), str(adapter), str(prompts_file)],
+                          capture_output=True, text=True, check=True, cwd=tmp_path)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not result["modecotd_imported"] and any(row["output"] for row in rows)
+    return [(row["output"], plain) for row, plain in zip(rows, result["outputs"])]
+
+
+def test_an_exported_system_loads_without_modecotd_and_gives_the_runs_predictions(first_run, tmp_path, capsys):
+    """`modecotd export`: the expert as a peft adapter and the delta mixture merged into the student,
+    each loaded by plain transformers + peft in another process, write the run's own outputs on the
+    test rows; a gate mixture and the base student are refused with the reason."""
+    from modecotd.cli import main
+
+    _, run_dir, _ = first_run
+    config = json.loads(json.dumps(CONFIG))
+    config["mixture"].update(systems="per_method", cv_folds=0, budget=3)
+    run_pipeline(parse_config(config), run_dir, stages=["mix", "evaluate"])  # as the test above: a no-op after it
+
+    assert main(["export", str(run_dir), "--task", "coins", "--system", "expert", "--to", str(tmp_path / "expert")]) == 0
+    adapter = tmp_path / "expert"
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "builtin:tiny"  # the config's reference, not a cache path
+    card = (adapter / "README.md").read_text()
+    accuracy = read_jsonl(run_dir / "eval/coins/expert/predictions.jsonl")
+    assert f"| {100 * sum(r['correct'] for r in accuracy) / len(accuracy):.1f} |" in card and "Q: {question}" in card
+    tiny = tmp_path / "tiny"  # the base model as another machine would have it: a plain folder
+    from modecotd.models import BUILTIN_TINY, materialize
+    import shutil
+    shutil.copytree(materialize(BUILTIN_TINY), tiny)
+    pairs = decode_without_modecotd(tmp_path, tiny, adapter, run_dir / "eval/coins/expert")
+    assert all(run == plain for run, plain in pairs), pairs
+
+    assert main(["export", str(run_dir), "--task", "letters", "--system", "mixture-delta", "--merge",
+                 "--to", str(tmp_path / "merged")]) == 0
+    merged = tmp_path / "merged"
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    assert "delta mixture of the experts (coins " in (merged / "README.md").read_text()
+    pairs = decode_without_modecotd(tmp_path, merged, "-", run_dir / "eval/letters/mixture-delta")
+    assert all(run == plain for run, plain in pairs), pairs
+
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--task", "letters", "--system", "mixture-gate", "--to",
+                 str(tmp_path / "gate")]) == 2
+    assert "gate mixture weighs the experts anew at every token" in capsys.readouterr().err
+    assert not (tmp_path / "gate").exists()
+    assert main(["export", str(run_dir), "--task", "coins", "--system", "base", "--to", str(tmp_path / "b")]) == 2
+    assert main(["export", str(run_dir), "--task", "coins", "--system", "expert", "--to", str(adapter)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+
+
 def test_seeds_controls_orders_and_the_likelihood_reading(ray_cluster, tmp_path):
     """Two seeds, the three controls, lorahub over two orders and the likelihood reading, on the coin
     flip and its twin as the unseen target: each seed trains and mixes on its own (the second under
