@@ -79,7 +79,8 @@ def submit(config_path: Path, *, address: str | None = None, run_dir: str | None
         runtime_env["env_vars"] = dict(env)
     if pip:
         runtime_env["pip"] = list(pip)
-    metadata = {"run": config.name, "stages": ",".join(stages or []) or "all", "run_dir": run_dir,
+    metadata = {"job_name": f"modecotd {config.name}", "run": config.name, "stages": ",".join(stages or []) or "all",
+                "run_dir": run_dir,
                 "config_fingerprint": fingerprint(config.model_dump(mode="json"))}
     # unique even for one config submitted many times in one second
     submission_id = submission_id or f"{JOB_PREFIX}{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"

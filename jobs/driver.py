@@ -174,7 +174,7 @@ def _connect(work: Work, address: str | None) -> None:
 
     config = work.config
     cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard,
-                                  config.resources.dashboard_host)
+                                  config.resources.dashboard_host, run=config.name)
     check_every_node_reaches(work.plan.layout.storage)
     if cluster.get("started_here"):  # no node will join a cluster this run started: never wait for one
         work.config = config = config.model_copy(deep=True)

@@ -48,15 +48,21 @@ def check_address(address: str | None) -> None:
 
 
 def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True,
-            dashboard_host: str = "127.0.0.1") -> dict:
+            dashboard_host: str = "127.0.0.1", run: str | None = None) -> dict:
     """Start or join a Ray cluster; returns what the run should print about it. Without an
-    address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster."""
+    address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster. ``run``: the
+    run's name, shown by the dashboard as the job's name (its ``job_name`` metadata), as for a
+    submitted run."""
     check_address(address)
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return {"address": "already connected", "dashboard": None}
     kwargs = dict(runtime_env={"env_vars": worker_env()}, logging_level=logging.WARNING,
                   log_to_driver=True)
+    if run:
+        from ray.job_config import JobConfig
+
+        kwargs["job_config"] = JobConfig(metadata={"job_name": f"modecotd {run}", "run": run})
     if address:
         if os.environ.get("RAY_AUTH_MODE") != "token" and token_available():
             log.warning("a Ray auth token exists but RAY_AUTH_MODE was not 'token' when Ray was imported; "

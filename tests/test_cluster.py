@@ -107,6 +107,9 @@ def test_run_with_address_on_a_started_cluster_survives_cluster_up_twice_and_dow
     assert (tmp_path / "run" / "rationales" / "coins" / "accepted.jsonl").is_file()
     assert (tmp_path / "run" / "experts" / "coins" / "manifest.json").is_file()
     assert cli("list", "--address", dashboard).returncode == 0  # the Jobs API still answers
+    code, jobs = rest(f"{dashboard}/api/jobs/", auth.read_token())  # the run's driver, named in the dashboard
+    assert code == 200 and any((job.get("metadata") or {}).get("job_name") == f"modecotd {CONFIG['name']}"
+                               and job.get("type") == "DRIVER" for job in jobs), jobs
 
 
 def rest(url: str, token: str | None):

@@ -119,3 +119,20 @@ def test_ray_up_keeps_the_token_pins_ray_and_copies_no_local_state():
     assert any("ray[default,train,tune]==" in c for c in config["setup_commands"])
     for node in config["available_node_types"].values():  # every node reaches the S3 storage through its role
         assert "IamInstanceProfile" in node["node_config"]
+
+
+def test_the_grafana_dashboard_shows_only_metrics_the_code_exports():
+    """Every metric a panel queries is one the code defines (Ray exports it with the prefix ray_), and
+    every one the code defines has a panel."""
+    import json
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    dashboard = json.loads((root / "cluster/grafana/modecotd-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"ray_(modecotd_[a-z_]+?)(?:\(_total\)\?)?[{\"]", target["expr"])}
+    code = "\n".join(p.read_text() for folder in ("jobs", "modecotd", "tuning") for p in (root / folder).rglob("*.py"))
+    defined = set(re.findall(r'(?:Gauge|Counter|Histogram)\(\s*"(modecotd_[a-z_]+)"', code))
+    defined |= {f"modecotd_distill_{key}" for key in re.findall(r'\("([a-z_]+)", "[^"]+"\)', code.split(
+        'Gauge(f"modecotd_distill_{key}"')[1].split("}")[0])}
+    assert queried and queried == defined, (queried, defined)

@@ -295,7 +295,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     jobs = [job for job in jobs if (job["task"], setting_key(job["setting"])) not in scored]
     if scored:
         log.info("mix: %d setting(s) scored before with the same inputs are kept; %d to score", len(scored), len(jobs))
-    experiment = f"mix-{seed}-{int(time.time())}"
+    experiment = f"mix-{seed}-{int(time.time())}-{config.name}"  # the run's name, for the dashboard
     remove_unfinished_experiments(storage, layout.ray, f"mix-{seed}-")
     started = time.time()
     errors = _search(jobs, cfg, config.name, context, storage, layout.ray, experiment) if jobs else {}
