@@ -914,14 +914,20 @@ def check_data_paths(config: RunConfig) -> None:
             raise ConfigError(f"{config.where('tasks', index, 'source', field_name)}: {value}: {what}")
 
 
-BUILTIN_CONFIGS = {"quickstart": Path(__file__).parent / "configs" / "quickstart.yaml"}
+def builtin_configs() -> dict[str, Path]:
+    """The example configs shipped with the package (the repository's examples/), by name."""
+    from importlib.resources import files
+
+    folder = Path(str(files("modecotd.examples")))
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config (or a built-in name such as `quickstart`), apply overrides, validate."""
-    path = BUILTIN_CONFIGS.get(str(path), Path(path))
+    builtins = builtin_configs()
+    path = builtins.get(str(path), Path(path))
     if not path.is_file():
-        known = ", ".join(sorted(BUILTIN_CONFIGS))
+        known = ", ".join(builtins)
         raise ConfigError(f"{path}: config file not found (built-in configs: {known})")
     try:
         text = path.read_bytes().decode("utf-8")

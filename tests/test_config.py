@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modecotd.config import BUILTIN_CONFIGS, apply_override, check_data_paths, load_config
+from modecotd.config import apply_override, builtin_configs, check_data_paths, load_config
 from modecotd.errors import ConfigError
 
 GOOD = textwrap.dedent("""\
@@ -34,7 +34,7 @@ def test_builtin_quickstart_is_valid():
     config = load_config("quickstart")
     assert config.name == "quickstart"
     assert {t.role.value for t in config.tasks} == {"seen", "unseen"}
-    assert BUILTIN_CONFIGS["quickstart"].is_file()
+    assert builtin_configs()["quickstart"].is_file()
 
 
 def test_good_config_gets_defaults(tmp_path):

@@ -53,13 +53,19 @@ def test_a_row_stops_at_its_stop_string_and_the_text_ends_there(tiny_model_dir):
     from modecotd.models import load_lm, load_tokenizer
 
     model, tokenizer = load_lm(tiny_model_dir, "fp32"), load_tokenizer(tiny_model_dir)
-    free = reference(model, tokenizer, PROMPTS[:1], 12)[0]
-    # the first token of row 0 (after its first) whose text it has not written before: its stop string
-    at = next(i for i in range(1, len(free)) if (stop := tokenizer.decode(free[i:i + 1])).strip()
-              and stop not in tokenizer.decode(free[:i]))
+    # the first prompt whose free continuation writes, after its first token, a token whose text it has
+    # not written before (which prompt depends on the tiny model's random weights): that text is the stop
+    for first, prompt in enumerate(PROMPTS):
+        free = reference(model, tokenizer, [prompt], 12)[0]
+        at = next((i for i in range(1, len(free)) if (stop := tokenizer.decode(free[i:i + 1])).strip()
+                   and stop not in tokenizer.decode(free[:i])), None)
+        if at is not None:
+            break
+    assert at is not None, "no prompt's continuation has a fresh token to stop at"
+    pair = [prompt, PROMPTS[(first + 1) % len(PROMPTS)]]
     tokenizer.padding_side = "left"
-    rows = greedy_continue(model, tokenizer, tokenizer(PROMPTS[:2], return_tensors="pt", padding=True),
+    rows = greedy_continue(model, tokenizer, tokenizer(pair, return_tensors="pt", padding=True),
                            max_new_tokens=12, stops=[stop])
     assert rows[0] == free[:at + 1]
-    [(text, _)], _ = generate_samples(model, tokenizer, PROMPTS[:2], max_new_tokens=12, batch_size=2, stop=stop)
+    [(text, _)], _ = generate_samples(model, tokenizer, pair, max_new_tokens=12, batch_size=2, stop=stop)
     assert text.endswith(stop) and text == tokenizer.decode(free[:at + 1], skip_special_tokens=True)
