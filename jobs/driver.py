@@ -13,6 +13,7 @@ import yaml
 from modecotd.artifacts import clean_staging
 from modecotd.config import STAGES, check_data_paths
 from modecotd.errors import UserError
+from modecotd.jobs.run_log import RunLog
 from modecotd.models import check_reference, context_limit
 from modecotd.prompts import student_prompt
 from modecotd.plan import Plan, RunLayout, check_run_stamp, write_run_stamp
@@ -64,17 +65,18 @@ def run_pipeline(config, run_dir: str | Path | None = None, address: str | None 
     work = _prepare(config, run_dir, stages)  # bad input fails here, before anything is written or started
     _check_earlier_stages(work, stages)
     check_address(address)
-    with RunLease(work.plan.layout.storage, take_over) as lease:
-        return _run_held(work, address, stages, progress, lease)
+    with RunLease(work.plan.layout.storage, take_over) as lease, \
+            RunLog(work.plan.layout.storage, config.name) as run_log:
+        return _run_held(work, address, stages, progress, lease, run_log)
 
 
 def _run_held(work: Work, address: str | None, stages: list[str] | None, progress: ProgressBoard | None,
-              lease) -> RunOutcome:
+              lease, run_log: RunLog) -> RunOutcome:
     from modecotd.jobs import ray_runtime
     from modecotd.jobs.progress import progress_display
 
     layout = work.plan.layout
-    _connect(work, address)
+    _connect(work, address, run_log)
     _start_run_folder(layout, work.config, work.tasks)
     outcome = RunOutcome(storage=layout.storage, report=None)
     try:
@@ -167,14 +169,15 @@ def check_context(config, tasks: dict[str, TaskData]) -> None:
                                 f"evaluation.max_new_tokens ({answer}) are kept for the answer")
 
 
-def _connect(work: Work, address: str | None) -> None:
-    """Start or join Ray; check that every node reaches the storage."""
+def _connect(work: Work, address: str | None, run_log: RunLog | None = None) -> None:
+    """Start or join Ray, the workers' lines going to the run's log; check that every node reaches
+    the storage."""
     from modecotd.jobs import ray_runtime
     from modecotd.jobs.storage_check import check_every_node_reaches
 
     config = work.config
     cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard,
-                                  config.resources.dashboard_host, run=config.name)
+                                  config.resources.dashboard_host, run=config.name, run_log=run_log)
     check_every_node_reaches(work.plan.layout.storage)
     if cluster.get("started_here"):  # no node will join a cluster this run started: never wait for one
         work.config = config = config.model_copy(deep=True)

@@ -48,17 +48,20 @@ def check_address(address: str | None) -> None:
 
 
 def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True,
-            dashboard_host: str = "127.0.0.1", run: str | None = None) -> dict:
+            dashboard_host: str = "127.0.0.1", run: str | None = None, run_log=None) -> dict:
     """Start or join a Ray cluster; returns what the run should print about it. Without an
     address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster. ``run``: the
     run's name, shown by the dashboard as the job's name (its ``job_name`` metadata), as for a
-    submitted run."""
+    submitted run. ``run_log``: a :class:`modecotd.jobs.run_log.RunLog` that takes the workers'
+    lines (the terminal shows only their warnings, unless debug logging is on)."""
     check_address(address)
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return {"address": "already connected", "dashboard": None}
-    kwargs = dict(runtime_env={"env_vars": worker_env()}, logging_level=logging.WARNING,
-                  log_to_driver=True)
+    runtime_env = {"env_vars": worker_env()}
+    if run_log is not None:
+        runtime_env["worker_process_setup_hook"] = "modecotd.jobs.run_log.mark_warnings"
+    kwargs = dict(runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
     if run:
         from ray.job_config import JobConfig
 
@@ -76,6 +79,8 @@ def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = 
         from modecotd.jobs import reaper
 
         reaper.start()  # should this process be killed, its private Ray goes with it
+    if run_log is not None:
+        run_log.capture_workers(verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
     info = {"address": context.address_info.get("address"), "dashboard": context.dashboard_url or None,
             "started_here": not address}
     log.info("Ray cluster at %s, dashboard %s", info["address"], info["dashboard"])

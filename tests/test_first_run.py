@@ -154,3 +154,9 @@ def test_a_first_run_on_a_new_machine_starts_ray_makes_a_private_token_and_train
     assert not BAR.search(terminal) and "Traceback" not in terminal, terminal[-3000:]
     assert "ninja" not in terminal.lower() and "c++" not in terminal, terminal[-3000:]
     assert "preparing" not in terminal  # the machine's first command prepared the model
+    # Ray's and DeepSpeed's worker lines go to the run's log file, not the terminal
+    for noise in ("pid=", "core_worker", "Setting accelerator", "RayTrainWorker"):
+        assert noise not in terminal, terminal[-3000:]
+    [run_log] = (run / "logs").glob("run-*.log")
+    kept = run_log.read_text()
+    assert "RayTrainWorker pid=" in kept and f"this run's log: {run_log}" in done.stderr

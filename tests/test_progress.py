@@ -58,3 +58,37 @@ def test_eta_and_durations():
     assert eta_seconds(first, 0.0, last, 10.0) == 10.0
     assert eta_seconds(first, 0.0, first, 10.0) is None  # nothing moved yet
     assert format_seconds(59) == "59s" and format_seconds(61) == "1m01s" and format_seconds(3700) == "1h01m"
+
+
+def test_workers_lines_go_to_the_run_log_and_only_their_warnings_to_the_terminal(tmp_path, capsys):
+    """What Ray's printer would show: every line lands in the run's log file; the terminal gets a
+    worker's modecotd warning (marked in the worker by mark_warnings) and the raylet's warnings."""
+    import logging
+
+    from modecotd.jobs.run_log import MARK, RunLog, mark_warnings
+    from modecotd.storage import Storage
+
+    before = list(logging.getLogger("modecotd").handlers)
+    try:
+        mark_warnings()  # as in a worker process
+        logging.getLogger("modecotd.distill").info("an info line")
+        logging.getLogger("modecotd.distill").warning("resume from step %d", 4)
+        marked = capsys.readouterr().err
+    finally:
+        logging.getLogger("modecotd").handlers[:] = before
+    assert marked.strip() == f"{MARK}WARNING modecotd.distill: resume from step 4"
+
+    with RunLog(Storage(tmp_path / "run"), "run") as run_log:
+        run_log._worker_lines({"pid": 12, "ip": "10.0.0.2", "actor_name": "RayTrainWorker",
+                               "lines": ["Setting accelerator to CPU", marked.strip()]}, verbose=False)
+        run_log._worker_lines({"pid": "raylet", "ip": "10.0.0.2",
+                               "lines": ["[2026-12-06 10:00:00,000 E 1 1] (raylet) a worker was killed: memory"]},
+                              verbose=False)
+        run_log._worker_lines({"pid": 13, "ip": "10.0.0.2", "task_name": "fit_expert", "lines": ["quiet"]},
+                              verbose=True)
+    terminal = capsys.readouterr().err.splitlines()
+    assert terminal == ["(RayTrainWorker) WARNING modecotd.distill: resume from step 4",
+                        "(raylet) [2026-12-06 10:00:00,000 E 1 1] (raylet) a worker was killed: memory"]
+    kept = run_log.path.read_text()
+    assert run_log.path.parent == tmp_path / "run" / "logs"
+    assert "(RayTrainWorker pid=12, 10.0.0.2) Setting accelerator to CPU" in kept and "(fit_expert pid=13" in kept
