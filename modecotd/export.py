@@ -72,7 +72,7 @@ def export(storage: Storage, task: str, system: str, to: Path, merge: bool = Fal
     summary = manifest.get("summary") or {}
     if summary.get("method") == "gate":
         raise UserError(f"{system} of {task}: {GATE_REFUSAL}")
-    to = Path(to)
+    to = Path(to).resolve()  # "." has no name to put a .partial folder beside
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise UserError(f"{to}: exists and is not an empty folder; give a new one")
     source = Unit(storage, prefix, manifest["fingerprint"]).local()
