@@ -197,7 +197,7 @@ def distill_settings(config, job: Training, rows: list[dict]) -> DistillSettings
         early_stopping_patience=None if job.rows else cfg.early_stopping_patience,
         checkpoint_every=cfg.checkpoint_every,
         offload_optimizer=cfg.offload_optimizer, full_finetune=job.full_finetune,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.gradient_checkpointing, prompt_format=config.student.prompt_format,
     )
 
 

@@ -15,7 +15,7 @@ from modecotd.config import STAGES, check_data_paths
 from modecotd.errors import UserError
 from modecotd.jobs.run_log import RunLog
 from modecotd.models import check_reference, context_limit
-from modecotd.prompts import student_prompt
+from modecotd.prompts import check_chat_template, rendered_prompt
 from modecotd.plan import Plan, RunLayout, check_run_stamp, write_run_stamp
 from modecotd.precision import resolve_dtype
 from modecotd.progress import ProgressBoard
@@ -159,9 +159,15 @@ def check_context(config, tasks: dict[str, TaskData]) -> None:
     if room <= 0:
         raise UserError(f"{config.where('evaluation', 'max_new_tokens')}: {answer} tokens, but the student's "
                         f"context is {context} tokens")
+    fmt, tokenizer = config.student.prompt_format, None
+    if fmt == "chat":  # the student is at hand on this node (context_limit found it): its template too
+        from modecotd.models import load_tokenizer, materialize
+
+        tokenizer = load_tokenizer(materialize(config.student.model))
+        check_chat_template(tokenizer, config.where("student", "prompt_format"))
     for data in tasks.values():
         examples = data.test + data.fewshot
-        lengths = count_tokens([student_prompt(ex.question, data.kind) for ex in examples])
+        lengths = count_tokens([rendered_prompt(ex.question, data.kind, fmt, tokenizer) for ex in examples])
         for ex, length in zip(examples, lengths):
             if length > room:
                 raise UserError(f"{ex.source}: the question is {length} tokens in the student's prompt; the "

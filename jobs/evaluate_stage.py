@@ -96,10 +96,11 @@ class Evaluator:
             send("evaluate", unit, done, len(batch), "question", finished=done >= len(batch))
 
         batch_size = EVALUATION_BATCH.resolve(self.settings["batch_size"], model.device)  # auto: by device
+        fmt = self.settings["prompt_format"]
         outputs = predict(model, self.tokenizer, batch, kind, batch_size=batch_size,
-                          max_new_tokens=self.settings["max_new_tokens"], on_batch=on_batch)
+                          max_new_tokens=self.settings["max_new_tokens"], on_batch=on_batch, prompt_format=fmt)
         likely = (likelihood_answers(model, self.tokenizer, [e.question for e in batch], outputs, kind,
-                                     batch_size=batch_size) if self.settings["likelihood"] else None)
+                                     batch_size=batch_size, prompt_format=fmt) if self.settings["likelihood"] else None)
         rows = score_rows(batch, outputs, kind, likely)
         tags = {"task": task, "system": system_name}
         self.done.inc(1, tags)
@@ -121,7 +122,8 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
     if todo:
         wait_for_resources({"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}, "an evaluator actor",
                            config.resources.placement_timeout_s, "evaluation.cpus_per_actor / gpus_per_actor")
-    settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, "likelihood": cfg.likelihood}
+    settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, "likelihood": cfg.likelihood,
+                "prompt_format": config.student.prompt_format}
     started = itertools.count()
 
     def new_actor():

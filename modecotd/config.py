@@ -64,6 +64,7 @@ MIXER_CANDIDATES = AutoSize(cpu=8, gpu=32)
 # Marks a setting that changes where or how fast work runs, never what it produces: it stays out of
 # every unit's fingerprint (modecotd.plan.settings_key), so changing it redoes nothing.
 RUNTIME = {"fingerprint": False}
+ADDED_LATER = {"fingerprint": "unless_default"}  # in a unit's fingerprint only when set: earlier runs stay current
 
 
 class ConfigProblem(Exception):
@@ -371,6 +372,11 @@ class StudentConfig(Section):
                        "folder (safetensors) or a cached hub id")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description=DTYPE_HELP + "; used by training, the mixer and evaluation")
+    prompt_format: Literal["raw", "chat"] = Field(
+        "raw", json_schema_extra=ADDED_LATER,
+        description="raw: the paper's plain prompt ('<instruction>\\n\\nQ: <question>\\nA:'); chat: that prompt as the "
+        "user's turn of the student tokenizer's chat template and the rationale as the assistant's reply (an "
+        "instruct model); training, the mixer's few-shot loss and evaluation all use it")
 
 
 class LoraSettings(Section):

@@ -57,10 +57,11 @@ class DistillSettings:
     full_finetune: bool = False  # train every student weight instead of a LoRA (a baseline)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
     student: str = ""  # the student's reference as the config gives it (recorded in the adapter); "": student_dir
+    prompt_format: str = "raw"  # student.prompt_format (see modecotd.prompts.rendered_prompt)
 
 
 def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int,
-                  encoder_decoder: bool = False) -> tuple[list[dict], int]:
+                  encoder_decoder: bool = False, prompt_format: str = "raw") -> tuple[list[dict], int]:
     """Token ids of each row's prompt and target, the target (ending in EOS) as the labels.
 
     A causal LM reads prompt + target as one sequence with the prompt masked out of the labels; an
@@ -71,9 +72,9 @@ def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int
     examples, too_long = [], 0
     for row in rows:
         row_kind = AnswerKind(row["kind"]) if "kind" in row else kind  # pooled multi-task rows carry their own
-        prompt_ids = tokenizer(prompts.student_prompt(row["question"], row_kind),
-                               add_special_tokens=encoder_decoder)["input_ids"]
-        target_ids = tokenizer(prompts.student_target(row["rationale"], row["answer"]),
+        prompt_ids = tokenizer(prompts.rendered_prompt(row["question"], row_kind, prompt_format, tokenizer),
+                               add_special_tokens=prompts.adds_special_tokens(prompt_format, encoder_decoder))["input_ids"]
+        target_ids = tokenizer(prompts.rendered_target(row["rationale"], row["answer"], prompt_format),
                                add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if encoder_decoder:
             if max(len(prompt_ids), len(target_ids)) > max_length:
@@ -265,7 +266,7 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     kind = AnswerKind(settings.kind)
     tokenizer = load_tokenizer(Path(settings.student_dir), padding_side="right")
     examples, too_long = tokenize_rows(settings.rows, kind, tokenizer, settings.max_length,
-                                       is_encoder_decoder(settings.student_dir))
+                                       is_encoder_decoder(settings.student_dir), settings.prompt_format)
     if not examples:
         raise ValueError(f"no training rows fit in max_length={settings.max_length}")
     examples, held_out = split_validation(examples, settings.validation_fraction, settings.seed)

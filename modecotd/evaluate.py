@@ -64,10 +64,11 @@ def attach_system(student, student_dir: Path, system: dict):
 
 
 def predict(model, tokenizer, examples: list[Example], kind: AnswerKind, *, batch_size: int,
-            max_new_tokens: int, on_batch=None) -> list[str]:
-    prompt_texts = [prompts.student_prompt(ex.question, kind) for ex in examples]
+            max_new_tokens: int, on_batch=None, prompt_format: str = "raw") -> list[str]:
+    prompt_texts = [prompts.rendered_prompt(ex.question, kind, prompt_format, tokenizer) for ex in examples]
     outputs = generate_texts(model, tokenizer, prompt_texts, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, stop=END_MARK, on_batch=on_batch)
+                             batch_size=batch_size, stop=END_MARK, on_batch=on_batch,
+                             add_special_tokens=prompts.adds_special_tokens(prompt_format, True))
     return [texts[0] for texts in outputs]
 
 

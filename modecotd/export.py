@@ -97,7 +97,9 @@ def export(storage: Storage, task: str, system: str, to: Path, merge: bool = Fal
                   "kind": kind, "student": student, "summary": summary,
                   "evaluation": (evaluation or {}).get("summary")}
         (tmp / "export.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card(record, config, _task_facts(storage, view.layout, task)))
+        facts = _task_facts(storage, view.layout, task)
+        record["prompt_format"] = config["student"].get("prompt_format", "raw")
+        (tmp / "README.md").write_text(model_card(record, config, facts, _prompt(facts, record["prompt_format"], tmp)))
         if to.exists():
             to.rmdir()
         tmp.rename(to)
@@ -164,7 +166,7 @@ def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def model_card(record: dict, config: dict, facts: dict) -> str:
+def model_card(record: dict, config: dict, facts: dict, prompt: str) -> str:
     """A Hugging Face model card: the front matter the hub reads, what the system is, the run's numbers
     for it on its task (with a 95% Wilson interval), the prompt, how to load it."""
     from modecotd.models import BUILTIN_SMOLLM2, public_reference
@@ -216,7 +218,9 @@ def model_card(record: dict, config: dict, facts: dict) -> str:
         lines.append("This system was not evaluated on this task in the run.")
     lines += ["", "## Prompt", "",
               "The student was trained, mixed and evaluated on this prompt, decoding greedily; it writes its "
-              f"reasoning, then `{ANSWER_MARK}`, the answer and `{END_MARK}`:", "", "```", _prompt(facts), "```", "",
+              f"reasoning, then `{ANSWER_MARK}`, the answer and `{END_MARK}`"
+              + (" (prompt format chat: the tokenizer's chat template, shown rendered)" if record.get("prompt_format") == "chat"
+                 else "") + ":", "", "```", prompt, "```", "",
               "## Loading it", "", "```python"]
     if adapter:
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -232,14 +236,21 @@ def model_card(record: dict, config: dict, facts: dict) -> str:
     return "\n".join(lines)
 
 
-def _prompt(facts: dict) -> str:
-    from modecotd.prompts import student_prompt
+def _prompt(facts: dict, prompt_format: str, folder: Path) -> str:
+    """The student's prompt for the task's answer kind, rendered as the run rendered it (a chat
+    prompt with the tokenizer saved in ``folder``)."""
+    from modecotd.prompts import rendered_prompt
     from modecotd.tasks.schema import AnswerKind
 
     kind = facts.get("kind")
     if kind not in {k.value for k in AnswerKind}:
         return "(the task's answer kind is not recorded in the run)"
-    return student_prompt("{question}", AnswerKind(kind))
+    tokenizer = None
+    if prompt_format == "chat":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return rendered_prompt("{question}", AnswerKind(kind), prompt_format, tokenizer)
 
 
 def push_to_hub(folder: Path, repo: str, private: bool = True) -> str:

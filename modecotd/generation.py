@@ -23,9 +23,11 @@ def generate_samples(
     stop: str | list[str] | None = None,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    add_special_tokens: bool = True,
 ) -> list[list[tuple[str, int]]]:
     """Continue each prompt; returns ``num_samples`` (text, generated tokens) pairs per prompt, in
-    the prompts' order.
+    the prompts' order. ``add_special_tokens``: False for prompts rendered with a chat template,
+    which hold their special tokens already.
 
     Prompts are sorted by length so that each batch pads little; greedy when temperature is 0.
     Each sequence stops at a stop string (kept in the text; anything after it is cut) or at EOS.
@@ -40,7 +42,8 @@ def generate_samples(
     sampling = temperature > 0
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(model.device)
+        batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
+                          add_special_tokens=add_special_tokens).to(model.device)
         torch.manual_seed(seed + start)
         kwargs = dict(
             max_new_tokens=max_new_tokens,

@@ -15,7 +15,7 @@ import re
 import torch
 
 from modecotd.losses import IGNORE_INDEX, token_losses
-from modecotd.prompts import student_prompt
+from modecotd.prompts import adds_special_tokens, rendered_prompt
 from modecotd.tasks.answers import ANSWER_MARK, END_MARK
 from modecotd.tasks.schema import AnswerKind
 
@@ -43,11 +43,14 @@ def reasoning_of(output: str) -> str:
     return text.strip()
 
 
-def _option_example(tokenizer, prompt: str, reasoning: str, option: str, encoder_decoder: bool) -> dict:
+def _option_example(tokenizer, prompt: str, reasoning: str, option: str, encoder_decoder: bool,
+                    prompt_format: str = "raw") -> dict:
     """Token ids of prompt + reasoning + marker + option with the option's positions marked: the
-    labels hold every target token (a seq2seq decoder reads them), ``option`` flags the option's."""
+    labels hold every target token (a seq2seq decoder reads them), ``option`` flags the option's.
+    ``prompt``: rendered in ``prompt_format`` (see :func:`modecotd.prompts.rendered_prompt`)."""
     lead = f" {reasoning}\n\n{ANSWER_MARK}\n\n" if reasoning else f" {ANSWER_MARK}\n\n"
-    prompt_ids = tokenizer(prompt, add_special_tokens=encoder_decoder)["input_ids"]
+    lead = lead if prompt_format == "raw" else lead.lstrip(" ")  # a chat reply starts without the space
+    prompt_ids = tokenizer(prompt, add_special_tokens=adds_special_tokens(prompt_format, encoder_decoder))["input_ids"]
     lead_ids = tokenizer(lead, add_special_tokens=False)["input_ids"]
     joint = tokenizer(lead + option, add_special_tokens=False)["input_ids"]
     if joint[:len(lead_ids)] == lead_ids and len(joint) > len(lead_ids):
@@ -84,7 +87,7 @@ def _option_log_probs(model, tokenizer, examples: list[dict], encoder_decoder: b
 
 
 def likelihood_answers(model, tokenizer, questions: list[str], outputs: list[str], kind: AnswerKind, *,
-                       batch_size: int) -> list[str | None]:
+                       batch_size: int, prompt_format: str = "raw") -> list[str | None]:
     """For each question, the option with the highest log-probability after the student's own
     reasoning (``outputs``: what it wrote); None for every question of a kind without options."""
     from modecotd.models import is_encoder_decoder
@@ -93,8 +96,9 @@ def likelihood_answers(model, tokenizer, questions: list[str], outputs: list[str
         return [None] * len(questions)
     encoder_decoder = is_encoder_decoder(model)
     pairs = [(row, option) for row, question in enumerate(questions) for option in options_for(question, kind)]
-    examples = [_option_example(tokenizer, student_prompt(questions[row], kind), reasoning_of(outputs[row]), option,
-                                encoder_decoder) for row, option in pairs]
+    examples = [_option_example(tokenizer, rendered_prompt(questions[row], kind, prompt_format, tokenizer),
+                                reasoning_of(outputs[row]), option, encoder_decoder, prompt_format)
+                for row, option in pairs]
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # little padding per batch
     scores = [0.0] * len(examples)
     for start in range(0, len(order), max(1, batch_size)):

@@ -114,12 +114,13 @@ class Mixture:
     """The frozen student with its adapted layers wrapped in :class:`MixedLinear`."""
 
     def __init__(self, student_dir: Path, expert_dirs: dict[str, Path], method: str = "lorahub",
-                 dtype: str = "fp32", attention: str | None = None, model=None):
+                 dtype: str = "fp32", attention: str | None = None, model=None, prompt_format: str = "raw"):
         """``dtype`` may be ``auto`` (see :mod:`modecotd.precision`); ``attention`` defaults to the
         training loop's choice for this process's device, made here, where the model runs. With
         ``model`` (the student, already loaded by :func:`~modecotd.models.load_lm`), the experts are
         wired into it in place instead (``dtype`` and ``attention`` are then its own), until
-        :meth:`detach`."""
+        :meth:`detach`. ``prompt_format``: how the few-shot rows are laid out, as the experts were
+        trained (student.prompt_format)."""
         from modecotd.distill import training_attention
         from modecotd.models import load_lm, load_tokenizer
 
@@ -127,6 +128,7 @@ class Mixture:
             raise ValueError("a mixture needs at least one expert")
         self.names = list(expert_dirs)
         self.objective = "token_mean"  # the few-shot loss: token_mean or per_row (see _loss)
+        self.prompt_format = prompt_format
         loaded = {name: read_adapter(Path(path)) for name, path in expert_dirs.items()}
         self.configs = {name: config for name, (config, _) in loaded.items()}
         check_same_base({name: t for name, (_, t) in loaded.items()})
@@ -260,7 +262,7 @@ class Mixture:
     # -- the few-shot objective ----------------------------------------------------------------
 
     def batch_for(self, rows: list[dict], kind: AnswerKind, max_length: int) -> dict[str, torch.Tensor]:
-        examples, _ = tokenize_rows(rows, kind, self.tokenizer, max_length, self.encoder_decoder)
+        examples, _ = tokenize_rows(rows, kind, self.tokenizer, max_length, self.encoder_decoder, self.prompt_format)
         if not examples:
             raise ValueError("no few-shot example fits in max_length")
         return collate(examples, self.tokenizer.pad_token_id, self.device)

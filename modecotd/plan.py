@@ -169,15 +169,18 @@ class Evaluation:
 
 def settings_key(section) -> dict:
     """A config section's settings that decide what it produces: every field but those the config
-    marks as runtime settings (``json_schema_extra=RUNTIME``: resources, retries, endpoints' limits)."""
+    marks as runtime settings (``json_schema_extra=RUNTIME``: resources, retries, endpoints' limits),
+    and but a field added after runs existed while it has its default (``ADDED_LATER``), so that
+    adding it leaves the units of earlier runs current."""
     dumped = section.model_dump(mode="json")
 
     def keep(model, values: dict) -> dict:
         kept = {}
         for name, spec in type(model).model_fields.items():
-            if (spec.json_schema_extra or {}).get("fingerprint") is False:
-                continue
+            rule = (spec.json_schema_extra or {}).get("fingerprint")
             value = getattr(model, name)
+            if rule is False or (rule == "unless_default" and value == spec.default):
+                continue
             kept[name] = keep(value, values[name]) if isinstance(value, BaseModel) else values[name]
         return kept
 
@@ -280,7 +283,7 @@ class Plan:
         fine-tuning, then each expert alone on a task without its own, so that a run stopped
         part-way has whole systems to compare."""
         mixtures = self.mixtures()
-        settings = (settings_key(self.config.evaluation), self.config.student.model_dump(mode="json"))
+        settings = (settings_key(self.config.evaluation), settings_key(self.config.student))
         evaluations = [Evaluation(task.name, system, self.layout.unit(self.layout.evaluation(task.name, system.name), fingerprint(
             self.common, system.key, examples_key(self.tasks[task.name].test), *settings)), None if self.first else self.seed)
             for task in self.config.tasks for system in self.systems(task.name, mixtures)
@@ -310,7 +313,7 @@ class Plan:
     def _trainings(self) -> dict[str, Training]:
         config, rationales = self.config, self.rationales
         distill = {k: v for k, v in settings_key(config.distill).items() if k not in BASELINE_KEYS}
-        shared = (self.common, distill, config.student.model_dump(mode="json"))
+        shared = (self.common, distill, settings_key(config.student))
 
         def source(name: str) -> tuple[Unit, str]:
             return rationales[name], self.tasks[name].kind.value

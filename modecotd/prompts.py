@@ -39,6 +39,43 @@ def student_target(rationale: str, answer: str) -> str:
     return f" {rationale.strip()}\n\n{ANSWER_MARK}\n\n{answer} {END_MARK}"
 
 
+PROMPT_FORMATS = ("raw", "chat")
+
+
+def rendered_prompt(question: str, kind: AnswerKind, prompt_format: str = "raw", tokenizer=None) -> str:
+    """The student's prompt as its tokenizer sees it: ``raw``, the paper's text (:func:`student_prompt`);
+    ``chat``, that text as the user's turn of the tokenizer's chat template, ending where the
+    assistant's reply begins. Tokenise a chat prompt without adding special tokens (the template
+    wrote them): see :func:`adds_special_tokens`."""
+    text = student_prompt(question, kind)
+    if prompt_format == "raw":
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def rendered_target(rationale: str, answer: str, prompt_format: str = "raw") -> str:
+    """The reply the student learns after :func:`rendered_prompt` (then its tokenizer's EOS, which for
+    an instruct model's tokenizer is the token that ends the assistant's turn)."""
+    target = student_target(rationale, answer)
+    return target if prompt_format == "raw" else target.lstrip()
+
+
+def adds_special_tokens(prompt_format: str, default: bool) -> bool:
+    """Whether to let the tokenizer add its special tokens (a BOS) to a rendered prompt: as the
+    caller does for raw text (``default``), never for a chat prompt, which holds them already."""
+    return default and prompt_format == "raw"
+
+
+def check_chat_template(tokenizer, where: str) -> None:
+    """A chat prompt format needs a tokenizer with a chat template; ``where`` names the config key."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        from modecotd.errors import ConfigError
+
+        raise ConfigError(f"{where}: chat needs a tokenizer with a chat template (an instruct or chat model's); "
+                          "this model's has none: use raw")
+
+
 @dataclass(frozen=True)
 class TeacherPrompts:
     """How one task's questions are put to the teacher: two-stage chain of thought.

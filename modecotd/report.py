@@ -380,7 +380,10 @@ def render_markdown(report: dict) -> str:
         f"# modecotd run `{report['run']}`",
         "",
         f"- Teacher: {teacher_text}",
-        f"- Student (frozen): {report['student']['model']} (dtype {report['student']['dtype']})",
+        f"- Student (frozen): {report['student']['model']} (dtype {report['student']['dtype']}; prompt format "
+        f"{report['student'].get('prompt_format', 'raw')}: "
+        + ("its tokenizer's chat template, the paper's prompt as the user's turn)"
+           if report['student'].get('prompt_format') == "chat" else "the paper's plain text prompt)"),
         *[f"- Computed in {use}" for use in report.get("precision", [])],
         *(["- Rows drawn at random from the data files (seed per task): "
            + ", ".join(f"{name} {seed}" for name, seed in report["sampled"].items())] if report.get("sampled") else []),

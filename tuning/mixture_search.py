@@ -78,7 +78,8 @@ class MixtureTrial(tune.Trainable):
             started = time.time()
             self.mixture = Mixture(materialize(self.context["student"]),
                                    {n: local_folder(unit) for n, unit in self.context["experts"].items()},
-                                   forward_method(setting["method"]), self.context["dtype"])
+                                   forward_method(setting["method"]), self.context["dtype"],
+                                   prompt_format=self.context["prompt_format"])
             self.load_seconds = time.time() - started
         spec = self.context["tasks"][task]
         pooled = [r for name, other in self.context["pooled"].items() if name != task for r in other]
@@ -215,7 +216,7 @@ def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], stor
     cfg = config.mixture
     return {
         "student": config.student.model, "dtype": config.student.dtype,
-        "experts": experts, "optimizer": cfg.optimizer, "start": cfg.start, "objective": cfg.objective,
+        "prompt_format": config.student.prompt_format, "experts": experts, "optimizer": cfg.optimizer, "start": cfg.start, "objective": cfg.objective,
         "orders": cfg.orders,
         "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
         "seed": seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
