@@ -225,7 +225,6 @@ class EndpointConfig(Section):
 
     url: str = Field(description="base URL, e.g. http://127.0.0.1:8000/v1; a redirect from it is refused, "
                      "never followed with the API key")
-    api: Literal["chat", "completions"] = Field("chat", description="chat completions or legacy text completions")
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="environment variable holding the API key (the key itself is never "
         "written to the config, logs or run folder); null: no key", json_schema_extra=RUNTIME)
@@ -236,6 +235,14 @@ class EndpointConfig(Section):
     max_retries: int = Field(5, ge=0, le=100, description="retries on 429, 5xx, timeouts and connection errors",
                              json_schema_extra=RUNTIME)
     backoff_s: float = Field(1.0, ge=0, description="first retry wait; doubles each retry", json_schema_extra=RUNTIME)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_is_the_prompt_format(cls, data):
+        if isinstance(data, dict) and "api" in data:
+            raise ValueError("api is gone: teacher.prompt_format decides (chat: messages to /chat/completions, the "
+                             "same turns a local model's chat template gets; raw: the text to /completions)")
+        return data
 
     @field_validator("url")
     @classmethod
@@ -294,6 +301,12 @@ class TeacherConfig(Section):
     fewshot_examples: int = Field(4, ge=1, le=64, description="worked examples shown in few_shot prompting")
     cot_trigger: str = Field("Let's think step by step.", description="the zero-shot chain-of-thought trigger after "
                                                                       "the question")
+    prompt_format: Literal["raw", "chat"] = Field(
+        "raw", json_schema_extra=ADDED_LATER,
+        description="raw: each stage's prompt as text (a local model continues it; an endpoint gets it at "
+        "/completions); chat: the same words as chat turns (the question and trigger as the user's turn, in stage 2 "
+        "the rationale as the assistant's reply and the answer trigger as the next user turn), through the local "
+        "model's chat template or an endpoint's /chat/completions")
     answer_trigger: str | None = Field(
         None, description="second-stage prompt that makes the teacher state its answer; default: Kojima et al.'s "
         "for the task's answer kind, e.g. 'Therefore, the answer (arabic numerals) is'")

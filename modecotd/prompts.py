@@ -91,12 +91,13 @@ class TeacherPrompts:
     cot_trigger: str = COT_TRIGGER
     answer_trigger: str | None = None  # default: the kind's trigger
     demos: tuple[tuple[str, str, str], ...] = ()  # (question, rationale, answer) worked examples
+    chat: bool = False  # teacher.prompt_format chat: each stage's text as chat turns (see reasoning, answer)
 
     @property
     def trigger(self) -> str:
         return self.answer_trigger or ANSWER_TRIGGERS[self.kind]
 
-    def reasoning(self, question: str, hint: str | None = None) -> str:
+    def reasoning_text(self, question: str, hint: str | None = None) -> str:
         if hint is not None:
             question = f"{question}\n{HINT.format(answer=hint)}"
         shots = "".join(
@@ -104,8 +105,20 @@ class TeacherPrompts:
         asked = self.template.format(question=question)
         return shots + asked if self.demos else f"{asked} {self.cot_trigger}"
 
-    def answer(self, question: str, rationale: str, hint: str | None = None) -> str:
-        return f"{self.reasoning(question, hint)} {rationale.strip()}\n{self.trigger}"
+    def reasoning(self, question: str, hint: str | None = None) -> str | list[dict]:
+        """Stage 1's prompt: the text, or (chat) that text as the user's turn."""
+        text = self.reasoning_text(question, hint)
+        return [{"role": "user", "content": text}] if self.chat else text
+
+    def answer(self, question: str, rationale: str, hint: str | None = None) -> str | list[dict]:
+        """Stage 2's prompt: stage 1's text continued with the rationale and the answer trigger, or
+        (chat) stage 1's turn, the rationale as the assistant's reply and the trigger as the next
+        user turn: the same words, laid out as the backend's chat template or chat API expects."""
+        if self.chat:
+            return [{"role": "user", "content": self.reasoning_text(question, hint)},
+                    {"role": "assistant", "content": rationale.strip()},
+                    {"role": "user", "content": self.trigger}]
+        return f"{self.reasoning_text(question, hint)} {rationale.strip()}\n{self.trigger}"
 
     @property
     def reasoning_stop(self) -> list[str]:

@@ -53,7 +53,8 @@ def collect(run: "Storage | str | Path") -> dict:
     generates = teacher["backend"] in GENERATING_BACKENDS
     out: dict = {"run": config["name"], "run_dir": storage.describe(),
                  "teacher": {"backend": teacher["backend"], "model": teacher["model"] if generates else None,
-                             "prompting": teacher["prompting"] if generates else None},
+                             "prompting": teacher["prompting"] if generates else None,
+                             "prompt_format": teacher.get("prompt_format", "raw") if generates else None},
                  "student": config["student"], "scoring": config["evaluation"]["scoring"], "tasks": {},
                  "sampled": {t["name"]: t["sizes"]["sample_seed"] for t in config["tasks"]
                              if t.get("sizes", {}).get("sample_seed") is not None}}
@@ -374,8 +375,8 @@ def systems_in(report: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     systems = systems_in(report)
     teacher = report["teacher"]
-    teacher_text = teacher["backend"] + (f" ({teacher['model']}, {teacher.get('prompting')} CoT)"
-                                         if teacher["model"] else "")
+    teacher_text = teacher["backend"] + (f" ({teacher['model']}, {teacher.get('prompting')} CoT, prompt format "
+                                         f"{teacher.get('prompt_format') or 'raw'})" if teacher["model"] else "")
     lines = [
         f"# modecotd run `{report['run']}`",
         "",

@@ -231,7 +231,7 @@ def make_backend(config, model_dir: Path | None, api_key: str | None = None) -> 
         from modecotd.backends.openai_api import OpenAIGenerator
 
         endpoint = config.endpoint
-        generator = OpenAIGenerator(endpoint.url, config.model, api=endpoint.api, api_key=api_key,
+        generator = OpenAIGenerator(endpoint.url, config.model, api_key=api_key,
                                     concurrency=endpoint.concurrency, timeout_s=endpoint.timeout_s,
                                     max_retries=endpoint.max_retries, backoff_s=endpoint.backoff_s)
     else:
@@ -248,4 +248,5 @@ def prompts_for(config, task_config, kind, fewshot: list[Example]) -> TeacherPro
     if config.prompting == "few_shot":
         demos = tuple((ex.question, ex.rationale, ex.answer) for ex in fewshot[: config.fewshot_examples])
     return TeacherPrompts(kind=kind, template=task_config.teacher_template or DEFAULT_TEACHER_TEMPLATE,
-                          cot_trigger=config.cot_trigger, answer_trigger=config.answer_trigger, demos=demos)
+                          cot_trigger=config.cot_trigger, answer_trigger=config.answer_trigger, demos=demos,
+                          chat=config.prompt_format == "chat")

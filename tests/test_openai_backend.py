@@ -44,7 +44,7 @@ def test_chat_texts_in_order_with_samples_cut_at_stop_and_usage_tokens():
     prompts = [f"question {i}" for i in range(5)]
     with StubServer(numbered) as stub:
         gen = OpenAIGenerator(stub.url, "teacher-model", concurrency=3, **FAST)
-        out = gen.generate(prompts, **{**ARGS, "samples": 3})
+        out = gen.generate([[{"role": "user", "content": p}] for p in prompts], **{**ARGS, "samples": 3})
     assert [c.error for c in out] == [None] * 5
     for prompt, completion in zip(prompts, out):
         expected = [f"<{prompt}> sample {i}. answer{i}" for i in range(3)]
@@ -59,9 +59,9 @@ def test_chat_texts_in_order_with_samples_cut_at_stop_and_usage_tokens():
     assert (body["n"], body["temperature"], body["max_tokens"], body["seed"], body["stop"]) == (3, 0.7, 64, 3, ["\n\n"])
 
 
-def test_completions_api_sends_prompt_to_completions_path():
+def test_a_text_prompt_goes_to_the_completions_path():
     with StubServer(numbered) as stub:
-        gen = OpenAIGenerator(stub.url + "/", "m", api="completions", **FAST)
+        gen = OpenAIGenerator(stub.url + "/", "m", **FAST)
         out = gen.generate(["alpha", "beta"], **ARGS)
     assert [c.texts for c in out] == [["<alpha> sample 0. answer0", "<alpha> sample 1. answer1"],
                                       ["<beta> sample 0. answer0", "<beta> sample 1. answer1"]]
@@ -105,8 +105,6 @@ def test_no_prompts_makes_no_requests():
 
 
 def test_bad_settings_are_rejected():
-    with pytest.raises(ValueError, match="api"):
-        OpenAIGenerator("http://x/v1", "m", api="responses")
     with pytest.raises(ValueError, match="concurrency"):
         OpenAIGenerator("http://x/v1", "m", concurrency=0)
 
@@ -256,7 +254,7 @@ def test_api_key_never_shows_in_repr_errors_or_logs(caplog, waits):
         url = stub.url
     with StubServer(api_key="another-key") as stub:  # a 401 whose message echoes our key
         out += OpenAIGenerator(stub.url, "m", api_key=SECRET, **FAST).generate(["p"], **ARGS)
-    assert repr(gen) == str(gen) == f"OpenAIGenerator(url={url!r}, model='m', api='chat')"
+    assert repr(gen) == str(gen) == f"OpenAIGenerator(url={url!r}, model='m')"
     assert SECRET not in repr(gen)
     errors = [c.error for c in out if c.error]
     assert len(errors) == 3  # DOWN, REFUSE, the 401
@@ -272,7 +270,7 @@ def test_a_redirect_is_not_followed_and_the_key_goes_to_no_other_host():
         out = OpenAIGenerator(endpoint.url, "m", api_key=SECRET, **FAST).generate(["REDIRECT me"], **ARGS)
     assert elsewhere.requests == []  # neither the key nor the prompt reached the other server
     assert out[0].texts == [] and out[0].error.startswith("endpoint answered HTTP 302, a redirect to "
-                                                          f"{elsewhere.url}/chat/completions")
+                                                          f"{elsewhere.url}/completions")
     assert "teacher.endpoint.url" in out[0].error
     assert endpoint.count("REDIRECT") == 1  # not retried: another try would be redirected again
 

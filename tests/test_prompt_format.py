@@ -77,3 +77,69 @@ def test_the_default_format_leaves_earlier_runs_fingerprints_alone_and_chat_chan
     assert omitted == raw
     assert chat["rationales/coins"] == raw["rationales/coins"]  # the teacher's work does not depend on it
     assert chat["experts/coins"] != raw["experts/coins"] and chat["eval/coins/base"] != raw["eval/coins/base"]
+
+
+# --------------------------------------------------------------------------- teacher.prompt_format
+
+
+def test_the_teachers_chat_turns_hold_the_raw_prompts_words():
+    from modecotd.prompts import TeacherPrompts
+
+    raw, chat = TeacherPrompts(AnswerKind.NUMBER), TeacherPrompts(AnswerKind.NUMBER, chat=True)
+    assert chat.reasoning("2 + 3?") == [{"role": "user", "content": raw.reasoning("2 + 3?")}]
+    assert raw.answer("2 + 3?", " 2 and 3 make 5. ") == f"{raw.reasoning('2 + 3?')} 2 and 3 make 5.\n{raw.trigger}"
+    assert chat.answer("2 + 3?", " 2 and 3 make 5. ", hint="5") == [
+        {"role": "user", "content": raw.reasoning("2 + 3?", hint="5")},
+        {"role": "assistant", "content": "2 and 3 make 5."},
+        {"role": "user", "content": raw.trigger}]
+
+
+def test_a_local_teacher_renders_chat_turns_with_its_template_and_no_second_special_tokens(tiny_model_dir):
+    from modecotd.backends.hf_local import TransformersGenerator
+    from modecotd.generation import generate_samples
+
+    generator = TransformersGenerator(tiny_model_dir, dtype="fp32", batch_size=2)
+    turns = [[{"role": "user", "content": "Q: 2 + 3?\nA: Let's think step by step."}],
+             [{"role": "user", "content": "Q: 7 - 1?\nA: Let's think step by step."}]]
+    got = generator.generate(turns, samples=1, temperature=0.0, max_new_tokens=5, stop=[], seed=0)
+    texts = [generator.tokenizer.apply_chat_template(t, tokenize=False, add_generation_prompt=True) for t in turns]
+    expected = generate_samples(generator.model, generator.tokenizer, texts, max_new_tokens=5, batch_size=2,
+                                add_special_tokens=False)
+    assert [c.texts for c in got] == [[text for text, _ in row] for row in expected]
+
+
+@pytest.mark.parametrize("prompt_format", ["raw", "chat"])
+def test_an_endpoint_teacher_sends_text_to_completions_and_turns_to_chat(prompt_format):
+    from modecotd.config import TeacherConfig
+    from modecotd.teacher import make_backend, prompts_for
+    from stub_openai import StubServer
+
+    with StubServer(lambda prompt, n: ["2 and 3 make 5."] * n) as stub:
+        config = TeacherConfig.model_validate({"backend": "openai", "model": "m", "samples": 1,
+                                               "prompt_format": prompt_format,
+                                               "endpoint": {"url": stub.url, "api_key_env": None}})
+        task = type("Task", (), {"teacher_template": None})()
+        backend = make_backend(config, None)
+        [outcome] = backend.candidates([Example("2 + 3?", "5")], prompts_for(config, task, AnswerKind.NUMBER, []),
+                                       seed=0)
+    assert outcome.error is None and outcome.candidates
+    paths = [r["path"] for r in stub.requests]
+    bodies = [r["body"] for r in stub.requests]
+    if prompt_format == "raw":
+        assert paths == ["/v1/completions"] * 2
+        assert bodies[1]["prompt"].startswith(bodies[0]["prompt"] + " 2 and 3 make 5.\n")
+    else:
+        assert paths == ["/v1/chat/completions"] * 2
+        assert [m["role"] for m in bodies[1]["messages"]] == ["user", "assistant", "user"]
+        assert bodies[1]["messages"][:1] == bodies[0]["messages"]
+
+
+def test_the_endpoints_old_api_key_is_refused_with_what_replaced_it():
+    from modecotd.config import parse_config
+    from modecotd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"teacher.endpoint: api is gone: teacher.prompt_format decides"):
+        parse_config({"name": "x", "teacher": {"backend": "openai", "model": "m",
+                                               "endpoint": {"url": "http://127.0.0.1:9/v1", "api": "chat"}},
+                      "tasks": [{"name": "c", "role": "seen",
+                                 "source": {"kind": "generated", "family": "coin_flip"}}]})

@@ -255,3 +255,33 @@ def test_batch_failure_is_isolated_to_the_failing_prompt(fake_vllm):
     assert out[0] == Completion(texts=["good one|0 "], tokens=2)
     assert out[1] == Completion(error="generation failed: engine choked on 'bad'")
     assert out[2] == Completion(texts=["good two|0 "], tokens=2)
+
+
+def test_chat_turns_are_rendered_with_the_engines_template_and_sent_as_token_ids(fake_vllm, monkeypatch):
+    """vLLM would add special tokens to a text prompt once more: a rendered chat prompt goes as ids."""
+    class ChatTokenizer(FakeTokenizer):
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert tokenize is False and add_generation_prompt is True
+            return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
+
+        def encode(self, text, add_special_tokens=True):
+            assert add_special_tokens is False
+            return super().encode(text)
+
+    class ChatLLM(FakeLLM):
+        def get_tokenizer(self):
+            return ChatTokenizer()
+
+        def generate(self, prompts, sampling_params, use_tqdm=True):
+            self.calls.append((list(prompts), sampling_params))
+            return [SimpleNamespace(prompt=p, outputs=[SimpleNamespace(text="five END", token_ids=[1, 2])])
+                    for p in prompts]
+
+    fake_vllm.LLM = ChatLLM
+    from modecotd.backends.vllm_local import VLLMGenerator
+
+    gen = VLLMGenerator("/models/m", dtype="bf16", max_model_len=64)
+    [out] = _gen(gen, [[{"role": "user", "content": "2 + 3?"}]], samples=1)
+    assert out.texts == ["five "]
+    [(sent, _)] = gen.llm.calls
+    assert sent == [{"prompt_token_ids": list(range(len("<user> 2 + 3? <assistant>".split())))}]

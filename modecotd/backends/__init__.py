@@ -20,10 +20,24 @@ class Completion:
     error: str | None = None
 
 
+Prompt = "str | list[dict]"
+"""A prompt: text, sent as it is (``teacher.prompt_format: raw``), or chat messages (``chat``)."""
+
+
+def as_texts(prompts: list, tokenizer) -> tuple[list[str], bool]:
+    """Prompts for a local model: chat messages rendered with the tokenizer's chat template (the
+    assistant's turn opened), text as it is; and whether the tokenizer may add its special tokens
+    (never to a rendered chat prompt, which holds them)."""
+    if prompts and not isinstance(prompts[0], str):
+        return [tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
+                for m in prompts], False
+    return list(prompts), True
+
+
 class TextGenerator(Protocol):
-    def generate(self, prompts: list[str], *, samples: int, temperature: float, max_new_tokens: int,
+    def generate(self, prompts: list, *, samples: int, temperature: float, max_new_tokens: int,
                  stop: list[str], seed: int) -> list[Completion]:
-        """One Completion per prompt, in order.
+        """One Completion per prompt (a :data:`Prompt`: all text or all chat messages), in order.
 
         Each text is cut before the first stop string (the stop string itself is not kept).
         ``temperature`` 0 means greedy; ``seed`` makes sampling repeatable where the backend can.

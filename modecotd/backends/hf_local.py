@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from modecotd.backends import Completion, cut_at_stop
+from modecotd.backends import Completion, as_texts, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,20 @@ class TransformersGenerator:
             return self.max_prompt_tokens
         return None if self.context is None else self.context - max_new_tokens
 
-    def generate(self, prompts: list[str], *, samples: int, temperature: float, max_new_tokens: int,
+    def generate(self, prompts: list, *, samples: int, temperature: float, max_new_tokens: int,
                  stop: list[str], seed: int) -> list[Completion]:
+        prompts, special = as_texts(prompts, self.tokenizer)
         out: list[Completion | None] = [None] * len(prompts)
         limit = self.prompt_limit(max_new_tokens)
         runnable = []
         for i, prompt in enumerate(prompts):
-            length = len(self.tokenizer(prompt)["input_ids"])
+            length = len(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
             if limit is not None and length > limit:
                 out[i] = Completion(error=f"prompt is {length} tokens; the limit is {limit}")
             else:
                 runnable.append(i)
         settings = dict(max_new_tokens=max_new_tokens, batch_size=self.batch_size, temperature=temperature,
-                        num_samples=samples, stop=stop, seed=seed)
+                        num_samples=samples, stop=stop, seed=seed, add_special_tokens=special)
         try:
             done = self._run([prompts[i] for i in runnable], settings)
         except Exception as exc:  # isolate the prompt(s) that break the batch

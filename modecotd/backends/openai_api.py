@@ -1,7 +1,7 @@
 """A :class:`~modecotd.backends.TextGenerator` for any server speaking the OpenAI API.
 
 Works with vLLM's ``vllm serve``, hosted endpoints and anything else that answers
-``POST {url}/chat/completions`` (the default) or the legacy ``POST {url}/completions``.
+``POST {url}/chat/completions`` (chat messages) or ``POST {url}/completions`` (text).
 Only the standard library is used: one HTTP request per prompt (``n=samples``), a bounded
 thread pool, and retries with exponential backoff for failures another try may fix (429, 5xx,
 timeouts, dropped connections, malformed replies). A server that sends fewer choices than asked
@@ -66,42 +66,38 @@ class _Fail(Exception):
 class OpenAIGenerator:
     """Generates through an OpenAI-compatible endpoint at ``url`` (e.g. ``http://127.0.0.1:8000/v1``).
 
-    ``api`` is ``"chat"`` (the prompt is sent as one user message) or ``"completions"`` (sent as
-    the raw prompt). At most ``concurrency`` requests are in flight; ``timeout_s`` bounds each
+    A prompt that is a list of chat messages (``teacher.prompt_format: chat``) goes to
+    ``/chat/completions``; a text prompt (``raw``) to ``/completions``, as it is. At most ``concurrency`` requests are in flight; ``timeout_s`` bounds each
     request as a whole (connect, send, the full reply); a retryable failure is tried again up to
     ``max_retries`` times, waiting ``backoff_s * 2**attempt`` seconds (or the server's numeric
     Retry-After).
     """
 
-    def __init__(self, url: str, model: str, *, api: str = "chat", api_key: str | None = None,
+    def __init__(self, url: str, model: str, *, api_key: str | None = None,
                  concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5, backoff_s: float = 1.0,
                  max_reply_bytes: int = MAX_REPLY_BYTES):
-        if api not in APIS:
-            raise ValueError(f"api must be one of {sorted(APIS)}, not {api!r}")
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be 0 or more, not {max_retries}")
         self.url = url.rstrip("/")
         self.model = model
-        self.api = api
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self._endpoint = self.url + APIS[api]
         self._api_key = api_key or None
         self.max_reply_bytes = max_reply_bytes
         self._told_short = False  # warned once that the server sends fewer choices than asked
 
     def __repr__(self) -> str:
-        return f"OpenAIGenerator(url={self.url!r}, model={self.model!r}, api={self.api!r})"
+        return f"OpenAIGenerator(url={self.url!r}, model={self.model!r})"
 
     __str__ = __repr__
 
     # ------------------------------------------------------------------ the TextGenerator contract
 
-    def generate(self, prompts: list[str], *, samples: int, temperature: float, max_new_tokens: int,
+    def generate(self, prompts: list[str | list[dict]], *, samples: int, temperature: float, max_new_tokens: int,
                  stop: list[str], seed: int) -> list[Completion]:
         """One Completion per prompt, in order; a prompt that fails gets ``error`` set, never an exception."""
         if not prompts:
@@ -120,49 +116,47 @@ class OpenAIGenerator:
 
     # ------------------------------------------------------------------ one prompt
 
-    def _samples(self, index: int, prompt: str, params: dict, stop: list[str]) -> Completion:
+    def _samples(self, index: int, prompt: str | list[dict], params: dict, stop: list[str]) -> Completion:
         """All ``n`` samples of one prompt. Each request asks for the samples still missing, with the
         seed moved on (a server that honours the seed would otherwise repeat its sample); at most
         ``n`` requests, since every successful one brings at least one choice. Should a later request
         fail, the samples already in hand are kept (the stage counts what was asked and what came)."""
         wanted = params["n"]
+        endpoint = self.url + APIS["completions" if isinstance(prompt, str) else "chat"]
         texts: list[str] = []
         tokens = 0
         for round_ in range(wanted):
             missing = wanted - len(texts)
             if missing <= 0:
                 break
-            got = self._complete(index, self._body(prompt, {**params, "n": missing, "seed": params["seed"] + round_}),
-                                 stop)
+            got = self._complete(index, endpoint,
+                                 self._body(prompt, {**params, "n": missing, "seed": params["seed"] + round_}), stop)
             if got.error is not None:
                 if not texts:
                     return got
-                log.warning("%s: prompt %d: kept %d of %d samples: %s", self._endpoint, index, len(texts), wanted,
+                log.warning("%s: prompt %d: kept %d of %d samples: %s", endpoint, index, len(texts), wanted,
                             got.error)
                 break
             if len(got.texts) < missing and not self._told_short:
                 self._told_short = True
                 log.warning("%s: asked for %d choices, got %d: the server seems to ignore 'n'; asking again for "
-                            "the missing samples", self._endpoint, missing, len(got.texts))
+                            "the missing samples", endpoint, missing, len(got.texts))
             texts += got.texts[:missing]
             tokens += got.tokens
         return Completion(texts=texts, tokens=tokens)
 
-    def _body(self, prompt: str, params: dict) -> bytes:
-        """The JSON request body for one prompt."""
-        if self.api == "chat":
-            payload = {**params, "messages": [{"role": "user", "content": prompt}]}
-        else:
-            payload = {**params, "prompt": prompt}
+    def _body(self, prompt: str | list[dict], params: dict) -> bytes:
+        """The JSON request body for one prompt: its messages, or its text."""
+        payload = {**params, "prompt": prompt} if isinstance(prompt, str) else {**params, "messages": prompt}
         return json.dumps(payload).encode("utf-8")
 
-    def _complete(self, index: int, body: bytes, stop: list[str]) -> Completion:
+    def _complete(self, index: int, endpoint: str, body: bytes, stop: list[str]) -> Completion:
         """Send one prompt's request, retrying what may pass on another try, and read its texts."""
         attempts = self.max_retries + 1
         reason = ""
         for attempt in range(attempts):
             try:
-                return _parse(self._post(body), stop)
+                return _parse(self._post(endpoint, body), stop)
             except _Fail as failure:
                 return Completion(error=self._redact(str(failure)))
             except _Retry as retry:
@@ -172,20 +166,20 @@ class OpenAIGenerator:
                 wait = retry.retry_after if retry.retry_after is not None else self.backoff_s * 2 ** attempt
                 wait = min(wait, MAX_WAIT_S)
                 log.warning("%s: prompt %d: %s; retry %d of %d in %.2f s",
-                            self._endpoint, index, reason, attempt + 1, self.max_retries, wait)
+                            endpoint, index, reason, attempt + 1, self.max_retries, wait)
                 _sleep(wait)
             except Exception as unexpected:  # one prompt's failure never stops the batch
                 message = self._redact(f"{type(unexpected).__name__}: {unexpected}")
-                log.error("%s: prompt %d: unexpected failure: %s", self._endpoint, index, message)
+                log.error("%s: prompt %d: unexpected failure: %s", endpoint, index, message)
                 return Completion(error=f"endpoint call failed: {message}")
         return Completion(error=f"endpoint failed after {attempts} attempts: {reason}")
 
-    def _post(self, body: bytes) -> dict:
+    def _post(self, endpoint: str, body: bytes) -> dict:
         """One POST of ``body``; the decoded JSON reply, or :class:`_Retry` / :class:`_Fail`."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self._endpoint, data=body, headers=headers, method="POST")
+        request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
         deadline = _Deadline(self.timeout_s)
         try:
             with deadline, _opener(deadline).open(request, timeout=self.timeout_s) as response:

@@ -83,8 +83,11 @@ class VLLMGenerator:
         self.max_model_len = max_model_len if max_model_len is not None else _engine_max_model_len(self.llm)
         self._tokenizer: Any = None
 
-    def _prompt_tokens(self, prompt: str) -> int | None:
-        """Tokens in ``prompt`` as the engine counts them, or None when there is no tokenizer."""
+    def _prompt_tokens(self, prompt) -> int | None:
+        """Tokens in ``prompt`` (text, or token ids already) as the engine counts them, or None when
+        there is no tokenizer."""
+        if isinstance(prompt, dict):
+            return len(prompt["prompt_token_ids"])
         if self._tokenizer is None:
             try:
                 self._tokenizer = self.llm.get_tokenizer()
@@ -92,10 +95,16 @@ class VLLMGenerator:
                 return None
         return len(self._tokenizer.encode(prompt))
 
-    def generate(self, prompts: list[str], *, samples: int, temperature: float, max_new_tokens: int,
+    def generate(self, prompts: list, *, samples: int, temperature: float, max_new_tokens: int,
                  stop: list[str], seed: int) -> list[Completion]:
         import vllm
 
+        if prompts and not isinstance(prompts[0], str):  # chat: rendered here, sent as token ids (vLLM
+            from modecotd.backends import as_texts      # would add special tokens to text once more)
+
+            tokenizer = self.llm.get_tokenizer()
+            prompts = [{"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+                       for text in as_texts(prompts, tokenizer)[0]]
         results: list[Completion | None] = [None] * len(prompts)
         send: list[int] = []  # indexes of the prompts that go to the engine
         limit = None if self.max_model_len is None else self.max_model_len - max_new_tokens
