@@ -402,9 +402,11 @@ def test_seeds_controls_orders_and_the_likelihood_reading(ray_cluster, tmp_path)
     flip and its twin as the unseen target: each seed trains and mixes on its own (the second under
     seed-1/), the teacher and the base student are shared, every control is a system of every
     target, and the report gives seeds, orders and the three readings. (Two experts' controls and
-    orders: tests/test_mixture_search.py.)"""
+    orders: tests/test_mixture_search.py.) The student reads its prompts through its chat template
+    here (student.prompt_format chat), in the distill workers, the Tune trials and the evaluators."""
     config = json.loads(json.dumps(CONFIG))
     config["seeds"] = [0, 1]
+    config["student"] = {**CONFIG["student"], "prompt_format": "chat"}
     config["tasks"] = [
         CONFIG["tasks"][0],
         {"name": "lamp", "role": "unseen", "source": {"kind": "generated", "family": "coin_flip", "size": 2,
@@ -443,6 +445,7 @@ def test_seeds_controls_orders_and_the_likelihood_reading(ray_cluster, tmp_path)
     assert "likelihood" in report["readings"]
     text = (tmp_path / "report.md").read_text()
     assert "## Seeds" in text and "### Order of the experts" in text and "| lamp | mixture | " in text
+    assert "prompt format chat: its tokenizer's chat template" in text
 
 
 # --------------------------------------------------------------------------- kill -9 in every stage
