@@ -39,9 +39,6 @@ def student_target(rationale: str, answer: str) -> str:
     return f" {rationale.strip()}\n\n{ANSWER_MARK}\n\n{answer} {END_MARK}"
 
 
-PROMPT_FORMATS = ("raw", "chat")
-
-
 def rendered_prompt(question: str, kind: AnswerKind, prompt_format: str = "raw", tokenizer=None) -> str:
     """The student's prompt as its tokenizer sees it: ``raw``, the paper's text (:func:`student_prompt`);
     ``chat``, that text as the user's turn of the tokenizer's chat template, ending where the

@@ -20,11 +20,11 @@ class Completion:
     error: str | None = None
 
 
-Prompt = "str | list[dict]"
+Prompt = str | list[dict]
 """A prompt: text, sent as it is (``teacher.prompt_format: raw``), or chat messages (``chat``)."""
 
 
-def as_texts(prompts: list, tokenizer) -> tuple[list[str], bool]:
+def as_texts(prompts: list[Prompt], tokenizer) -> tuple[list[str], bool]:
     """Prompts for a local model: chat messages rendered with the tokenizer's chat template (the
     assistant's turn opened), text as it is; and whether the tokenizer may add its special tokens
     (never to a rendered chat prompt, which holds them)."""
@@ -35,7 +35,7 @@ def as_texts(prompts: list, tokenizer) -> tuple[list[str], bool]:
 
 
 class TextGenerator(Protocol):
-    def generate(self, prompts: list, *, samples: int, temperature: float, max_new_tokens: int,
+    def generate(self, prompts: list[Prompt], *, samples: int, temperature: float, max_new_tokens: int,
                  stop: list[str], seed: int) -> list[Completion]:
         """One Completion per prompt (a :data:`Prompt`: all text or all chat messages), in order.
 
