@@ -5,8 +5,10 @@ workers' lines only the warnings a user must act on: modecotd's own warnings (ma
 by :func:`mark_warnings`) and the raylet's (a worker killed for memory, objects spilled).
 ``--verbose`` shows every worker line in the terminal too, as Ray does by default.
 
-The file is ``logs/run-<start time>.log`` in a run folder on this machine; a run in an object store
-writes it under ``<model cache>/../logs/`` and copies it into the run's ``logs/`` at the end.
+The file is written beside the model cache (``<model cache>/../logs/<run name>/run-<start
+time>.log``), never inside the run folder while the run goes on (an open file there would keep its
+disk from being remounted or unmounted), and copied into the run's ``logs/`` when the run ends, the
+way it ends (where that copy fails, for a full or read-only disk, it says where the log stays).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class RunLog:
 
         self.storage = storage
         self.file_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        folder = storage.local_root / LOGS if storage.is_local else cache_dir().parent / LOGS / name
+        folder = cache_dir().parent / LOGS / name
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / self.file_name
         self.stream = open(self.path, "a", buffering=1, encoding="utf-8")
@@ -53,7 +55,7 @@ class RunLog:
 
     def __enter__(self) -> "RunLog":
         logging.getLogger().addHandler(self.handler)
-        log.info("this run's log: %s", self.path)
+        log.info("this run's log: %s (copied into the run's %s/ when it ends)", self.path, LOGS)
         return self
 
     def capture_workers(self, verbose: bool) -> None:
@@ -88,8 +90,7 @@ class RunLog:
         logging.getLogger().removeHandler(self.handler)
         with self.lock:
             self.stream.close()
-        if not self.storage.is_local:
-            try:
-                self.storage.upload(self.path, f"{LOGS}/{self.file_name}")
-            except Exception as error:  # the run's own outcome matters more than its log's copy
-                log.warning("this run's log stays at %s: copying it into the run failed (%s)", self.path, error)
+        try:
+            self.storage.upload(self.path, f"{LOGS}/{self.file_name}")
+        except Exception as error:  # the run's own outcome matters more than its log's copy
+            log.warning("this run's log stays at %s: copying it into the run failed (%s)", self.path, error)

@@ -60,7 +60,7 @@ def test_eta_and_durations():
     assert format_seconds(59) == "59s" and format_seconds(61) == "1m01s" and format_seconds(3700) == "1h01m"
 
 
-def test_workers_lines_go_to_the_run_log_and_only_their_warnings_to_the_terminal(tmp_path, capsys):
+def test_workers_lines_go_to_the_run_log_and_only_their_warnings_to_the_terminal(tmp_path, capsys, monkeypatch):
     """What Ray's printer would show: every line lands in the run's log file; the terminal gets a
     worker's modecotd warning (marked in the worker by mark_warnings) and the raylet's warnings."""
     import logging
@@ -78,7 +78,9 @@ def test_workers_lines_go_to_the_run_log_and_only_their_warnings_to_the_terminal
         logging.getLogger("modecotd").handlers[:] = before
     assert marked.strip() == f"{MARK}WARNING modecotd.distill: resume from step 4"
 
+    monkeypatch.setenv("MODECOTD_CACHE", str(tmp_path / "cache"))
     with RunLog(Storage(tmp_path / "run"), "run") as run_log:
+        assert not (tmp_path / "run" / "logs").exists()  # nothing held open in the run folder while it runs
         run_log._worker_lines({"pid": 12, "ip": "10.0.0.2", "actor_name": "RayTrainWorker",
                                "lines": ["Setting accelerator to CPU", marked.strip()]}, verbose=False)
         run_log._worker_lines({"pid": "raylet", "ip": "10.0.0.2",
@@ -89,6 +91,6 @@ def test_workers_lines_go_to_the_run_log_and_only_their_warnings_to_the_terminal
     terminal = capsys.readouterr().err.splitlines()
     assert terminal == ["(RayTrainWorker) WARNING modecotd.distill: resume from step 4",
                         "(raylet) [2026-12-06 10:00:00,000 E 1 1] (raylet) a worker was killed: memory"]
-    kept = run_log.path.read_text()
-    assert run_log.path.parent == tmp_path / "run" / "logs"
+    kept = (tmp_path / "run" / "logs" / run_log.file_name).read_text()  # copied into the run at its end
+    assert kept == run_log.path.read_text() and run_log.path.is_relative_to(tmp_path / "cache")
     assert "(RayTrainWorker pid=12, 10.0.0.2) Setting accelerator to CPU" in kept and "(fit_expert pid=13" in kept
