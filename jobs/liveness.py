@@ -58,7 +58,6 @@ class Liveness:
                 stalled.append(key)
         return stalled
 
-
     def wait(self, pending: list, busy: dict):
         """Wait up to :data:`WAIT_S` for one of ``pending``; meanwhile kill every actor of ``busy``
         that :meth:`stalled` names (its work then fails as an actor's death, which the pool already

@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "allow_http_token", False):
         os.environ[ALLOW_HTTP_ENV] = "1"
     handlers = {"run": _run, "tune": _tune, "submit": _submit, "status": _jobs, "logs": _jobs, "stop": _jobs,
-                "list": _jobs, "report": _report, "compare": _compare, "pull": _pull, "export": _export, "examples": _examples, "check": _check,
+                "list": _jobs, "report": _report, "compare": _compare, "pull": _pull, "export": _export,
+                "examples": _examples, "check": _check,
                 "cluster": _cluster}
     install_interrupt_handler()
     try:

@@ -66,7 +66,7 @@ def export(storage: Storage, task: str, system: str, to: Path, merge: bool = Fal
     prefix = unit_of(layout, task, system)
     manifest = view.manifest(prefix)
     if manifest is None:
-        evaluated = sorted(p.rsplit("/", 1)[1] for p in view.units_under(layout.evaluation(task, "x").rsplit("/", 1)[0]))
+        evaluated = [p.rsplit("/", 1)[1] for p in view.units_under(layout.evaluation(task, ""))]
         raise UserError(f"{storage.describe(prefix)}: not built by this run's current plan, so {system} of {task} "
                         f"cannot be exported; systems evaluated on {task}: {', '.join(evaluated) or 'none yet'}")
     summary = manifest.get("summary") or {}
@@ -94,12 +94,11 @@ def export(storage: Storage, task: str, system: str, to: Path, merge: bool = Fal
             _copy_adapter(source, student, tmp)
         record = {"run": config["name"], "run_dir": storage.describe(), "task": task, "system": system,
                   "seed": seed if seed is not None else seeds[0], "unit": prefix, "fingerprint": manifest["fingerprint"],
-                  "kind": kind, "student": student, "summary": summary,
-                  "evaluation": (evaluation or {}).get("summary")}
+                  "kind": kind, "student": student, "prompt_format": config["student"].get("prompt_format", "raw"),
+                  "summary": summary, "evaluation": (evaluation or {}).get("summary")}
         (tmp / "export.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         facts = _task_facts(storage, view.layout, task)
-        record["prompt_format"] = config["student"].get("prompt_format", "raw")
-        (tmp / "README.md").write_text(model_card(record, config, facts, _prompt(facts, record["prompt_format"], tmp)))
+        (tmp / "README.md").write_text(model_card(record, facts, _prompt(facts, record["prompt_format"], tmp)))
         if to.exists():
             to.rmdir()
         tmp.rename(to)
@@ -116,16 +115,10 @@ def _task_facts(storage: Storage, layout: RunLayout, task: str) -> dict:
         return {}
 
 
-def _student_folder(student: str) -> Path:
-    from modecotd.models import materialize
-
-    return materialize(student)
-
-
 def _copy_tokenizer(student: str, out: Path) -> None:
-    from modecotd.models import load_tokenizer
+    from modecotd.models import load_tokenizer, materialize
 
-    load_tokenizer(_student_folder(student)).save_pretrained(out)
+    load_tokenizer(materialize(student)).save_pretrained(out)
 
 
 def _copy_model(source: Path, out: Path) -> None:
@@ -135,15 +128,13 @@ def _copy_model(source: Path, out: Path) -> None:
 
 
 def _copy_adapter(source: Path, student: str, out: Path) -> None:
-    from modecotd.models import public_reference
+    from modecotd.models import record_base_model
 
     for name in ADAPTER_FILES:
         shutil.copy2(source / name, out / name)
-    config = json.loads((out / "adapter_config.json").read_text())
-    recorded = str(config.get("base_model_name_or_path") or "")
+    recorded = str(json.loads((out / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
     if not recorded or Path(recorded).is_absolute():  # a run written before adapters named their base publicly
-        config["base_model_name_or_path"], config["revision"] = public_reference(student, Path(recorded))
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        record_base_model(out, student, Path(recorded))
     _copy_tokenizer(student, out)
 
 
@@ -152,9 +143,9 @@ def _merge(source: Path, student: str, out: Path) -> None:
     adapter's update is not rounded into a lower precision)."""
     from peft import PeftModel
 
-    from modecotd.models import load_lm, public_reference
+    from modecotd.models import load_lm, materialize, public_reference
 
-    folder = _student_folder(student)
+    folder = materialize(student)
     model = PeftModel.from_pretrained(load_lm(folder, "fp32", device="cpu"), str(source)).merge_and_unload()
     name, revision = public_reference(student, folder)
     model.config._name_or_path = name
@@ -166,7 +157,7 @@ def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def model_card(record: dict, config: dict, facts: dict, prompt: str) -> str:
+def model_card(record: dict, facts: dict, prompt: str) -> str:
     """A Hugging Face model card: the front matter the hub reads, what the system is, the run's numbers
     for it on its task (with a 95% Wilson interval), the prompt, how to load it."""
     from modecotd.models import BUILTIN_SMOLLM2, public_reference

@@ -216,7 +216,8 @@ def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], stor
     cfg = config.mixture
     return {
         "student": config.student.model, "dtype": config.student.dtype,
-        "prompt_format": config.student.prompt_format, "experts": experts, "optimizer": cfg.optimizer, "start": cfg.start, "objective": cfg.objective,
+        "prompt_format": config.student.prompt_format, "experts": experts, "optimizer": cfg.optimizer,
+        "start": cfg.start, "objective": cfg.objective,
         "orders": cfg.orders,
         "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
         "seed": seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,

@@ -67,8 +67,9 @@ class OpenAIGenerator:
     """Generates through an OpenAI-compatible endpoint at ``url`` (e.g. ``http://127.0.0.1:8000/v1``).
 
     A prompt that is a list of chat messages (``teacher.prompt_format: chat``) goes to
-    ``/chat/completions``; a text prompt (``raw``) to ``/completions``, as it is. At most ``concurrency`` requests are in flight; ``timeout_s`` bounds each
-    request as a whole (connect, send, the full reply); a retryable failure is tried again up to
+    ``/chat/completions``; a text prompt (``raw``) to ``/completions``, as it is. At most
+    ``concurrency`` requests are in flight; ``timeout_s`` bounds each request as a whole (connect,
+    send, the full reply); a retryable failure is tried again up to
     ``max_retries`` times, waiting ``backoff_s * 2**attempt`` seconds (or the server's numeric
     Retry-After).
     """
