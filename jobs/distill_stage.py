@@ -29,11 +29,25 @@ from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed, this_cluster_env
 from modecotd.models import materialize
 from modecotd.plan import RunLayout, Training
+from modecotd.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_STEPS = 10
 SUMMARY_FILE = "training.json"
+
+
+class _NoTracker:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+    def artifacts(self, folder, name: str) -> None:
+        pass
+
+
+_NO_TRACKER = _NoTracker()
 
 
 class RayTrainCheckpoints:
@@ -71,27 +85,43 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ("step", "optimizer steps done"), ("loss", "training loss at the last step"),
             ("target_tokens", "target tokens trained on by rank 0"))}
 
+    tracker = contextlib.nullcontext(None)
+    if rank == 0:  # the run's experiment trackers: this job's loss and speed per step, then its summary
+        layout_root = unit.storage.local_root if unit.storage.is_local else None
+        tracker = Tracker(loop_config.get("tracking", {}), loop_config.get("run", ""), "distill", loop_config["task"],
+                          params=loop_config["settings"] | {"student": loop_config["student"]},
+                          tensorboard_dir=layout_root / "tensorboard" / "distill" / loop_config["task"]
+                          if layout_root is not None else None)
+
     def report(metrics: dict) -> None:
         for key, gauge in gauges.items():
             gauge.set(float(metrics[key]), {"task": loop_config["task"]})
         if rank == 0:
             send("distill", loop_config["task"], metrics["step"], metrics["total_steps"], "step",
                  note=f"loss {metrics['loss']:.3f}, {metrics['target_tokens_per_s']:.0f} target tokens/s")
+            tracked.log({k: metrics[k] for k in ("loss", "lr", "target_tokens_per_s", "validation_loss")
+                         if k in metrics}, metrics["step"])
         # Every rank reports at the same steps (Ray Train needs that); checkpoint steps report there.
         step = metrics["step"]
         if step % REPORT_EVERY_STEPS == 0 and not (checkpoint_every and step % checkpoint_every == 0):
             ray.train.report(dict(metrics))
 
     started = time.time()
-    try:
-        summary = train_expert(settings, rank, world, report=report, checkpoints=RayTrainCheckpoints())
-        if rank == 0:
-            (staging / SUMMARY_FILE).write_text(json.dumps(summary))
-            unit.commit(staging, {"status": "done", **{k: v for k, v in summary.items() if k != "losses"}},
-                        time.time() - started)
-    finally:
-        if staging is not None:
-            Unit.abort(staging)  # gone already when committed
+    with tracker as tracked:
+        tracked = tracked or _NO_TRACKER
+        try:
+            summary = train_expert(settings, rank, world, report=report, checkpoints=RayTrainCheckpoints())
+            if rank == 0:
+                (staging / SUMMARY_FILE).write_text(json.dumps(summary))
+                tracked.log({k: v for k, v in summary.items() if k in (
+                    "final_loss", "best_validation_loss", "target_tokens_per_s_rank0")}, summary["steps"])
+                if not settings.full_finetune:  # an adapter is small; a whole model is not logged
+                    tracked.artifacts(staging, "adapter")
+                unit.commit(staging, {"status": "done", **{k: v for k, v in summary.items() if k != "losses"}},
+                            time.time() - started)
+        finally:
+            if staging is not None:
+                Unit.abort(staging)  # gone already when committed
     ray.train.report({"step": summary["steps"], "loss": summary["final_loss"], "done": True})
 
 
@@ -115,7 +145,8 @@ def stage_metrics() -> dict:
 
 @ray.remote(num_cpus=0)
 def fit_expert(task: str, unit: Unit, student: str, settings: dict, workers: int, cpus_per_worker: float,
-               ray_storage: tuple, run_name: str, max_failures: int, gpus_per_worker: float = 0) -> dict:
+               ray_storage: tuple, run_name: str, max_failures: int, gpus_per_worker: float = 0,
+               tracking: dict | None = None, run: str = "") -> dict:
     """Run one expert's Ray Train job to completion; returns the summary of its committed unit.
 
     ``run_name`` is the same for every attempt at the same expert, so a job started again after
@@ -127,7 +158,8 @@ def fit_expert(task: str, unit: Unit, student: str, settings: dict, workers: int
     storage, path = ray_storage
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"settings": settings, "task": task, "unit": unit, "student": student},
+        train_loop_config={"settings": settings, "task": task, "unit": unit, "student": student,
+                           "tracking": tracking or {}, "run": run},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -240,7 +272,7 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> d
                 **this_cluster_env(), **train_health_env(config.resources.stall_timeout_s)}}).remote(
                 name, job.unit, config.student.model, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker,
                 ray_storage, f"distill-{name}-{job.unit.key}", cfg.max_failures,
-                cfg.gpus_per_worker if cfg.use_gpu else 0)
+                cfg.gpus_per_worker if cfg.use_gpu else 0, config.tracking.model_dump(mode="json"), config.name)
             running[ref] = name
             log.info("distill: %s started (%d rows, ZeRO-%d)", name, len(rows), cfg.zero_stage)
         if not running:

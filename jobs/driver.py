@@ -14,6 +14,7 @@ from modecotd.artifacts import clean_staging
 from modecotd.config import STAGES, check_data_paths
 from modecotd.errors import UserError
 from modecotd.jobs.run_log import RunLog
+from modecotd.tracking import check_installed, track_results
 from modecotd.models import check_reference, context_limit
 from modecotd.prompts import check_chat_template, rendered_prompt
 from modecotd.plan import Plan, RunLayout, check_run_stamp, write_run_stamp
@@ -96,6 +97,7 @@ def _run_held(work: Work, address: str | None, stages: list[str] | None, progres
     storage.write_text(layout.timings, json.dumps({**timings, **outcome.seconds}, indent=2, sort_keys=True))
     write_plan(work)
     outcome.report = build_report(storage)
+    track_results(work.config.tracking.model_dump(mode="json"), work.config.name, storage)
     return outcome
 
 
@@ -118,7 +120,9 @@ def _prepare(config, run_dir, stages: list[str] | None) -> Work:
 def check_inputs(config, tasks: dict[str, TaskData], stages: list[str] | None = None) -> None:
     """What a run refuses before it starts anything, apart from its run folder (``modecotd check``
     runs this too): a model that no node could resolve, a question too long for the student, a
-    teacher endpoint's API key variable that is not set (when the teacher stage runs)."""
+    teacher endpoint's API key variable that is not set (when the teacher stage runs), a tracker
+    whose library is not installed."""
+    check_installed(config.tracking.model_dump(mode="json"))
     models = [("student", config.student.model)] + ([("teacher", config.teacher.model)]
                                                     if config.teacher.loads_model else [])
     for section, model in models:

@@ -484,6 +484,13 @@ class MixtureConfig(Section):
     list: Ray Tune runs every combination per target task and keeps the one with the best
     cross-validated few-shot loss."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mlflow_moved(cls, data):
+        if isinstance(data, dict) and "mlflow_tracking_uri" in data:
+            raise ValueError("mlflow_tracking_uri moved to tracking.mlflow, which every stage logs to")
+        return data
+
     method: list[Literal[MIXER_METHODS]] = Field(
         default_factory=lambda: ["lorahub"], min_length=1, description="lorahub (the paper's: A and B summed "
         "with the weights separately), delta (the exact weighted sum of the experts' updates) or gate (per-token "
@@ -535,9 +542,6 @@ class MixtureConfig(Section):
     scheduler: Literal["none", "asha", "median"] = Field(
         "asha", description="stop settings whose first folds score poorly, per target task: ASHA or median "
         "stopping; none runs every setting to the end")
-    mlflow_tracking_uri: str | None = Field(
-        None, description="also log every Tune trial to MLflow at this tracking URI (e.g. sqlite:///mlflow.db; "
-        "needs pip install 'modecotd[mlflow]'); TensorBoard logs are always written", json_schema_extra=RUNTIME)
     cpus_per_trial: float = Field(1.0, gt=0, json_schema_extra=RUNTIME)
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per Tune trial (the student runs on one when > 0)",
                                   json_schema_extra=RUNTIME)
@@ -619,6 +623,28 @@ class EvaluationConfig(Section):
                                   json_schema_extra=RUNTIME)
 
 
+class WandbSettings(Section):
+    """A Weights & Biases project the run logs to."""
+
+    project: str = Field(min_length=1, description="the W&B project")
+    entity: str | None = Field(None, description="the W&B team or user (default: the login's)")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline: written under dir only, to `wandb sync` later (no network, no login)")
+    dir: str | None = Field(None, description="where W&B keeps its files (default: beside the model cache)")
+
+
+class TrackingConfig(Section):
+    """Experiment trackers every stage logs to: the distill stage each expert's loss and speed per
+    step (and the adapter), the mix stage each Tune trial, the evaluation the accuracy of every
+    system on every task and the report's files. Not part of any unit's fingerprint."""
+
+    mlflow: str | None = Field(None, description="an MLflow tracking URI (file:///path/mlruns, sqlite:///mlflow.db, "
+                               "http://host:5000); needs pip install 'modecotd[mlflow]'")
+    wandb: WandbSettings | None = Field(None, description="a W&B project; needs pip install 'modecotd[wandb]'")
+    tensorboard: bool = Field(True, description="TensorBoard event files: each expert's under the run's "
+                              "tensorboard/ (a run folder on this machine), each Tune trial's under ray/mix-*/")
+
+
 class ResourcesConfig(Section):
     """What a local Ray cluster started by `modecotd run` may use (num_cpus, dashboard: ignored with
     --address), and how long a stage waits for an autoscaled cluster to hold what it asks for."""
@@ -658,6 +684,7 @@ class RunConfig(Section):
     distill: DistillConfig = DistillConfig()
     mixture: MixtureConfig = MixtureConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = Field(TrackingConfig(), json_schema_extra=RUNTIME)
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")

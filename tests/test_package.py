@@ -17,7 +17,7 @@ SOURCES = ("modecotd", "jobs", "tuning", "cluster", "examples")
 # an import name -> the distribution that provides it, where they differ
 DISTRIBUTIONS = {"yaml": "pyyaml", "grpc": "grpcio", "google": "google-auth", "pydantic_core": "pydantic",
                  "botocore": "boto3", "mlflow": "mlflow-skinny"}
-OPTIONAL = {"vllm", "mlflow", "gguf"}  # imported only where its extra is installed (vllm, mlflow, demo)
+OPTIONAL = {"vllm", "mlflow", "wandb", "gguf"}  # imported only where its extra is installed
 NOT_IMPORTED = {"accelerate": "transformers needs it for device_map (modecotd.models.load_lm)",
                 "cmaes": "optuna's CMA-ES sampler imports it (mixture.optimizer cmaes)",
                 "ray": "imported as ray (declared with its extras)"}

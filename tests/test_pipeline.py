@@ -47,12 +47,15 @@ def manifests(run_dir) -> dict[str, str]:
 def first_run(ray_cluster, tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     board = ProgressBoard(io.StringIO(), tty=False, line_every_s=0)
-    outcome = run_pipeline(parse_config(CONFIG), run_dir, progress=board)
+    tracking = {"mlflow": f"sqlite:///{tmp_path_factory.mktemp('tracking')}/mlflow.db"}  # no unit's fingerprint
+    outcome = run_pipeline(parse_config({**CONFIG, "tracking": tracking}), run_dir, progress=board)
+    first_tracking[run_dir] = tracking["mlflow"]
     results[run_dir] = what_a_run_made(run_dir)  # before later tests change the folder
     return outcome, run_dir, board.stream.getvalue().splitlines()
 
 
 results: dict = {}  # run folder -> what_a_run_made, as the first run left it
+first_tracking: dict = {}  # run folder -> the MLflow store the first run logged to
 
 
 def what_a_run_made(run_dir) -> dict:
@@ -158,6 +161,29 @@ def test_all_stages_produce_their_artifacts(first_run, tiny_model_dir):
     assert "| distill | " in (run_dir / "report.md").read_text().split("## Wall time and resources")[1]
     assert "| coins | seen | 6 |" in (run_dir / "report.md").read_text()
     assert outcome.report == str(run_dir / "report.md")
+
+
+def test_every_stage_logs_to_the_runs_trackers(first_run):
+    """tracking.mlflow: each training's loss per step and its adapter, each Tune trial, the evaluation's
+    accuracies (as report.json has them) and the report's files; TensorBoard files for each training."""
+    import mlflow
+
+    _, run_dir, _ = first_run
+    client = mlflow.MlflowClient(tracking_uri=first_tracking[run_dir])
+    experiment = client.get_experiment_by_name("modecotd-e2e")
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    stages = sorted(run.data.tags.get("modecotd.stage") for run in runs.values())
+    assert stages.count("distill") == 3 and stages.count("mix") == 6 and stages.count("evaluate") == 1, stages
+    training = json.loads((run_dir / "experts/coins/training.json").read_text())
+    losses = client.get_metric_history(runs["distill coins"].info.run_id, "loss")
+    assert [m.value for m in sorted(losses, key=lambda m: m.step)] == pytest.approx(training["losses"])
+    assert "adapter/adapter_model.safetensors" in [
+        a.path for a in client.list_artifacts(runs["distill coins"].info.run_id, "adapter")]
+    results = runs["evaluate results"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert results.data.metrics["coins.expert.accuracy"] == report["tasks"]["coins"]["eval"]["expert"]["accuracy"]
+    assert "report/report.md" in [a.path for a in client.list_artifacts(results.info.run_id, "report")]
+    assert list((run_dir / "tensorboard" / "distill" / "coins").glob("events.out.tfevents.*"))
 
 
 def test_rerun_skips_finished_units(first_run):
@@ -275,7 +301,7 @@ def test_tune_searches_only_the_mixer_with_a_space_from_the_command_line(first_r
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["tune", str(config_file), "--run-dir", str(run_dir), "--method", "delta", "--l1", "0.01,0.2",
                  "--top-k", "all", "--budget", "3", "--scheduler", "none",
-                 "--set", f"mixture.mlflow_tracking_uri={mlflow_uri}"]) == 0
+                 "--set", f"tracking.mlflow={mlflow_uri}"]) == 0
     mixture = json.loads((run_dir / "mixtures/letters/mixture.json").read_text())
     assert mixture["method"] == "delta" and mixture["budget"] == 3
     assert sorted(c["setting"] for c in mixture["candidates"]) == [
@@ -286,7 +312,8 @@ def test_tune_searches_only_the_mixer_with_a_space_from_the_command_line(first_r
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_uri)
-    runs = mlflow.search_runs(experiment_names=["modecotd-e2e"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=["modecotd-e2e"], output_format="list",
+                              filter_string="tags.`modecotd.stage` = 'mix'")
     assert len(runs) == 4 and all("cv_loss" in run.data.metrics for run in runs)
     assert list(run_dir.glob("ray/mix-*/*/events.out.tfevents.*"))
 

@@ -29,6 +29,7 @@ from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
 from modecotd.mixture import Mixture, export_adapter
+from modecotd.tracking import tune_callbacks
 from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, forward_method, setting_key
 from modecotd.models import materialize
 from modecotd.plan import Mixing, RunLayout
@@ -196,20 +197,6 @@ class TrialProgress(tune.Callback):
         self._send(task)
 
 
-def tune_loggers(cfg, run_name: str) -> list:
-    """Ray Tune writes TensorBoard (and CSV, JSON) logs of every trial by itself; MLflow too when
-    the config asks for it."""
-    if not cfg.mlflow_tracking_uri:
-        return []
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        raise UserError("mixture.mlflow_tracking_uri needs MLflow: pip install 'modecotd[mlflow]'") from None
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-    return [MLflowLoggerCallback(tracking_uri=cfg.mlflow_tracking_uri, experiment_name=f"modecotd-{run_name}")]
-
-
 def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], storage, trials: str, seed: int) -> dict:
     """What every trial gets: where the student, the experts and the storage are, the mixer's
     settings, the seed and each target task's few-shot rows."""
@@ -300,7 +287,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     experiment = f"mix-{seed}-{int(time.time())}-{config.name}"  # the run's name, for the dashboard
     remove_unfinished_experiments(storage, layout.ray, f"mix-{seed}-")
     started = time.time()
-    errors = _search(jobs, cfg, config.name, context, storage, layout.ray, experiment) if jobs else {}
+    errors = _search(jobs, cfg, config, context, storage, layout.ray, experiment) if jobs else {}
     results: dict[str, dict] = {}
     for name in targets:
         records = [json.loads(storage.read_text(f"{trials}/{name}/{file}"))
@@ -317,12 +304,12 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     return results
 
 
-def _search(jobs: list[dict], cfg, run_name: str, context: dict, storage, ray_folder: str, experiment: str
+def _search(jobs: list[dict], cfg, config, context: dict, storage, ray_folder: str, experiment: str
             ) -> dict[str, str]:
     """One Tune experiment over ``jobs``; returns the error of a failed trial by target task. The
     experiment's folder (Tune's own logs, TensorBoard's among them) is marked finished at its end."""
     per_task = {name: sum(job["task"] == name for job in jobs) for name in {job["task"] for job in jobs}}
-    callbacks = tune_loggers(cfg, run_name) + [TrialProgress(per_task)]
+    callbacks = tune_callbacks(config.tracking.model_dump(mode="json"), config.name) + [TrialProgress(per_task)]
     trainable = tune.with_resources(tune.with_parameters(MixtureTrial, context=context),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     keep_credentials_out_of_trials()
