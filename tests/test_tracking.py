@@ -84,3 +84,17 @@ def test_a_tracker_without_its_library_is_refused_before_the_run(monkeypatch):
                         else real(name, *a, **k))
     with pytest.raises(UserError, match=r"tracking.wandb needs wandb: pip install 'modecotd\[wandb\]'"):
         check_installed({"wandb": {"project": "p"}})
+
+
+def test_tune_trials_go_to_rays_own_mlflow_and_wandb_callbacks(tmp_path):
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    from modecotd.tracking import tune_callbacks
+
+    assert tune_callbacks({"mlflow": None, "wandb": None, "tensorboard": True}, "e2e") == []
+    mlflow, wandb = tune_callbacks(settings(tmp_path), "e2e")
+    assert isinstance(mlflow, MLflowLoggerCallback) and mlflow.experiment_name == "modecotd-e2e"
+    assert mlflow.tags == {"modecotd.run": "e2e", "modecotd.stage": "mix"}
+    assert isinstance(wandb, WandbLoggerCallback) and (wandb.project, wandb.group) == ("p", "e2e")
+    assert wandb.kwargs["mode"] == "offline" and wandb.kwargs["job_type"] == "mix"
