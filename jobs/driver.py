@@ -14,7 +14,7 @@ from modecotd.artifacts import clean_staging
 from modecotd.config import STAGES, check_data_paths
 from modecotd.errors import UserError
 from modecotd.jobs.run_log import RunLog
-from modecotd.tracking import check_installed, track_results
+from modecotd.tracking import check_installed, prepare as prepare_tracking, track_results
 from modecotd.models import check_reference, context_limit
 from modecotd.prompts import check_chat_template, rendered_prompt
 from modecotd.plan import Plan, RunLayout, check_run_stamp, write_run_stamp
@@ -79,6 +79,7 @@ def _run_held(work: Work, address: str | None, stages: list[str] | None, progres
     layout = work.plan.layout
     _connect(work, address, run_log)
     _start_run_folder(layout, work.config, work.tasks)
+    prepare_tracking(work.config.tracking.model_dump(mode="json"), work.config.name)
     outcome = RunOutcome(storage=layout.storage, report=None)
     try:
         with progress_display(progress):

@@ -47,6 +47,47 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
+def mlflow_experiment(client, uri: str, run: str) -> str:
+    """The id of the run's MLflow experiment, made if it is not there yet (by another process too)."""
+    name = f"modecotd-{run}"
+    if (experiment := client.get_experiment_by_name(name)) is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    except Exception:  # made meanwhile by a worker of the same run
+        if (experiment := client.get_experiment_by_name(name)) is not None:
+            return experiment.experiment_id
+        raise
+
+
+def prepare(settings: dict, run: str) -> None:
+    """Called by the driver before any stage: makes the run's MLflow experiment, and so a new
+    SQLite store's tables, in one process (workers that make a new store's tables at the same time
+    break each other's schema migration)."""
+    if settings.get("mlflow"):
+        _try(f"run {run}", "MLflow", lambda: mlflow_experiment(_mlflow_client(settings["mlflow"]), settings["mlflow"],
+                                                              run))
+
+
+def _try(who: str, what: str, action) -> None:
+    """Tracking never stops the work: a tracker that fails is logged and dropped."""
+    try:
+        action()
+    except Exception as error:
+        log.warning("%s: %s tracking dropped: %s", who, what, error)
+
+
+def _mlflow_client(uri: str):
+    import os
+
+    # a tracking server that does not answer is given up in seconds, not MLflow's minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
 class Tracker:
     """One tracked unit of work: ``with Tracker(settings, run, "distill", "coins", params) as t:
     t.log({...}, step)``. ``settings``: the config's ``tracking`` section as a dict (it travels to
@@ -70,25 +111,12 @@ class Tracker:
         return self
 
     def _guard(self, what: str, action) -> None:
-        try:
-            action()
-        except Exception as error:  # tracking never stops the work
-            log.warning("%s %s: %s tracking dropped: %s", self.stage, self.name, what, error)
+        _try(f"{self.stage} {self.name}", what, action)
 
     def _open_mlflow(self) -> None:
-        import os
-
-        # a tracking server that does not answer is given up in seconds, not MLflow's minutes of retries
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=self.settings["mlflow"])
-        experiment_name = f"modecotd-{self.run}"
-        experiment = client.get_experiment_by_name(experiment_name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-            experiment_name, artifact_location=artifact_location(self.settings["mlflow"], experiment_name))
-        run = client.create_run(experiment_id, run_name=f"{self.stage} {self.name}",
+        client = _mlflow_client(self.settings["mlflow"])
+        run = client.create_run(mlflow_experiment(client, self.settings["mlflow"], self.run),
+                                run_name=f"{self.stage} {self.name}",
                                 tags={"modecotd.run": self.run, "modecotd.stage": self.stage})
         for key, value in self.params.items():
             client.log_param(run.info.run_id, key, value)
@@ -179,9 +207,20 @@ def tune_callbacks(settings: dict, run: str) -> list:
         callbacks.append(MLflowLoggerCallback(tracking_uri=settings["mlflow"], experiment_name=f"modecotd-{run}",
                                               tags={"modecotd.run": run, "modecotd.stage": "mix"}))
     if settings.get("wandb"):
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
         options = settings["wandb"]
-        callbacks.append(WandbLoggerCallback(project=options["project"], entity=options.get("entity"), group=run,
-                                             job_type="mix", mode=options["mode"], dir=_wandb_dir(settings)))
+        callbacks.append(_wandb_callback()(project=options["project"], entity=options.get("entity"), group=run,
+                                           job_type="mix", mode=options["mode"], dir=_wandb_dir(settings)))
     return callbacks
+
+
+def _wandb_callback() -> type:
+    """Ray's W&B callback, but one that asks for no API key in offline mode: Ray's reads the mode
+    from the WANDB_MODE variable only, not from the mode it is given to pass on."""
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    class WandbCallback(WandbLoggerCallback):
+        def setup(self, *args, **kwargs):
+            if self.kwargs.get("mode") != "offline":
+                super().setup(*args, **kwargs)
+
+    return WandbCallback

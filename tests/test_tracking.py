@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from modecotd.tracking import Tracker, check_installed, track_results
+from modecotd.tracking import Tracker, check_installed, prepare, track_results
+
+import wandb_records
 
 
 def settings(tmp_path) -> dict:
@@ -32,11 +34,6 @@ def test_a_tracked_unit_logs_its_steps_params_and_files_to_every_tracker(tmp_pat
         for step, loss in enumerate([2.0, 1.5, 1.2], 1):
             tracker.log({"loss": loss, "target_tokens_per_s": 100.0 * step}, step)
         tracker.artifacts(files, "adapter")
-        # W&B offline keeps its records in a binary file only its service reads: read them from the run
-        assert tracker.wandb.summary["loss"] == 1.2 and tracker.wandb.summary["target_tokens_per_s"] == 300.0
-        assert (tracker.wandb.group, tracker.wandb.job_type, tracker.wandb.name) == ("e2e", "distill", "distill coins")
-        assert dict(tracker.wandb.config) == {"lora_r": 4}
-
     client, [run] = mlflow_runs(tmp_path, "e2e")
     assert run.info.run_name == "distill coins" and run.info.status == "FINISHED"
     assert run.data.tags["modecotd.run"] == "e2e" and run.data.tags["modecotd.stage"] == "distill"
@@ -45,9 +42,36 @@ def test_a_tracked_unit_logs_its_steps_params_and_files_to_every_tracker(tmp_pat
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5), (3, 1.2)]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "adapter")] == ["adapter/adapter_config.json"]
 
-    [offline] = (tmp_path / "wandb" / "wandb").glob("offline-run-*")  # for `wandb sync` later
-    assert next(offline.glob("run-*.wandb")).stat().st_size > 0
+    [offline] = (tmp_path / "wandb" / "wandb").glob("offline-run-*/run-*.wandb")  # for `wandb sync` later
+    assert [(s["step"], s["loss"], s["target_tokens_per_s"]) for s in wandb_records.history(offline)] == [
+        (1, 2.0, 100.0), (2, 1.5, 200.0), (3, 1.2, 300.0)]
+    assert wandb_records.run_facts(offline) == {"group": "e2e", "job_type": "distill", "name": "distill coins",
+                                                "config": {"lora_r": 4}}
+    assert wandb_records.artifacts(offline) == ["e2e-distill-coins-adapter"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def log_one_training(uri: str, name: str) -> None:
+    with Tracker({"mlflow": uri, "tensorboard": False}, "e2e", "distill", name) as tracker:
+        tracker.log({"loss": 1.0}, 1)
+
+
+def test_trainings_that_start_together_all_reach_a_new_mlflow_store(tmp_path):
+    """Workers opening a new SQLite store at once broke each other's schema migration (one expert's
+    tracking was dropped): the driver makes the store and the experiment before the stages start."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    prepare({"mlflow": uri}, "e2e")
+    processes = [multiprocessing.get_context("spawn").Process(target=log_one_training, args=(uri, f"t{i}"))
+                 for i in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    client, runs = mlflow_runs(tmp_path, "e2e")
+    assert sorted(run.info.run_name for run in runs) == ["distill t0", "distill t1", "distill t2"]
+    assert all(run.data.metrics == {"loss": 1.0} for run in runs)
 
 
 def test_the_evaluation_is_tracked_from_the_report_with_its_files(tmp_path):
@@ -98,3 +122,34 @@ def test_tune_trials_go_to_rays_own_mlflow_and_wandb_callbacks(tmp_path):
     assert mlflow.tags == {"modecotd.run": "e2e", "modecotd.stage": "mix"}
     assert isinstance(wandb, WandbLoggerCallback) and (wandb.project, wandb.group) == ("p", "e2e")
     assert wandb.kwargs["mode"] == "offline" and wandb.kwargs["job_type"] == "mix"
+
+
+def test_tune_trials_are_logged_by_rays_callbacks_and_read_back(ray_cluster, tmp_path, monkeypatch):
+    """A real Tune experiment with the mix stage's callbacks, offline W&B without an API key."""
+    from ray import tune
+
+    from modecotd.tracking import tune_callbacks
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def trial(config):
+        for fold in range(3):
+            tune.report({"cv_loss": config["l1"] + fold})
+
+    tuner = tune.Tuner(trial, param_space={"l1": tune.grid_search([0.5, 2.0])},
+                       run_config=tune.RunConfig(name="mix-test", storage_path=str(tmp_path / "ray"),
+                                                 callbacks=tune_callbacks(settings(tmp_path), "e2e")))
+    assert not tuner.fit().errors
+
+    client, runs = mlflow_runs(tmp_path, "e2e")
+    assert len(runs) == 2 and {run.data.tags["modecotd.stage"] for run in runs} == {"mix"}
+    losses = sorted([m.value for m in client.get_metric_history(run.info.run_id, "cv_loss")] for run in runs)
+    assert losses == [[0.5, 1.5, 2.5], [2.0, 3.0, 4.0]]
+
+    files = sorted((tmp_path / "wandb").rglob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2
+    logged = sorted([step["cv_loss"] for step in wandb_records.history(file)] for file in files)
+    assert logged == [[0.5, 1.5, 2.5], [2.0, 3.0, 4.0]]
+    assert {(facts["group"], facts["job_type"]) for facts in map(wandb_records.run_facts, files)} == {("e2e", "mix")}
