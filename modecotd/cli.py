@@ -25,15 +25,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"modecotd {_version()}",
                         help="print modecotd's version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_tune, _add_submit, _add_job_commands, _add_run_readers, _add_export, _add_examples,
+                _add_check, _add_cluster):
+        add(commands)
+    for name in ("run", "tune", "submit", "status", "logs", "stop", "list"):
+        commands.choices[name].add_argument(
+            "--allow-http-token", action="store_true",
+            help="send Ray's auth token in clear text (plain http://, or gRPC without Ray's TLS) to a host other "
+                 "than this machine (refused otherwise)")
+    for command in commands.choices.values():  # what several verbs share is said once
+        for action in command._actions:
+            if action.help is None and action.dest in SHARED_HELP:
+                action.help = SHARED_HELP[action.dest]
+    return parser
 
+
+def add_run_args(command: argparse.ArgumentParser, address_help: str | None = None, storage_help: str | None = None,
+                 run_dir_help: str | None = None) -> None:
+    """The arguments of the verbs that drive a run on a cluster (run, tune): the config, the cluster,
+    where the run lives, overrides, taking over its lease."""
+    command.add_argument("config")
+    command.add_argument("--address", help=address_help)
+    command.add_argument("--storage", help=storage_help)
+    command.add_argument("--run-dir", help=run_dir_help)
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _add_run(commands) -> None:
     run = commands.add_parser("run", help="run the four stages (teacher, distill, mix, evaluate) on Ray")
-    run.add_argument("config", help="YAML config file, or a built-in name such as 'quickstart'")
-    run.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
-    run.add_argument("--storage", help="where runs live (config key storage; default runs): a folder, a mount "
-                                       "every node shares, or s3://bucket/prefix; the run goes to <storage>/<name>")
-    run.add_argument("--run-dir", help="this run's own folder or URI (default: <storage>/<name>)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set distill.epochs=1 (repeatable)")
+    add_run_args(run, address_help="an existing Ray cluster (default: start a local one)",
+                 storage_help="where runs live (config key storage; default runs): a folder, a mount every node "
+                              "shares, or s3://bucket/prefix; the run goes to <storage>/<name>")
     run.add_argument("--stage", dest="stages", action="append", choices=STAGES, metavar="STAGE",
                      help=f"run only this stage ({', '.join(STAGES)}; repeatable) on the artifacts the earlier "
                           "stages left in the run folder")
@@ -41,12 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="take the run's lease from another driver that holds it (one known to be dead on another "
                           "machine; a lapsed lease, or one of a dead process on this machine, is taken anyway)")
 
+
+def _add_tune(commands) -> None:
     tune = commands.add_parser("tune", help="run only the mixer search (the mix stage) on a run's experts")
-    tune.add_argument("config")
-    tune.add_argument("--address")
-    tune.add_argument("--storage")
-    tune.add_argument("--run-dir")
-    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_run_args(tune)
     tune.add_argument("--take-over", action="store_true", help="as for run")
     for key, example in TUNE_GRID.items():
         tune.add_argument(f"--{key.replace('_', '-')}", metavar="V[,V...]",
@@ -54,15 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--optimizer", help="mixture.optimizer (ngopt, tpe, cmaes, random, gradient)")
     tune.add_argument("--scheduler", help="mixture.scheduler (none, asha, median)")
 
+
+def _add_submit(commands) -> None:
     submit = commands.add_parser("submit", help="submit a run to a Ray cluster through the Ray Jobs API")
-    submit.add_argument("config")
-    submit.add_argument("--address", help=f"the cluster's dashboard (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})")
-    submit.add_argument("--run-dir", help="the run folder on the cluster's head node (default: "
-                                          "~/modecotd-runs/<run name>)")
-    submit.add_argument("--storage", help="where runs live, seen from the cluster: s3://bucket/prefix, or a "
-                                          "folder every node mounts (config key storage)")
+    add_run_args(submit, address_help=f"the cluster's dashboard (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})",
+                 storage_help="where runs live, seen from the cluster: s3://bucket/prefix, or a folder every node "
+                              "mounts (config key storage)",
+                 run_dir_help="the run folder on the cluster's head node (default: ~/modecotd-runs/<run name>)")
     submit.add_argument("--stage", dest="stages", action="append", choices=STAGES, metavar="STAGE")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--pip", action="append", metavar="REQUIREMENT",
                         help="a pip requirement the job's environment needs (repeatable)")
     submit.add_argument("--working-dir", type=Path, help="send this folder as the job's working directory "
@@ -73,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--submission-id", help="the job's id (default: a new one); submitting again with the same "
                                                 "id and config does nothing (a safe retry), with another config "
                                                 "is refused")
+
+
+def _add_job_commands(commands) -> None:
+    """The verbs on a submitted run: status, logs, stop; and list."""
     for name, text in (("status", "a submitted run's state"), ("logs", "a submitted run's log"),
                        ("stop", "stop a submitted run")):
         command = commands.add_parser(name, help=text)
@@ -82,12 +105,10 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
     listing = commands.add_parser("list", help="modecotd runs submitted to a cluster, newest first")
     listing.add_argument("--address")
-    for name in ("run", "tune", "submit", "status", "logs", "stop", "list"):
-        commands.choices[name].add_argument(
-            "--allow-http-token", action="store_true",
-            help="send Ray's auth token in clear text (plain http://, or gRPC without Ray's TLS) to a host other "
-                 "than this machine (refused otherwise)")
 
+
+def _add_run_readers(commands) -> None:
+    """The verbs that read a finished run: report, compare, pull."""
     report = commands.add_parser("report", help="rebuild report.md, report.json and the plots of a run")
     report.add_argument("run", help="the run's folder or URI; with --storage, its name")
     report.add_argument("--storage", help="where runs live (a folder or s3://bucket/prefix)")
@@ -104,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--storage", help="where runs live, e.g. s3://bucket/prefix")
     pull.add_argument("--to", type=Path, help="the local folder (default: runs/<run name>)")
 
+
+def _add_export(commands) -> None:
     export = commands.add_parser("export", help="one system of a run as a folder that plain transformers + peft (or "
                                                  "vLLM) load: a LoRA adapter, or merged into the student")
     export.add_argument("run", help="the run's folder or URI; with --storage, its name")
@@ -119,17 +142,23 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--push-to-hub", metavar="REPO",
                         help="also upload the folder to this Hugging Face hub repository (private; needs HF_TOKEN)")
 
+
+def _add_examples(commands) -> None:
     examples = commands.add_parser("examples", help="list the example configs shipped with modecotd, or write one "
                                                     "out to edit (each also runs by name: modecotd run quickstart)")
     examples.add_argument("name", nargs="?", help="the example to write out (default: list them)")
     examples.add_argument("--to", type=Path, default=Path("."),
                           help="the folder to write it to, as <name>.yaml (default: this folder)")
 
+
+def _add_check(commands) -> None:
     check = commands.add_parser("check", help="validate a config, load its tasks and check what a run would refuse "
                                                  "(models, question lengths, the API key variable), without running")
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+
+def _add_cluster(commands) -> None:
     cluster = commands.add_parser("cluster", help="start or stop a local Ray cluster with its dashboard")
     cluster.add_argument("action", choices=["up", "down"])
     cluster.add_argument("--num-cpus", type=int, help="CPUs of a single-node cluster")
@@ -145,11 +174,6 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--isolated", action="store_true",
                          help="each worker node in its own mount namespace, sharing no /tmp, home, ./runs or "
                               "model cache with this machine, as a node on another machine (needs root)")
-    for command in commands.choices.values():  # what several verbs share is said once
-        for action in command._actions:
-            if action.help is None and action.dest in SHARED_HELP:
-                action.help = SHARED_HELP[action.dest]
-    return parser
 
 
 SHARED_HELP = {

@@ -14,13 +14,16 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Protocol
+from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
 import torch
 
 from modecotd import prompts
 from modecotd.losses import IGNORE_INDEX, target_loss, token_losses
 from modecotd.tasks.schema import AnswerKind
+
+if TYPE_CHECKING:
+    from modecotd.precision import Precision
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +246,41 @@ class LoopState:
     resumed_from_step: int | None = None
 
 
+@dataclass
+class TrainingSetup:
+    """What :func:`set_up_training` builds on one rank and the loop reads."""
+
+    settings: DistillSettings
+    rank: int
+    world_size: int
+    tokenizer: object
+    examples: list[dict]
+    held_out: list[dict]
+    rows_too_long: int
+    precision: Precision
+    engine: object  # a DeepSpeed engine
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    micro: int  # rows per rank per micro-step
+    batches_per_epoch: int
+    total_steps: int  # optimizer steps
+    eval_every: int
+
+    @property
+    def accumulation(self) -> int:
+        return self.settings.gradient_accumulation
+
+
+@dataclass
+class Clock:
+    """When the loop started and how many target tokens it had then (a resumed run counts from there)."""
+
+    started: float
+    tokens_at_start: int
+
+    def tokens_per_s(self, state: LoopState) -> float:
+        return (state.target_tokens - self.tokens_at_start) / max(1e-9, time.time() - self.started)
+
+
 def train_expert(settings: DistillSettings, rank: int, world_size: int,
                  report: Callable[[dict], None] = lambda metrics: None,
                  checkpoints: Checkpoints | None = None) -> dict:
@@ -253,6 +291,20 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     saved every ``checkpoint_every`` optimizer steps and training resumes from the newest one.
     Returns a summary with the loss curves.
     """
+    setup = set_up_training(settings, rank, world_size)
+    state = resumed_state(setup, checkpoints)
+    setup.engine.train()
+    clock = Clock(time.time(), state.target_tokens)
+    best_state = run_training_loop(setup, state, clock, report, checkpoints)
+    summary = training_summary(setup, state, clock)
+    save_adapter(setup.engine, settings.output_dir, rank, settings.zero_stage, settings.student_dir, state=best_state,
+                 full_finetune=settings.full_finetune, student=settings.student)
+    return summary
+
+
+def set_up_training(settings: DistillSettings, rank: int, world_size: int) -> TrainingSetup:
+    """Seeds, the tokenised rows (a validation share held out), the student with its LoRA (or every
+    weight trainable), the optimizer and schedule, and the DeepSpeed engine around them."""
     import deepspeed
 
     from modecotd.allocator import keep_freed_memory
@@ -263,9 +315,8 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     keep_freed_memory()
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
-    kind = AnswerKind(settings.kind)
     tokenizer = load_tokenizer(Path(settings.student_dir), padding_side="right")
-    examples, too_long = tokenize_rows(settings.rows, kind, tokenizer, settings.max_length,
+    examples, too_long = tokenize_rows(settings.rows, AnswerKind(settings.kind), tokenizer, settings.max_length,
                                        is_encoder_decoder(settings.student_dir), settings.prompt_format)
     if not examples:
         raise ValueError(f"no training rows fit in max_length={settings.max_length}")
@@ -275,99 +326,121 @@ def train_expert(settings: DistillSettings, rank: int, world_size: int,
     if rank == 0:
         log.info("training in %s", precision.describe())
     # fp32 master weights; DeepSpeed casts the module to bf16 when that is the compute dtype.
-    base = load_lm(Path(settings.student_dir), "fp32", attention=training_attention(), device=device)
+    model = load_lm(Path(settings.student_dir), "fp32", attention=training_attention(), device=device)
     if settings.gradient_checkpointing:
-        enable_gradient_checkpointing(base, lora=not settings.full_finetune)
+        enable_gradient_checkpointing(model, lora=not settings.full_finetune)
     if settings.full_finetune:
-        model = base
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
+        model.requires_grad_(True)
     else:
-        model = add_lora(base, settings)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        model = add_lora(model, settings)
     micro = micro_batch_size(settings, world_size)
-    accumulation = settings.gradient_accumulation
     batches_per_epoch = math.ceil(len(examples) / (micro * world_size))
-    total_steps = optimizer_steps(batches_per_epoch, settings.epochs, accumulation)
-    total_micro = total_steps * accumulation
-    eval_every = settings.eval_every or max(1, batches_per_epoch // accumulation)
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    total_steps = optimizer_steps(batches_per_epoch, settings.epochs, settings.gradient_accumulation)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
+                                  weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total_steps, settings.warmup_ratio))
     prepare_shm_op()  # a first start on this machine compiles it: quietly, or without it where it cannot be built
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(settings, world_size, precision.dtype),
-    )
-    state = LoopState()
-    best_state: dict | None = None
-    if checkpoints is not None:
-        with checkpoints.latest() as folder:
-            if folder is not None:
-                state = load_training_state(engine, Path(folder), rank)
-                state.resumed_from_step = state.micro_step // accumulation
-                log.info("resumed at optimizer step %d from %s", state.micro_step // accumulation, folder)
-    engine.train()
-    started, tokens_at_start = time.time(), state.target_tokens
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(settings, world_size, precision.dtype))
+    return TrainingSetup(settings, rank, world_size, tokenizer, examples, held_out, too_long, precision, engine,
+                         scheduler, micro, batches_per_epoch, total_steps,
+                         settings.eval_every or max(1, batches_per_epoch // settings.gradient_accumulation))
+
+
+def resumed_state(setup: TrainingSetup, checkpoints: Checkpoints | None) -> LoopState:
+    """The newest checkpoint's loop state (its weights, optimizer and RNG loaded), or a new one."""
+    if checkpoints is None:
+        return LoopState()
+    with checkpoints.latest() as folder:
+        if folder is None:
+            return LoopState()
+        state = load_training_state(setup.engine, Path(folder), setup.rank)
+    state.resumed_from_step = state.micro_step // setup.accumulation
+    log.info("resumed at optimizer step %d from %s", state.resumed_from_step, folder)
+    return state
+
+
+def run_training_loop(setup: TrainingSetup, state: LoopState, clock: Clock, report: Callable[[dict], None],
+                      checkpoints: Checkpoints | None) -> dict[str, torch.Tensor] | None:
+    """Micro-steps from where ``state`` is to the planned end (or an early stop); returns the
+    weights at the best validation loss, None without validation."""
+    engine, settings, world_size = setup.engine, setup.settings, setup.world_size
+    total_micro = setup.total_steps * setup.accumulation
     unread: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, target tokens) per micro-step, on the device
+    best_state = None
     while state.micro_step < total_micro and not state.stopped_early:
-        epoch, position = divmod(state.micro_step, batches_per_epoch)
-        batches = epoch_batches(examples, micro * world_size, settings.seed, epoch)
-        for global_batch in batches[position:]:
+        epoch, position = divmod(state.micro_step, setup.batches_per_epoch)
+        for global_batch in epoch_batches(setup.examples, setup.micro * world_size, settings.seed, epoch)[position:]:
             if state.micro_step >= total_micro:
                 break
-            shard = global_batch[rank::world_size] or global_batch[:1]
-            batch = collate(shard, tokenizer.pad_token_id, engine.device)
+            shard = global_batch[setup.rank::world_size] or global_batch[:1]
+            batch = collate(shard, setup.tokenizer.pad_token_id, engine.device)
             loss = target_loss(engine, batch)
             engine.backward(loss)
             engine.step()
             state.micro_step += 1
             unread.append((loss.detach(), (batch["labels"] != IGNORE_INDEX).sum()))
-            if state.micro_step % accumulation:
+            if state.micro_step % setup.accumulation:
                 continue
             read_back(unread, state)  # one host sync per optimizer step
-            step = state.micro_step // accumulation
-            metrics = {"step": step, "loss": sum(state.losses[-accumulation:]) / accumulation,
-                       "lr": scheduler.get_last_lr()[0], "target_tokens": state.target_tokens,
-                       "total_steps": total_steps,
-                       "target_tokens_per_s": (state.target_tokens - tokens_at_start) / max(1e-9, time.time() - started)}
-            if held_out and (step % eval_every == 0 or step == total_steps):
-                metrics["validation_loss"] = validation_loss(engine, held_out, micro, tokenizer.pad_token_id)
-                state.validation.append((step, metrics["validation_loss"]))
-                if metrics["validation_loss"] < state.best_validation - 1e-4:
-                    state.best_validation, state.evaluations_without_gain = metrics["validation_loss"], 0
-                    best_state = trained_state(engine, settings.zero_stage)
-                else:
-                    state.evaluations_without_gain += 1
-                    patience = settings.early_stopping_patience
-                    state.stopped_early = patience is not None and state.evaluations_without_gain >= patience
-            report(metrics)
-            if checkpoints is not None and settings.checkpoint_every and (
-                    step % settings.checkpoint_every == 0 and step < total_steps):
-                checkpoints.save(metrics, lambda folder: save_training_state(engine, folder, rank, state))
-            if rank == 0 and (step % PROGRESS_EVERY_STEPS == 0 or step == total_steps):
-                log.info("step %d/%d loss %.3f, %.0f target tokens/s", step, total_steps, metrics["loss"],
-                         (state.target_tokens - tokens_at_start) / max(1e-9, time.time() - started))
+            improved = after_optimizer_step(setup, state, clock, report, checkpoints)
+            if improved is not None:
+                best_state = improved
             if state.stopped_early:
-                log.info("early stop at step %d: validation loss has not improved for %d evaluations",
-                         step, state.evaluations_without_gain)
                 break
     read_back(unread, state)  # nothing is left unread at an optimizer step's end; kept for safety
-    losses = state.losses
+    return best_state
+
+
+def after_optimizer_step(setup: TrainingSetup, state: LoopState, clock: Clock, report: Callable[[dict], None],
+                         checkpoints: Checkpoints | None) -> dict[str, torch.Tensor] | None:
+    """An optimizer step's metrics (and validation loss when due) reported, a checkpoint when due,
+    progress logged; returns the weights when the validation loss is the best so far."""
+    settings, accumulation = setup.settings, setup.accumulation
+    step = state.micro_step // accumulation
+    metrics = {"step": step, "loss": sum(state.losses[-accumulation:]) / accumulation,
+               "lr": setup.scheduler.get_last_lr()[0], "target_tokens": state.target_tokens,
+               "total_steps": setup.total_steps, "target_tokens_per_s": clock.tokens_per_s(state)}
+    best_state = None
+    if setup.held_out and (step % setup.eval_every == 0 or step == setup.total_steps):
+        metrics["validation_loss"] = validation_loss(setup.engine, setup.held_out, setup.micro,
+                                                     setup.tokenizer.pad_token_id)
+        state.validation.append((step, metrics["validation_loss"]))
+        if metrics["validation_loss"] < state.best_validation - 1e-4:
+            state.best_validation, state.evaluations_without_gain = metrics["validation_loss"], 0
+            best_state = trained_state(setup.engine, settings.zero_stage)
+        else:
+            state.evaluations_without_gain += 1
+            patience = settings.early_stopping_patience
+            state.stopped_early = patience is not None and state.evaluations_without_gain >= patience
+    report(metrics)
+    if checkpoints is not None and settings.checkpoint_every and (
+            step % settings.checkpoint_every == 0 and step < setup.total_steps):
+        checkpoints.save(metrics, lambda folder: save_training_state(setup.engine, folder, setup.rank, state))
+    if setup.rank == 0 and (step % PROGRESS_EVERY_STEPS == 0 or step == setup.total_steps):
+        log.info("step %d/%d loss %.3f, %.0f target tokens/s", step, setup.total_steps, metrics["loss"],
+                 clock.tokens_per_s(state))
+    if state.stopped_early:
+        log.info("early stop at step %d: validation loss has not improved for %d evaluations",
+                 step, state.evaluations_without_gain)
+    return best_state
+
+
+def training_summary(setup: TrainingSetup, state: LoopState, clock: Clock) -> dict:
+    """What training.json records: sizes, the loss curves, the stop, the precision, the speed."""
+    losses, accumulation = state.losses, setup.accumulation
     tail = losses[-5 * accumulation:]
-    summary = {"steps": state.micro_step // accumulation, "planned_steps": total_steps, "rows": len(settings.rows),
-               "rows_too_long": too_long, "examples": len(examples), "validation_examples": len(held_out),
-               "target_tokens_rank0": state.target_tokens, "losses": losses,
-               "validation_losses": state.validation, "stopped_early": state.stopped_early,
-               "best_validation_loss": None if math.isinf(state.best_validation) else state.best_validation,
-               "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
-               "zero_stage": engine.zero_optimization_stage(), "world_size": world_size,
-               "gradient_accumulation": accumulation, "resumed_from_step": state.resumed_from_step,
-               "precision": precision.as_dict(),
-               "started_at": started, "finished_at": time.time(),
-               "target_tokens_per_s_rank0": (state.target_tokens - tokens_at_start) / max(1e-9, time.time() - started)}
-    save_adapter(engine, settings.output_dir, rank, settings.zero_stage, settings.student_dir, state=best_state,
-                 full_finetune=settings.full_finetune, student=settings.student)
-    return summary
+    return {"steps": state.micro_step // accumulation, "planned_steps": setup.total_steps,
+            "rows": len(setup.settings.rows), "rows_too_long": setup.rows_too_long,
+            "examples": len(setup.examples), "validation_examples": len(setup.held_out),
+            "target_tokens_rank0": state.target_tokens, "losses": losses,
+            "validation_losses": state.validation, "stopped_early": state.stopped_early,
+            "best_validation_loss": None if math.isinf(state.best_validation) else state.best_validation,
+            "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
+            "zero_stage": setup.engine.zero_optimization_stage(), "world_size": setup.world_size,
+            "gradient_accumulation": accumulation, "resumed_from_step": state.resumed_from_step,
+            "precision": setup.precision.as_dict(), "started_at": clock.started, "finished_at": time.time(),
+            "target_tokens_per_s_rank0": clock.tokens_per_s(state)}
 
 
 def read_back(unread: list[tuple[torch.Tensor, torch.Tensor]], state: LoopState) -> None:

@@ -373,25 +373,44 @@ def systems_in(report: dict) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
-    systems = systems_in(report)
-    teacher = report["teacher"]
+    sections = (header_section, accuracy_section, unseen_section, findings_section, partial_credit_section,
+                means_section, seeds_section, lambda r: worst_section(r.get("worst", [])), teacher_section,
+                experts_section, mixtures_section, orders_section, mixture_plots_section, wall_time_section,
+                scoring_section, unparsed_section)
+    lines = [line for section in sections for line in section(report)]
+    lines += ["", "![accuracy by task and system](accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def header_section(report: dict) -> list[str]:
+    """The run, its teacher and student, the precision, the sampled rows, scoring and decoding."""
+    teacher, student = report["teacher"], report["student"]
     teacher_text = teacher["backend"] + (f" ({teacher['model']}, {teacher.get('prompting')} CoT, prompt format "
                                          f"{teacher.get('prompt_format') or 'raw'})" if teacher["model"] else "")
-    lines = [
+    sampled = report.get("sampled")
+    return [
         f"# modecotd run `{report['run']}`",
         "",
         f"- Teacher: {teacher_text}",
-        f"- Student (frozen): {report['student']['model']} (dtype {report['student']['dtype']}; prompt format "
-        f"{report['student'].get('prompt_format', 'raw')}: "
+        f"- Student (frozen): {student['model']} (dtype {student['dtype']}; prompt format "
+        f"{student.get('prompt_format', 'raw')}: "
         + ("its tokenizer's chat template, the paper's prompt as the user's turn)"
-           if report['student'].get('prompt_format') == "chat" else "the paper's plain text prompt)"),
+           if student.get('prompt_format') == "chat" else "the paper's plain text prompt)"),
         *[f"- Computed in {use}" for use in report.get("precision", [])],
         *(["- Rows drawn at random from the data files (seed per task): "
-           + ", ".join(f"{name} {seed}" for name, seed in report["sampled"].items())] if report.get("sampled") else []),
+           + ", ".join(f"{name} {seed}" for name, seed in sampled.items())] if sampled else []),
         f"- Scoring: {report['scoring']} (accuracy in %, exact match after answer normalisation); the "
         f"other scoring is in the last section",
         "- Decoding: greedy for every system (the authors sampled their baselines' outputs; our baselines "
         "are decoded like the mixture)",
+    ]
+
+
+def accuracy_section(report: dict) -> list[str]:
+    """Every system's accuracy (with its interval) and answer format on every task, beside the
+    constant guessers."""
+    systems = systems_in(report)
+    lines = [
         "",
         "## Accuracy by task and system",
         "",
@@ -410,25 +429,33 @@ def render_markdown(report: dict) -> str:
             _pct(t.get("majority_test", {}).get("accuracy")),
             *(_with_ci(ev.get(s, {})) for s in systems),
             *(_pct(ev.get(s, {}).get("format_rate")) for s in systems)]) + " |")
-    lines += unseen_section(report)
-    lines += ["", "## What came out", ""] + findings(report)
+    return lines
+
+
+def findings_section(report: dict) -> list[str]:
+    return ["", "## What came out", ""] + findings(report)
+
+
+def partial_credit_section(report: dict) -> list[str]:
+    """Free-text tasks: the share of answer characters each system got right."""
     partial = [(n, t) for n, t in report["tasks"].items()
                if any(ev.get("partial_credit") is not None for ev in t["eval"].values())]
-    if partial:
-        lines += ["", "Partial credit (share of answer characters right, free-text tasks):", ""]
-        for name, t in partial:
-            lines.append(f"- {name}: " + ", ".join(f"{s} {_pct(ev.get('partial_credit'))}"
-                                                   for s, ev in t["eval"].items()))
-    lines += means_section(report)
-    lines += seeds_section(report)
-    lines += worst_section(report.get("worst", []))
-    lines += ["", "## Teacher", "",
-              "Yield: share of questions with at least one accepted rationale. Rationalized: accepted rows "
-              "written with the gold answer as a hint (STaR). Failed: questions the teacher could not do. "
-              "Samples: how many rationales came back of those asked (fewer when an endpoint failed part-way).", "",
-              "| task | questions | yield | accepted | per answered question | mean words | rationalized "
-              "| failed | samples | rejections | failures | tokens/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if not partial:
+        return []
+    return ["", "Partial credit (share of answer characters right, free-text tasks):", ""] + [
+        f"- {name}: " + ", ".join(f"{s} {_pct(ev.get('partial_credit'))}" for s, ev in t["eval"].items())
+        for name, t in partial]
+
+
+def teacher_section(report: dict) -> list[str]:
+    """What the teacher stage kept of each task's questions, and why it rejected the rest."""
+    lines = ["", "## Teacher", "",
+             "Yield: share of questions with at least one accepted rationale. Rationalized: accepted rows "
+             "written with the gold answer as a hint (STaR). Failed: questions the teacher could not do. "
+             "Samples: how many rationales came back of those asked (fewer when an endpoint failed part-way).", "",
+             "| task | questions | yield | accepted | per answered question | mean words | rationalized "
+             "| failed | samples | rejections | failures | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         if "teacher" in t:
             tt = t["teacher"]
@@ -442,9 +469,14 @@ def render_markdown(report: dict) -> str:
                 f"{tt['samples_returned']} of {tt['samples_asked']}" if "samples_asked" in tt else "–",
                 rejections, failures,
                 "–" if not speed else f"{speed:.0f}"]) + " |")
-    lines += ["", "## Experts", "",
-              "| task | status | rows | steps | loss first → final | best validation loss | notes | seconds |",
-              "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def experts_section(report: dict) -> list[str]:
+    """Each expert's training: rows, steps, loss curve ends, early stop, resumption, time."""
+    lines = ["", "## Experts", "",
+             "| task | status | rows | steps | loss first → final | best validation loss | notes | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         if "expert" in t:
             e = t["expert"]
@@ -460,11 +492,16 @@ def render_markdown(report: dict) -> str:
                          f"{e.get('seconds') or 0:.0f} |")
     if any("expert" in t for t in report["tasks"].values()):
         lines += ["", "![training loss per expert](training.png)"]
-    lines += ["", "## Mixtures", "", "The setting with the lowest cross-validated few-shot loss, out of those Ray "
-              "Tune tried for the task.", "",
-              "| target | method | L1 | bound | budget | top-k | settings tried (finished) | CV loss | loss at w=0 | "
-              "weights |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def mixtures_section(report: dict) -> list[str]:
+    """The mixer setting kept for each target task and method, its losses and its weights."""
+    lines = ["", "## Mixtures", "", "The setting with the lowest cross-validated few-shot loss, out of those Ray "
+             "Tune tried for the task.", "",
+             "| target | method | L1 | bound | budget | top-k | settings tried (finished) | CV loss | loss at w=0 | "
+             "weights |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         for system, m in t.get("mixtures", {}).items():
             weights = ", ".join(f"{k} {v:+.2f}" for k, v in m["weights"].items())
@@ -474,17 +511,22 @@ def render_markdown(report: dict) -> str:
                          f"{m.get('budget', '–')} | {m.get('top_k') or 'all'} | "
                          f"{m.get('settings_tried', '–')} ({len(m.get('candidates', []))}) | "
                          f"{_cv_text(m)} | {'–' if zero is None else f'{zero:.3f}'} | {weights} |")
-    lines += orders_section(report)
-    if any(t.get("mixtures") for t in report["tasks"].values()):
-        lines += ["", "![mixture weights, target task by expert](mixture_weights.png)",
-                  "", "![weight search: best objective per evaluation](search.png)"]
-    if report["seconds"]:
-        lines += ["", "## Wall time and resources", "", "| stage | wall time | resources asked for |", "|---|---|---|"]
-        lines += [f"| {stage} | {report['seconds'][stage]:.0f} s | {report['resources'].get(stage, '–')} |"
-                  for stage in STAGES if stage in report["seconds"]]
-    lines += scoring_section(report) + unparsed_section(report)
-    lines += ["", "![accuracy by task and system](accuracy.png)", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def mixture_plots_section(report: dict) -> list[str]:
+    if not any(t.get("mixtures") for t in report["tasks"].values()):
+        return []
+    return ["", "![mixture weights, target task by expert](mixture_weights.png)",
+            "", "![weight search: best objective per evaluation](search.png)"]
+
+
+def wall_time_section(report: dict) -> list[str]:
+    if not report["seconds"]:
+        return []
+    return ["", "## Wall time and resources", "", "| stage | wall time | resources asked for |", "|---|---|---|"] + [
+        f"| {stage} | {report['seconds'][stage]:.0f} s | {report['resources'].get(stage, '–')} |"
+        for stage in STAGES if stage in report["seconds"]]
 
 
 def orders_section(report: dict) -> list[str]:
