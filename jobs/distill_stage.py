@@ -26,7 +26,8 @@ from modecotd.errors import UserError
 from modecotd.jobs.liveness import train_health_env
 from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
-from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed, this_cluster_env
+from modecotd.jobs.ray_runtime import stop_if_disk_failed, this_cluster_env
+from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.models import materialize
 from modecotd.plan import RunLayout, Training
 from modecotd.tracking import Tracker
@@ -237,11 +238,9 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> d
     """Train every job whose unit is not done, as many at once as allowed; returns summaries and
     failures by job name."""
     cfg = config.distill
-    ray_storage = (layout.storage, layout.ray)
     todo = pending({name: job.unit for name, job in jobs.items()}, "distill", log)
-    results: dict[str, dict] = {}
     if not todo:
-        return results
+        return {}
     try:  # an autoscaled cluster may not hold one job yet: wait for nodes first
         wait_for_resources(job_needs(cfg), "an expert's training job", config.resources.placement_timeout_s,
                            "distill.workers_per_job x cpus_per_worker / gpus_per_worker")
@@ -249,52 +248,64 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> d
         pass  # concurrent_jobs says why, and every job is recorded as failed
     limit, problem = concurrent_jobs(cfg, ray.cluster_resources())
     if problem:
-        for name in todo:
-            results[name] = {"status": "failed", "error": problem}
         log.error("distill: %s", problem)
-        return results
+        return {name: {"status": "failed", "error": problem} for name in todo}
     # The longest jobs first (a baseline pooling every task's rationales), so that they do not run
     # alone at the end while the other slots stand idle.
     todo.sort(key=lambda name: len(jobs[name].sources), reverse=True)
-    running: dict = {}
-    while todo or running:
-        while todo and len(running) < limit:
-            name = todo.pop(0)
-            job = jobs[name]
-            rows = read_rows(cfg, job)
-            if not rows:
-                results[name] = {"status": "failed", "error": "no few-shot rows to train on" if job.target else
-                                 "the teacher kept no rationale for this task"}
-                log.error("distill: %s: no rationales to train on", name)
+    stage = DistillJobs(config, layout, jobs)
+    WorkerPool("training job", limit).run(stage.ready(todo), stage.submit, stage.done, stage.failed)
+    return stage.results
+
+
+class DistillJobs:
+    """The distill stage's side of the worker pool: each job's rows, its Ray Train job, its outcome."""
+
+    def __init__(self, config, layout: RunLayout, jobs: dict[str, Training]):
+        self.config, self.jobs = config, jobs
+        self.ray_storage = (layout.storage, layout.ray)
+        self.results: dict[str, dict] = {}
+
+    def ready(self, todo: list[str]):
+        """Each job with its rows, read as slots come free (one job's rows in memory per running
+        job); a job with none is recorded as failed."""
+        for name in todo:
+            rows = read_rows(self.config.distill, self.jobs[name])
+            if rows:
+                yield name, rows
                 continue
-            settings = distill_settings(config, job, rows)
-            ref = fit_expert.options(name=f"distill:{name}", runtime_env={"env_vars": {
-                **this_cluster_env(), **train_health_env(config.resources.stall_timeout_s)}}).remote(
-                name, job.unit, config.student.model, asdict(settings), cfg.workers_per_job, cfg.cpus_per_worker,
-                ray_storage, f"distill-{name}-{job.unit.key}", cfg.max_failures,
-                cfg.gpus_per_worker if cfg.use_gpu else 0, config.tracking.model_dump(mode="json"), config.name)
-            running[ref] = name
-            log.info("distill: %s started (%d rows, ZeRO-%d)", name, len(rows), cfg.zero_stage)
-        if not running:
-            continue
-        ready, _ = ray.wait(list(running), num_returns=1)
-        name = running.pop(ready[0])
-        try:
-            summary = ray.get(ready[0])
-        except Exception as exc:  # a failed job is reported, the others go on
-            stop_if_disk_failed(root_cause(exc), f"distill {name}")
-            results[name] = {"status": "failed", "error": root_cause(exc)}
-            send("distill", name, 0, None, "step", note="failed", finished=True)
-            log.error("distill: %s failed: %s", name, results[name]["error"])
-            stage_metrics()["failed"].inc(1, {"task": name})
-            continue
+            self.results[name] = {"status": "failed", "error": "no few-shot rows to train on"
+                                  if self.jobs[name].target else "the teacher kept no rationale for this task"}
+            log.error("distill: %s: no rationales to train on", name)
+
+    def submit(self, _, item: tuple[str, list[dict]]):
+        name, rows = item
+        config, cfg, job = self.config, self.config.distill, self.jobs[name]
+        ref = fit_expert.options(name=f"distill:{name}", runtime_env={"env_vars": {
+            **this_cluster_env(), **train_health_env(config.resources.stall_timeout_s)}}).remote(
+            name, job.unit, config.student.model, asdict(distill_settings(config, job, rows)), cfg.workers_per_job,
+            cfg.cpus_per_worker, self.ray_storage, f"distill-{name}-{job.unit.key}", cfg.max_failures,
+            cfg.gpus_per_worker if cfg.use_gpu else 0, config.tracking.model_dump(mode="json"), config.name)
+        log.info("distill: %s started (%d rows, ZeRO-%d)", name, len(rows), cfg.zero_stage)
+        return ref
+
+    def done(self, item: tuple[str, list[dict]], summary: dict) -> None:
+        name = item[0]
         tags = {"task": name}
         stage_metrics()["done"].inc(1, tags)
         stage_metrics()["final_loss"].set(summary["final_loss"], tags)
         stage_metrics()["speed"].set(summary["target_tokens_per_s_rank0"], tags)
         send("distill", name, summary["steps"], summary["steps"], "step", finished=True,
              note=f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
-        results[name] = summary
+        self.results[name] = summary
         log.info("distill: %s done: loss %.3f -> %.3f in %d steps", name, summary["first_loss"],
                  summary["final_loss"], summary["steps"])
-    return results
+
+    def failed(self, item: tuple[str, list[dict]], reason: str, error: Exception) -> None:
+        """A failed job is reported; the others go on."""
+        name = item[0]
+        stop_if_disk_failed(reason, f"distill {name}")
+        self.results[name] = {"status": "failed", "error": reason}
+        send("distill", name, 0, None, "step", note="failed", finished=True)
+        log.error("distill: %s failed: %s", name, reason)
+        stage_metrics()["failed"].inc(1, {"task": name})

@@ -6,21 +6,21 @@ A system is the base student, a task's own expert, or the task's mixture. Each p
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import ray
 
-from modecotd.artifacts import write_jsonl
+from modecotd.artifacts import Unit, write_jsonl
 from modecotd.config import EVALUATION_BATCH
 from modecotd.evaluate import attach_system, load_system, predict, score_rows, summarize
 from modecotd.errors import UserError
-from modecotd.jobs.liveness import LIVENESS_GROUP, Liveness
+from modecotd.jobs.liveness import LIVENESS_GROUP
 from modecotd.jobs.placement import wait_for_resources, wait_until_placed
 from modecotd.jobs.progress import send
-from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
+from modecotd.jobs.ray_runtime import stop_if_disk_failed
+from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.likelihood import likelihood_answers
 from modecotd.models import load_lm
 from modecotd.plan import Evaluation
@@ -118,73 +118,64 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
     cfg = config.evaluation
     todo = [e for e in evaluations if not e.unit.done()]
     log.info("evaluate: %d of %d (task, system) pairs to run", len(todo), len(evaluations))
-    results: dict[str, dict] = {}
-    if todo:
-        wait_for_resources({"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}, "an evaluator actor",
-                           config.resources.placement_timeout_s, "evaluation.cpus_per_actor / gpus_per_actor")
+    if not todo:
+        return {}
+    needs = {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}
+    wait_for_resources(needs, "an evaluator actor", config.resources.placement_timeout_s,
+                       "evaluation.cpus_per_actor / gpus_per_actor")
     settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, "likelihood": cfg.likelihood,
                 "prompt_format": config.student.prompt_format}
-    started = itertools.count()
 
-    def new_actor():
-        return Evaluator.options(name=f"eval-{next(started)}", num_cpus=cfg.cpus_per_actor,
-                                 num_gpus=cfg.gpus_per_actor).remote(config.student.model, config.student.dtype, settings)
+    def make(name: str):
+        return Evaluator.options(name=name, num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor).remote(
+            config.student.model, config.student.dtype, settings)
 
-    # another seed's system is named with its seed in logs, progress and metrics
-    queue = [(e.unit, (e.task, e.system.name if e.seed is None else f"{e.system.name}@seed{e.seed}", e.system.spec(),
-                       tasks[e.task].kind, [asdict(ex) for ex in tasks[e.task].test])) for e in todo]
-    actors = [new_actor() for _ in range(min(cfg.actors, len(queue)))]
+    pool = WorkerPool("evaluator actor", min(cfg.actors, len(todo)), make, prefix="eval",
+                      retries_per_item=MAX_ACTOR_LOSSES, stall_s=config.resources.stall_timeout_s,
+                      start_s=config.resources.placement_timeout_s, label=lambda pair: f"{pair.task} / {pair.name}")
     try:  # a cluster may hold the CPUs in total but on no single node
-        wait_until_placed(actors, "evaluator actors", {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor},
-                          config.resources.placement_timeout_s, "evaluation.actors / cpus_per_actor / gpus_per_actor")
+        wait_until_placed(list(pool.actors.values()), "evaluator actors", needs, config.resources.placement_timeout_s,
+                          "evaluation.actors / cpus_per_actor / gpus_per_actor")
     except UserError:
-        for actor in actors:
-            ray.kill(actor)
+        pool.kill_all()
         raise
-    running: dict = {}  # future -> (actor slot, unit, the evaluate call's arguments)
-    liveness = Liveness(config.resources.stall_timeout_s, "evaluator actor", config.resources.placement_timeout_s)
-    losses: dict[str, int] = {}  # unit prefix -> actors that died on it
+    results: dict[str, dict] = {}
 
-    def submit(slot: int) -> None:
-        if queue:
-            unit, args = queue.pop(0)
-            running[actors[slot].evaluate.remote(*args)] = (slot, unit, args)
+    def done(pair: Pair, outcome: tuple) -> None:
+        _, _, rows, seconds, precision = outcome
+        summary = {**summarize(rows, cfg.scoring), "precision": precision}
+        with pair.unit.writing(summary) as staging:
+            write_jsonl(staging / "predictions.jsonl", rows)
+        results[pair.key] = summary
+        log.info("evaluate: %s / %s: accuracy %.3f (format %.2f) in %.0f s", pair.task, pair.name,
+                 summary["accuracy"], summary["format_rate"], seconds)
 
-    for slot in range(len(actors)):
-        submit(slot)
-    try:
-        while running:
-            busy = {slot: actors[slot] for slot, _, _ in running.values()}
-            future = liveness.wait(list(running), busy)  # a stalled actor's pair comes back as its death
-            if future is None:
-                continue
-            slot, unit, args = running.pop(future)
-            task, name = args[0], args[1]
-            try:
-                _, _, rows, seconds, precision = ray.get(future)
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
-                if isinstance(exc, ray.exceptions.RayActorError):
-                    actors[slot] = new_actor()
-                    losses[unit.prefix] = losses.get(unit.prefix, 0) + 1
-                    if losses[unit.prefix] <= MAX_ACTOR_LOSSES:
-                        log.warning("evaluate: %s / %s: its actor died (%s); trying again on a new one (%d of %d)",
-                                    task, name, root_cause(exc), losses[unit.prefix], MAX_ACTOR_LOSSES)
-                        queue.insert(0, (unit, args))
-                        submit(slot)
-                        continue
-                stop_if_disk_failed(root_cause(exc), f"evaluate {task} / {name}")
-                results[f"{task}/{name}"] = {"status": "failed", "error": root_cause(exc)}
-                send("evaluate", f"{task} / {name}", 0, None, "question", note="failed", finished=True)
-                log.error("evaluate: %s / %s failed: %s", task, name, results[f"{task}/{name}"]["error"])
-            else:
-                summary = {**summarize(rows, cfg.scoring), "precision": precision}
-                with unit.writing(summary) as staging:
-                    write_jsonl(staging / "predictions.jsonl", rows)
-                results[f"{task}/{name}"] = summary
-                log.info("evaluate: %s / %s: accuracy %.3f (format %.2f) in %.0f s", task, name,
-                         summary["accuracy"], summary["format_rate"], seconds)
-            submit(slot)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    def failed(pair: Pair, reason: str, error: Exception) -> None:
+        stop_if_disk_failed(reason, f"evaluate {pair.task} / {pair.name}")
+        results[pair.key] = {"status": "failed", "error": reason}
+        send("evaluate", f"{pair.task} / {pair.name}", 0, None, "question", note="failed", finished=True)
+        log.error("evaluate: %s / %s failed: %s", pair.task, pair.name, reason)
+
+    pool.run([Pair.of(e, tasks) for e in todo], submit=lambda actor, pair: actor.evaluate.remote(*pair.args),
+             done=done, failed=failed)
     return results
+
+
+@dataclass
+class Pair:
+    """One (task, system) evaluation as the pool hands it to an evaluator actor."""
+
+    unit: Unit
+    task: str
+    name: str  # the system's name; another seed's system with its seed (in logs, progress and metrics)
+    args: tuple  # Evaluator.evaluate's arguments
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.name}"
+
+    @classmethod
+    def of(cls, evaluation: Evaluation, tasks) -> "Pair":
+        e, data = evaluation, tasks[evaluation.task]
+        name = e.system.name if e.seed is None else f"{e.system.name}@seed{e.seed}"
+        return cls(e.unit, e.task, name, (e.task, name, e.system.spec(), data.kind, [asdict(ex) for ex in data.test]))

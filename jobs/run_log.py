@@ -16,7 +16,6 @@ import logging
 import sys
 import threading
 import time
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 

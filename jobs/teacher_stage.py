@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,10 +25,11 @@ import ray
 
 from modecotd.artifacts import Unit, fingerprint, pending
 from modecotd.errors import ModelError, UserError
-from modecotd.jobs.liveness import LIVENESS_GROUP, Liveness
+from modecotd.jobs.liveness import LIVENESS_GROUP
 from modecotd.jobs.placement import wait_for_resources, wait_until_placed
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
+from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.models import materialize
 from modecotd.plan import RunLayout
 from modecotd.prompts import TeacherPrompts
@@ -240,49 +241,6 @@ def _shard(config, task: str, index: int, chunk: list[Example], prompts: Teacher
     return Shard(task, index, index * config.teacher.shard_size, [asdict(e) for e in chunk], prompts, seed)
 
 
-class ActorPool:
-    """Teacher actors by slot; a dead actor is replaced while its slot has restarts left."""
-
-    def __init__(self, size: int, make, max_restarts: int):
-        self.make = make
-        self.max_restarts = max_restarts
-        self.restarts = [0] * size
-        self.actors = {slot: make(f"teacher-{slot}") for slot in range(size)}
-        self.busy = Counter()
-
-    def check_ready(self, need_each: dict, wait_s: float) -> None:
-        """Wait for every actor to be placed (up to ``wait_s``), then for each to load its backend
-        (as long as that takes); a backend that cannot load stops the stage."""
-        try:
-            wait_until_placed(list(self.actors.values()), "teacher actors", need_each, wait_s,
-                              "teacher.actors / cpus_per_actor / gpus_per_actor")
-        except UserError:
-            self.kill_all()
-            raise
-        loads = {slot: actor.load.remote() for slot, actor in self.actors.items()}
-        for slot, ref in loads.items():
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
-                self.kill_all()
-                raise ModelError(f"teacher actor {slot} could not start its backend: {root_cause(exc)}") from None
-
-    def idle(self) -> list[int]:
-        return [slot for slot in self.actors for _ in range(IN_FLIGHT_PER_ACTOR - self.busy[slot])]
-
-    def replace(self, slot: int) -> None:
-        ray.kill(self.actors.pop(slot), no_restart=True)
-        self.busy.pop(slot, None)
-        if self.restarts[slot] < self.max_restarts:
-            self.restarts[slot] += 1
-            self.actors[slot] = self.make(f"teacher-{slot}-restart{self.restarts[slot]}")
-
-    def kill_all(self) -> None:
-        for actor in self.actors.values():
-            ray.kill(actor)
-        self.actors.clear()
-
-
 def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], units: dict[str, Unit]) -> dict[str, dict]:
     """Generate and filter rationales for every seen task whose unit is not done yet."""
     todo = pending(units, "teacher", log)
@@ -294,109 +252,102 @@ def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], uni
     wait_s = config.resources.placement_timeout_s
     wait_for_resources(_actor_needs(cfg), f"a teacher actor (backend {cfg.backend})", wait_s,
                        "teacher.cpus_per_actor / teacher.gpus_per_actor")
-    pool = _teacher_pool(cfg, api_key, wait_s, sum(len(tasks[name].train) for name in todo))
-    answered: Counter = Counter()
+    pool = _teacher_pool(cfg, api_key, config.resources, sum(len(tasks[name].train) for name in todo))
     for name in todo:
         send("teacher", name, 0, len(tasks[name].train), "question")
-    summaries: dict[str, dict] = {}
-    feed = shard_feed(config, layout, tasks, units, todo)
-    retry: deque[Shard] = deque()
-    in_flight: dict = {}
-    outstanding: Counter = Counter()
-    fed_all: set[str] = set()
-    liveness = Liveness(config.resources.stall_timeout_s, "teacher actor", config.resources.placement_timeout_s)
+    progress = TaskProgress(layout, tasks, units, cfg)
     started = time.time()
-    try:
-        while True:
-            for slot in pool.idle():
-                shard = retry.popleft() if retry else _next_shard(feed, fed_all, outstanding, summaries,
-                                                                  lambda n: _finish(layout, n, units, cfg))
-                if shard is None:
-                    break
-                actor = pool.actors[slot]
-                in_flight[actor.run_shard.remote(shard)] = (slot, actor, shard)
-                pool.busy[slot] += 1
-                outstanding[shard.task] += 1
-            if not in_flight:
-                break
-            busy = {slot: actor for slot, actor, _ in in_flight.values() if pool.actors.get(slot) is actor}
-            ref = liveness.wait(list(in_flight), busy)  # a stalled actor's shards come back as its death
-            if ref is None:
-                continue
-            slot, actor, shard = in_flight.pop(ref)
-            result = _shard_outcome(ref, slot, actor, shard, pool, cfg.max_restarts)
-            if result is None:  # its actor died: the shard goes round again
-                retry.append(shard)
-                outstanding[shard.task] -= 1
-                continue
-            write_shard(layout.storage, shard_path(shard_dir(layout, shard.task, units[shard.task]), shard.index),
-                        result)
-            outstanding[shard.task] -= 1
-            answered[shard.task] += result["questions"]
-            speed = f"{result['tokens'] / result['seconds']:.0f} tokens/s" if result["tokens"] and result["seconds"] else ""
-            send("teacher", shard.task, answered[shard.task], len(tasks[shard.task].train), "question", note=speed)
-            if shard.task in fed_all and outstanding[shard.task] == 0 and shard.task not in summaries:
-                summaries[shard.task] = _finish(layout, shard.task, units, cfg)
-        for name in fed_all - set(summaries):
-            summaries[name] = _finish(layout, name, units, cfg)
-    finally:
-        pool.kill_all()
+    pool.run(progress.shards(shard_feed(config, layout, tasks, units, todo)),
+             submit=lambda actor, shard: actor.run_shard.remote(shard),
+             done=progress.written, failed=progress.failed)
+    progress.finish_the_rest()
     log.info("teacher stage took %.1f s", time.time() - started)
-    return summaries
+    return progress.summaries
 
 
-def _teacher_pool(cfg, api_key: Secret | None, wait_s: float, questions: int) -> ActorPool:
-    """As many teacher actors as asked, or as there are shards if fewer, each ready."""
+class TaskProgress:
+    """Each task's shards in hand and questions answered; a task whose shards are all fed and
+    written is merged into its unit (:func:`_finish`)."""
+
+    def __init__(self, layout: RunLayout, tasks: dict[str, TaskData], units: dict[str, Unit], cfg):
+        self.layout, self.tasks, self.units, self.cfg = layout, tasks, units, cfg
+        self.outstanding, self.answered = Counter(), Counter()
+        self.fed_all: set[str] = set()
+        self.summaries: dict[str, dict] = {}
+
+    def shards(self, feed) -> Iterator[Shard]:
+        """The feed's shards; a task's end marker finishes it when none of its shards is in hand."""
+        for item in feed:
+            if isinstance(item, TaskEnd):
+                self.fed_all.add(item.task)
+                self._finish_if_complete(item.task)
+                continue
+            self.outstanding[item.task] += 1
+            yield item
+
+    def written(self, shard: Shard, result: dict) -> None:
+        units, task = self.units, shard.task
+        write_shard(self.layout.storage, shard_path(shard_dir(self.layout, task, units[task]), shard.index), result)
+        self.outstanding[task] -= 1
+        self.answered[task] += result["questions"]
+        speed = f"{result['tokens'] / result['seconds']:.0f} tokens/s" if result["tokens"] and result["seconds"] else ""
+        send("teacher", task, self.answered[task], len(self.tasks[task].train), "question", note=speed)
+        self._finish_if_complete(task)
+
+    def failed(self, shard: Shard, reason: str, error: Exception) -> None:
+        """A shard whose work raised is written with every question failed, and the reason."""
+        reason = f"teacher error: {reason}"
+        log.error("teacher: shard %s/%d failed: %s", shard.task, shard.index, reason)
+        examples = [Example(**e) for e in shard.examples]
+        failed = failed_shard(examples, shard.prompts, first_id=shard.first_id, reason=reason)
+        self.written(shard, shard_result(failed, len(examples), 0.0))
+
+    def _finish_if_complete(self, task: str) -> None:
+        if task in self.fed_all and self.outstanding[task] == 0 and task not in self.summaries:
+            self.summaries[task] = _finish(self.layout, task, self.units, self.cfg)
+
+    def finish_the_rest(self) -> None:
+        for task in self.fed_all - set(self.summaries):
+            self.summaries[task] = _finish(self.layout, task, self.units, self.cfg)
+
+
+def _teacher_pool(cfg, api_key: Secret | None, resources, questions: int) -> WorkerPool:
+    """As many teacher actors as asked, or as there are shards if fewer, each placed and with its
+    backend loaded (a backend that cannot load stops the stage)."""
     teacher = cfg.model_dump(mode="json")
 
     def make(name: str):
         return TeacherWorker.options(name=name, num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor).remote(
             teacher, api_key)
 
-    pool = ActorPool(max(1, min(cfg.actors, -(-questions // cfg.shard_size))), make, cfg.max_restarts)
-    pool.check_ready(_actor_needs(cfg), wait_s)
+    pool = WorkerPool(
+        "teacher actor", max(1, min(cfg.actors, -(-questions // cfg.shard_size))), make, prefix="teacher",
+        per_worker=IN_FLIGHT_PER_ACTOR, max_restarts=cfg.max_restarts, stall_s=resources.stall_timeout_s,
+        start_s=resources.placement_timeout_s, label=lambda shard: f"shard {shard.task}/{shard.index}",
+        all_dead=ModelError(f"every teacher actor died and none has restarts left (teacher.max_restarts="
+                            f"{cfg.max_restarts}); finished shards are kept, run again to go on"))
+    start_backends(pool, _actor_needs(cfg), resources.placement_timeout_s)
     return pool
+
+
+def start_backends(pool: WorkerPool, need_each: dict, wait_s: float) -> None:
+    """Wait for every actor to be placed (up to ``wait_s``), then for each to load its backend (as
+    long as that takes); a backend that cannot load stops the stage."""
+    try:
+        wait_until_placed(list(pool.actors.values()), "teacher actors", need_each, wait_s,
+                          "teacher.actors / cpus_per_actor / gpus_per_actor")
+        for slot, ref in [(slot, actor.load.remote()) for slot, actor in pool.actors.items()]:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                raise ModelError(f"teacher actor {slot} could not start its backend: {root_cause(exc)}") from None
+    except UserError:  # ModelError is one
+        pool.kill_all()
+        raise
 
 
 def _actor_needs(cfg) -> dict:
     return {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}
-
-
-def _shard_outcome(ref, slot: int, actor, shard: Shard, pool: ActorPool, max_restarts: int) -> dict | None:
-    """A finished shard's result; a shard whose task raised comes back with every question failed
-    (and the reason); None when its actor died (then the actor is replaced, if restarts are left)."""
-    current = pool.actors.get(slot) is actor
-    if current:
-        pool.busy[slot] -= 1
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayActorError as exc:
-        log.warning("teacher: actor %s died with shard %s/%d in hand (%s); re-queued",
-                    slot, shard.task, shard.index, root_cause(exc))
-        if current:  # the other shards that actor held come back through this same branch
-            pool.replace(slot)
-        if not pool.actors:
-            raise ModelError(f"every teacher actor died and none has restarts left (teacher.max_restarts="
-                             f"{max_restarts}); finished shards are kept, run again to go on") from None
-        return None
-    except ray.exceptions.RayTaskError as exc:
-        reason = f"teacher error: {root_cause(exc)}"
-        log.error("teacher: shard %s/%d failed: %s", shard.task, shard.index, reason)
-        examples = [Example(**e) for e in shard.examples]
-        failed = failed_shard(examples, shard.prompts, first_id=shard.first_id, reason=reason)
-        return shard_result(failed, len(examples), 0.0)
-
-
-def _next_shard(feed, fed_all: set[str], outstanding: Counter, summaries: dict, finish) -> Shard | None:
-    """The next shard from the feed; finishes tasks whose shards are all written on the way."""
-    for item in feed:
-        if isinstance(item, TaskEnd):
-            fed_all.add(item.task)
-            if outstanding[item.task] == 0:
-                summaries[item.task] = finish(item.task)
-            continue
-        return item
-    return None
 
 
 def _finish(layout: RunLayout, name: str, units: dict[str, Unit], cfg) -> dict:

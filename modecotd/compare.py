@@ -5,7 +5,7 @@ from __future__ import annotations
 from modecotd.config import read_yaml
 from modecotd.errors import UserError
 from modecotd.plan import RunLayout
-from modecotd.report import SYSTEMS, _pct, correct_field, eval_rows, pair_rows
+from modecotd.report import SYSTEMS, percent, correct_field, eval_rows, pair_rows
 from modecotd.run_view import RunView
 from modecotd.stats import mcnemar_test, paired_bootstrap_diff_ci
 from modecotd.storage import Storage
@@ -90,8 +90,8 @@ def render_comparison(result: dict) -> str:
              "| task | system A | system B | n paired | acc A | acc B | diff | 95% CI | McNemar p |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['task']} | {r['system_a']} | {r['system_b']} | {r['n']} | {_pct(r['accuracy_a'])} | "
-                     f"{_pct(r['accuracy_b'])} | {100 * r['diff']:+.1f} | "
+        lines.append(f"| {r['task']} | {r['system_a']} | {r['system_b']} | {r['n']} | {percent(r['accuracy_a'])} | "
+                     f"{percent(r['accuracy_b'])} | {100 * r['diff']:+.1f} | "
                      f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] | {_p_text(r['mcnemar_p'])} |")
     unpaired = [r for r in result["rows"] if r["unpaired_a"] or r["unpaired_b"]]
     if unpaired:

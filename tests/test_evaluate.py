@@ -97,4 +97,4 @@ def test_a_stopped_evaluator_is_noticed_killed_and_its_pair_run_again(ray_cluste
     assert stopped, "the evaluator finished before it could be stopped: give it more questions"
     assert results["sums/base"]["n"] == 200 and job.unit.done()
     names = {a.name for a in list_actors(filters=[("class_name", "=", "Evaluator")], limit=1000)}
-    assert "eval-1" in names  # the pair ran again on a new actor
+    assert "eval-0-restart1" in names  # the pair ran again on a new actor in the same slot

@@ -57,7 +57,8 @@ def test_a_teacher_that_loads_slowly_is_not_taken_for_one_that_cannot_be_placed(
     import ray
 
     from modecotd.jobs import placement
-    from modecotd.jobs.teacher_stage import ActorPool
+    from modecotd.jobs.teacher_stage import start_backends
+    from modecotd.jobs.worker_pool import WorkerPool
 
     @ray.remote(num_cpus=0)
     class SlowLoader:
@@ -68,14 +69,14 @@ def test_a_teacher_that_loads_slowly_is_not_taken_for_one_that_cannot_be_placed(
             time.sleep(12)
             return True
 
-    pool = ActorPool(2, lambda name: SlowLoader.options(name=name).remote(), max_restarts=0)
+    pool = WorkerPool("teacher actor", 2, lambda name: SlowLoader.options(name=name).remote(), max_restarts=0)
     try:
         with pytest.MonkeyPatch.context() as patch:
             # placement may take a few seconds on a busy machine (worker processes start); loading
             # takes longer than the whole timeout
             patch.setattr(placement, "START_GRACE_S", 6)
             started = time.time()
-            pool.check_ready({"CPU": 0}, 1)
+            start_backends(pool, {"CPU": 0}, 1)
         assert time.time() - started >= 12
     finally:
         pool.kill_all()

@@ -99,7 +99,8 @@ def test_mean_over_tasks_weighs_each_task_once_and_its_interval_narrows_with_que
 
 
 def test_the_report_means_and_the_mixtures_changes_are_paired_by_question():
-    from modecotd.report import means_with_intervals, means_section
+    from modecotd.report.collect import means_with_intervals
+    from modecotd.report.markdown import means_section
 
     def rows(correct):
         return {0: [{"id": i, "question": f"q{i}", "correct": c} for i, c in enumerate(correct)]}  # one seed

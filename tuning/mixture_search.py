@@ -24,7 +24,6 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianSt
 from ray.util.metrics import Counter, Gauge
 
 from modecotd.artifacts import ROUTERS_FILE, Unit, fingerprint, local_folder, pending, write_json
-from modecotd.errors import UserError
 from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
