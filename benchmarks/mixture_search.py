@@ -206,7 +206,7 @@ def run_target(name: str, target: dict, model_dir: Path, reference: tuple, mixtu
 
 def run_targets(run_dir: Path, names: list[str] | None, test: int) -> tuple[Path, dict[str, Path], dict[str, dict]]:
     """A pipeline run's student, experts and target tasks (few-shot and test rows as it drew them)."""
-    from modecotd.config import load_config
+    from modecotd.config_loading import load_config
     from modecotd.models import materialize
     from modecotd.tasks.build import load_tasks
 

@@ -33,7 +33,7 @@ MODEL = BUILTIN_SMOLLM2
 
 
 def config_for(questions: int, max_new_tokens: int, batch_size: int, actors: int, dtype: str):
-    from modecotd.config import parse_config
+    from modecotd.config_loading import parse_config
 
     return parse_config({
         "name": "teacher-throughput",

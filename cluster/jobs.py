@@ -54,7 +54,7 @@ def submit(config_path: Path, *, address: str | None = None, run_dir: str | None
     ``submission_id``, a retry is idempotent: a job of that id with the same config and run folder
     is that run (nothing is submitted again); one with another config is refused."""
     from modecotd.artifacts import fingerprint
-    from modecotd.config import load_config
+    from modecotd.config_loading import load_config
 
     config_path = Path(config_path)
     from modecotd.storage import is_uri

@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from modecotd.config import DATA_PATH_KEYS, ConfigError, read_yaml
+from modecotd.config import ConfigError
+
+
+from modecotd.config_loading import DATA_PATH_KEYS, read_yaml
 from modecotd.errors import UserError
 
 UPLOAD_LIMIT_BYTES = 100 * 2**20  # the Ray dashboard's request body limit (DASHBOARD_CLIENT_MAX_SIZE)

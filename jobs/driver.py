@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from modecotd.artifacts import clean_staging
-from modecotd.config import STAGES, check_data_paths
+from modecotd.config import STAGES
+from modecotd.config_loading import check_data_paths
 from modecotd.errors import UserError
 from modecotd.jobs.run_log import RunLog
 from modecotd.tracking import check_installed, prepare as prepare_tracking, track_results

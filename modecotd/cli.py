@@ -208,7 +208,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _run(args) -> int:
-    from modecotd.config import load_config
+    from modecotd.config_loading import load_config
 
     overrides = list(args.overrides) + ([f"storage={args.storage}"] if args.storage else [])
     config = load_config(args.config, overrides)  # a bad config is refused before the heavy imports
@@ -380,7 +380,7 @@ def _export(args) -> int:
 
 
 def _examples(args) -> int:
-    from modecotd.config import builtin_configs
+    from modecotd.config_loading import builtin_configs
 
     shipped = builtin_configs()
     if args.name is None:
@@ -401,7 +401,7 @@ def _examples(args) -> int:
 
 
 def _check(args) -> int:
-    from modecotd.config import load_config
+    from modecotd.config_loading import load_config
 
     config = load_config(args.config, args.overrides)  # a bad config is refused before the heavy imports
     from modecotd.jobs.driver import check_inputs, load_tasks

@@ -2,7 +2,7 @@
 difference in accuracy with a paired bootstrap interval and the exact McNemar p-value."""
 from __future__ import annotations
 
-from modecotd.config import read_yaml
+from modecotd.config_loading import read_yaml
 from modecotd.errors import UserError
 from modecotd.plan import RunLayout
 from modecotd.report import SYSTEMS, percent, correct_field, eval_rows, pair_rows

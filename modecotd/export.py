@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from modecotd.artifacts import MANIFEST, Unit
-from modecotd.config import read_yaml
+from modecotd.config_loading import read_yaml
 from modecotd.errors import UserError
 from modecotd.plan import ALONE, FEWSHOT_LORA, MIXTURE, RunLayout
 from modecotd.report import percent

@@ -39,40 +39,48 @@ def generate_samples(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[tuple[str, int]]] = [[] for _ in prompts]
     tokenizer.padding_side = "left"
-    sampling = temperature > 0
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
                           add_special_tokens=add_special_tokens).to(model.device)
         torch.manual_seed(seed + start)
-        kwargs = dict(
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            num_return_sequences=num_samples,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        if sampling:
-            kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
-        if stops:
-            kwargs.update(stop_strings=stops, tokenizer=tokenizer)
-        if not sampling and num_samples == 1 and not encoder_decoder:
-            new_rows = greedy_continue(model, tokenizer, batch, max_new_tokens=max_new_tokens, stops=stops)
-        else:
-            with torch.inference_mode():
-                output = model.generate(**batch, **kwargs)
-            # A causal LM's output repeats the prompt; an encoder-decoder's starts with the decoder start token.
-            new_rows = output[:, 1 if encoder_decoder else batch["input_ids"].shape[1]:].tolist()
+        new_rows = _continue_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   num_samples=num_samples, stops=stops, encoder_decoder=encoder_decoder)
         counts = [sum(token != tokenizer.pad_token_id for token in row) for row in new_rows]
         texts = tokenizer.batch_decode(new_rows, skip_special_tokens=True)
         for row, text in enumerate(texts):
-            hits = [(text.index(s), s) for s in stops if s in text]
-            if hits:
-                at, hit = min(hits)
-                text = text[: at + len(hit)]
-            results[indices[row // num_samples]].append((text, counts[row]))
+            results[indices[row // num_samples]].append((cut_at_first_stop(text, stops), counts[row]))
         if on_batch:
             on_batch(len(indices))
     return results
+
+
+def _continue_batch(model, tokenizer, batch, *, max_new_tokens: int, temperature: float, num_samples: int,
+                    stops: list[str], encoder_decoder: bool) -> list[list[int]]:
+    """The new tokens of each sequence of one padded batch (``num_samples`` rows per prompt): the
+    cached greedy loop for a causal LM's single greedy sample, ``generate`` otherwise."""
+    sampling = temperature > 0
+    if not sampling and num_samples == 1 and not encoder_decoder:
+        return greedy_continue(model, tokenizer, batch, max_new_tokens=max_new_tokens, stops=stops)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling, num_return_sequences=num_samples,
+                  pad_token_id=tokenizer.pad_token_id)
+    if sampling:
+        kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
+    if stops:
+        kwargs.update(stop_strings=stops, tokenizer=tokenizer)
+    with torch.inference_mode():
+        output = model.generate(**batch, **kwargs)
+    # A causal LM's output repeats the prompt; an encoder-decoder's starts with the decoder start token.
+    return output[:, 1 if encoder_decoder else batch["input_ids"].shape[1]:].tolist()
+
+
+def cut_at_first_stop(text: str, stops: list[str]) -> str:
+    """``text`` up to and with the earliest stop string in it (all of it when none is)."""
+    hits = [(text.index(s), s) for s in stops if s in text]
+    if not hits:
+        return text
+    at, hit = min(hits)
+    return text[: at + len(hit)]
 
 
 def generate_texts(model, tokenizer, prompts: list[str], **kwargs) -> list[list[str]]:

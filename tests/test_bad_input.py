@@ -508,7 +508,7 @@ def _(p):
 
 @case("artifacts: an expert's adapter changed after it was committed")
 def _(p):
-    from modecotd.config import load_config
+    from modecotd.config_loading import load_config
     from modecotd.jobs.driver import load_tasks
     from modecotd.plan import Plan, RunLayout
     from modecotd.storage import Storage

@@ -70,7 +70,7 @@ def _without_models_and_resources(value):
 
 
 def test_gpu_example_differs_from_the_quickstart_only_in_models_and_resources():
-    from modecotd.config import load_config
+    from modecotd.config_loading import load_config
 
     quickstart = yaml.safe_load((ROOT / "examples/quickstart.yaml").read_text())
     gpu = yaml.safe_load((ROOT / "examples/gpu-cluster.yaml").read_text())

@@ -10,7 +10,7 @@ import yaml
 
 from modecotd.artifacts import Unit, write_jsonl
 from modecotd.cli import main
-from modecotd.config import parse_config
+from modecotd.config_loading import parse_config
 from modecotd.evaluate import summarize
 from modecotd.plan import RunLayout
 from modecotd.report import build_report, worst_pairs

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modecotd.config import apply_override, builtin_configs, check_data_paths, load_config
+from modecotd.config_loading import apply_override, builtin_configs, check_data_paths, load_config
 from modecotd.errors import ConfigError
 
 GOOD = textwrap.dedent("""\
@@ -169,7 +169,7 @@ def test_every_example_config_validates(path):
     ({"backend": "transformers", "endpoint": {"url": "http://x"}}, "only used by backend 'openai'"),
 ])
 def test_teacher_settings_that_cannot_work_are_rejected(teacher, message):
-    from modecotd.config import parse_config
+    from modecotd.config_loading import parse_config
 
     data = {"name": "t", "tasks": [{"name": "a", "role": "seen",
                                     "source": {"kind": "generated", "family": "arithmetic"}}], "teacher": teacher}
@@ -197,7 +197,7 @@ def _minimal(**sections) -> dict:
 
 
 def test_vllm_engine_settings_default_to_the_actors_gpus():
-    from modecotd.config import parse_config
+    from modecotd.config_loading import parse_config
 
     config = parse_config(_minimal(teacher={"backend": "vllm", "gpus_per_actor": 2}))
     assert config.teacher.vllm is None and config.teacher.tensor_parallel_size == 2
@@ -209,7 +209,7 @@ def test_vllm_engine_settings_default_to_the_actors_gpus():
 
 @pytest.mark.parametrize("gpus", [0.5, 0.25, 1.5])
 def test_fractional_gpus_per_training_worker_are_rejected_with_use_gpu(gpus):
-    from modecotd.config import parse_config
+    from modecotd.config_loading import parse_config
 
     with pytest.raises(ConfigError) as info:
         parse_config(_minimal(distill={"use_gpu": True, "gpus_per_worker": gpus}))
@@ -222,7 +222,7 @@ def test_fractional_gpus_per_training_worker_are_rejected_with_use_gpu(gpus):
 
 
 def test_gradient_checkpointing_is_off_by_default_and_can_be_set():
-    from modecotd.config import parse_config
+    from modecotd.config_loading import parse_config
 
     assert parse_config(_minimal()).distill.gradient_checkpointing is False
     assert parse_config(_minimal(distill={"gradient_checkpointing": True})).distill.gradient_checkpointing is True

@@ -25,7 +25,7 @@ def test_jobs_queue_to_what_the_cluster_holds():
 
 def test_concurrency_limit_and_a_failed_expert_does_not_stop_the_others(ray_cluster, tiny_model_dir, tmp_path):
     from modecotd.artifacts import Unit, write_jsonl
-    from modecotd.config import parse_config
+    from modecotd.config_loading import parse_config
     from modecotd.jobs.distill_stage import run_distill_stage
     from modecotd.plan import RunLayout, Training
     from modecotd.storage import Storage

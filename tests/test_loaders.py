@@ -566,7 +566,7 @@ def test_a_yes_no_set_reads_booleans_and_words(tmp_path: Path) -> None:
 
 
 def test_a_hub_tasks_unreadable_golds_are_counted_per_split(tmp_path: Path) -> None:
-    from modecotd.config import parse_config
+    from modecotd.config_loading import parse_config
     from modecotd.tasks.build import load_task
 
     test = [{**row, "question": f"{row['question']} ({i})"} for i, row in enumerate(GSM8K_ROWS * 4)]

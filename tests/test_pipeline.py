@@ -8,7 +8,7 @@ import json
 import pytest
 
 from modecotd.artifacts import read_jsonl
-from modecotd.config import parse_config
+from modecotd.config_loading import parse_config
 from modecotd.jobs.driver import run_pipeline
 from modecotd.progress import ProgressBoard
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from modecotd.config import parse_config
+from modecotd.config_loading import parse_config
 from modecotd.errors import ConfigError
 from modecotd.jobs.driver import load_tasks
 from modecotd.plan import Plan, RunLayout

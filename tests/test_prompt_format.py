@@ -58,7 +58,7 @@ def test_chat_needs_a_chat_template(tiny_model_dir):
 
 
 def test_the_default_format_leaves_earlier_runs_fingerprints_alone_and_chat_changes_them(tmp_path):
-    from modecotd.config import parse_config
+    from modecotd.config_loading import parse_config
     from modecotd.jobs.driver import load_tasks
     from modecotd.plan import Plan, RunLayout
     from modecotd.storage import Storage
@@ -135,7 +135,7 @@ def test_an_endpoint_teacher_sends_text_to_completions_and_turns_to_chat(prompt_
 
 
 def test_the_endpoints_old_api_key_is_refused_with_what_replaced_it():
-    from modecotd.config import parse_config
+    from modecotd.config_loading import parse_config
     from modecotd.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"teacher.endpoint: api is gone: teacher.prompt_format decides"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from modecotd.artifacts import Unit, read_jsonl
-from modecotd.config import parse_config
+from modecotd.config_loading import parse_config
 from modecotd.errors import UserError
 from stub_openai import StubServer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from modecotd.config import CONTROLS, GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, WEIGHT_CONTROLS, mixture_system, \
-    read_yaml
+from modecotd.config import CONTROLS, GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, WEIGHT_CONTROLS, mixture_system
+from modecotd.config_loading import read_yaml
 from modecotd.evaluate import majority_baseline
 from modecotd.plan import ALONE, RunLayout
 from modecotd.run_view import RunView
