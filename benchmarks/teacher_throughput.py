@@ -98,7 +98,7 @@ def ours(config, run_dir: Path, model_dir: Path) -> tuple[dict[str, str | None],
     layout = RunLayout(Storage(run_dir))
     units = {"arithmetic": layout.unit(layout.rationales("arithmetic"), "bench")}
     started = time.time()
-    summary = run_teacher_stage(config, layout, tasks, units)["arithmetic"]
+    summary = run_teacher_stage(config, layout, tasks, units)["arithmetic"].summary
     seconds = time.time() - started
     ray_runtime.shutdown()
     answers = {}

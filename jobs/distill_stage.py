@@ -29,6 +29,7 @@ from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import stop_if_disk_failed, this_cluster_env
 from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.models import materialize
+from modecotd.outcome import Done, Failed, Outcome
 from modecotd.plan import RunLayout, Training
 from modecotd.tracking import Tracker
 
@@ -234,9 +235,9 @@ def distill_settings(config, job: Training, rows: list[dict]) -> DistillSettings
     )
 
 
-def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> dict[str, dict]:
-    """Train every job whose unit is not done, as many at once as allowed; returns summaries and
-    failures by job name."""
+def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> dict[str, Outcome]:
+    """Train every job whose unit is not done, as many at once as allowed; returns each job's
+    outcome by its name."""
     cfg = config.distill
     todo = pending({name: job.unit for name, job in jobs.items()}, "distill", log)
     if not todo:
@@ -249,7 +250,7 @@ def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> d
     limit, problem = concurrent_jobs(cfg, ray.cluster_resources())
     if problem:
         log.error("distill: %s", problem)
-        return {name: {"status": "failed", "error": problem} for name in todo}
+        return {name: Failed(problem) for name in todo}
     # The longest jobs first (a baseline pooling every task's rationales), so that they do not run
     # alone at the end while the other slots stand idle.
     todo.sort(key=lambda name: len(jobs[name].sources), reverse=True)
@@ -264,7 +265,7 @@ class DistillJobs:
     def __init__(self, config, layout: RunLayout, jobs: dict[str, Training]):
         self.config, self.jobs = config, jobs
         self.ray_storage = (layout.storage, layout.ray)
-        self.results: dict[str, dict] = {}
+        self.results: dict[str, Outcome] = {}
 
     def ready(self, todo: list[str]):
         """Each job with its rows, read as slots come free (one job's rows in memory per running
@@ -274,8 +275,8 @@ class DistillJobs:
             if rows:
                 yield name, rows
                 continue
-            self.results[name] = {"status": "failed", "error": "no few-shot rows to train on"
-                                  if self.jobs[name].target else "the teacher kept no rationale for this task"}
+            self.results[name] = Failed("no few-shot rows to train on" if self.jobs[name].target
+                                        else "the teacher kept no rationale for this task")
             log.error("distill: %s: no rationales to train on", name)
 
     def submit(self, _, item: tuple[str, list[dict]]):
@@ -297,7 +298,7 @@ class DistillJobs:
         stage_metrics()["speed"].set(summary["target_tokens_per_s_rank0"], tags)
         send("distill", name, summary["steps"], summary["steps"], "step", finished=True,
              note=f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
-        self.results[name] = summary
+        self.results[name] = Done(summary)
         log.info("distill: %s done: loss %.3f -> %.3f in %d steps", name, summary["first_loss"],
                  summary["final_loss"], summary["steps"])
 
@@ -305,7 +306,7 @@ class DistillJobs:
         """A failed job is reported; the others go on."""
         name = item[0]
         stop_if_disk_failed(reason, f"distill {name}")
-        self.results[name] = {"status": "failed", "error": reason}
+        self.results[name] = Failed(reason)
         send("distill", name, 0, None, "step", note="failed", finished=True)
         log.error("distill: %s failed: %s", name, reason)
         stage_metrics()["failed"].inc(1, {"task": name})

@@ -15,6 +15,7 @@ from modecotd.config import STAGES
 from modecotd.config_loading import check_data_paths
 from modecotd.errors import UserError
 from modecotd.jobs.run_log import RunLog
+from modecotd.outcome import Failed
 from modecotd.tracking import check_installed, prepare as prepare_tracking, track_results
 from modecotd.models import check_reference, context_limit
 from modecotd.prompts import check_chat_template, rendered_prompt
@@ -240,8 +241,8 @@ def _run_stage(name: str, work: Work, stages: list[str] | None, outcome: RunOutc
     results = STAGE_RUNNERS[name](work) or {}
     outcome.seconds[name] = time.time() - started
     for unit, result in results.items():
-        if isinstance(result, dict) and result.get("status") == "failed":
-            outcome.failures[f"{name}:{unit}"] = result["error"]
+        if isinstance(result, Failed):
+            outcome.failures[f"{name}:{unit}"] = result.reason
 
 
 def _teacher(work: Work) -> dict:

@@ -23,6 +23,7 @@ from modecotd.jobs.ray_runtime import stop_if_disk_failed
 from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.likelihood import likelihood_answers
 from modecotd.models import load_lm
+from modecotd.outcome import Done, Failed, Outcome
 from modecotd.plan import Evaluation
 from modecotd.tasks.schema import Example
 
@@ -111,8 +112,8 @@ class Evaluator:
 MAX_ACTOR_LOSSES = 2  # a pair whose actor died is tried again on a new actor up to this many times
 
 
-def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
-    """Run every evaluation whose unit is not done; returns {"task/system": summary}. A dead actor is
+def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict[str, Outcome]:
+    """Run every evaluation whose unit is not done; returns each pair's outcome by "task/system". A dead actor is
     replaced and its pair tried again (up to :data:`MAX_ACTOR_LOSSES` times); a pair that fails
     otherwise (its system does not load) is recorded as failed and the other pairs go on."""
     cfg = config.evaluation
@@ -139,20 +140,20 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict:
     except UserError:
         pool.kill_all()
         raise
-    results: dict[str, dict] = {}
+    results: dict[str, Outcome] = {}
 
     def done(pair: Pair, outcome: tuple) -> None:
         _, _, rows, seconds, precision = outcome
         summary = {**summarize(rows, cfg.scoring), "precision": precision}
         with pair.unit.writing(summary) as staging:
             write_jsonl(staging / "predictions.jsonl", rows)
-        results[pair.key] = summary
+        results[pair.key] = Done(summary)
         log.info("evaluate: %s / %s: accuracy %.3f (format %.2f) in %.0f s", pair.task, pair.name,
                  summary["accuracy"], summary["format_rate"], seconds)
 
     def failed(pair: Pair, reason: str, error: Exception) -> None:
         stop_if_disk_failed(reason, f"evaluate {pair.task} / {pair.name}")
-        results[pair.key] = {"status": "failed", "error": reason}
+        results[pair.key] = Failed(reason)
         send("evaluate", f"{pair.task} / {pair.name}", 0, None, "question", note="failed", finished=True)
         log.error("evaluate: %s / %s failed: %s", pair.task, pair.name, reason)
 

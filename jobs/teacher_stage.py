@@ -31,6 +31,7 @@ from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
 from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.models import materialize
+from modecotd.outcome import Done
 from modecotd.plan import RunLayout
 from modecotd.prompts import TeacherPrompts
 from modecotd.storage import Storage
@@ -241,8 +242,10 @@ def _shard(config, task: str, index: int, chunk: list[Example], prompts: Teacher
     return Shard(task, index, index * config.teacher.shard_size, [asdict(e) for e in chunk], prompts, seed)
 
 
-def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], units: dict[str, Unit]) -> dict[str, dict]:
-    """Generate and filter rationales for every seen task whose unit is not done yet."""
+def run_teacher_stage(config, layout: RunLayout, tasks: dict[str, TaskData], units: dict[str, Unit]
+                      ) -> dict[str, Done]:
+    """Generate and filter rationales for every seen task whose unit is not done yet; returns each
+    task's summary. A shard that fails is recorded in its task's failed questions, not as a failure."""
     todo = pending(units, "teacher", log)
     if not todo:
         return {}
@@ -273,7 +276,7 @@ class TaskProgress:
         self.layout, self.tasks, self.units, self.cfg = layout, tasks, units, cfg
         self.outstanding, self.answered = Counter(), Counter()
         self.fed_all: set[str] = set()
-        self.summaries: dict[str, dict] = {}
+        self.summaries: dict[str, Done] = {}
 
     def shards(self, feed) -> Iterator[Shard]:
         """The feed's shards; a task's end marker finishes it when none of its shards is in hand."""
@@ -304,11 +307,11 @@ class TaskProgress:
 
     def _finish_if_complete(self, task: str) -> None:
         if task in self.fed_all and self.outstanding[task] == 0 and task not in self.summaries:
-            self.summaries[task] = _finish(self.layout, task, self.units, self.cfg)
+            self.summaries[task] = Done(_finish(self.layout, task, self.units, self.cfg))
 
     def finish_the_rest(self) -> None:
         for task in self.fed_all - set(self.summaries):
-            self.summaries[task] = _finish(self.layout, task, self.units, self.cfg)
+            self.summaries[task] = Done(_finish(self.layout, task, self.units, self.cfg))
 
 
 def _teacher_pool(cfg, api_key: Secret | None, resources, questions: int) -> WorkerPool:

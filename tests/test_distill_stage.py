@@ -2,6 +2,8 @@
 stop the others. (A killed worker node resuming from its checkpoint: tests/test_cluster_isolated.py.)"""
 from __future__ import annotations
 
+from modecotd.outcome import Failed
+
 # Ray is imported inside the tests, never at collection (see tests/test_cluster.py).
 
 
@@ -50,8 +52,8 @@ def test_concurrency_limit_and_a_failed_expert_does_not_stop_the_others(ray_clus
         units[name] = Unit(storage, f"experts/{name}", f"key-{name}")
         jobs[name] = Training(name, units[name], ((rationales, "yes_no"),))
     results = run_distill_stage(config, RunLayout(storage), jobs)
-    assert results["bad"]["status"] == "failed" and "max_length" in results["bad"]["error"]
-    assert results["one"]["status"] == results["two"]["status"] == "done"
+    assert isinstance(results["bad"], Failed) and "max_length" in results["bad"].reason
+    assert results["one"].summary["status"] == results["two"].summary["status"] == "done"
     assert units["one"].done() and units["two"].done() and not units["bad"].done()
-    first, second = sorted((results[n]["started_at"], results[n]["finished_at"]) for n in ("one", "two"))
+    first, second = sorted((results[n].summary["started_at"], results[n].summary["finished_at"]) for n in ("one", "two"))
     assert first[1] <= second[0]  # max_concurrent_jobs=1: never two at once

@@ -92,7 +92,7 @@ def test_transformers_teacher_pool_of_named_actors(ray_cluster, tiny_model_dir, 
     config = make_config(tmp_path, {"backend": "transformers", "model": "builtin:tiny", "samples": 2,
                                     "temperature": 0.7, "max_new_tokens": 6, "batch_size": 3, "shard_size": 2,
                                     "actors": 2, "cpus_per_actor": 0.5})
-    summary = run_stage(config, tmp_path)["plus"]
+    summary = run_stage(config, tmp_path)["plus"].summary
     assert summary["questions"] == 8
     assert summary["accepted"] + summary["rejected"] == 8 * 2  # every sample is kept or rejected with a reason
     assert all(row["reason"] for row in rows(tmp_path, "rejected"))
@@ -124,7 +124,7 @@ def test_a_killed_actor_loses_no_question(ray_cluster, tmp_path, monkeypatch):
 
         killer = threading.Thread(target=kill_when_work_started)
         killer.start()
-        summary = run_stage(config, tmp_path)["plus"]
+        summary = run_stage(config, tmp_path)["plus"].summary
         killer.join()
     assert killed, "the actor was never killed: the stage ended before two shards were written"
     ids = [row["id"] for row in rows(tmp_path, "accepted")]
@@ -167,7 +167,7 @@ def test_a_stopped_actor_is_noticed_killed_and_its_shards_redone(ray_cluster, tm
         stopper = threading.Thread(target=stop_when_work_started)
         stopper.start()
         with fails_after(120, "the teacher stage with a stopped actor"):
-            summary = run_stage(config, tmp_path)["plus"]
+            summary = run_stage(config, tmp_path)["plus"].summary
         ended = time.time()
         stopper.join()
     assert stopped, "the actor was never stopped: the stage ended before two shards were written"
@@ -224,7 +224,7 @@ def test_bad_rows_and_failing_endpoints_are_recorded_and_the_key_never_written(r
     write_questions(tmp_path, 10, marks={3: "REFUSE", 6: "DOWN"})
     with StubServer(plus_one, api_key=SECRET) as stub:
         config = make_config(tmp_path, openai_teacher(stub))
-        summary = run_stage(config, tmp_path)["plus"]
+        summary = run_stage(config, tmp_path)["plus"].summary
     failed = {row["id"]: row["reason"] for row in rows(tmp_path, "failed")}
     assert set(failed) == {3, 6}
     assert "refused the request (HTTP 400)" in failed[3]
@@ -257,7 +257,7 @@ def test_a_server_that_ignores_n_still_gives_every_sample_and_the_summary_counts
 
     with StubServer(one_way_per_call, api_key=SECRET, ignore_n=True) as stub:
         config = make_config(tmp_path, openai_teacher(stub, samples=2, temperature=0.7))
-        summary = run_stage(config, tmp_path)["plus"]
+        summary = run_stage(config, tmp_path)["plus"].summary
         reasoning = [r["body"]["n"] for r in stub.requests if not r["prompt"].rstrip().endswith("is")]
     assert sorted(reasoning) == [1] * 4 + [2] * 4  # asked for 2, got 1, asked again for the other
     assert summary["samples_asked"] == summary["samples_returned"] == 8

@@ -31,6 +31,7 @@ from modecotd.mixture import Mixture, export_adapter
 from modecotd.tracking import tune_callbacks
 from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, forward_method, setting_key
 from modecotd.models import materialize
+from modecotd.outcome import Done, Failed, Outcome
 from modecotd.plan import Mixing, RunLayout
 from modecotd.tasks.schema import AnswerKind
 
@@ -258,7 +259,7 @@ def remove_unfinished_experiments(storage, ray_folder: str, prefix: str) -> None
 
 
 def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixing], experts: dict[str, Unit],
-                      seed: int | None = None) -> dict[str, dict]:
+                      seed: int | None = None) -> dict[str, Outcome]:
     """Search the mixtures not done yet (one per target task, or one per method and task) with
     ``seed`` (default: the config's); commit each one's best setting. A setting is tried once per
     task, whichever mixtures choose from it."""
@@ -267,7 +268,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     if not todo:
         return {}
     if not experts:
-        return {m.label: {"status": "failed", "error": "no expert was trained"} for m in todo}
+        return {m.label: Failed("no expert was trained") for m in todo}
 
     cfg = config.mixture
     wait_for_resources({"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}, "a mixer trial",
@@ -287,7 +288,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     remove_unfinished_experiments(storage, layout.ray, f"mix-{seed}-")
     started = time.time()
     errors = _search(jobs, cfg, config, context, storage, layout.ray, experiment) if jobs else {}
-    results: dict[str, dict] = {}
+    results: dict[str, Outcome] = {}
     for name in targets:
         records = [json.loads(storage.read_text(f"{trials}/{name}/{file}"))
                    for file in storage.files(f"{trials}/{name}") if file.endswith(".json")]
@@ -295,10 +296,10 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
             keys = {setting_key(s) for s in mixing.settings}
             mine = [r for r in records if r["setting"] in keys]
             if not mine:
-                results[mixing.label] = {"status": "failed", "error": errors.get(name, "no trial finished")}
-                log.error("mix: %s failed: %s", mixing.label, results[mixing.label]["error"])
+                results[mixing.label] = Failed(errors.get(name, "no trial finished"))
+                log.error("mix: %s failed: %s", mixing.label, results[mixing.label].reason)
                 continue
-            results[mixing.label] = _commit(mixing, mine, experts, cfg)
+            results[mixing.label] = Done(_commit(mixing, mine, experts, cfg))
     log.info("mix stage took %.1f s", time.time() - started)
     return results
 
