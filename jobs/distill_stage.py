@@ -30,13 +30,12 @@ from modecotd.jobs.ray_runtime import stop_if_disk_failed, this_cluster_env
 from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.models import materialize
 from modecotd.outcome import Done, Failed, Outcome
-from modecotd.plan import RunLayout, Training
+from modecotd.plan import RationaleFiles, RunLayout, Training, TrainingFiles
 from modecotd.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_STEPS = 10
-SUMMARY_FILE = "training.json"
 
 
 class _NoTracker:
@@ -114,7 +113,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         try:
             summary = train_expert(settings, rank, world, report=report, checkpoints=RayTrainCheckpoints())
             if rank == 0:
-                (staging / SUMMARY_FILE).write_text(json.dumps(summary))
+                (staging / TrainingFiles.SUMMARY).write_text(json.dumps(summary))
                 tracked.log({k: v for k, v in summary.items() if k in (
                     "final_loss", "best_validation_loss", "target_tokens_per_s_rank0")}, summary["steps"])
                 if not settings.full_finetune:  # an adapter is small; a whole model is not logged
@@ -206,7 +205,7 @@ def read_rows(cfg, job: Training) -> list[dict]:
         return [dict(r) for r in job.rows]
     rows = []
     for rationales, kind in job.sources:
-        task_rows = [json.loads(line) for line in rationales.read_file("accepted.jsonl").splitlines() if line.strip()]
+        task_rows = [json.loads(line) for line in rationales.read_file(RationaleFiles.ACCEPTED).splitlines() if line.strip()]
         if not cfg.use_rationalized:
             task_rows = [r for r in task_rows if not r.get("rationalized")]
         if cfg.max_rows_per_task:

@@ -24,7 +24,7 @@ from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.likelihood import likelihood_answers
 from modecotd.models import load_lm
 from modecotd.outcome import Done, Failed, Outcome
-from modecotd.plan import Evaluation
+from modecotd.plan import Evaluation, EvaluationFiles
 from modecotd.tasks.schema import Example
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict[str
         _, _, rows, seconds, precision = outcome
         summary = {**summarize(rows, cfg.scoring), "precision": precision}
         with pair.unit.writing(summary) as staging:
-            write_jsonl(staging / "predictions.jsonl", rows)
+            write_jsonl(staging / EvaluationFiles.ROWS, rows)
         results[pair.key] = Done(summary)
         log.info("evaluate: %s / %s: accuracy %.3f (format %.2f) in %.0f s", pair.task, pair.name,
                  summary["accuracy"], summary["format_rate"], seconds)

@@ -32,7 +32,7 @@ from modecotd.jobs.ray_runtime import root_cause
 from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.models import materialize
 from modecotd.outcome import Done
-from modecotd.plan import RunLayout
+from modecotd.plan import RationaleFiles, RunLayout
 from modecotd.prompts import TeacherPrompts
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Example, TaskData
@@ -41,7 +41,6 @@ from modecotd.teacher import ShardOutput, failed_shard, make_backend, prompts_fo
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_ACTOR = 2
-ROW_FILES = ("accepted", "rejected", "failed")
 
 
 class Secret:
@@ -159,7 +158,7 @@ def write_shard(storage: Storage, path: str, result: dict) -> None:
     """Write one finished shard whole: a header line, then every row with its status."""
     header = {k: result[k] for k in SHARD_COUNTS}
     lines = [json.dumps({"shard": header})]
-    lines += [json.dumps({"status": status, **row}, ensure_ascii=False) for status in ROW_FILES
+    lines += [json.dumps({"status": status, **row}, ensure_ascii=False) for status in RationaleFiles.BY_STATUS
               for row in result[status]]
     storage.write_text(path, "\n".join(lines) + "\n")
 
@@ -170,7 +169,7 @@ def merge_shards(storage: Storage, folder: str, staging: Path) -> dict:
     stats = Counter()
     rejected_reasons: Counter = Counter()
     failed_reasons: Counter = Counter()
-    handles = {status: open(staging / f"{status}.jsonl", "w") for status in ROW_FILES}
+    handles = {status: open(staging / file, "w") for status, file in RationaleFiles.BY_STATUS.items()}
     try:
         for name in storage.files(folder):
             if not name.endswith(".jsonl"):

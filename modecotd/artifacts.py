@@ -24,7 +24,6 @@ from typing import Any, Iterator
 from modecotd.storage import Storage, StorageError, is_inside, sha256_of
 
 MANIFEST = "manifest.json"
-ROUTERS_FILE = "routers.safetensors"  # a gate mixture's unit holds its routers under this name
 FINGERPRINT_LENGTH = 16
 
 

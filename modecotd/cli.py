@@ -14,6 +14,7 @@ from pathlib import Path
 from modecotd.cluster.jobs import DEFAULT_ADDRESS
 from modecotd.config import STAGES
 from modecotd.errors import UserError
+from modecotd.plan import ReportFiles
 
 log = logging.getLogger("modecotd")
 TUNE_GRID = {"method": "lorahub,delta", "budget": "20,40", "bound": "1.5,3", "l1": "0.01,0.05", "top_k": "1,all"}
@@ -215,7 +216,7 @@ def _run(args) -> int:
     from modecotd.jobs.driver import run_pipeline
 
     outcome = run_pipeline(config, args.run_dir, address=args.address, stages=args.stages, take_over=args.take_over)
-    print(_summary(outcome.storage.read_text("report.md")))
+    print(_summary(outcome.storage.read_text(ReportFiles.MARKDOWN)))
     print(f"report: {outcome.report}")
     if outcome.failures:
         for unit, error in outcome.failures.items():
@@ -310,7 +311,7 @@ def _report(args) -> int:
         path = build_report(storage)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
-    print(_summary(storage.read_text("report.md")))
+    print(_summary(storage.read_text(ReportFiles.MARKDOWN)))
     print(f"report: {path}")
     return 0
 
@@ -362,7 +363,7 @@ def _pull(args) -> int:
         print(f"left out {len(stale)} unit(s) the run's plan no longer wants (a failed redo, or a system the "
               f"config dropped): {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
     print(f"pulled {storage.describe()} into {target} ({len(wanted)} files, each unit's checked against its "
-          f"manifest); report: {target / 'report.md'}")
+          f"manifest); report: {target / ReportFiles.MARKDOWN}")
     return 0
 
 

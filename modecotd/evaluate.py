@@ -11,7 +11,7 @@ import collections
 from pathlib import Path
 
 from modecotd import prompts
-from modecotd.artifacts import ROUTERS_FILE, local_folder
+from modecotd.artifacts import local_folder
 from modecotd.generation import generate_texts
 from modecotd.tasks.answers import END_MARK, extract_answer, has_answer_format, is_correct, partial_credit, \
     reference_is_correct
@@ -45,18 +45,20 @@ def attach_system(student, student_dir: Path, system: dict):
         from peft import PeftModel
 
         from modecotd.models import require_safetensors
+        from modecotd.plan import TrainingFiles
 
         adapter = local_folder(system["adapter"])
-        require_safetensors(adapter, "adapter_model.safetensors")
+        require_safetensors(adapter, TrainingFiles.ADAPTER_WEIGHTS)
         model = PeftModel.from_pretrained(student, str(adapter)).eval()
         return model, model.unload
     if kind == "mixture":
         from modecotd.mixture import Mixture
+        from modecotd.plan import MixtureFiles
 
         experts = {name: local_folder(where) for name, where in system["experts"].items()}
         mixture = Mixture(student_dir, experts, system.get("method", "lorahub"), model=student)
         if mixture.method == "gate":
-            mixture.load_routers(local_folder(system["routers"]) / ROUTERS_FILE)
+            mixture.load_routers(local_folder(system["routers"]) / MixtureFiles.ROUTERS)
         else:
             mixture.set_weights([system["weights"][name] for name in mixture.names])
         return mixture.model, mixture.detach

@@ -24,13 +24,12 @@ from pathlib import Path
 from modecotd.artifacts import MANIFEST, Unit
 from modecotd.config_loading import read_yaml
 from modecotd.errors import UserError
-from modecotd.plan import ALONE, FEWSHOT_LORA, MIXTURE, RunLayout
+from modecotd.plan import ALONE, FEWSHOT_LORA, MIXTURE, RunLayout, TrainingFiles
 from modecotd.report import percent
 from modecotd.run_view import RunView
 from modecotd.storage import Storage
 
 log = logging.getLogger(__name__)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 GATE_REFUSAL = ("a gate mixture weighs the experts anew at every token with learned routers: it is not one LoRA "
                 "adapter, and neither peft, transformers nor vLLM can run it without modecotd's own modules; export "
                 "a lorahub or delta mixture (mixture.method), or each expert")
@@ -131,9 +130,9 @@ def _copy_model(source: Path, out: Path) -> None:
 def _copy_adapter(source: Path, student: str, out: Path) -> None:
     from modecotd.models import record_base_model
 
-    for name in ADAPTER_FILES:
+    for name in TrainingFiles.ADAPTER:
         shutil.copy2(source / name, out / name)
-    recorded = str(json.loads((out / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
+    recorded = str(json.loads((out / TrainingFiles.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or "")
     if not recorded or Path(recorded).is_absolute():  # a run written before adapters named their base publicly
         record_base_model(out, student, Path(recorded))
     _copy_tokenizer(student, out)

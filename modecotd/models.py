@@ -244,7 +244,9 @@ def record_base_model(adapter_dir: Path, reference: str, folder: Path) -> None:
     its revision."""
     import json
 
-    path = Path(adapter_dir) / "adapter_config.json"
+    from modecotd.plan import TrainingFiles
+
+    path = Path(adapter_dir) / TrainingFiles.ADAPTER_CONFIG
     config = json.loads(path.read_text())
     config["base_model_name_or_path"], config["revision"] = public_reference(reference, folder)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -172,8 +172,6 @@ class Tracker:
             self._guard("TensorBoard", self.writer.close)
 
 
-REPORT_FILES = ("report.md", "report.json", "report.html", "accuracy.png", "training.png", "mixture_weights.png",
-                "search.png")
 READINGS = ("accuracy", "accuracy_strict", "accuracy_reference", "accuracy_likelihood", "format_rate", "n")
 
 
@@ -183,15 +181,17 @@ def track_results(settings: dict, run: str, storage) -> None:
     import json
     import tempfile
 
+    from modecotd.plan import ReportFiles
+
     if not (settings.get("mlflow") or settings.get("wandb")):
         return
-    report = json.loads(storage.read_text("report.json"))
+    report = json.loads(storage.read_text(ReportFiles.JSON))
     with tempfile.TemporaryDirectory() as folder, Tracker(settings, run, "evaluate", "results") as tracker:
         for task, facts in report.get("tasks", {}).items():
             for system, evaluation in (facts.get("eval") or {}).items():
                 tracker.log({f"{task}/{system}/{key}": evaluation.get(key) for key in READINGS
                              if isinstance(evaluation.get(key), (int, float))})
-        for name in REPORT_FILES:
+        for name in ReportFiles.ALL:
             if storage.exists(name):
                 storage.download(name, Path(folder) / name)
         tracker.artifacts(Path(folder), "report")

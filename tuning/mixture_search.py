@@ -23,7 +23,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianSt
 
 from ray.util.metrics import Counter, Gauge
 
-from modecotd.artifacts import ROUTERS_FILE, Unit, fingerprint, local_folder, pending, write_json
+from modecotd.artifacts import Unit, fingerprint, local_folder, pending, write_json
 from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
@@ -32,7 +32,7 @@ from modecotd.tracking import tune_callbacks
 from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, forward_method, setting_key
 from modecotd.models import materialize
 from modecotd.outcome import Done, Failed, Outcome
-from modecotd.plan import Mixing, RunLayout
+from modecotd.plan import Mixing, MixtureFiles, RunLayout
 from modecotd.tasks.schema import AnswerKind
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ class MixtureTrial(tune.Trainable):
             return {METRIC: fit.cv_loss, "fold": self.next_fold - 1, "evaluations": fit.evaluations}
         storage, trials = self.context["storage"], f"{self.context['trials']}/{fit.task}"
         with tempfile.TemporaryDirectory() as scratch:
-            record = fit.final(routers=Path(scratch) / ROUTERS_FILE)
+            record = fit.final(routers=Path(scratch) / MixtureFiles.ROUTERS)
             if fit.gate:  # the driver reads them from storage, wherever this trial ran
-                routers = f"{trials}/{setting_key(fit.setting)}.{ROUTERS_FILE}"
+                routers = f"{trials}/{setting_key(fit.setting)}.{MixtureFiles.ROUTERS}"
                 storage.upload(Path(record["routers"]), routers)
                 record["routers"] = routers
         record.update(worker_pid=os.getpid(), load_seconds=self.load_seconds,
@@ -245,7 +245,7 @@ def kept_records(storage, trials: str, keys: dict[str, str]) -> set[tuple[str, s
                 kept.add((task, record["setting"]))
             else:
                 storage.delete(f"{trials}/{task}/{file}")
-                storage.delete(f"{trials}/{task}/{file.removesuffix('.json')}.{ROUTERS_FILE}")
+                storage.delete(f"{trials}/{task}/{file.removesuffix('.json')}.{MixtureFiles.ROUTERS}")
     return kept
 
 
@@ -384,11 +384,11 @@ def _commit(mixing: Mixing, records: list[dict], experts: dict[str, Unit], cfg) 
                "system": mixing.system, "settings_tried": len(mixing.settings),  # those missing from candidates were stopped early
                **{k: best[k] for k in (*ORDER_KEYS, "control") if k in best}}
     with unit.writing(summary) as staging:
-        write_json(staging / "mixture.json", {**summary, "optimizer": cfg.optimizer,
+        write_json(staging / MixtureFiles.SUMMARY, {**summary, "optimizer": cfg.optimizer,
                                               "experts": {n: e.prefix for n, e in experts.items()}})
-        write_json(staging / "search.json", {"trials": records})
+        write_json(staging / MixtureFiles.SEARCH, {"trials": records})
         if best["method"] == "gate":  # per-token weights: the routers are the mixture
-            unit.storage.download(best["routers"], staging / ROUTERS_FILE)
+            unit.storage.download(best["routers"], staging / MixtureFiles.ROUTERS)
         else:
             export_adapter({n: local_folder(e) for n, e in experts.items()}, best["method"],
                            [best["weights"][n] for n in experts], staging / "adapter")

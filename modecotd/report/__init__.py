@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from modecotd.artifacts import write_json
-from modecotd.plan import RunLayout
+from modecotd.plan import ReportFiles
 from modecotd.report.collect import SYSTEMS, as_storage, collect, correct_field, eval_rows, pair_rows, \
     search_curves, task_facts, training_curves, worst_pairs
 from modecotd.report.markdown import percent, render_markdown, write_html
@@ -22,24 +22,23 @@ def build_report(run: "Storage | str | Path") -> str:
     weights, search curves) into the run's storage, from its artifacts alone; returns where
     report.md is (a path for a local folder)."""
     storage = as_storage(run)
-    layout = RunLayout(storage)
     report = collect(storage)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        write_json(folder / "report.json", report)
-        plot_accuracy(report, folder / "accuracy.png")
+        write_json(folder / ReportFiles.JSON, report)
+        plot_accuracy(report, folder / ReportFiles.ACCURACY_PLOT)
         curves = training_curves(storage)
         if curves:
-            plot_training(curves, folder / "training.png")
+            plot_training(curves, folder / ReportFiles.TRAINING_PLOT)
         if any(t.get("mixtures") for t in report["tasks"].values()):
-            plot_mixture_weights(report, folder / "mixture_weights.png")
-            plot_search(search_curves(storage), folder / "search.png")
+            plot_mixture_weights(report, folder / ReportFiles.WEIGHTS_PLOT)
+            plot_search(search_curves(storage), folder / ReportFiles.SEARCH_PLOT)
         text = render_markdown(report)
-        (folder / "report.md").write_text(text)
-        write_html(text, folder / "report.html")
+        (folder / ReportFiles.MARKDOWN).write_text(text)
+        write_html(text, folder / ReportFiles.HTML)
         for file in sorted(folder.iterdir()):  # report.md last: it is what says the report is there
-            if file.name != "report.md":
-                storage.upload(file, layout.report(file.name))
-        storage.upload(folder / "report.md", layout.report("report.md"))
-    return str(storage.local_root / "report.md") if storage.is_local else storage.describe("report.md")
+            if file.name != ReportFiles.MARKDOWN:
+                storage.upload(file, file.name)
+        storage.upload(folder / ReportFiles.MARKDOWN, ReportFiles.MARKDOWN)
+    return str(storage.local_root / ReportFiles.MARKDOWN) if storage.is_local else storage.describe(ReportFiles.MARKDOWN)
 

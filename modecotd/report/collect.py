@@ -8,7 +8,7 @@ from pathlib import Path
 from modecotd.config import CONTROLS, GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, WEIGHT_CONTROLS, mixture_system
 from modecotd.config_loading import read_yaml
 from modecotd.evaluate import majority_baseline
-from modecotd.plan import ALONE, RunLayout
+from modecotd.plan import ALONE, EvaluationFiles, MixtureFiles, RunLayout, TrainingFiles
 from modecotd.run_view import RunView
 from modecotd.stats import majority_answer_accuracy, mean_over_seeds_and_tasks_ci, wilson_interval
 from modecotd.storage import Storage
@@ -21,7 +21,6 @@ MIXTURES = (MIXTURE, *map(mixture_system, MIXER_METHODS))  # one, or one per met
 SYSTEMS = ("base", "expert", *MIXTURES, "multitask", *CONTROLS, "full_finetune")
 
 
-ROWS_FILE = "predictions.jsonl"  # an evaluation unit's per-question rows (modecotd.evaluate.score_rows)
 
 
 WORST_PAIRS = 10  # (task, system) pairs whose errors the report samples
@@ -118,7 +117,7 @@ def _evaluation(view: RunView, layouts: dict, task: str, system: str, scoring: s
                             {seed: r for seed, (_, r) in by_seed.items()}, scoring)
     answer, accuracy = majority_answer_accuracy([r["gold"] for r in rows])
     error = _error_entry(task, system, with_interval(first_summary["summary"]), rows, scoring,
-                         f"{layouts[first_seed].evaluation(task, system)}/{ROWS_FILE}")
+                         f"{layouts[first_seed].evaluation(task, system)}/{EvaluationFiles.ROWS}")
     return summary, {seed: r for seed, (_, r) in by_seed.items()}, {"answer": answer, "accuracy": accuracy}, error
 
 
@@ -126,7 +125,7 @@ def eval_rows(view: RunView, task: str, system: str, layout: RunLayout | None = 
     """The per-question rows of a current evaluation of ``system`` on ``task`` (of the seed whose
     ``layout`` is given, default the run's first); None when there is none (not evaluated, not
     committed, not what the run's plan wants, or its rows file is missing)."""
-    text = view.read((layout or view.layout).evaluation(task, system), ROWS_FILE)
+    text = view.read((layout or view.layout).evaluation(task, system), EvaluationFiles.ROWS)
     return None if text is None else [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -298,7 +297,7 @@ def training_curves(run: "Storage | str | Path") -> dict[str, dict]:
     view = RunView(as_storage(run))
     curves = {}
     for prefix in view.units_under(view.layout.expert("")):
-        text = view.read(prefix, "training.json")
+        text = view.read(prefix, TrainingFiles.SUMMARY)
         if text is None:
             continue
         summary = json.loads(text)
@@ -314,7 +313,7 @@ def search_curves(run: "Storage | str | Path") -> dict[str, list[float]]:
     view = RunView(as_storage(run))
     curves = {}
     for prefix in view.units_under(view.layout.mixture("")):
-        mixture, search = view.read(prefix, "mixture.json"), view.read(prefix, "search.json")
+        mixture, search = view.read(prefix, MixtureFiles.SUMMARY), view.read(prefix, MixtureFiles.SEARCH)
         if mixture is None or search is None:
             continue
         mixture = json.loads(mixture)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from modecotd.config import MIXTURE, STAGES
+from modecotd.plan import ReportFiles
 from modecotd.report.collect import ERRORS_PER_PAIR, MIXTURES, PAPER_CHANGES, SYSTEMS, systems_in
 from modecotd.tasks.schema import Role
 
@@ -98,7 +99,7 @@ def render_markdown(report: dict) -> str:
                 experts_section, mixtures_section, orders_section, mixture_plots_section, wall_time_section,
                 scoring_section, unparsed_section)
     lines = [line for section in sections for line in section(report)]
-    lines += ["", "![accuracy by task and system](accuracy.png)", ""]
+    lines += ["", f"![accuracy by task and system]({ReportFiles.ACCURACY_PLOT})", ""]
     return "\n".join(lines)
 
 
@@ -211,7 +212,7 @@ def experts_section(report: dict) -> list[str]:
                          f"{'–' if best is None else f'{best:.3f}'} | {'; '.join(notes) or '–'} | "
                          f"{e.get('seconds') or 0:.0f} |")
     if any("expert" in t for t in report["tasks"].values()):
-        lines += ["", "![training loss per expert](training.png)"]
+        lines += ["", f"![training loss per expert]({ReportFiles.TRAINING_PLOT})"]
     return lines
 
 
@@ -237,8 +238,8 @@ def mixtures_section(report: dict) -> list[str]:
 def mixture_plots_section(report: dict) -> list[str]:
     if not any(t.get("mixtures") for t in report["tasks"].values()):
         return []
-    return ["", "![mixture weights, target task by expert](mixture_weights.png)",
-            "", "![weight search: best objective per evaluation](search.png)"]
+    return ["", f"![mixture weights, target task by expert]({ReportFiles.WEIGHTS_PLOT})",
+            "", f"![weight search: best objective per evaluation]({ReportFiles.SEARCH_PLOT})"]
 
 
 def wall_time_section(report: dict) -> list[str]:
