@@ -126,22 +126,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ray.train.report({"step": summary["steps"], "loss": summary["final_loss"], "done": True})
 
 
-_STAGE_METRICS: dict = {}
-
-
 def stage_metrics() -> dict:
     """The driver's Ray metrics for the stage, per task: experts done and failed, final loss and
     rank 0's target tokens per second (the workers' own gauges show a job's progress while it runs)."""
-    if not _STAGE_METRICS:
-        from ray.util.metrics import Counter, Gauge
+    from ray.util.metrics import Counter, Gauge
 
-        tags = ("task",)
-        _STAGE_METRICS.update(
-            done=Counter("modecotd_distill_experts_done", "experts trained", tags),
-            failed=Counter("modecotd_distill_experts_failed", "expert jobs that failed", tags),
-            final_loss=Gauge("modecotd_distill_final_loss", "an expert's training loss at its end", tags),
-            speed=Gauge("modecotd_distill_target_tokens_per_second", "rank 0's target tokens per second", tags))
-    return _STAGE_METRICS
+    tags = ("task",)
+    return {"done": Counter("modecotd_distill_experts_done", "experts trained", tags),
+            "failed": Counter("modecotd_distill_experts_failed", "expert jobs that failed", tags),
+            "final_loss": Gauge("modecotd_distill_final_loss", "an expert's training loss at its end", tags),
+            "speed": Gauge("modecotd_distill_target_tokens_per_second", "rank 0's target tokens per second", tags)}
 
 
 @ray.remote(num_cpus=0)
@@ -215,23 +209,18 @@ def read_rows(cfg, job: Training) -> list[dict]:
 
 
 def distill_settings(config, job: Training, rows: list[dict]) -> DistillSettings:
-    """The job's settings; each worker fills in where the student and its output are on its node."""
+    """The job's settings: the distill section's fields of the same name, then what the job or the
+    student decides; each worker fills in where the student and its output are on its node."""
     cfg = config.distill
-    return DistillSettings(
-        student_dir="", dtype=config.student.dtype, kind=job.kind or job.sources[0][1],
-        rows=rows, output_dir="", lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+    return DistillSettings.from_section(
+        cfg, student_dir="", output_dir="", dtype=config.student.dtype, prompt_format=config.student.prompt_format,
+        kind=job.kind or job.sources[0][1], rows=rows, lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
         learning_rate=cfg.full_finetune_learning_rate if job.full_finetune else cfg.learning_rate,
-        epochs=job.epochs or cfg.epochs, batch_size=cfg.batch_size,
-        max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio, zero_stage=cfg.zero_stage,
-        seed=job.seed, gradient_accumulation=cfg.gradient_accumulation,
+        epochs=job.epochs or cfg.epochs, seed=job.seed, full_finetune=job.full_finetune,
         # a few-shot control's handful of rows is too few to hold any out
-        validation_fraction=0.0 if job.rows else cfg.validation_fraction, eval_every=cfg.eval_every,
-        early_stopping_patience=None if job.rows else cfg.early_stopping_patience,
-        checkpoint_every=cfg.checkpoint_every,
-        offload_optimizer=cfg.offload_optimizer, full_finetune=job.full_finetune,
-        gradient_checkpointing=cfg.gradient_checkpointing, prompt_format=config.student.prompt_format,
-    )
+        validation_fraction=0.0 if job.rows else cfg.validation_fraction,
+        early_stopping_patience=None if job.rows else cfg.early_stopping_patience)
 
 
 def run_distill_stage(config, layout: RunLayout, jobs: dict[str, Training]) -> dict[str, Outcome]:
@@ -265,6 +254,7 @@ class DistillJobs:
         self.config, self.jobs = config, jobs
         self.ray_storage = (layout.storage, layout.ray)
         self.results: dict[str, Outcome] = {}
+        self.metrics = stage_metrics()
 
     def ready(self, todo: list[str]):
         """Each job with its rows, read as slots come free (one job's rows in memory per running
@@ -292,9 +282,9 @@ class DistillJobs:
     def done(self, item: tuple[str, list[dict]], summary: dict) -> None:
         name = item[0]
         tags = {"task": name}
-        stage_metrics()["done"].inc(1, tags)
-        stage_metrics()["final_loss"].set(summary["final_loss"], tags)
-        stage_metrics()["speed"].set(summary["target_tokens_per_s_rank0"], tags)
+        self.metrics["done"].inc(1, tags)
+        self.metrics["final_loss"].set(summary["final_loss"], tags)
+        self.metrics["speed"].set(summary["target_tokens_per_s_rank0"], tags)
         send("distill", name, summary["steps"], summary["steps"], "step", finished=True,
              note=f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
         self.results[name] = Done(summary)
@@ -308,4 +298,4 @@ class DistillJobs:
         self.results[name] = Failed(reason)
         send("distill", name, 0, None, "step", note="failed", finished=True)
         log.error("distill: %s failed: %s", name, reason)
-        stage_metrics()["failed"].inc(1, {"task": name})
+        self.metrics["failed"].inc(1, {"task": name})

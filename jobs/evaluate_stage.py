@@ -53,7 +53,7 @@ class Evaluator:
     def placed(self) -> bool:
         return True
 
-    def evaluate(self, task: str, system_name: str, system: dict, kind, examples: list[dict]):
+    def evaluate(self, task: str, system_name: str, system: dict, kind, examples: list[dict]) -> "PairOutput":
         started = time.time()
         if self.tokenizer is None:
             from modecotd.models import load_tokenizer, materialize
@@ -86,7 +86,8 @@ class Evaluator:
                 self.student = None
                 raise
 
-    def _evaluate(self, model, task: str, system_name: str, kind, examples: list[dict], started: float):
+    def _evaluate(self, model, task: str, system_name: str, kind, examples: list[dict], started: float
+                  ) -> "PairOutput":
         batch = [Example(**e) for e in examples]
         unit, done = f"{task} / {system_name}", 0
         send("evaluate", unit, 0, len(batch), "question")
@@ -106,7 +107,17 @@ class Evaluator:
         tags = {"task": task, "system": system_name}
         self.done.inc(1, tags)
         self.accuracy.set(sum(r["correct"] for r in rows) / max(1, len(rows)), tags)
-        return task, system_name, rows, time.time() - started, model.precision.as_dict()
+        return PairOutput(rows, time.time() - started, model.precision.as_dict())
+
+
+@dataclass(frozen=True)
+class PairOutput:
+    """What an evaluator returns for one pair: each test question's row (modecotd.evaluate.score_rows),
+    how long the pair took, and the precision the system ran in."""
+
+    rows: list[dict]
+    seconds: float
+    precision: dict
 
 
 MAX_ACTOR_LOSSES = 2  # a pair whose actor died is tried again on a new actor up to this many times
@@ -142,14 +153,13 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict[str
         raise
     results: dict[str, Outcome] = {}
 
-    def done(pair: Pair, outcome: tuple) -> None:
-        _, _, rows, seconds, precision = outcome
-        summary = {**summarize(rows, cfg.scoring), "precision": precision}
+    def done(pair: Pair, output: PairOutput) -> None:
+        summary = {**summarize(output.rows, cfg.scoring), "precision": output.precision}
         with pair.unit.writing(summary) as staging:
-            write_jsonl(staging / EvaluationFiles.ROWS, rows)
+            write_jsonl(staging / EvaluationFiles.ROWS, output.rows)
         results[pair.key] = Done(summary)
         log.info("evaluate: %s / %s: accuracy %.3f (format %.2f) in %.0f s", pair.task, pair.name,
-                 summary["accuracy"], summary["format_rate"], seconds)
+                 summary["accuracy"], summary["format_rate"], output.seconds)
 
     def failed(pair: Pair, reason: str, error: Exception) -> None:
         stop_if_disk_failed(reason, f"evaluate {pair.task} / {pair.name}")

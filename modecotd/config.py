@@ -58,7 +58,7 @@ MIXER_CANDIDATES = AutoSize(cpu=8, gpu=32)
 
 
 # Marks a setting that changes where or how fast work runs, never what it produces: it stays out of
-# every unit's fingerprint (modecotd.plan.settings_key), so changing it redoes nothing.
+# every unit's fingerprint (modecotd.plan.fingerprinted_settings), so changing it redoes nothing.
 RUNTIME = {"fingerprint": False}
 ADDED_LATER = {"fingerprint": "unless_default"}  # in a unit's fingerprint only when set: earlier runs stay current
 

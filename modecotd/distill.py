@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
@@ -61,6 +62,12 @@ class DistillSettings:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
     student: str = ""  # the student's reference as the config gives it (recorded in the adapter); "": student_dir
     prompt_format: str = "raw"  # student.prompt_format (see modecotd.prompts.rendered_prompt)
+
+    @classmethod
+    def from_section(cls, section, **decided) -> "DistillSettings":
+        """Every field the config's distill section has under the same name, then ``decided``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{name: getattr(section, name) for name in names & set(type(section).model_fields)} | decided)
 
 
 def tokenize_rows(rows: list[dict], kind: AnswerKind, tokenizer, max_length: int,

@@ -51,7 +51,7 @@ def forward_method(method: str) -> str:
     return "delta" if method in WEIGHT_CONTROLS else method
 
 
-def setting_key(setting: dict) -> str:
+def setting_label(setting: dict) -> str:
     """A readable name for one mixer setting (trial names, record files)."""
     if setting["method"] in ("gate", *WEIGHT_CONTROLS):
         return setting["method"]
@@ -167,7 +167,7 @@ class SettingFit:
         weights, history, seconds, orders = self._fit(self.every_row)
         self.evaluations += len(history)
         mixture = self.mixture
-        record = {"task": self.task, **self.setting, "setting": setting_key(self.setting), "cv_loss": self.cv_loss,
+        record = {"task": self.task, **self.setting, "setting": setting_label(self.setting), "cv_loss": self.cv_loss,
                   **({"method": "delta", "control": self.control} if self.control else {}),
                   "fold_losses": self.held_out, "objective": min(h["objective"] for h in history),
                   "loss": self.options.objective,

@@ -214,7 +214,7 @@ class Evaluation:
         return f"{self.task} / {self.system.name}" + ("" if self.seed is None else f" (seed {self.seed})")
 
 
-def settings_key(section) -> dict:
+def fingerprinted_settings(section) -> dict:
     """A config section's settings that decide what it produces: every field but those the config
     marks as runtime settings (``json_schema_extra=RUNTIME``: resources, retries, endpoints' limits),
     and but a field added after runs existed while it has its default (``ADDED_LATER``), so that
@@ -277,7 +277,7 @@ class Plan:
         self.common = {"version": PIPELINE_VERSION, "seed": self.seed}
         teacher = {"version": PIPELINE_VERSION, "seed": config.seed}  # one teacher stage for every seed
         self.rationales: dict[str, Unit] = {name: layout.unit(layout.rationales(name), fingerprint(
-            teacher, settings_key(config.teacher), tasks[name].train.key, tasks[name].kind.value,
+            teacher, fingerprinted_settings(config.teacher), tasks[name].train.key, tasks[name].kind.value,
             config.task(name).teacher_template,
             examples_key(tasks[name].fewshot) if config.teacher.prompting == "few_shot" else None))
             for name in (t.name for t in config.seen_tasks)}
@@ -302,7 +302,7 @@ class Plan:
         keys are in its key), by :attr:`Mixing.label`."""
         experts_key = fingerprint(sorted((n, t.unit.key) for n, t in self.experts.items() if t.unit.done()))
         # the grid's values are in each mixture's settings; which controls run changes no other unit
-        shared = {k: v for k, v in settings_key(self.config.mixture).items()
+        shared = {k: v for k, v in fingerprinted_settings(self.config.mixture).items()
                   if k not in (*MIXER_GRID, "systems", "controls", "fewshot_lora_epochs")}
         mixings = [Mixing(task.name, system, tuple(settings), self.layout.unit(
             self.layout.mixture(task.name, system), fingerprint(
@@ -330,7 +330,7 @@ class Plan:
         fine-tuning, then each expert alone on a task without its own, so that a run stopped
         part-way has whole systems to compare."""
         mixtures = self.mixtures()
-        settings = (settings_key(self.config.evaluation), settings_key(self.config.student))
+        settings = (fingerprinted_settings(self.config.evaluation), fingerprinted_settings(self.config.student))
         evaluations = [Evaluation(task.name, system, self.layout.unit(self.layout.evaluation(task.name, system.name), fingerprint(
             self.common, system.key, examples_key(self.tasks[task.name].test), *settings)), None if self.first else self.seed)
             for task in self.config.tasks for system in self.systems(task.name, mixtures)
@@ -359,8 +359,8 @@ class Plan:
 
     def _trainings(self) -> dict[str, Training]:
         config, rationales = self.config, self.rationales
-        distill = {k: v for k, v in settings_key(config.distill).items() if k not in BASELINE_KEYS}
-        shared = (self.common, distill, settings_key(config.student))
+        distill = {k: v for k, v in fingerprinted_settings(config.distill).items() if k not in BASELINE_KEYS}
+        shared = (self.common, distill, fingerprinted_settings(config.student))
 
         def source(name: str) -> tuple[Unit, str]:
             return rationales[name], self.tasks[name].kind.value

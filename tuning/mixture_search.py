@@ -29,7 +29,7 @@ from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
 from modecotd.mixture import Mixture, export_adapter
 from modecotd.tracking import tune_callbacks
-from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, forward_method, setting_key
+from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, forward_method, setting_label
 from modecotd.models import materialize
 from modecotd.outcome import Done, Failed, Outcome
 from modecotd.plan import Mixing, MixtureFiles, RunLayout
@@ -73,7 +73,7 @@ class MixtureTrial(tune.Trainable):
 
     def _start(self, config: dict) -> None:
         task, setting = config["job"]["task"], config["job"]["setting"]
-        self.label = f"{task} / {setting_key(setting)}"
+        self.label = f"{task} / {setting_label(setting)}"
         self.load_seconds = 0.0  # stays 0 when this worker's student is reused
         if self.mixture is None:  # the student resolved and the experts fetched on this trial's node
             started = time.time()
@@ -106,12 +106,12 @@ class MixtureTrial(tune.Trainable):
         with tempfile.TemporaryDirectory() as scratch:
             record = fit.final(routers=Path(scratch) / MixtureFiles.ROUTERS)
             if fit.gate:  # the driver reads them from storage, wherever this trial ran
-                routers = f"{trials}/{setting_key(fit.setting)}.{MixtureFiles.ROUTERS}"
+                routers = f"{trials}/{setting_label(fit.setting)}.{MixtureFiles.ROUTERS}"
                 storage.upload(Path(record["routers"]), routers)
                 record["routers"] = routers
         record.update(worker_pid=os.getpid(), load_seconds=self.load_seconds,
                       context_key=self.context["keys"][fit.task])
-        storage.write_text(f"{trials}/{setting_key(fit.setting)}.json", json.dumps(record, default=str))
+        storage.write_text(f"{trials}/{setting_label(fit.setting)}.json", json.dumps(record, default=str))
         self.metrics["done"].inc(1, {"task": fit.task})
         if fit.cv_loss is not None:
             self.metrics["cv_loss"].set(fit.cv_loss, {"task": fit.task})
@@ -281,7 +281,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     # A setting scored by an earlier attempt with the same inputs (a crash came after it) is not
     # scored again; records of other inputs are deleted, never read back.
     scored = kept_records(storage, trials, context["keys"])
-    jobs = [job for job in jobs if (job["task"], setting_key(job["setting"])) not in scored]
+    jobs = [job for job in jobs if (job["task"], setting_label(job["setting"])) not in scored]
     if scored:
         log.info("mix: %d setting(s) scored before with the same inputs are kept; %d to score", len(scored), len(jobs))
     experiment = f"mix-{seed}-{int(time.time())}-{config.name}"  # the run's name, for the dashboard
@@ -293,7 +293,7 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
         records = [json.loads(storage.read_text(f"{trials}/{name}/{file}"))
                    for file in storage.files(f"{trials}/{name}") if file.endswith(".json")]
         for mixing in (m for m in todo if m.task == name):
-            keys = {setting_key(s) for s in mixing.settings}
+            keys = {setting_label(s) for s in mixing.settings}
             mine = [r for r in records if r["setting"] in keys]
             if not mine:
                 results[mixing.label] = Failed(errors.get(name, "no trial finished"))
@@ -319,7 +319,7 @@ def _search(jobs: list[dict], cfg, config, context: dict, storage, ray_folder: s
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
                                     scheduler=make_scheduler(cfg.scheduler, cfg.cv_folds),
                                     trial_name_creator=lambda t: f"mix:{t.config['job']['task']}:"
-                                                                 f"{setting_key(t.config['job']['setting'])}",
+                                                                 f"{setting_label(t.config['job']['setting'])}",
                                     trial_dirname_creator=lambda t: f"{t.config['job']['task']}-{t.trial_id}"),
         run_config=tune.RunConfig(name=experiment, storage_path=storage.path(ray_folder),
                                   storage_filesystem=storage.filesystem,
@@ -351,7 +351,7 @@ def _trial_task(result) -> str:
 
 def _trial_jobs(mixings: list[Mixing]) -> list[dict]:
     """One Tune trial per (target task, setting) that a pending mixture chooses from."""
-    jobs = {(m.task, setting_key(s)): {"task": m.task, "setting": s} for m in mixings for s in m.settings}
+    jobs = {(m.task, setting_label(s)): {"task": m.task, "setting": s} for m in mixings for s in m.settings}
     return list(jobs.values())
 
 
@@ -375,7 +375,7 @@ def best_record(records: list[dict], order: list[str]) -> dict:
 def _commit(mixing: Mixing, records: list[dict], experts: dict[str, Unit], cfg) -> dict:
     """Keep the best setting's mixture: its weights, the merged adapter, and every trial's search."""
     unit = mixing.unit
-    best = best_record(records, [setting_key(s) for s in mixing.settings])
+    best = best_record(records, [setting_label(s) for s in mixing.settings])
     summary = {"status": "done", **{k: best[k] for k in ("method", "budget", "bound", "l1", "top_k", "setting")},
                "cv_loss": best["cv_loss"], "objective": best["objective"], "weights": best["weights"],
                "experts_mixed": best["experts_mixed"], "zero_weights_loss": best["zero_weights_loss"],
