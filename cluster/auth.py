@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 from modecotd.errors import UserError
 
 DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
-ALLOW_HTTP_ENV = "MODECOTD_ALLOW_HTTP_TOKEN"  # "1": the user accepts sending the token over plain HTTP
 
 
 def token_available() -> bool:
@@ -105,11 +104,11 @@ def is_this_machine(host: str) -> bool:
     return bool(infos)
 
 
-def check_token_transport(url: str) -> None:
+def check_token_transport(url: str, allow_plain_token: bool = False) -> None:
     """Refuse to send Ray's token in clear text over the network: plain ``http://`` to a host other
-    than this machine needs MODECOTD_ALLOW_HTTP_TOKEN=1 (the CLI's ``--allow-http-token``).
-    Without token mode nothing is sent, so anything goes."""
-    if os.environ.get("RAY_AUTH_MODE") != "token" or os.environ.get(ALLOW_HTTP_ENV) == "1":
+    than this machine needs ``allow_plain_token`` (the CLI's ``--allow-http-token``). Without token
+    mode nothing is sent, so anything goes."""
+    if os.environ.get("RAY_AUTH_MODE") != "token" or allow_plain_token:
         return
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme == "http" and not is_this_machine(parts.hostname or ""):
@@ -118,12 +117,12 @@ def check_token_transport(url: str) -> None:
                         "--allow-http-token if this network is trusted")
 
 
-def check_token_over_grpc(address: str) -> None:
+def check_token_over_grpc(address: str, allow_plain_token: bool = False) -> None:
     """The same rule for joining a cluster by address (``host:port`` of its GCS, or ``ray://`` for
     Ray Client): the token goes over gRPC, in clear text unless Ray's TLS is on (RAY_USE_TLS=1).
     "auto" and "local" find a cluster on this machine."""
     if address in ("auto", "local") or os.environ.get("RAY_AUTH_MODE") != "token" \
-            or os.environ.get(ALLOW_HTTP_ENV) == "1" or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            or allow_plain_token or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return
     target = address.split("://", 1)[-1].rstrip("/")
     host = target.rpartition(":")[0] or target

@@ -26,13 +26,15 @@ def address_or_default(address: str | None) -> str:
     return address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
-def client(address: str | None):
+def client(address: str | None, allow_plain_token: bool = False):
+    """The Jobs API at ``address`` (see :func:`address_or_default`); ``allow_plain_token``: the CLI's
+    --allow-http-token (see :func:`modecotd.cluster.auth.check_token_transport`)."""
     from ray.job_submission import JobSubmissionClient
 
     from modecotd.cluster.auth import check_token_transport
 
     resolved = address_or_default(address)
-    check_token_transport(resolved)
+    check_token_transport(resolved, allow_plain_token)
     try:
         return JobSubmissionClient(resolved)
     except Exception as exc:  # connection refused, 401 without a token, not a Ray dashboard
@@ -47,7 +49,7 @@ def client(address: str | None):
 def submit(config_path: Path, *, address: str | None = None, run_dir: str | None = None,
            stages: list[str] | None = None, overrides: list[str] | None = None, pip: list[str] | None = None,
            env: dict[str, str] | None = None, working_dir: Path | None = None, excludes: list[str] | None = None,
-           submission_id: str | None = None, say=print) -> str:
+           submission_id: str | None = None, say=print, allow_plain_token: bool = False) -> str:
     """Submit a run; returns its submission id. ``env``: variables for the run's driver only;
     ``working_dir`` and ``excludes``: send that folder (but what the patterns exclude) instead of only
     the config and its data files; ``say`` is told what is uploaded before it is sent. With
@@ -85,7 +87,7 @@ def submit(config_path: Path, *, address: str | None = None, run_dir: str | None
     # unique even for one config submitted many times in one second
     submission_id = submission_id or f"{JOB_PREFIX}{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     try:
-        jobs = client(address)
+        jobs = client(address, allow_plain_token)
         if _already_submitted(jobs, submission_id, metadata):
             say(f"{submission_id} was submitted before with this config and run folder: not submitted again")
             return submission_id
@@ -120,16 +122,17 @@ def _shell_word(word: str) -> str:
     return "~/" + shlex.quote(word[2:]) if word.startswith("~/") else shlex.quote(word)
 
 
-def status(submission_id: str, address: str | None = None) -> dict:
-    info = client(address).get_job_info(submission_id)
+def status(submission_id: str, address: str | None = None, allow_plain_token: bool = False) -> dict:
+    info = client(address, allow_plain_token).get_job_info(submission_id)
     return {"submission_id": submission_id, "status": str(info.status.value), "message": info.message,
             "metadata": info.metadata, "entrypoint": info.entrypoint,
             "start_time": info.start_time, "end_time": info.end_time}
 
 
-def wait(submission_id: str, address: str | None = None, timeout_s: float = 3600, poll_s: float = 2.0) -> str:
+def wait(submission_id: str, address: str | None = None, timeout_s: float = 3600, poll_s: float = 2.0,
+         allow_plain_token: bool = False) -> str:
     """Wait until the job ends; returns its final status (SUCCEEDED, FAILED or STOPPED)."""
-    jobs = client(address)
+    jobs = client(address, allow_plain_token)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         state = str(jobs.get_job_status(submission_id).value)
@@ -139,9 +142,9 @@ def wait(submission_id: str, address: str | None = None, timeout_s: float = 3600
     raise TimeoutError(f"job {submission_id} still running after {timeout_s:.0f} s")
 
 
-def logs(submission_id: str, address: str | None = None, follow: bool = False):
+def logs(submission_id: str, address: str | None = None, follow: bool = False, allow_plain_token: bool = False):
     """The job's log so far, or (``follow``) its lines as they come until it ends."""
-    jobs = client(address)
+    jobs = client(address, allow_plain_token)
     if not follow:
         yield jobs.get_job_logs(submission_id)
         return
@@ -163,13 +166,13 @@ def logs(submission_id: str, address: str | None = None, follow: bool = False):
         loop.close()
 
 
-def stop(submission_id: str, address: str | None = None) -> bool:
-    return client(address).stop_job(submission_id)
+def stop(submission_id: str, address: str | None = None, allow_plain_token: bool = False) -> bool:
+    return client(address, allow_plain_token).stop_job(submission_id)
 
 
-def list_runs(address: str | None = None) -> list[dict]:
+def list_runs(address: str | None = None, allow_plain_token: bool = False) -> list[dict]:
     """modecotd's jobs on the cluster, newest first."""
-    jobs = [j for j in client(address).list_jobs()  # ours: our ids, or an id the user chose with our metadata
+    jobs = [j for j in client(address, allow_plain_token).list_jobs()  # ours: our ids, or an id the user chose with our metadata
             if (j.submission_id or "").startswith(JOB_PREFIX) or "config_fingerprint" in (j.metadata or {})]
     jobs.sort(key=lambda j: j.start_time or 0, reverse=True)
     return [{"submission_id": j.submission_id, "status": str(j.status.value), "run": (j.metadata or {}).get("run"),

@@ -56,30 +56,31 @@ def load_tasks(config) -> dict[str, TaskData]:
 
 def run_pipeline(config, run_dir: str | Path | None = None, address: str | None = None,
                  stages: list[str] | None = None, progress: ProgressBoard | None = None,
-                 take_over: bool = False) -> RunOutcome:
+                 take_over: bool = False, allow_plain_token: bool = False) -> RunOutcome:
     """Run the four stages on Ray (or only ``stages``, on the artifacts the earlier stages left in
     the run's storage: ``run_dir``, a folder or a URI, by default ``<config.storage>/<name>``);
     returns where the report is and what failed. Progress goes to ``progress`` (default: a board on
     standard error). The run's lease (:mod:`modecotd.lease`) is held throughout: a second driver on
-    the same run is refused, unless ``take_over``."""
+    the same run is refused, unless ``take_over``. ``allow_plain_token``: the CLI's
+    --allow-http-token (see :func:`modecotd.cluster.auth.check_token_over_grpc`)."""
     from modecotd.jobs.ray_runtime import check_address
     from modecotd.lease import RunLease
 
     work = _prepare(config, run_dir, stages)  # bad input fails here, before anything is written or started
     _check_earlier_stages(work, stages)
-    check_address(address)
+    check_address(address, allow_plain_token)
     with RunLease(work.plan.layout.storage, take_over) as lease, \
             RunLog(work.plan.layout.storage, config.name) as run_log:
-        return _run_held(work, address, stages, progress, lease, run_log)
+        return _run_held(work, (address, allow_plain_token), stages, progress, lease, run_log)
 
 
-def _run_held(work: Work, address: str | None, stages: list[str] | None, progress: ProgressBoard | None,
-              lease, run_log: RunLog) -> RunOutcome:
+def _run_held(work: Work, cluster: tuple[str | None, bool], stages: list[str] | None,
+              progress: ProgressBoard | None, lease, run_log: RunLog) -> RunOutcome:
     from modecotd.jobs import ray_runtime
     from modecotd.jobs.progress import progress_display
 
     layout = work.plan.layout
-    _connect(work, address, run_log)
+    _connect(work, *cluster, run_log)
     _start_run_folder(layout, work.config, work.tasks)
     prepare_tracking(work.config.tracking.model_dump(mode="json"), work.config.name)
     outcome = RunOutcome(storage=layout.storage, report=None)
@@ -182,7 +183,7 @@ def check_context(config, tasks: dict[str, TaskData]) -> None:
                                 f"evaluation.max_new_tokens ({answer}) are kept for the answer")
 
 
-def _connect(work: Work, address: str | None, run_log: RunLog | None = None) -> None:
+def _connect(work: Work, address: str | None, allow_plain_token: bool, run_log: RunLog | None = None) -> None:
     """Start or join Ray, the workers' lines going to the run's log; check that every node reaches
     the storage."""
     from modecotd.jobs import ray_runtime
@@ -190,7 +191,8 @@ def _connect(work: Work, address: str | None, run_log: RunLog | None = None) -> 
 
     config = work.config
     cluster = ray_runtime.connect(address, config.resources.num_cpus, config.resources.dashboard,
-                                  config.resources.dashboard_host, run=config.name, run_log=run_log)
+                                  config.resources.dashboard_host, run=config.name, run_log=run_log,
+                                  allow_plain_token=allow_plain_token)
     check_every_node_reaches(work.plan.layout.storage)
     if cluster.get("started_here"):  # no node will join a cluster this run started: never wait for one
         work.config = config = config.model_copy(deep=True)

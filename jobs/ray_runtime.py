@@ -37,24 +37,25 @@ def this_cluster_env() -> dict[str, str]:
     return {**worker_env(), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
-def check_address(address: str | None) -> None:
+def check_address(address: str | None, allow_plain_token: bool = False) -> None:
     """Refuse, in one line and before anything is written or started, an ``address`` (or
     ``RAY_ADDRESS``) that would send the token in clear text or that no Ray answers at."""
     given, address = address, address or os.environ.get("RAY_ADDRESS")
     if address:
-        check_token_over_grpc(address)  # never the token in clear text on a network
+        check_token_over_grpc(address, allow_plain_token)  # never the token in clear text on a network
     if given:
         check_reachable(given)  # before anything else: Ray would wait for minutes
 
 
 def connect(address: str | None, num_cpus: int | None = None, dashboard: bool = True,
-            dashboard_host: str = "127.0.0.1", run: str | None = None, run_log=None) -> dict:
+            dashboard_host: str = "127.0.0.1", run: str | None = None, run_log=None,
+            allow_plain_token: bool = False) -> dict:
     """Start or join a Ray cluster; returns what the run should print about it. Without an
     address, a run inside a Ray job (which sets RAY_ADDRESS) joins the job's cluster. ``run``: the
     run's name, shown by the dashboard as the job's name (its ``job_name`` metadata), as for a
     submitted run. ``run_log``: a :class:`modecotd.jobs.run_log.RunLog` that takes the workers'
     lines (the terminal shows only their warnings, unless debug logging is on)."""
-    check_address(address)
+    check_address(address, allow_plain_token)
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return {"address": "already connected", "dashboard": None}

@@ -215,7 +215,8 @@ def _run(args) -> int:
     config = load_config(args.config, overrides)  # a bad config is refused before the heavy imports
     from modecotd.jobs.driver import run_pipeline
 
-    outcome = run_pipeline(config, args.run_dir, address=args.address, stages=args.stages, take_over=args.take_over)
+    outcome = run_pipeline(config, args.run_dir, address=args.address, stages=args.stages, take_over=args.take_over,
+                           allow_plain_token=args.allow_http_token)
     print(_summary(outcome.storage.read_text(ReportFiles.MARKDOWN)))
     print(f"report: {outcome.report}")
     if outcome.failures:
@@ -256,15 +257,15 @@ def _submit(args) -> int:
     submission_id = jobs.submit(Path(args.config), address=args.address, run_dir=args.run_dir, stages=args.stages,
                                 overrides=overrides, pip=args.pip, working_dir=args.working_dir,
                                 excludes=args.exclude, submission_id=args.submission_id,
-                                say=lambda line: print(line, file=sys.stderr))
+                                say=lambda line: print(line, file=sys.stderr), allow_plain_token=args.allow_http_token)
     address = jobs.address_or_default(args.address)
     print(f"submitted {submission_id} to {address}")
     print(f"follow it: modecotd logs {submission_id} --follow --address {address}")
     if not args.wait:
         return 0
-    for chunk in jobs.logs(submission_id, args.address, follow=True):
+    for chunk in jobs.logs(submission_id, args.address, follow=True, allow_plain_token=args.allow_http_token):
         print(chunk, end="", flush=True)
-    state = jobs.wait(submission_id, args.address)
+    state = jobs.wait(submission_id, args.address, allow_plain_token=args.allow_http_token)
     print(f"{submission_id}: {state}")
     return 0 if state == "SUCCEEDED" else 1
 
@@ -273,19 +274,20 @@ def _jobs(args) -> int:
     from modecotd.cluster import jobs
 
     if args.command == "status":
-        info = jobs.status(args.submission_id, args.address)
+        info = jobs.status(args.submission_id, args.address, args.allow_http_token)
         print(f"{info['submission_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
         print(f"  run {info['metadata'].get('run')}, stages {info['metadata'].get('stages')}, "
               f"run folder {info['metadata'].get('run_dir')}")
         return 0
     if args.command == "logs":
-        for chunk in jobs.logs(args.submission_id, args.address, follow=args.follow):
+        for chunk in jobs.logs(args.submission_id, args.address, args.follow, args.allow_http_token):
             print(chunk, end="", flush=True)
         return 0
     if args.command == "stop":
-        print(f"{args.submission_id}: {'stopping' if jobs.stop(args.submission_id, args.address) else 'not running'}")
+        stopping = jobs.stop(args.submission_id, args.address, args.allow_http_token)
+        print(f"{args.submission_id}: {'stopping' if stopping else 'not running'}")
         return 0
-    for run in jobs.list_runs(args.address):
+    for run in jobs.list_runs(args.address, args.allow_http_token):
         print(f"{run['submission_id']}  {run['status']:<10} run {run['run']}, stages {run['stages']}")
     return 0
 
@@ -437,13 +439,11 @@ def _cluster(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from modecotd.cluster.auth import ALLOW_HTTP_ENV, make_token_file, use_token_if_available
+    from modecotd.cluster.auth import make_token_file, use_token_if_available
 
     if args.command in ("run", "tune") and not (args.address or os.environ.get("RAY_ADDRESS")):
         make_token_file()  # the private cluster's token (0600) on a machine that has none yet, before Ray is imported
     use_token_if_available()  # before anything imports Ray
-    if getattr(args, "allow_http_token", False):
-        os.environ[ALLOW_HTTP_ENV] = "1"
     handlers = {"run": _run, "tune": _tune, "submit": _submit, "status": _jobs, "logs": _jobs, "stop": _jobs,
                 "list": _jobs, "report": _report, "compare": _compare, "pull": _pull, "export": _export,
                 "examples": _examples, "check": _check,

@@ -21,7 +21,6 @@ from modecotd.storage import Storage, StorageError
 def token_mode(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "t0ken-for-tests")
-    monkeypatch.delenv(auth.ALLOW_HTTP_ENV, raising=False)
 
 
 @pytest.mark.parametrize("url", ["http://10.1.2.3:8265", "http://dashboard.example.org:8265", "203.0.113.9:8265"])
@@ -37,9 +36,7 @@ def test_loopback_or_https_is_fine(token_mode, url):
 
 
 def test_the_user_may_allow_plain_http_explicitly_and_without_token_nothing_is_sent(token_mode, monkeypatch):
-    monkeypatch.setenv(auth.ALLOW_HTTP_ENV, "1")
-    auth.check_token_transport("http://10.1.2.3:8265")
-    monkeypatch.delenv(auth.ALLOW_HTTP_ENV)
+    auth.check_token_transport("http://10.1.2.3:8265", allow_plain_token=True)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     auth.check_token_transport("http://10.1.2.3:8265")
 
@@ -48,7 +45,22 @@ def test_the_cli_refuses_in_one_line_before_connecting(token_mode, capsys, monke
     code = main(["status", "modecotd-x", "--address", "http://203.0.113.9:8265"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--allow-http-token" in err[0] and "203.0.113.9:8265" in err[0]
-    monkeypatch.delenv(auth.ALLOW_HTTP_ENV, raising=False)
+
+
+def test_allow_http_token_reaches_the_jobs_client_as_a_parameter_not_through_the_environment(token_mode, capsys,
+                                                                                             monkeypatch):
+    import ray.job_submission
+
+    class Unreachable:
+        def __init__(self, address):
+            raise ConnectionError(f"nothing answers at {address}")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Unreachable)
+    environment = dict(os.environ)
+    code = main(["status", "modecotd-x", "--address", "http://203.0.113.9:8265", "--allow-http-token"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot reach the Ray Jobs API at http://203.0.113.9:8265" in err  # past the token check
+    assert dict(os.environ) == environment
 
 
 @pytest.mark.parametrize("address", ["10.1.2.3:6379", "ray://203.0.113.9:10001", "head.example.org:6379"])
@@ -73,8 +85,7 @@ def test_grpc_to_this_machine_with_tls_or_when_allowed_is_fine(token_mode, monke
     monkeypatch.setenv("RAY_USE_TLS", "1")
     auth.check_token_over_grpc("10.1.2.3:6379")
     monkeypatch.delenv("RAY_USE_TLS")
-    monkeypatch.setenv(auth.ALLOW_HTTP_ENV, "1")
-    auth.check_token_over_grpc("10.1.2.3:6379")
+    auth.check_token_over_grpc("10.1.2.3:6379", allow_plain_token=True)
 
 
 def test_a_cluster_started_here_always_gets_a_token_readable_by_its_owner_only(tmp_path, monkeypatch):
