@@ -8,13 +8,12 @@ from modecotd.outcome import Failed
 
 
 def test_jobs_queue_to_what_the_cluster_holds():
-    from types import SimpleNamespace
-
+    from modecotd.config import DistillConfig
     from modecotd.jobs.distill_stage import concurrent_jobs
 
     def cfg(**changes):
-        return SimpleNamespace(**({"workers_per_job": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 1.0,
-                                   "use_gpu": False, "max_concurrent_jobs": 4} | changes))
+        return DistillConfig(**({"workers_per_job": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 1.0,
+                                 "use_gpu": False, "max_concurrent_jobs": 4} | changes))
 
     assert concurrent_jobs(cfg(), {"CPU": 2.0}) == (2, None)
     assert concurrent_jobs(cfg(workers_per_job=2), {"CPU": 2.0}) == (1, None)

@@ -25,22 +25,18 @@ def test_rows_and_summary_keep_every_score():
 
 
 def test_a_failed_pair_is_recorded_and_the_others_go_on(ray_cluster, tiny_model_dir, tmp_path):
-    from types import SimpleNamespace
+    from configs import run_config
 
     from modecotd.artifacts import Unit
     from modecotd.jobs.evaluate_stage import run_evaluate_stage
     from modecotd.plan import Evaluation, System
     from modecotd.storage import Storage
-    from modecotd.tasks.schema import AnswerKind, Example
+    from modecotd.tasks.schema import AnswerKind, Example, Role, TaskData
 
-    from modecotd.config import EvaluationConfig, ResourcesConfig, StudentConfig
-
-    # the stage reads these three sections only: the real schema's, so the test follows it
-    config = SimpleNamespace(evaluation=EvaluationConfig(batch_size=4, max_new_tokens=4),
-                             student=StudentConfig(model=str(tiny_model_dir), dtype="fp32"),
-                             resources=ResourcesConfig(placement_timeout_s=0))
-    tasks = {"sums": SimpleNamespace(kind=AnswerKind.NUMBER,
-                                     test=[Example(question="What is 1 + 1?", answer="2", source="t:1")])}
+    config = run_config(evaluation={"batch_size": 4, "max_new_tokens": 4}, resources={"placement_timeout_s": 0},
+                        student={"model": str(tiny_model_dir), "dtype": "fp32"})
+    tasks = {"sums": TaskData("sums", AnswerKind.NUMBER, Role.SEEN,
+                              test=[Example(question="What is 1 + 1?", answer="2", source="t:1")])}
     storage = Storage(tmp_path)
     missing = System("expert", "expert", "k", Unit(storage, "no-such-adapter", "k"))
     jobs = [Evaluation("sums", system, Unit(storage, f"eval/sums/{system.name}", "k"))
@@ -58,23 +54,21 @@ def test_a_stopped_evaluator_is_noticed_killed_and_its_pair_run_again(ray_cluste
     import signal
     import threading
     import time
-    from types import SimpleNamespace
-
+    from configs import run_config
     from ray.util.state import list_actors
 
     from modecotd.artifacts import Unit
-    from modecotd.config import EvaluationConfig, ResourcesConfig, StudentConfig
     from modecotd.jobs.evaluate_stage import run_evaluate_stage
     from modecotd.plan import Evaluation, System
     from modecotd.storage import Storage
-    from modecotd.tasks.schema import AnswerKind, Example
+    from modecotd.tasks.schema import AnswerKind, Example, Role, TaskData
     from tests.deadline import fails_after
 
-    config = SimpleNamespace(evaluation=EvaluationConfig(batch_size=2, max_new_tokens=16),
-                             student=StudentConfig(model=str(tiny_model_dir), dtype="fp32"),
-                             resources=ResourcesConfig(placement_timeout_s=0, stall_timeout_s=3))
+    config = run_config(evaluation={"batch_size": 2, "max_new_tokens": 16},
+                        resources={"placement_timeout_s": 0, "stall_timeout_s": 3},
+                        student={"model": str(tiny_model_dir), "dtype": "fp32"})
     test = [Example(question=f"What is {i} + 1?", answer=str(i + 1), source=f"t:{i}") for i in range(200)]
-    tasks = {"sums": SimpleNamespace(kind=AnswerKind.NUMBER, test=test)}
+    tasks = {"sums": TaskData("sums", AnswerKind.NUMBER, Role.SEEN, test=test)}
     job = Evaluation("sums", System("base", "base", "tiny"), Unit(Storage(tmp_path), "eval/sums/base", "k"))
     stopped = []
 
