@@ -18,7 +18,7 @@ from modecotd.tasks.answers import (
     reference_is_correct,
     score,
 )
-from modecotd.tasks.loaders import load_paper_split, read_rows
+from modecotd.tasks.loaders import iter_paper_split, read_rows
 from modecotd.tasks.paper import PAPER_TASKS, paper_split_path
 from modecotd.tasks.schema import AnswerKind
 
@@ -282,7 +282,7 @@ def test_strict_extraction_agrees_with_gold_on_paper_rationales(task: str, split
     assert path is not None, f"{task} has no {split} file"
     kind = PAPER_TASKS[task]
     rows = read_rows(path)
-    examples = load_paper_split(path, kind)
+    examples = list(iter_paper_split(path, kind))
     assert len(rows) == len(examples)
     failures = [
         f"{example.source}: extracted {extract_answer(row['output'], kind)!r}, "

@@ -18,23 +18,43 @@ from modecotd.tasks.loaders import (
     PROMPT_SHAPES,
     UNPARSED_REASONS,
     PaperSplitReader,
+    HubSplitReader,
+    QAFields,
     infer_kind,
-    load_hf_dataset,
-    load_paper_split,
-    load_qa_jsonl,
+    iter_paper_split,
+    iter_qa_jsonl,
     match_prompt,
-    paper_question,
 )
 from modecotd.tasks.paper import (
     PAPER_SEEN,
     PAPER_SPECS,
     PAPER_TASKS,
     PAPER_UNSEEN,
-    load_paper_task,
-    paper_role,
     paper_split_path,
 )
 from modecotd.tasks.schema import AnswerKind, Example, Role
+
+def paper_split(path: Path, kind: AnswerKind) -> list[Example]:
+    return list(iter_paper_split(path, kind))
+
+
+def qa_jsonl(path: Path, kind: AnswerKind, question_field: str = "question", answer_field: str = "answer",
+             rationale_field: str | None = None, **reading) -> list[Example]:
+    return list(iter_qa_jsonl(path, kind, question_field, answer_field, rationale_field, **reading))
+
+
+def hub_split(name_or_path, split: str, kind: AnswerKind, question_field: str = "question",
+              answer_field: str = "answer", rationale_field: str | None = None, **reading) -> list[Example]:
+    return list(HubSplitReader(str(name_or_path), split, kind,
+                               QAFields(question_field, answer_field, rationale_field, **reading))())
+
+
+def paper_task(data_dir: Path, task: str):
+    """One of the paper's tasks through the public path: a task config with a paper source."""
+    spec = PAPER_SPECS[task]
+    return load_task(TaskConfig.model_validate({"name": task, "role": spec.role.value,
+                                                "source": {"kind": "paper", "data_dir": str(data_dir)}}))
+
 
 PAPER_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mode-cotd"
 COIN_QUESTION = (
@@ -85,7 +105,8 @@ def write_json(path: Path, rows: list[Any]) -> Path:
     ],
 )
 def test_paper_question_shapes(prompt: str, expected: str | None) -> None:
-    assert paper_question(prompt) == expected
+    shape, question = match_prompt(prompt)
+    assert (question if shape is not None and question else None) == expected
 
 
 def test_load_paper_jsonl_with_rationales(tmp_path: Path) -> None:
@@ -96,7 +117,7 @@ def test_load_paper_jsonl_with_rationales(tmp_path: Path) -> None:
             {"input": PROMPT_Q.format(question="10 - 4?"), "output": "6"},
         ],
     )
-    assert load_paper_split(path, AnswerKind.NUMBER) == [
+    assert paper_split(path, AnswerKind.NUMBER) == [
         Example("2 + 3?", "5", "2 + 3 = 5.", f"{path}:1"),
         Example("10 - 4?", "6", None, f"{path}:2"),
     ]
@@ -113,7 +134,7 @@ def test_load_paper_json_array_and_prompt_shapes(tmp_path: Path) -> None:
             {"input": PROMPT_YES_NO.format(question=COIN_QUESTION), "output": "Yes"},
         ],
     )
-    examples = load_paper_split(path, AnswerKind.YES_NO)
+    examples = paper_split(path, AnswerKind.YES_NO)
     assert [e.question for e in examples] == [COIN_QUESTION, COIN_QUESTION]
     assert [e.answer for e in examples] == ["no", "yes"]
     assert [e.source for e in examples] == [f"{path}:row 1", f"{path}:row 2"]
@@ -182,7 +203,7 @@ def test_bad_rows_in_a_json_array_are_named_by_index(tmp_path: Path, caplog: pyt
     assert dict(reader.unparsed) == {"not_object": 1, "missing_field": 1, "bad_answer": 1}
     [warning] = _warnings(caplog, "cannot be parsed")
     assert f"{path}:row 2:" in warning and f"{path}:row 4:" in warning and "banana" in warning
-    assert load_paper_split(path, AnswerKind.NUMBER) == list(reader())
+    assert paper_split(path, AnswerKind.NUMBER) == list(reader())
 
 
 def test_question_loaders_stay_strict(tmp_path: Path) -> None:
@@ -190,13 +211,13 @@ def test_question_loaders_stay_strict(tmp_path: Path) -> None:
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "q", "answer": "1"}\n{"question": \n', encoding="utf-8")
     with pytest.raises(DataError, match=rf"{path.name}:2: invalid JSON"):
-        load_qa_jsonl(path, AnswerKind.NUMBER)
+        qa_jsonl(path, AnswerKind.NUMBER)
 
 
 def _assert_data_error(path: Path, kind: AnswerKind, *parts: str) -> None:
-    """load_paper_split fails with a DataError whose message contains every part."""
+    """Reading one of the paper's split files fails with a DataError whose message contains every part."""
     with pytest.raises(DataError) as caught:
-        load_paper_split(path, kind)
+        paper_split(path, kind)
     message = str(caught.value)
     assert "\n" not in message
     for part in parts:
@@ -219,7 +240,7 @@ def test_empty_file(tmp_path: Path, name: str, text: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.json"
     with pytest.raises(DataError, match="file not found") as caught:
-        load_paper_split(path, AnswerKind.NUMBER)
+        paper_split(path, AnswerKind.NUMBER)
     assert str(caught.value) == f"{path}: file not found"
 
 
@@ -285,14 +306,6 @@ def test_source_task_names_the_files(tmp_path: Path) -> None:
     source = {"kind": "paper", "data_dir": str(_reclor_like(tmp_path)), "task": "logiqa"}
     data = load_task(TaskConfig.model_validate({"name": "my_logiqa", "role": "unseen", "source": source}))
     assert data.name == "my_logiqa" and data.kind == AnswerKind.CHOICE and len(data.test) == 4
-
-
-def test_load_paper_task_of_an_unknown_task(tmp_path: Path) -> None:
-    _reclor_like(tmp_path)
-    with pytest.raises(UserError, match="give its role"):
-        load_paper_task(tmp_path, "logiqa")
-    data = load_paper_task(tmp_path, "logiqa", role=Role.UNSEEN)
-    assert data.kind == AnswerKind.CHOICE and len(data.train) == 6
 
 
 @pytest.mark.parametrize(
@@ -429,7 +442,7 @@ def test_shipped_tasks_load_with_no_unparsed_row(paper_data: Path, caplog: pytes
 # --------------------------------------------------------------------------- generic QA rows
 
 
-def test_load_qa_jsonl_custom_fields(tmp_path: Path) -> None:
+def test_qa_jsonl_custom_fields(tmp_path: Path) -> None:
     path = write_jsonl(
         tmp_path / "qa.jsonl",
         [
@@ -437,25 +450,25 @@ def test_load_qa_jsonl_custom_fields(tmp_path: Path) -> None:
             {"q": "Is fire cold?", "a": "no"},
         ],
     )
-    examples = load_qa_jsonl(path, AnswerKind.YES_NO, "q", "a", rationale_field="why")
+    examples = qa_jsonl(path, AnswerKind.YES_NO, "q", "a", rationale_field="why")
     assert examples == [
         Example("Is ice cold?", "yes", "Ice is frozen water.", f"{path}:1"),
         Example("Is fire cold?", "no", None, f"{path}:2"),
     ]
 
 
-def test_load_qa_jsonl_numeric_answers_and_defaults(tmp_path: Path) -> None:
+def test_qa_jsonl_numeric_answers_and_defaults(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "6 * 7?", "answer": 42.0}])
-    assert load_qa_jsonl(path, AnswerKind.NUMBER) == [Example("6 * 7?", "42", None, f"{path}:1")]
+    assert qa_jsonl(path, AnswerKind.NUMBER) == [Example("6 * 7?", "42", None, f"{path}:1")]
 
 
-def test_load_qa_jsonl_errors_name_the_field(tmp_path: Path) -> None:
+def test_qa_jsonl_errors_name_the_field(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "B"}, {"answer": "C"}])
     with pytest.raises(DataError, match=r"qa\.jsonl:2: field 'question' is missing"):
-        load_qa_jsonl(path, AnswerKind.CHOICE)
+        qa_jsonl(path, AnswerKind.CHOICE)
     path = write_jsonl(tmp_path / "qa2.jsonl", [{"question": "q", "answer": "Z"}])
     with pytest.raises(DataError, match=r"qa2\.jsonl:1: field 'answer'"):
-        load_qa_jsonl(path, AnswerKind.CHOICE)
+        qa_jsonl(path, AnswerKind.CHOICE)
 
 
 # --------------------------------------------------------------------------- Hugging Face datasets
@@ -470,7 +483,7 @@ def test_hf_dataset_round_trip(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     folder = tmp_path / "ds"
     datasets.Dataset.from_list(HF_ROWS).save_to_disk(str(folder))
-    examples = load_hf_dataset(
+    examples = hub_split(
         str(folder), "train", AnswerKind.TEXT, "question", "answer", rationale_field="cot"
     )
     assert [(e.question, e.answer, e.rationale) for e in examples] == [
@@ -484,12 +497,12 @@ def test_hf_dataset_dict_split_and_errors(tmp_path: Path) -> None:
     folder = tmp_path / "dd"
     rows = datasets.Dataset.from_list(HF_ROWS)
     datasets.DatasetDict({"test": rows}).save_to_disk(str(folder))
-    examples = load_hf_dataset(str(folder), "test", AnswerKind.TEXT, "question", "answer")
+    examples = hub_split(str(folder), "test", AnswerKind.TEXT, "question", "answer")
     assert [e.answer for e in examples] == ["nb", "ex"]
     with pytest.raises(DataError, match="no split 'train'"):
-        load_hf_dataset(str(folder), "train", AnswerKind.TEXT, "question", "answer")
+        hub_split(str(folder), "train", AnswerKind.TEXT, "question", "answer")
     with pytest.raises(DataError, match=r"row 1: field 'prompt' is missing \(its columns: question, answer, cot\)"):
-        load_hf_dataset(str(folder), "test", AnswerKind.TEXT, "prompt", "answer")
+        hub_split(str(folder), "test", AnswerKind.TEXT, "prompt", "answer")
 
 
 GSM8K_ROWS = [  # GSM8K's shape: the solution, with calculator notes, then #### and the number
@@ -518,14 +531,14 @@ def test_a_gsm8k_gold_is_the_number_after_the_mark_never_the_first_number(tmp_pa
 
     folder = save(tmp_path, GSM8K_ROWS, "gsm8k")
     with pytest.raises(DataError, match=r"no row's gold reads as a number answer .*answer_convention: gsm8k"):
-        load_hf_dataset(folder, "train", AnswerKind.NUMBER)  # before: the gold was 48, silently
+        hub_split(folder, "train", AnswerKind.NUMBER)  # before: the gold was 48, silently
     reader = HubSplitReader(folder, "train", AnswerKind.NUMBER, QAFields(convention="gsm8k"))
     examples = list(reader())
     assert [e.answer for e in examples] == ["72", "1000"]
     assert examples[0].rationale == ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips "
                                      "altogether in April and May.")
     assert reader.unparsed == {"gold not readable": 1}  # the third row: counted, not guessed
-    regex = load_hf_dataset(folder, "train", AnswerKind.NUMBER, regex=r"####\s*(?P<answer>[\d,]+)")
+    regex = hub_split(folder, "train", AnswerKind.NUMBER, regex=r"####\s*(?P<answer>[\d,]+)")
     assert [e.answer for e in regex] == ["72", "1000"] and regex[0].rationale is None
 
 
@@ -533,11 +546,11 @@ def test_a_jsonl_number_gold_must_be_a_lone_number_and_reads_gsm8k_solutions(tmp
     path = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS[:2])
     with pytest.raises(DataError, match=r"gsm8k\.jsonl:1: field 'answer': .* is not a valid number answer \(more "
                                         r"than a number: .*answer_convention: gsm8k"):
-        load_qa_jsonl(path, AnswerKind.NUMBER)  # before: the gold was 48, silently
-    examples = load_qa_jsonl(path, AnswerKind.NUMBER, convention="gsm8k")
+        qa_jsonl(path, AnswerKind.NUMBER)  # before: the gold was 48, silently
+    examples = qa_jsonl(path, AnswerKind.NUMBER, convention="gsm8k")
     assert [e.answer for e in examples] == ["72", "1000"] and examples[1].rationale.endswith("she earned 0.2 x 50 = $10.")
     choices = write_jsonl(tmp_path / "mc.jsonl", [{"question": "2 + 2?", "options": ["3", "4"], "answer": "4"}])
-    [example] = load_qa_jsonl(choices, AnswerKind.CHOICE, choices="options")
+    [example] = qa_jsonl(choices, AnswerKind.CHOICE, choices="options")
     assert (example.question, example.answer) == ("2 + 2? Answer choices: (A) 3, (B) 4.", "B")
 
 
@@ -548,20 +561,20 @@ def test_a_multiple_choice_set_gets_lettered_choices_and_its_gold_letter(tmp_pat
         {"question": "What do people aim to do at work?", "answerKey": "",
          "choices": {"label": ["A", "B", "C"], "text": ["complete job", "sleep", "hide"]}},
     ]
-    examples = load_hf_dataset(save(tmp_path, rows, "csqa"), "train", AnswerKind.CHOICE, answer_field="answerKey",
+    examples = hub_split(save(tmp_path, rows, "csqa"), "train", AnswerKind.CHOICE, answer_field="answerKey",
                                choices="choices")
     assert [(e.question, e.answer) for e in examples] == [
         ("Where would you find a revolving door? Answer choices: (A) a cave, (B) a bank, (C) a tent.", "B")]
     numbered = [{"question": "2 + 2?", "options": ["3", "4", "5"], "label": 1},  # an index
                 {"question": "Capital of France?", "options": ["Rome", "Paris"], "label": "Paris"}]  # a text
-    examples = load_hf_dataset(save(tmp_path, [{**r, "label": str(r["label"])} for r in numbered], "mc"), "train",
+    examples = hub_split(save(tmp_path, [{**r, "label": str(r["label"])} for r in numbered], "mc"), "train",
                                AnswerKind.CHOICE, answer_field="label", choices="options")
     assert [e.answer for e in examples] == ["B", "B"]
 
 
 def test_a_yes_no_set_reads_booleans_and_words(tmp_path: Path) -> None:
     rows = [{"question": "Is the sky green?", "answer": False}, {"question": "Is water wet?", "answer": True}]
-    assert [e.answer for e in load_hf_dataset(save(tmp_path, rows, "strategy"), "train", AnswerKind.YES_NO)] \
+    assert [e.answer for e in hub_split(save(tmp_path, rows, "strategy"), "train", AnswerKind.YES_NO)] \
         == ["no", "yes"]
 
 
@@ -585,7 +598,7 @@ def test_hf_dataset_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = str(tmp_path / "no_such_dataset")
     with pytest.raises(DataError, match="no_such_dataset"):
-        load_hf_dataset(missing, "train", AnswerKind.TEXT, "question", "answer")
+        hub_split(missing, "train", AnswerKind.TEXT, "question", "answer")
 
 
 
@@ -599,9 +612,7 @@ def test_paper_registry() -> None:
     assert PAPER_UNSEEN == ("coin_flip", "openbook_qa", "reclor", "strategy_qa")
     assert PAPER_TASKS["last_letter_concatenation"] is AnswerKind.TEXT
     assert PAPER_TASKS["date_understanding"] is AnswerKind.CHOICE
-    assert paper_role("gsm8k") is Role.SEEN
-    with pytest.raises(UserError, match="give its role"):
-        paper_role("logiqa")
+    assert PAPER_SPECS["gsm8k"].role is Role.SEEN
 
 
 def test_paper_split_path_layout(tmp_path: Path) -> None:
@@ -634,14 +645,14 @@ def test_every_paper_file_loads(task: str) -> None:
         assert all(e.question and e.answer for e in examples)
         assert all(e.rationale for e in examples) == (split != "test")
         assert not any(e.question.startswith("Infer ") or "###" in e.question for e in examples)
-    data = load_paper_task(data_dir, task)
+    data = paper_task(data_dir, task)
     assert data.role is (Role.SEEN if task in PAPER_SEEN else Role.UNSEEN)
     assert (data.train or task == "reclor") and data.test and data.unparsed == {}
 
 
 @pytest.mark.parametrize("task", ["coin_flip", "strategy_qa"])
 def test_train_and_test_questions_share_the_bare_form(task: str) -> None:
-    data = load_paper_task(paper_data_dir(), task)
+    data = paper_task(paper_data_dir(), task)
     for example in [*data.train, *data.test]:
         assert "###" not in example.question
         assert "Infer" not in example.question and not example.question.endswith("A:")

@@ -223,13 +223,6 @@ def match_prompt(prompt: str, shapes: Iterable[str] = GUESSED_SHAPES) -> tuple[s
     return None, prompt.strip()
 
 
-def paper_question(prompt: str) -> str | None:
-    """The bare question inside one of the paper's prompt shapes; None for another shape or an
-    empty question."""
-    shape, question = match_prompt(prompt)
-    return question if shape is not None and question else None
-
-
 def _split_output(output: str) -> tuple[str | None, str]:
     """(rationale, raw answer) of a paper ``output``: ``{rationale}\\n\\n-->\\n\\n{answer} END``.
 
@@ -316,10 +309,6 @@ def iter_paper_split(path: Path, kind: AnswerKind) -> Iterator[Example]:
     return PaperSplitReader(path, kind)()
 
 
-def load_paper_split(path: Path, kind: AnswerKind) -> list[Example]:
-    return list(iter_paper_split(path, kind))
-
-
 # --------------------------------------------------------------------------- inferring the answer kind
 
 _KIND_PATTERNS: tuple[tuple[AnswerKind, re.Pattern[str]], ...] = (
@@ -381,11 +370,6 @@ def iter_qa_jsonl(path: Path, kind: AnswerKind, question_field: str = "question"
     """
     fields = QAFields(question_field, answer_field, rationale_field, **reading)
     return (_qa_example(row, kind, locator, fields) for locator, row in iter_rows(Path(path)))
-
-
-def load_qa_jsonl(path: Path, kind: AnswerKind, question_field: str = "question", answer_field: str = "answer",
-                  rationale_field: str | None = None, **reading) -> list[Example]:
-    return list(iter_qa_jsonl(path, kind, question_field, answer_field, rationale_field, **reading))
 
 
 def _open_hf_dataset(name_or_path: str, split: str, name: str | None = None, revision: str | None = None,
@@ -567,10 +551,3 @@ class HubSplitReader:
             log.warning("%s[%s]: %d of %d rows skipped, their gold not readable as a %s answer (first: %s %r)",
                         self.dataset, self.split, self.unparsed["gold not readable"], count, self.kind.value,
                         first_bad[0], str(first_bad[1])[:MAX_QUOTED_CHARS])
-
-
-def load_hf_dataset(name_or_path: str, split: str, kind: AnswerKind, question_field: str = "question",
-                    answer_field: str = "answer", rationale_field: str | None = None, **fields) -> list[Example]:
-    """Every readable row of one split (see :class:`HubSplitReader`)."""
-    return list(HubSplitReader(name_or_path, split, kind, QAFields(question_field, answer_field, rationale_field,
-                                                                    **fields))())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from modecotd.errors import DataError, UserError
 from modecotd.tasks.loaders import GUESSED_SHAPES, PaperSplitReader, infer_kind, paper_answers
-from modecotd.tasks.schema import AnswerKind, Role, TaskData, TrainSplit
+from modecotd.tasks.schema import AnswerKind, Role
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,6 @@ PAPER_SEEN: tuple[str, ...] = tuple(sorted(n for n, s in PAPER_SPECS.items() if 
 """Tasks that get one LoRA expert each in the paper."""
 PAPER_UNSEEN: tuple[str, ...] = tuple(sorted(n for n, s in PAPER_SPECS.items() if s.role == Role.UNSEEN))
 """Tasks the paper only targets with the mixture."""
-
-
-def paper_role(task: str) -> Role:
-    """Whether one of the paper's tasks is seen (has an expert) or unseen in the paper."""
-    if task not in PAPER_SPECS:
-        raise UserError(f"{task!r} is not one of the paper's tasks ({', '.join(sorted(PAPER_SPECS))}): "
-                        "give its role")
-    return PAPER_SPECS[task].role
 
 
 def _check_name(task: str) -> None:
@@ -148,20 +140,3 @@ def unparsed_counts(readers: dict[str, object]) -> dict[str, dict[str, int]]:
     file's, a hub dataset's), for the splits with any."""
     return {split: dict(sorted(counts.items())) for split, reader in readers.items()
             if (counts := getattr(reader, "unparsed", None))}
-
-
-def load_paper_task(data_dir: Path, task: str, kind: AnswerKind | None = None, role: Role | None = None) -> TaskData:
-    """All three splits of a task (a split whose file is absent stays empty).
-
-    ``kind`` and ``role`` default to the paper's for its own tasks; for another task ``role`` is
-    required and ``kind`` is inferred from the gold answers when not given. Rows that cannot be
-    parsed are skipped and counted in the result's ``unparsed``.
-    """
-    role = Role(role) if role is not None else paper_role(task)
-    kind = paper_kind(data_dir, task, kind)
-    readers = paper_readers(data_dir, task, kind)
-    lists = {split: list(reader()) if reader else [] for split, reader in readers.items()}
-    data = TaskData(name=task, kind=kind, role=role, train=TrainSplit.of(lists["train"]),
-                    fewshot=lists["fewshot"], test=lists["test"])
-    data.unparsed = unparsed_counts(readers)
-    return data
