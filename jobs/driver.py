@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from modecotd.artifacts import clean_staging
-from modecotd.config import STAGES
+from modecotd.config import STAGES, RunConfig
 from modecotd.config_loading import check_data_paths
 from modecotd.errors import UserError
 from modecotd.jobs.run_log import RunLog
@@ -38,12 +39,12 @@ class RunOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Work:
     """What the stages run on: the plan and the tasks' data (every worker resolves the models it
     needs on its own node)."""
 
-    config: object
+    config: RunConfig
     tasks: dict[str, TaskData]
     plan: Plan
 
@@ -80,7 +81,7 @@ def _run_held(work: Work, cluster: tuple[str | None, bool], stages: list[str] | 
     from modecotd.jobs.progress import progress_display
 
     layout = work.plan.layout
-    _connect(work, *cluster, run_log)
+    work = _connect(work, *cluster, run_log)
     _start_run_folder(layout, work.config, work.tasks)
     prepare_tracking(work.config.tracking.model_dump(mode="json"), work.config.name)
     outcome = RunOutcome(storage=layout.storage, report=None)
@@ -183,9 +184,10 @@ def check_context(config, tasks: dict[str, TaskData]) -> None:
                                 f"evaluation.max_new_tokens ({answer}) are kept for the answer")
 
 
-def _connect(work: Work, address: str | None, allow_plain_token: bool, run_log: RunLog | None = None) -> None:
+def _connect(work: Work, address: str | None, allow_plain_token: bool, run_log: RunLog | None = None) -> Work:
     """Start or join Ray, the workers' lines going to the run's log; check that every node reaches
-    the storage."""
+    the storage. Returns the work the stages run on: on a cluster this run started, with no wait
+    for nodes to join (none will)."""
     from modecotd.jobs import ray_runtime
     from modecotd.jobs.storage_check import check_every_node_reaches
 
@@ -195,12 +197,14 @@ def _connect(work: Work, address: str | None, allow_plain_token: bool, run_log: 
                                   allow_plain_token=allow_plain_token)
     check_every_node_reaches(work.plan.layout.storage)
     if cluster.get("started_here"):  # no node will join a cluster this run started: never wait for one
-        work.config = config = config.model_copy(deep=True)
-        config.resources.placement_timeout_s = 0
+        resources = config.resources.model_copy(update={"placement_timeout_s": 0})
+        config = config.model_copy(update={"resources": resources})
+        work = dataclasses.replace(work, config=config)
     log.info("run %s in %s (Ray dashboard: %s)", config.name, work.plan.layout.storage.describe(),
              cluster.get("dashboard"))
     log.info("student dtype %s on this node's CPU; each worker decides for its own device and the report "
              "says what was used", resolve_dtype(config.student.dtype, "cpu").describe())
+    return work
 
 
 def _start_run_folder(layout: RunLayout, config, tasks: dict[str, TaskData]) -> None:
