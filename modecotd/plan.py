@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from modecotd.artifacts import Unit, fingerprint
-from modecotd.config import CONTROLS, MIXER_GRID, MIXTURE
+from modecotd.config import CONTROLS, MIXER_GRID, MIXER_METHODS, MIXTURE, mixture_system
 from modecotd.errors import UserError
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Example, Role, TaskData
@@ -25,6 +25,11 @@ BASELINE_KEYS = {"baselines", "full_finetune_task", "full_finetune_learning_rate
 SHARDS = ".shards"
 SEED_FOLDER = "seed-"  # seed-<s>/: the units of a seed other than the run's first (see RunConfig.seeds)
 FEWSHOT_LORA = CONTROLS[2]  # the control trained in the distill stage
+MIXTURES = (MIXTURE, *map(mixture_system, MIXER_METHODS))  # one, or one per method
+# Every system of a run in the one order it is evaluated, reported and compared in: the paper's
+# comparison first (base student, experts, mixtures, the multi-task LoRA), then the controls and
+# full fine-tuning; each expert alone on a task without its own comes after them.
+SYSTEMS = ("base", "expert", *MIXTURES, "multitask", *CONTROLS, "full_finetune")
 
 
 @dataclass(frozen=True)
@@ -325,18 +330,16 @@ class Plan:
         return systems
 
     def evaluations(self, built_only: bool = True) -> list[Evaluation]:
-        """Each target task on every system that is built (or on every system), system by system:
-        the paper's comparison first (base, experts, the multi-task LoRA, the mixtures), then full
-        fine-tuning, then each expert alone on a task without its own, so that a run stopped
-        part-way has whole systems to compare."""
+        """Each target task on every system that is built (or on every system), system by system in
+        the order of :data:`SYSTEMS`, so that a run stopped part-way has whole systems to compare."""
         mixtures = self.mixtures()
         settings = (fingerprinted_settings(self.config.evaluation), fingerprinted_settings(self.config.student))
         evaluations = [Evaluation(task.name, system, self.layout.unit(self.layout.evaluation(task.name, system.name), fingerprint(
             self.common, system.key, examples_key(self.tasks[task.name].test), *settings)), None if self.first else self.seed)
             for task in self.config.tasks for system in self.systems(task.name, mixtures)
             if system.ready() or not built_only]
-        order = ["base", "expert", "multitask", *self.config.mixture.choices(), FEWSHOT_LORA, "full_finetune"]
-        return sorted(evaluations, key=lambda e: order.index(e.system.name) if e.system.name in order else len(order))
+        return sorted(evaluations, key=lambda e: SYSTEMS.index(e.system.name) if e.system.name in SYSTEMS
+                      else len(SYSTEMS))
 
     def wanted(self) -> dict[str, str]:
         """Every unit of the run, built or not, of every seed: its prefix and the fingerprint this

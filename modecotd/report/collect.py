@@ -5,27 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from modecotd.config import CONTROLS, GENERATING_BACKENDS, MIXER_METHODS, MIXTURE, WEIGHT_CONTROLS, mixture_system
+from modecotd.config import CONTROLS, GENERATING_BACKENDS, WEIGHT_CONTROLS
 from modecotd.config_loading import read_yaml
 from modecotd.evaluate import majority_baseline
-from modecotd.plan import ALONE, EvaluationFiles, MixtureFiles, RunLayout, TrainingFiles
+from modecotd.plan import ALONE, MIXTURES, SYSTEMS, EvaluationFiles, MixtureFiles, RunLayout, TrainingFiles
 from modecotd.run_view import RunView
 from modecotd.stats import majority_answer_accuracy, mean_over_seeds_and_tasks_ci, wilson_interval
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Role, TaskData
 
-
-MIXTURES = (MIXTURE, *map(mixture_system, MIXER_METHODS))  # one, or one per method
-
-
-SYSTEMS = ("base", "expert", *MIXTURES, "multitask", *CONTROLS, "full_finetune")
-
-
-
-
 WORST_PAIRS = 10  # (task, system) pairs whose errors the report samples
-
-
 ERRORS_PER_PAIR = 3
 
 
@@ -227,8 +216,6 @@ def stage_resources(config: dict) -> dict[str, str]:
 
 
 PAPER_CHANGES = {"seen": 6.3, "unseen": 7.8}  # the paper's abstract: points of mean accuracy, Flan-T5-XL, full data
-
-
 # What each mixture is measured against: the paper's baselines, then the controls that use the same few-shot rows
 CHANGE_REFERENCES = {"seen": ("expert", "multitask", *CONTROLS), "unseen": ("base", "multitask", *CONTROLS)}
 
