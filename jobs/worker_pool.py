@@ -38,6 +38,7 @@ class WorkerPool:
         self.what, self.make, self.prefix, self.per_worker, self.label = what, make, prefix, per_worker, label
         self.max_restarts, self.retries_per_item, self.all_dead = max_restarts, retries_per_item, all_dead
         self.restarts = Counter()
+        self.busy = Counter()  # items in hand per slot, of the slot's current actor
         self.slots = list(range(size))
         self.actors = {slot: make(f"{prefix}-{slot}") for slot in self.slots} if make else {}
         self.liveness = Liveness(stall_s, what, start_s) if make else None
@@ -53,16 +54,16 @@ class WorkerPool:
         ``failed``. The pool's actors are killed at the end, however it ends."""
         feed, again = iter(items), deque()
         running: dict = {}  # ref -> (slot, actor, item)
-        busy, tries = Counter(), Counter()  # items in hand per slot; actor deaths per item (by id)
+        tries = Counter()  # actor deaths per item (by id)
         try:
             while True:
-                for slot in self._free(busy):
+                for slot in self._free():
                     item = again.popleft() if again else next(feed, None)
                     if item is None:
                         break
                     actor = self.actors.get(slot)
                     running[submit(actor, item)] = (slot, actor, item)
-                    busy[slot] += 1
+                    self.busy[slot] += 1
                 if not running:
                     return
                 ref = self._wait(running)
@@ -71,15 +72,15 @@ class WorkerPool:
                 slot, actor, item = running.pop(ref)
                 current = self.actors.get(slot) is actor
                 if current:
-                    busy[slot] -= 1
+                    self.busy[slot] -= 1
                 self._settle(ref, slot, actor, item, current, again, tries, done, failed)
         finally:
             self.kill_all()
 
-    def _free(self, busy: Counter) -> list[int]:
+    def _free(self) -> list[int]:
         """A slot once for every item it can take now."""
         slots = self.actors if self.make else self.slots
-        return [slot for slot in slots for _ in range(self.per_worker - busy[slot])]
+        return [slot for slot in slots for _ in range(self.per_worker - self.busy[slot])]
 
     def _wait(self, running: dict):
         if self.liveness is None:
@@ -111,7 +112,10 @@ class WorkerPool:
             done(item, result)
 
     def _replace(self, slot: int) -> None:
+        """A new actor in the slot, with nothing in hand (what the dead one held comes back as its
+        death, item by item)."""
         ray.kill(self.actors.pop(slot), no_restart=True)
+        self.busy[slot] = 0
         if self.max_restarts is None or self.restarts[slot] < self.max_restarts:
             self.restarts[slot] += 1
             self.actors[slot] = self.make(f"{self.prefix}-{slot}-restart{self.restarts[slot]}")

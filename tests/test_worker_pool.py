@@ -83,6 +83,37 @@ def test_a_dead_actor_is_replaced_in_its_slot_and_its_item_tried_again_while_it_
     assert done == {7: 14} and list(failed) == ["die"]  # died twice: out of tries
 
 
+def test_a_replacement_actor_takes_as_many_items_at_once_as_the_one_it_replaced(ray_cluster):
+    """The dead actor's other items come back as its death one by one: they must not keep counting
+    against the new actor's share (it took one item at a time after a death)."""
+    from modecotd.jobs.worker_pool import WorkerPool
+
+    Doubler = doubler()
+    in_hand: dict = {}  # actor -> items handed to it and not yet back
+    most: dict = {}
+    first_try = set()
+
+    def submit(actor, item):
+        in_hand[actor] = in_hand.get(actor, 0) + 1
+        most[actor] = max(most.get(actor, 0), in_hand[actor])
+        owner[item] = actor
+        if item == "flaky" and item not in first_try:
+            first_try.add(item)
+            return actor.work.remote("die")
+        return actor.work.remote(3 if item == "flaky" else item)
+
+    owner: dict = {}
+
+    def back(item, *_):
+        in_hand[owner[item]] -= 1
+
+    pool = WorkerPool("doubler", 1, lambda name: Doubler.options(name=name).remote(), prefix="pool-e",
+                      per_worker=2)
+    pool.run(["flaky", 1, 2, 3, 4, 5, 6], submit, back, back)
+    first, second = list(most)  # the first actor and its replacement
+    assert most[first] == 2 and most[second] == 2
+
+
 def test_a_pool_whose_actors_are_all_dead_for_good_raises_what_it_was_given(ray_cluster):
     from modecotd.jobs.worker_pool import WorkerPool
 
