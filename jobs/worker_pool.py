@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 
 class WorkerPool:
+    """``size`` slots, each with an actor made by ``make`` or, without it, a place for one Ray task
+    at a time (see the module's text)."""
+
     def __init__(self, what: str, size: int, make: Callable[[str], object] | None = None, *, prefix: str = "",
                  per_worker: int = 1, max_restarts: int | None = None, retries_per_item: int | None = None,
                  stall_s: float = 0.0, start_s: float = 0.0, all_dead: Exception | None = None,
