@@ -15,9 +15,8 @@ import ray
 from modecotd.artifacts import Unit, write_jsonl
 from modecotd.config import EVALUATION_BATCH
 from modecotd.evaluate import attach_system, load_system, predict, score_rows, summarize
-from modecotd.errors import UserError
 from modecotd.jobs.liveness import LIVENESS_GROUP
-from modecotd.jobs.placement import wait_for_resources, wait_until_placed
+from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import stop_if_disk_failed
 from modecotd.jobs.worker_pool import WorkerPool
@@ -145,12 +144,9 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict[str
     pool = WorkerPool("evaluator actor", min(cfg.actors, len(todo)), make, prefix="eval",
                       retries_per_item=MAX_ACTOR_LOSSES, stall_s=config.resources.stall_timeout_s,
                       start_s=config.resources.placement_timeout_s, label=lambda pair: f"{pair.task} / {pair.name}")
-    try:  # a cluster may hold the CPUs in total but on no single node
-        wait_until_placed(list(pool.actors.values()), "evaluator actors", needs, config.resources.placement_timeout_s,
-                          "evaluation.actors / cpus_per_actor / gpus_per_actor")
-    except UserError:
-        pool.kill_all()
-        raise
+    # a cluster may hold the CPUs in total but on no single node
+    pool.wait_until_placed("evaluator actors", needs, config.resources.placement_timeout_s,
+                           "evaluation.actors / cpus_per_actor / gpus_per_actor")
     results: dict[str, Outcome] = {}
 
     def done(pair: Pair, output: PairOutput) -> None:

@@ -24,9 +24,9 @@ from typing import Iterator
 import ray
 
 from modecotd.artifacts import Unit, fingerprint, pending
-from modecotd.errors import ModelError, UserError
+from modecotd.errors import ModelError
 from modecotd.jobs.liveness import LIVENESS_GROUP
-from modecotd.jobs.placement import wait_for_resources, wait_until_placed
+from modecotd.jobs.placement import wait_for_resources
 from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause
 from modecotd.jobs.worker_pool import WorkerPool
@@ -335,15 +335,14 @@ def _teacher_pool(cfg, api_key: Secret | None, resources, questions: int) -> Wor
 def start_backends(pool: WorkerPool, need_each: dict, wait_s: float) -> None:
     """Wait for every actor to be placed (up to ``wait_s``), then for each to load its backend (as
     long as that takes); a backend that cannot load stops the stage."""
+    pool.wait_until_placed("teacher actors", need_each, wait_s, "teacher.actors / cpus_per_actor / gpus_per_actor")
     try:
-        wait_until_placed(list(pool.actors.values()), "teacher actors", need_each, wait_s,
-                          "teacher.actors / cpus_per_actor / gpus_per_actor")
         for slot, ref in [(slot, actor.load.remote()) for slot, actor in pool.actors.items()]:
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError as exc:
                 raise ModelError(f"teacher actor {slot} could not start its backend: {root_cause(exc)}") from None
-    except UserError:  # ModelError is one
+    except ModelError:
         pool.kill_all()
         raise
 

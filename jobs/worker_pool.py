@@ -24,7 +24,9 @@ from typing import Callable, Iterable
 
 import ray
 
+from modecotd.errors import UserError
 from modecotd.jobs.liveness import Liveness
+from modecotd.jobs.placement import wait_until_placed
 from modecotd.jobs.ray_runtime import root_cause
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,15 @@ class WorkerPool:
         self.slots = list(range(size))
         self.actors = {slot: make(f"{prefix}-{slot}") for slot in self.slots} if make else {}
         self.liveness = Liveness(stall_s, what, start_s) if make else None
+
+    def wait_until_placed(self, what: str, need_each: dict, wait_s: float, settings: str) -> None:
+        """Every actor placed on a node within ``wait_s`` (see :func:`modecotd.jobs.placement.wait_until_placed`),
+        or every actor killed and the reason raised."""
+        try:
+            wait_until_placed(list(self.actors.values()), what, need_each, wait_s, settings)
+        except UserError:
+            self.kill_all()
+            raise
 
     def kill_all(self) -> None:
         for actor in self.actors.values():
