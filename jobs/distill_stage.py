@@ -38,19 +38,6 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_STEPS = 10
 
 
-class _NoTracker:
-    """What ranks other than 0 log to: nothing."""
-
-    def log(self, metrics: dict, step: int | None = None) -> None:
-        pass
-
-    def artifacts(self, folder, name: str) -> None:
-        pass
-
-
-_NO_TRACKER = _NoTracker()
-
-
 class RayTrainCheckpoints:
     """modecotd.distill's checkpoint hooks on Ray Train: every rank writes its part of a checkpoint
     into a temporary folder and reports it; Ray Train merges the parts in its storage and hands
@@ -86,13 +73,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ("step", "optimizer steps done"), ("loss", "training loss at the last step"),
             ("target_tokens", "target tokens trained on by rank 0"))}
 
-    tracker = contextlib.nullcontext(None)
-    if rank == 0:  # the run's experiment trackers: this job's loss and speed per step, then its summary
-        layout_root = unit.storage.local_root if unit.storage.is_local else None
-        tracker = Tracker(loop_config.get("tracking", {}), loop_config.get("run", ""), "distill", loop_config["task"],
-                          params=loop_config["settings"] | {"student": loop_config["student"]},
-                          tensorboard_dir=layout_root / "tensorboard" / "distill" / loop_config["task"]
-                          if layout_root is not None else None)
+    # rank 0 logs to the run's experiment trackers (this job's loss and speed per step, then its
+    # summary); the other ranks' tracker has no tracker to open
+    layout_root = unit.storage.local_root if rank == 0 and unit.storage.is_local else None
+    tracker = Tracker(loop_config.get("tracking", {}) if rank == 0 else {}, loop_config.get("run", ""), "distill",
+                      loop_config["task"], params=loop_config["settings"] | {"student": loop_config["student"]},
+                      tensorboard_dir=layout_root / "tensorboard" / "distill" / loop_config["task"]
+                      if layout_root is not None else None)
 
     def report(metrics: dict) -> None:
         for key, gauge in gauges.items():
@@ -109,7 +96,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     started = time.time()
     with tracker as tracked:
-        tracked = tracked or _NO_TRACKER
         try:
             summary = train_expert(settings, rank, world, report=report, checkpoints=RayTrainCheckpoints())
             if rank == 0:
