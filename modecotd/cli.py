@@ -348,7 +348,7 @@ def _pull(args) -> int:
             wanted.append((f"{prefix}/manifest.json", None, prefix))
     in_units = tuple(f"{prefix}/" for prefix in current + stale)
     wanted += [(name, None, "") for name in storage.files()
-               if not name.startswith(("ray/", "rationales/.shards/", "mixtures/.trials/") + in_units)
+               if not name.startswith(("ray/", "rationales/.shards/") + in_units)
                and not any(part.startswith(".") and part != ".." for part in name.split("/"))  # staging; ".." refused below
                and name != LEASE]
     targets = [local_path(target, name) for name, _, _ in wanted]  # every name checked before anything is written

@@ -10,6 +10,7 @@ How the settings are searched in parallel is Ray Tune's part (``tuning/mixture_s
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,55 @@ def order_summary(names: list[str], searches: list[OrderedSearch]) -> dict:
     }
 
 
+@dataclass
+class SettingRecord:
+    """What fitting one mixer setting to one target task found: its scores, the weights of its fit
+    on every few-shot row and the search that led there (a gate's routers are saved beside it). The
+    mix stage keeps the best setting's as its mixture and every setting's in ``search.json``."""
+
+    task: str
+    method: str  # as the student computes it: a fixed-weight control's is delta
+    budget: int | None
+    bound: float | None
+    l1: float | None
+    top_k: int | None
+    setting: str  # its label (setting_label)
+    cv_loss: float | None  # None: no folds (a control, or cross-validation off)
+    fold_losses: list[float]
+    objective: float  # the lowest objective of the fit on every row
+    loss: str  # the objective's kind (FitOptions.objective)
+    experts_mixed: list[str]
+    history: list[dict]  # every objective evaluation of the final fit
+    search_seconds: float
+    evaluations: int
+    precision: dict
+    weights: dict[str, float]  # a gate's: its mean weights on the few-shot rows
+    zero_weights_loss: float  # the student as it is, on every few-shot row
+    control: str | None = None  # uniform | best_expert
+    orders: list[dict] | None = None  # order_summary's, for a searched mixture
+    weight_range: dict[str, list[float]] | None = None
+    largest_by_order: list[str] | None = None
+    kept_order: int | None = None
+    order_agreement: float | None = None
+    worker_pid: int | None = None  # set by the Tune trial that fitted it
+    load_seconds: float = 0.0
+    context_key: str = ""
+
+    OPTIONAL = ("control", *ORDER_KEYS)  # left out of the JSON while None
+
+    @property
+    def score(self) -> float:
+        """What settings are compared by: the CV loss, or the objective without folds."""
+        return self.objective if self.cv_loss is None else self.cv_loss
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in self.OPTIONAL and v is None)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SettingRecord":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
 class SettingFit:
     """One mixer setting on one target task: :meth:`fold` scores it fold by fold, :meth:`final`
     fits it on every few-shot row and returns its record."""
@@ -162,30 +212,26 @@ class SettingFit:
         self.held_out.append(self.mixture.few_shot_loss(self._batch(held)))
         return self.held_out[-1]
 
-    def final(self, routers: Path) -> dict:
+    def final(self, routers: Path) -> SettingRecord:
         """Fit on every few-shot row; the setting's record (a gate's routers are saved to ``routers``)."""
         weights, history, seconds, orders = self._fit(self.every_row)
         self.evaluations += len(history)
         mixture = self.mixture
-        record = {"task": self.task, **self.setting, "setting": setting_label(self.setting), "cv_loss": self.cv_loss,
-                  **({"method": "delta", "control": self.control} if self.control else {}),
-                  "fold_losses": self.held_out, "objective": min(h["objective"] for h in history),
-                  "loss": self.options.objective,
-                  "experts_mixed": [mixture.names[i] for i in self.chosen], "history": history,
-                  "search_seconds": seconds, "evaluations": self.evaluations, "precision": mixture.precision.as_dict()}
         if self.gate:
             mixture.save_routers(routers)
             # for the heat map: the gate's mean weights on the few-shot rows
-            record.update(routers=str(routers), weights=dict(zip(mixture.names,
-                                                                 mixture.mean_gate_weights(self.all_rows))))
+            weights = mixture.mean_gate_weights(self.all_rows)
             mixture.use_method("delta")  # for the loss of the student as it is (w = 0)
-        else:
-            record["weights"] = dict(zip(mixture.names, weights))
-            if orders:  # a searched mixture (a control searches nothing)
-                record.update(order_summary(mixture.names, orders))
+        searched = order_summary(mixture.names, orders) if orders else {}  # a control searches nothing
         mixture.set_weights(torch.zeros(len(mixture.names)))
-        record["zero_weights_loss"] = mixture.few_shot_loss(self.all_rows)
-        return record
+        return SettingRecord(
+            task=self.task, setting=setting_label(self.setting), method="delta" if self.control else self.setting["method"],
+            **{k: self.setting[k] for k in ("budget", "bound", "l1", "top_k")}, cv_loss=self.cv_loss,
+            fold_losses=self.held_out, objective=min(h["objective"] for h in history), loss=self.options.objective,
+            experts_mixed=[mixture.names[i] for i in self.chosen], history=history, search_seconds=seconds,
+            evaluations=self.evaluations, precision=mixture.precision.as_dict(),
+            weights=dict(zip(mixture.names, weights)), zero_weights_loss=mixture.few_shot_loss(self.all_rows),
+            control=self.control, **searched)
 
     def _control_weights(self, batch: dict) -> tuple[list[float], list[tuple[list[float], float]]]:
         """A fixed-weight control's weights on ``batch`` and the (weights, loss) pairs it looked at:

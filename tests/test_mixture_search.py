@@ -10,7 +10,9 @@ class Trial:
     """What the schedulers read of a Tune trial."""
 
     def __init__(self, trial_id: str, task: str):
-        self.trial_id, self.config = trial_id, {"job": {"task": task}}
+        from modecotd.tuning.mixture_search import Cell
+
+        self.trial_id, self.config = trial_id, {"cell": Cell(task, {"method": "gate"}).as_config()}
 
 
 @pytest.mark.parametrize("kind", ["asha", "median"])
@@ -85,15 +87,15 @@ def test_a_setting_is_scored_fold_by_fold_then_fitted_on_every_row(tiny_model_di
     losses = [fit.fold(i) for i in range(3)]
     assert fit.cv_loss == sum(losses) / 3
     record = fit.final(routers=tmp_path / "unused")
-    assert record["fold_losses"] == losses and record["cv_loss"] == fit.cv_loss
-    assert record["evaluations"] == sum(counted) and len(record["history"]) <= sum(counted)
-    assert set(record["weights"]) == {"x", "y"} and all(abs(w) <= 1.5 for w in record["weights"].values())
+    assert record.fold_losses == losses and record.cv_loss == fit.cv_loss
+    assert record.evaluations == sum(counted) and len(record.history) <= sum(counted)
+    assert set(record.weights) == {"x", "y"} and all(abs(w) <= 1.5 for w in record.weights.values())
     # the record's weights give the objective the search reports (loss + l1 * mean |w| on all rows)
-    weights = [record["weights"]["x"], record["weights"]["y"]]
+    weights = [record.weights["x"], record.weights["y"]]
     mixture.set_weights(torch.tensor(weights))
     loss = mixture.few_shot_loss(mixture.batch_for(rows, AnswerKind.NUMBER, 128))
-    assert abs(record["objective"] - (loss + 0.05 * sum(map(abs, weights)) / 2)) < 1e-3
-    assert record["zero_weights_loss"] > 0 and record["experts_mixed"] == ["x", "y"]
+    assert abs(record.objective - (loss + 0.05 * sum(map(abs, weights)) / 2)) < 1e-3
+    assert record.zero_weights_loss > 0 and record.experts_mixed == ["x", "y"]
 
 
 def test_the_per_row_objective_is_the_token_mean_over_the_rows(tiny_model_dir, tmp_path):
@@ -141,26 +143,31 @@ def test_the_fixed_weight_controls_choose_nothing_by_cross_validation(tiny_model
         fit = SettingFit(mixture, "sums", ROWS, AnswerKind.NUMBER, setting, options, on_evaluations=counted.append)
         assert fit.folds == [] and fit.evaluations_per_fit == (3 if control == "best_expert" else 1)
         records[control] = fit.final(routers=tmp_path / "unused")
-        assert records[control]["method"] == "delta" and records[control]["control"] == control
-        assert records[control]["setting"] == control and records[control]["cv_loss"] is None
-        assert sum(counted) == fit.evaluations_per_fit and "orders" not in records[control]
-    assert records["uniform"]["weights"] == pytest.approx({"x": 1 / 3, "y": 1 / 3, "z": 1 / 3})
+        assert records[control].method == "delta" and records[control].control == control
+        assert records[control].setting == control and records[control].cv_loss is None
+        assert sum(counted) == fit.evaluations_per_fit and "orders" not in records[control].to_json()
+    assert records["uniform"].weights == pytest.approx({"x": 1 / 3, "y": 1 / 3, "z": 1 / 3})
     best = "xyz"[min(range(3), key=lambda i: alone[i])]
-    assert records["best_expert"]["weights"] == {n: float(n == best) for n in "xyz"}
-    assert records["best_expert"]["objective"] == pytest.approx(min(alone), rel=1e-5)
+    assert records["best_expert"].weights == {n: float(n == best) for n in "xyz"}
+    assert records["best_expert"].objective == pytest.approx(min(alone), rel=1e-5)
 
 
 def test_a_tie_goes_to_the_setting_listed_first_whatever_order_the_trials_finished_in():
+    from modecotd.mixture_fit import SettingRecord
     from modecotd.tuning.mixture_search import best_record
 
+    def scored(setting, cv_loss, objective=1.0):
+        return SettingRecord(task="t", method=setting.split("-")[0], budget=None, bound=None, l1=None, top_k=None,
+                             setting=setting, cv_loss=cv_loss, fold_losses=[], objective=objective, loss="token_mean",
+                             experts_mixed=[], history=[], search_seconds=0.0, evaluations=0, precision={},
+                             weights={}, zero_weights_loss=0.0)
+
     order = ["lorahub-b4", "delta-b4", "gate"]
-    equal = [{"setting": "gate", "cv_loss": 10.646644592285156, "objective": 1.0},
-             {"setting": "delta-b4", "cv_loss": 10.646644592285156 + 2e-6, "objective": 1.0},  # last bits differ
-             {"setting": "lorahub-b4", "cv_loss": 10.646644592285156, "objective": 1.0}]
+    equal = [scored("gate", 10.646644592285156), scored("delta-b4", 10.646644592285156 + 2e-6),  # last bits differ
+             scored("lorahub-b4", 10.646644592285156)]
     for records in (equal, equal[::-1], equal[1:] + equal[:1]):
-        assert best_record(records, order)["setting"] == "lorahub-b4"
-    lower = [*equal, {"setting": "delta-b8", "cv_loss": 10.5, "objective": 1.0}]
-    assert best_record(lower, order)["setting"] == "delta-b8"  # a real difference still decides
-    no_folds = [{"setting": "gate", "cv_loss": None, "objective": 2.0},
-                {"setting": "delta-b4", "cv_loss": None, "objective": 3.0}]
-    assert best_record(no_folds, order)["setting"] == "gate"
+        assert best_record(records, order).setting == "lorahub-b4"
+    lower = [*equal, scored("delta-b8", 10.5)]
+    assert best_record(lower, order).setting == "delta-b8"  # a real difference still decides
+    no_folds = [scored("gate", None, 2.0), scored("delta-b4", None, 3.0)]
+    assert best_record(no_folds, order).setting == "gate"

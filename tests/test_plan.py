@@ -199,7 +199,6 @@ def test_each_seed_has_its_own_trainings_mixtures_and_evaluations_and_shares_the
     assert other.trainings["multitask"].unit.prefix == "seed-7/baselines/multitask"
     assert other.trainings["coins"].unit.key != first.trainings["coins"].unit.key
     assert other.mixtures()["letters"].unit.prefix == "seed-7/mixtures/letters"
-    assert other.layout.mixture_trials == "seed-7/mixtures/.trials"
     evaluations = {(e.task, e.system.name): e for e in other.evaluations(built_only=False)}
     assert ("coins", "base") not in evaluations and evaluations[("coins", "expert")].unit.prefix == "seed-7/eval/coins/expert"
     assert evaluations[("coins", "expert")].seed == 7 and evaluations[("coins", "expert")].label == "coins / expert (seed 7)"

@@ -11,11 +11,14 @@ lowest CV loss wins.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ray import tune
@@ -29,7 +32,7 @@ from modecotd.jobs.progress import send
 from modecotd.jobs.ray_runtime import root_cause, stop_if_disk_failed
 from modecotd.mixture import Mixture, export_adapter
 from modecotd.tracking import tune_callbacks
-from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, forward_method, setting_label
+from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, SettingRecord, forward_method, setting_label
 from modecotd.models import materialize
 from modecotd.outcome import Done, Failed, Outcome
 from modecotd.plan import Mixing, MixtureFiles, RunLayout
@@ -37,6 +40,8 @@ from modecotd.tasks.schema import AnswerKind
 
 log = logging.getLogger(__name__)
 MAX_TRIAL_FAILURES = 2  # times Tune starts a trial again after its worker died
+METRIC = "cv_loss"
+RECORD = "record.json"  # in a finished trial's Tune checkpoint, with a gate's routers
 
 
 def keep_credentials_out_of_trials() -> None:
@@ -48,20 +53,86 @@ def keep_credentials_out_of_trials() -> None:
     names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
     if isinstance(names, (set, frozenset)):
         class_cache.ENV_VARS_TO_PROPAGATE = {name for name in names if not name.startswith("AWS_")}
-METRIC = "cv_loss"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the search's grid, one Tune trial: a target task and one mixer setting. Tune's
+    grid holds it as the plain dict ``as_config()`` (Tune takes a dataclass in its grid apart)."""
+
+    task: str
+    setting: dict
+
+    def as_config(self) -> dict:
+        return {"task": self.task, "setting": self.setting}
+
+    @classmethod
+    def of(cls, trial_config: dict) -> "Cell":
+        """The cell of a trial's config."""
+        return cls(**trial_config["cell"])
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}:{setting_label(self.setting)}"
+
+
+@dataclass(frozen=True)
+class TargetRows:
+    kind: str  # the task's AnswerKind
+    fewshot: tuple[dict, ...]  # question, answer, rationale
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one search shares, handed to them once (``tune.with_parameters``): the
+    student, the experts' units (each trial's node fetches them), the fit's options, the target
+    tasks' few-shot rows, and per target task the fingerprint of all of it that its scores depend
+    on (a setting scored with the same ``keys`` entry is not scored again)."""
+
+    student: str
+    dtype: str
+    prompt_format: str
+    experts: dict[str, Unit]
+    options: FitOptions
+    targets: dict[str, TargetRows]
+    pooled: dict[str, tuple[dict, ...]]  # every task's few-shot rows with their kind, when a gate pools them
+    keys: dict[str, str]
+
+    @classmethod
+    def of(cls, config, tasks, targets: list[str], experts: dict[str, Unit], seed: int) -> "TrialContext":
+        cfg = config.mixture
+
+        def rows(task) -> tuple[dict, ...]:
+            return tuple({"question": ex.question, "answer": ex.answer, "rationale": ex.rationale}
+                         for ex in task.fewshot)
+
+        options = FitOptions(optimizer=cfg.optimizer, start=cfg.start, objective=cfg.objective, orders=cfg.orders,
+                             candidates_per_forward=cfg.candidates_per_forward, learning_rate=cfg.learning_rate,
+                             seed=seed, cv_folds=cfg.cv_folds, max_length=config.distill.max_length,
+                             gate_steps=cfg.gate_steps, gate_learning_rate=cfg.gate_learning_rate)
+        pooled = ({name: tuple({**row, "kind": task.kind.value} for row in rows(task)) for name, task in tasks.items()}
+                  if cfg.gate_rows == "pooled" else {})
+        wanted = {name: TargetRows(tasks[name].kind.value, rows(tasks[name])) for name in targets}
+        student = config.student
+        common = (student.model, student.dtype, student.prompt_format, dataclasses.asdict(options), pooled,
+                  {name: unit.key for name, unit in sorted(experts.items())})
+        keys = {name: fingerprint(common, dataclasses.asdict(rows)) for name, rows in wanted.items()}
+        return cls(student.model, student.dtype, student.prompt_format, experts, options, wanted, pooled, keys)
 
 
 class MixtureTrial(tune.Trainable):
     """One Tune trial: one mixer setting for one target task, one cross-validation fold per step
-    (so that a scheduler can stop a poor setting early), then the fit on every few-shot row.
+    (so that a scheduler can stop a poor setting early), then the fit on every few-shot row, whose
+    :class:`SettingRecord` (and a gate's routers) is the trial's checkpoint: Tune keeps it in the
+    run's storage and hands it to the driver with the trial's result.
 
     With ``reuse_actors`` Tune hands the next trial to the same object (:meth:`reset_config`), which
     keeps its loaded student and experts: each Tune worker loads them once."""
 
-    def setup(self, config: dict, context: dict):
+    def setup(self, config: dict, context: TrialContext):
         self.context = context
-        self.options = FitOptions(**{k: context[k] for k in FitOptions.__dataclass_fields__})
         self.mixture: Mixture | None = None
+        self.scratch = Path(tempfile.mkdtemp(prefix="modecotd-trial-"))
         self.metrics = {"done": Counter("modecotd_mix_trials_done", "mixer settings scored to the end", ("task",)),
                         "cv_loss": Gauge("modecotd_mix_cv_loss", "CV few-shot loss of the last finished setting",
                                          ("task",))}
@@ -72,20 +143,22 @@ class MixtureTrial(tune.Trainable):
         return True
 
     def _start(self, config: dict) -> None:
-        task, setting = config["job"]["task"], config["job"]["setting"]
-        self.label = f"{task} / {setting_label(setting)}"
+        cell = Cell.of(config)
+        self.label = f"{cell.task} / {setting_label(cell.setting)}"
+        self.record: SettingRecord | None = None
         self.load_seconds = 0.0  # stays 0 when this worker's student is reused
+        context = self.context
         if self.mixture is None:  # the student resolved and the experts fetched on this trial's node
             started = time.time()
-            self.mixture = Mixture(materialize(self.context["student"]),
-                                   {n: local_folder(unit) for n, unit in self.context["experts"].items()},
-                                   forward_method(setting["method"]), self.context["dtype"],
-                                   prompt_format=self.context["prompt_format"])
+            self.mixture = Mixture(materialize(context.student),
+                                   {n: local_folder(unit) for n, unit in context.experts.items()},
+                                   forward_method(cell.setting["method"]), context.dtype,
+                                   prompt_format=context.prompt_format)
             self.load_seconds = time.time() - started
-        spec = self.context["tasks"][task]
-        pooled = [r for name, other in self.context["pooled"].items() if name != task for r in other]
-        self.fit = SettingFit(self.mixture, task, spec["fewshot"], AnswerKind(spec["kind"]), setting, self.options,
-                              pooled, self._counted)
+        rows = context.targets[cell.task]
+        pooled = [r for name, other in context.pooled.items() if name != cell.task for r in other]
+        self.fit = SettingFit(self.mixture, cell.task, list(rows.fewshot), AnswerKind(rows.kind), cell.setting,
+                              context.options, pooled, self._counted)
         self.planned = self.fit.evaluations_per_fit * (len(self.fit.folds) + 1)
         self.counted = 0
         self.next_fold = 0
@@ -102,21 +175,52 @@ class MixtureTrial(tune.Trainable):
             print(f"mix:{self.label}: fold {self.next_fold + 1} held-out loss {loss:.3f}", flush=True)
             self.next_fold += 1
             return {METRIC: fit.cv_loss, "fold": self.next_fold - 1, "evaluations": fit.evaluations}
-        storage, trials = self.context["storage"], f"{self.context['trials']}/{fit.task}"
-        with tempfile.TemporaryDirectory() as scratch:
-            record = fit.final(routers=Path(scratch) / MixtureFiles.ROUTERS)
-            if fit.gate:  # the driver reads them from storage, wherever this trial ran
-                routers = f"{trials}/{setting_label(fit.setting)}.{MixtureFiles.ROUTERS}"
-                storage.upload(Path(record["routers"]), routers)
-                record["routers"] = routers
-        record.update(worker_pid=os.getpid(), load_seconds=self.load_seconds,
-                      context_key=self.context["keys"][fit.task])
-        storage.write_text(f"{trials}/{setting_label(fit.setting)}.json", json.dumps(record, default=str))
+        record = fit.final(routers=self.scratch / MixtureFiles.ROUTERS)
+        record.worker_pid, record.load_seconds = os.getpid(), self.load_seconds
+        record.context_key = self.context.keys[fit.task]
+        self.record = record
         self.metrics["done"].inc(1, {"task": fit.task})
         if fit.cv_loss is not None:
             self.metrics["cv_loss"].set(fit.cv_loss, {"task": fit.task})
-        final = {"objective": record["objective"], "evaluations": fit.evaluations, "done": True}
+        final = {"objective": record.objective, "evaluations": fit.evaluations, "done": True}
         return final if fit.cv_loss is None else {METRIC: fit.cv_loss, **final}
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        """The trial's end: its record, and a gate's routers. A trial stopped early keeps nothing."""
+        if self.record is None:
+            return
+        write_json(Path(checkpoint_dir) / RECORD, self.record.to_json())
+        if self.fit.gate:
+            shutil.copy(self.scratch / MixtureFiles.ROUTERS, Path(checkpoint_dir) / MixtureFiles.ROUTERS)
+
+    def load_checkpoint(self, checkpoint) -> None:
+        """Nothing to resume: a trial's only checkpoint is taken when it has ended."""
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A setting a trial fitted to the end: its record, and the checkpoint it came in."""
+
+    record: SettingRecord
+    checkpoint: tune.Checkpoint
+
+    @classmethod
+    def of(cls, result: tune.Result) -> "Scored | None":
+        """The scored setting of a Tune result; None for a trial that failed or was stopped early."""
+        if result.error is not None or result.checkpoint is None:
+            return None
+        with result.checkpoint.as_directory() as folder:
+            path = Path(folder) / RECORD
+            if not path.is_file():
+                return None
+            return cls(SettingRecord.from_json(json.loads(path.read_text())), result.checkpoint)
+
+    @property
+    def cell(self) -> tuple[str, str]:
+        return self.record.task, self.record.setting
 
 
 class PerTaskScheduler(FIFOScheduler):
@@ -130,7 +234,7 @@ class PerTaskScheduler(FIFOScheduler):
         self.schedulers: dict[str, object] = {}
 
     def _of(self, trial):
-        task = trial.config["job"]["task"]
+        task = Cell.of(trial.config).task
         if task not in self.schedulers:
             self.schedulers[task] = self.make()
         return self.schedulers[task]
@@ -181,7 +285,7 @@ class TrialProgress(tune.Callback):
              finished=finished >= self.totals[task])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        task = trial.config["job"]["task"]
+        task = Cell.of(trial.config).task
         self.trials.setdefault(task, {})[trial.trial_id] = {**result, "ended": False}
         self._send(task)
 
@@ -192,77 +296,31 @@ class TrialProgress(tune.Callback):
         self._ended(trial)
 
     def _ended(self, trial) -> None:
-        task = trial.config["job"]["task"]
+        task = Cell.of(trial.config).task
         self.trials.setdefault(task, {}).setdefault(trial.trial_id, {})["ended"] = True
         self._send(task)
 
 
-def trial_context(config, tasks, todo: list[str], experts: dict[str, Unit], storage, trials: str, seed: int) -> dict:
-    """What every trial gets: where the student, the experts and the storage are, the mixer's
-    settings, the seed and each target task's few-shot rows."""
-    cfg = config.mixture
-    return {
-        "student": config.student.model, "dtype": config.student.dtype,
-        "prompt_format": config.student.prompt_format, "experts": experts, "optimizer": cfg.optimizer,
-        "start": cfg.start, "objective": cfg.objective,
-        "orders": cfg.orders,
-        "candidates_per_forward": cfg.candidates_per_forward, "learning_rate": cfg.learning_rate,
-        "seed": seed, "cv_folds": cfg.cv_folds, "max_length": config.distill.max_length,
-        "storage": storage, "trials": trials, "gate_steps": cfg.gate_steps, "gate_learning_rate": cfg.gate_learning_rate,
-        "pooled": ({name: [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale,
-                            "kind": task.kind.value} for ex in task.fewshot] for name, task in tasks.items()}
-                   if cfg.gate_rows == "pooled" else {}),
-        "tasks": {name: {"kind": tasks[name].kind.value,
-                         "fewshot": [{"question": ex.question, "answer": ex.answer, "rationale": ex.rationale}
-                                     for ex in tasks[name].fewshot]} for name in todo},
-    }
-
-
-FINISHED_MARK = ".finished"  # in a Tune experiment's folder once its search has ended
-
-
-def trial_keys(context: dict, targets: list[str]) -> dict[str, str]:
-    """Per target task, a fingerprint of everything its trials' scores depend on besides the
-    setting (the student, the experts' units, the search options, the seed, the task's rows)."""
-    common = {k: v for k, v in context.items() if k not in ("storage", "trials", "tasks", "experts", "keys")}
-    common["experts"] = {name: unit.key for name, unit in sorted(context["experts"].items())}
-    return {task: fingerprint(common, context["tasks"][task]) for task in targets}
-
-
-def kept_records(storage, trials: str, keys: dict[str, str]) -> set[tuple[str, str]]:
-    """The (task, setting) pairs already scored with the inputs of ``keys``; records (and gate
-    routers) written with other inputs are deleted."""
-    kept = set()
-    for task, key in keys.items():
-        for file in storage.files(f"{trials}/{task}"):
-            if not file.endswith(".json"):
-                continue
-            try:
-                record = json.loads(storage.read_text(f"{trials}/{task}/{file}"))
-            except (ValueError, UnicodeDecodeError):
-                record = {}
-            if record.get("context_key") == key:
-                kept.add((task, record["setting"]))
-            else:
-                storage.delete(f"{trials}/{task}/{file}")
-                storage.delete(f"{trials}/{task}/{file.removesuffix('.json')}.{MixtureFiles.ROUTERS}")
-    return kept
-
-
-def remove_unfinished_experiments(storage, ray_folder: str, prefix: str) -> None:
-    """Tune's folders of searches that a crash cut short: their trials are scored again (or were
-    kept, see :func:`kept_records`), so nothing in them is read."""
-    names = {path.split("/", 1)[0] for path in storage.files(ray_folder) if path.startswith(prefix)}
-    for name in sorted(names):
-        if not storage.exists(f"{ray_folder}/{name}/{FINISHED_MARK}"):
+def earlier_results(storage, ray_folder: str, prefix: str, trainable) -> list[tune.Result]:
+    """The trials' results of this run's earlier searches named ``prefix``..., read back through Tune
+    (a search a crash cut short included, as far as Tune saved its state); a search folder Tune
+    cannot read back holds nothing to keep and is deleted."""
+    results = []
+    for name in sorted({path.split("/", 1)[0] for path in storage.files(ray_folder) if path.startswith(prefix)}):
+        path = storage.path(f"{ray_folder}/{name}")
+        if not tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem):
             storage.delete(f"{ray_folder}/{name}")
+            continue
+        results += tune.Tuner.restore(path, trainable, storage_filesystem=storage.filesystem).get_results()
+    return results
 
 
 def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixing], experts: dict[str, Unit],
                       seed: int | None = None) -> dict[str, Outcome]:
     """Search the mixtures not done yet (one per target task, or one per method and task) with
     ``seed`` (default: the config's); commit each one's best setting. A setting is tried once per
-    task, whichever mixtures choose from it."""
+    task, whichever mixtures choose from it, and not again when an earlier search of the run (one a
+    crash cut short, say) scored it with the same inputs."""
     seed = config.seed if seed is None else seed
     todo = [mixings[label] for label in pending({label: m.unit for label, m in mixings.items()}, "mix", log)]
     if not todo:
@@ -273,126 +331,124 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     cfg = config.mixture
     wait_for_resources({"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}, "a mixer trial",
                        config.resources.placement_timeout_s, "mixture.cpus_per_trial / gpus_per_trial")
-    storage, trials = layout.storage, layout.mixture_trials
-    jobs = _trial_jobs(todo)
-    targets = sorted({job["task"] for job in jobs})
-    context = trial_context(config, tasks, targets, experts, storage, trials, seed)
-    context["keys"] = trial_keys(context, targets)
-    # A setting scored by an earlier attempt with the same inputs (a crash came after it) is not
-    # scored again; records of other inputs are deleted, never read back.
-    scored = kept_records(storage, trials, context["keys"])
-    jobs = [job for job in jobs if (job["task"], setting_label(job["setting"])) not in scored]
-    if scored:
-        log.info("mix: %d setting(s) scored before with the same inputs are kept; %d to score", len(scored), len(jobs))
-    experiment = f"mix-{seed}-{int(time.time())}-{config.name}"  # the run's name, for the dashboard
-    remove_unfinished_experiments(storage, layout.ray, f"mix-{seed}-")
-    started = time.time()
-    errors = _search(jobs, cfg, config, context, storage, layout.ray, experiment) if jobs else {}
-    results: dict[str, Outcome] = {}
-    for name in targets:
-        records = [json.loads(storage.read_text(f"{trials}/{name}/{file}"))
-                   for file in storage.files(f"{trials}/{name}") if file.endswith(".json")]
-        for mixing in (m for m in todo if m.task == name):
-            keys = {setting_label(s) for s in mixing.settings}
-            mine = [r for r in records if r["setting"] in keys]
-            if not mine:
-                results[mixing.label] = Failed(errors.get(name, "no trial finished"))
-                log.error("mix: %s failed: %s", mixing.label, results[mixing.label].reason)
-                continue
-            results[mixing.label] = Done(_commit(mixing, mine, experts, cfg))
-    log.info("mix stage took %.1f s", time.time() - started)
-    return results
-
-
-def _search(jobs: list[dict], cfg, config, context: dict, storage, ray_folder: str, experiment: str
-            ) -> dict[str, str]:
-    """One Tune experiment over ``jobs``; returns the error of a failed trial by target task. The
-    experiment's folder (Tune's own logs, TensorBoard's among them) is marked finished at its end."""
-    per_task = {name: sum(job["task"] == name for job in jobs) for name in {job["task"] for job in jobs}}
-    callbacks = tune_callbacks(config.tracking.model_dump(mode="json"), config.name) + [TrialProgress(per_task)]
+    storage = layout.storage
+    cells = _cells(todo)
+    targets = sorted({cell.task for cell in cells})
+    context = TrialContext.of(config, tasks, targets, experts, seed)
     trainable = tune.with_resources(tune.with_parameters(MixtureTrial, context=context),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    searches = f"mix-{seed}-"
+    scored = {s.cell: s for s in map(Scored.of, earlier_results(storage, layout.ray, searches, trainable))
+              if s is not None and s.record.context_key == context.keys.get(s.record.task)}
+    cells = [cell for cell in cells if (cell.task, setting_label(cell.setting)) not in scored]
+    if scored:
+        log.info("mix: %d setting(s) scored before with the same inputs are kept; %d to score", len(scored), len(cells))
+    started = time.time()
+    errors: dict[str, str] = {}
+    if cells:
+        experiment = f"{searches}{int(time.time())}-{config.name}"  # the run's name, for the dashboard
+        results, errors = _search(cells, config, trainable, storage, layout.ray, experiment)
+        scored |= {s.cell: s for s in map(Scored.of, results) if s is not None}
+    outcomes: dict[str, Outcome] = {}
+    for mixing in todo:
+        mine = [scored[(mixing.task, setting_label(s))] for s in mixing.settings
+                if (mixing.task, setting_label(s)) in scored]
+        if not mine:
+            outcomes[mixing.label] = Failed(errors.get(mixing.task, "no trial finished"))
+            log.error("mix: %s failed: %s", mixing.label, outcomes[mixing.label].reason)
+            continue
+        outcomes[mixing.label] = Done(_commit(mixing, mine, experts, cfg))
+    log.info("mix stage took %.1f s", time.time() - started)
+    return outcomes
+
+
+def _search(cells: list[Cell], config, trainable, storage, ray_folder: str, experiment: str
+            ) -> tuple[list[tune.Result], dict[str, str]]:
+    """One Tune experiment over ``cells``: every trial's result, and the error of a failed trial by
+    target task."""
+    cfg = config.mixture
+    per_task = {name: sum(cell.task == name for cell in cells) for name in {cell.task for cell in cells}}
+    callbacks = tune_callbacks(config.tracking.model_dump(mode="json"), config.name) + [TrialProgress(per_task)]
     keep_credentials_out_of_trials()
     tuner = tune.Tuner(
         trainable,
-        param_space={"job": tune.grid_search(jobs)},
+        param_space={"cell": tune.grid_search([cell.as_config() for cell in cells])},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
                                     scheduler=make_scheduler(cfg.scheduler, cfg.cv_folds),
-                                    trial_name_creator=lambda t: f"mix:{t.config['job']['task']}:"
-                                                                 f"{setting_label(t.config['job']['setting'])}",
-                                    trial_dirname_creator=lambda t: f"{t.config['job']['task']}-{t.trial_id}"),
+                                    trial_name_creator=lambda t: f"mix:{Cell.of(t.config).label}",
+                                    trial_dirname_creator=lambda t: f"{Cell.of(t.config).task}-{t.trial_id}"),
         run_config=tune.RunConfig(name=experiment, storage_path=storage.path(ray_folder),
                                   storage_filesystem=storage.filesystem,
                                   verbose=0, callbacks=callbacks,
                                   # a trial whose worker dies starts again (from nothing: it is deterministic)
                                   failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES),
-                                  # a trial keeps nothing to resume from (see PerTaskScheduler)
-                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
+                                  # a trial's record is its one checkpoint, taken at its end (see MixtureTrial)
+                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=True)),
     )
-    grid = tuner.fit()
+    results = list(tuner.fit())
     errors: dict[str, str] = {}
-    for result in grid:
+    for result in results:
         if result.error:
             task = _trial_task(result)
             errors[task] = str(result.error).splitlines()[0][:300]
             stop_if_disk_failed(root_cause(result.error), f"mix {task}")
-    storage.write_text(f"{ray_folder}/{experiment}/{FINISHED_MARK}", "")
-    return errors
+    return results, errors
 
 
 def _trial_task(result) -> str:
     """The target task of a Tune result; a trial that failed before it reported has no config, but
     its folder is named ``<task>-<trial id>`` (see ``trial_dirname_creator``)."""
     config = result.config or {}
-    if "job" in config:
-        return config["job"]["task"]
+    if "cell" in config:
+        return Cell.of(config).task
     return Path(str(result.path or "unknown-trial")).name.rsplit("-", 1)[0]
 
 
-def _trial_jobs(mixings: list[Mixing]) -> list[dict]:
+def _cells(mixings: list[Mixing]) -> list[Cell]:
     """One Tune trial per (target task, setting) that a pending mixture chooses from."""
-    jobs = {(m.task, setting_label(s)): {"task": m.task, "setting": s} for m in mixings for s in m.settings}
-    return list(jobs.values())
+    cells = {(m.task, setting_label(s)): Cell(m.task, s) for m in mixings for s in m.settings}
+    return list(cells.values())
 
 
 TIE_TOLERANCE = 1e-6  # relative: scores this close are equal (float sums differ in the last bits by trial order)
 
 
-def best_record(records: list[dict], order: list[str]) -> dict:
+def best_record(records: list[SettingRecord], order: list[str]) -> SettingRecord:
     """The record with the lowest CV loss (the objective without folds). Settings that score the
     same within :data:`TIE_TOLERANCE` (one expert mixed by every method, say) are a tie, won by the
     setting listed first in ``order`` (the config's): never by which trial happened to finish
     first or on which worker, which would change the choice between two runs of one config."""
-    def score(record: dict) -> float:
-        return record["cv_loss"] if record["cv_loss"] is not None else record["objective"]
-
-    lowest = min(score(r) for r in records)
-    tied = [r for r in records if score(r) <= lowest + TIE_TOLERANCE * max(1.0, abs(lowest))]
+    lowest = min(r.score for r in records)
+    tied = [r for r in records if r.score <= lowest + TIE_TOLERANCE * max(1.0, abs(lowest))]
     rank = {key: i for i, key in enumerate(order)}
-    return min(tied, key=lambda r: (rank.get(r["setting"], len(rank)), r["setting"]))
+    return min(tied, key=lambda r: (rank.get(r.setting, len(rank)), r.setting))
 
 
-def _commit(mixing: Mixing, records: list[dict], experts: dict[str, Unit], cfg) -> dict:
-    """Keep the best setting's mixture: its weights, the merged adapter, and every trial's search."""
+def _commit(mixing: Mixing, scored: list[Scored], experts: dict[str, Unit], cfg) -> dict:
+    """Keep the best setting's mixture: its weights, the merged adapter (a gate's routers), and every
+    trial's search."""
     unit = mixing.unit
+    records = sorted((s.record for s in scored), key=lambda r: r.setting)
     best = best_record(records, [setting_label(s) for s in mixing.settings])
-    summary = {"status": "done", **{k: best[k] for k in ("method", "budget", "bound", "l1", "top_k", "setting")},
-               "cv_loss": best["cv_loss"], "objective": best["objective"], "weights": best["weights"],
-               "experts_mixed": best["experts_mixed"], "zero_weights_loss": best["zero_weights_loss"],
-               "precision": best.get("precision"),
-               "candidates": [{"setting": r["setting"], "cv_loss": r["cv_loss"]} for r in records],
+    summary = {"status": "done", **{k: getattr(best, k) for k in ("method", "budget", "bound", "l1", "top_k", "setting")},
+               "cv_loss": best.cv_loss, "objective": best.objective, "weights": best.weights,
+               "experts_mixed": best.experts_mixed, "zero_weights_loss": best.zero_weights_loss,
+               "precision": best.precision,
+               "candidates": [{"setting": r.setting, "cv_loss": r.cv_loss} for r in records],
                "system": mixing.system, "settings_tried": len(mixing.settings),  # those missing from candidates were stopped early
-               **{k: best[k] for k in (*ORDER_KEYS, "control") if k in best}}
+               **{k: getattr(best, k) for k in (*ORDER_KEYS, "control") if getattr(best, k) is not None}}
     with unit.writing(summary) as staging:
         write_json(staging / MixtureFiles.SUMMARY, {**summary, "optimizer": cfg.optimizer,
                                               "experts": {n: e.prefix for n, e in experts.items()}})
-        write_json(staging / MixtureFiles.SEARCH, {"trials": records})
-        if best["method"] == "gate":  # per-token weights: the routers are the mixture
-            unit.storage.download(best["routers"], staging / MixtureFiles.ROUTERS)
+        write_json(staging / MixtureFiles.SEARCH, {"trials": [r.to_json() for r in records]})
+        if best.method == "gate":  # per-token weights: the routers are the mixture
+            checkpoint = next(s.checkpoint for s in scored if s.record is best)
+            with checkpoint.as_directory() as folder:
+                shutil.copy(Path(folder) / MixtureFiles.ROUTERS, staging / MixtureFiles.ROUTERS)
         else:
-            export_adapter({n: local_folder(e) for n, e in experts.items()}, best["method"],
-                           [best["weights"][n] for n in experts], staging / "adapter")
-    log.info("mix: %s: %s, cv loss %s, weights %s", mixing.label, best["setting"],
-             "–" if best["cv_loss"] is None else f"{best['cv_loss']:.3f}",
-             {k: round(v, 2) for k, v in best["weights"].items()})
+            export_adapter({n: local_folder(e) for n, e in experts.items()}, best.method,
+                           [best.weights[n] for n in experts], staging / "adapter")
+    log.info("mix: %s: %s, cv loss %s, weights %s", mixing.label, best.setting,
+             "–" if best.cv_loss is None else f"{best.cv_loss:.3f}",
+             {k: round(v, 2) for k, v in best.weights.items()})
     return summary
