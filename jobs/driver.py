@@ -20,7 +20,7 @@ from modecotd.outcome import Failed
 from modecotd.tracking import check_installed, prepare as prepare_tracking, track_results
 from modecotd.models import check_reference, context_limit
 from modecotd.prompts import check_chat_template, rendered_prompt
-from modecotd.plan import Plan, RunLayout, check_run_stamp, write_run_stamp
+from modecotd.plan import Plan, RunLayout, check_run_stamp, plan_json, write_run_stamp
 from modecotd.precision import resolve_dtype
 from modecotd.progress import ProgressBoard
 from modecotd.report import build_report, task_facts
@@ -216,9 +216,9 @@ def _start_run_folder(layout: RunLayout, config, tasks: dict[str, TaskData]) -> 
 
 
 def write_plan(work: Work) -> None:
-    """Record every unit's wanted fingerprint (:meth:`Plan.wanted`) in the run's storage."""
+    """Record every unit the run plans (:meth:`Plan.planned_units`) in the run's storage."""
     layout = work.plan.layout
-    layout.storage.write_text(layout.plan, json.dumps(work.plan.wanted(), indent=1, sort_keys=True) + "\n")
+    layout.storage.write_text(layout.plan, plan_json(work.plan.planned_units()))
 
 
 def _check_earlier_stages(work: Work, stages: list[str] | None) -> None:

@@ -67,8 +67,12 @@ def _config(storage: Storage) -> dict:
 
 
 def evaluated_systems(view: RunView, task: str) -> list[str]:
-    """The systems with a current evaluation on ``task`` (any name: the standard ones first)."""
+    """The systems with a current evaluation on ``task``, in the run's plan's order (a run planned
+    before plans named them: the standard ones first)."""
     names = {prefix.rsplit("/", 1)[1] for prefix in view.units_under(view.layout.evaluation(task, ""))}
+    planned = view.planned_systems(task)
+    if planned is not None:
+        return [name for name in planned if name in names]
     return sorted(names, key=lambda name: (SYSTEMS.index(name) if name in SYSTEMS else len(SYSTEMS), name))
 
 

@@ -42,7 +42,6 @@ class RunLayout:
     timings: str = "timings.json"
     experts: str = "experts"
     mixtures: str = "mixtures"
-    trials: str = ".trials"  # under the mixtures: each Tune trial's record and gate routers, until committed
     ray: str = "ray"  # Ray Train's and Tune's storage
     stamp: str = "run.json"  # which pipeline version wrote the run (see check_run_stamp)
     plan: str = "plan.json"  # every unit's wanted fingerprint, as the driver last planned (see Plan.wanted)
@@ -73,10 +72,6 @@ class RunLayout:
         mixture system of one method (``mixture.systems: per_method``; task names hold no dot)."""
         label = task if system == MIXTURE else f"{task}.{system.removeprefix(MIXTURE + '-')}"
         return f"{self.replica}{self.mixtures}/{label}"
-
-    @property
-    def mixture_trials(self) -> str:
-        return f"{self.replica}{self.mixtures}/{self.trials}"
 
     def evaluation(self, task: str, system: str) -> str:
         return f"{self.replica}eval/{task}/{system}"
@@ -219,6 +214,29 @@ class Evaluation:
         return f"{self.task} / {self.system.name}" + ("" if self.seed is None else f" (seed {self.seed})")
 
 
+@dataclass(frozen=True)
+class PlannedUnit:
+    """One unit as the run's plan wants it (an entry of ``plan.json``)."""
+
+    prefix: str  # its folder in the run's storage
+    key: str  # the fingerprint wanted there
+    stage: str  # teacher | distill | mix | evaluate
+    task: str | None = None  # what it is of: the task (a baseline of several tasks: None)
+    system: str | None = None  # what it builds or evaluates (see SYSTEMS)
+    seed: int | None = None  # the seed it was made with (None: any seed's, as the base student's evaluation)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PlannedUnit":
+        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+
+
+PLAN_FORMAT = 2  # plan.json: {"format": 2, "units": [PlannedUnit...]}; format 1 was {folder: fingerprint}
+
+
+def plan_json(units: list[PlannedUnit]) -> str:
+    return json.dumps({"format": PLAN_FORMAT, "units": [dataclasses.asdict(u) for u in units]}, indent=1) + "\n"
+
+
 def fingerprinted_settings(section) -> dict:
     """A config section's settings that decide what it produces: every field but those the config
     marks as runtime settings (``json_schema_extra=RUNTIME``: resources, retries, endpoints' limits),
@@ -341,14 +359,28 @@ class Plan:
         return sorted(evaluations, key=lambda e: SYSTEMS.index(e.system.name) if e.system.name in SYSTEMS
                       else len(SYSTEMS))
 
-    def wanted(self) -> dict[str, str]:
-        """Every unit of the run, built or not, of every seed: its prefix and the fingerprint this
-        config wants there. The driver keeps it in :attr:`RunLayout.plan`, so that what reads a run
-        (report, compare, pull) takes only units of the current plan, never one a redo failed to
+    def planned_units(self) -> list["PlannedUnit"]:
+        """Every unit of the run, built or not, of every seed, stage by stage: where it lives, the
+        fingerprint this config wants there and what it is of. The driver keeps them in
+        :attr:`RunLayout.plan`, so that what reads a run (report, compare, pull) takes the systems
+        and units the run planned, and only units of the current plan: never one a redo failed to
         replace or one of a system the config no longer has (see :class:`modecotd.run_view.RunView`)."""
-        return {unit.prefix: unit.key for plan in self.replicas() for stage in ("teacher", "distill", "mix")
-                for unit in plan.units(stage)} | {
-            e.unit.prefix: e.unit.key for plan in self.replicas() for e in plan.evaluations(built_only=False)}
+        units = []
+        for plan in self.replicas():
+            units += [PlannedUnit(unit.prefix, unit.key, "teacher", name) for name, unit in plan.rationales.items()]
+            units += [PlannedUnit(t.unit.prefix, t.unit.key, "distill", t.target or (None if t.baseline else name),
+                                  t.system if t.baseline else "expert", plan.seed) for name, t in plan.trainings.items()]
+            units += [PlannedUnit(m.unit.prefix, m.unit.key, "mix", m.task, m.system, plan.seed)
+                      for m in plan.mixtures().values()]
+            units += [PlannedUnit(e.unit.prefix, e.unit.key, "evaluate", e.task, e.system.name,
+                                  None if e.system.kind == "base" else plan.seed)
+                      for e in plan.evaluations(built_only=False)]
+        unique = {unit.prefix: unit for unit in units}  # the teacher's rationales are every seed's
+        return list(unique.values())
+
+    def wanted(self) -> dict[str, str]:
+        """Every planned unit's folder and the fingerprint wanted there."""
+        return {unit.prefix: unit.key for unit in self.planned_units()}
 
     def units(self, stage: str) -> list[Unit]:
         """The units a stage makes."""

@@ -9,7 +9,7 @@ import json
 
 from modecotd.artifacts import MANIFEST, read_listed
 from modecotd.errors import UserError
-from modecotd.plan import RunLayout
+from modecotd.plan import PLAN_FORMAT, PlannedUnit, RunLayout
 from modecotd.storage import Storage
 
 
@@ -17,9 +17,10 @@ class RunView:
     def __init__(self, storage: Storage):
         self.storage = storage
         self.layout = RunLayout(storage)
-        self.planned = self._planned()
+        self.plan = self._plan()  # None: a run from before plan.json
+        self.planned = None if self.plan is None else {unit.prefix: unit.key for unit in self.plan}
 
-    def _planned(self) -> dict[str, str] | None:
+    def _plan(self) -> list[PlannedUnit] | None:
         name = self.layout.plan
         try:
             planned = json.loads(self.storage.read_text(name))
@@ -27,10 +28,22 @@ class RunView:
             return None
         except (ValueError, UnicodeDecodeError):
             planned = None
-        if not isinstance(planned, dict) or not all(isinstance(v, str) for v in planned.values()):
-            raise UserError(f"{self.storage.describe(name)}: not a modecotd plan (a JSON object of unit folder -> "
-                            "fingerprint); run the same command again to write it anew")
-        return planned
+        if isinstance(planned, dict) and planned.get("format") == PLAN_FORMAT and isinstance(planned.get("units"), list):
+            try:
+                return [PlannedUnit.from_json(unit) for unit in planned["units"]]
+            except (AttributeError, TypeError):
+                pass
+        elif isinstance(planned, dict) and all(isinstance(v, str) for v in planned.values()):  # format 1
+            return [PlannedUnit(prefix, key, "") for prefix, key in planned.items()]
+        raise UserError(f"{self.storage.describe(name)}: not a modecotd plan (format {PLAN_FORMAT}: "
+                        '{"format": 2, "units": [...]}); run the same command again to write it anew')
+
+    def planned_systems(self, task: str, stage: str = "evaluate") -> list[str] | None:
+        """The systems the plan evaluates ``task`` on (``stage`` mix: the mixture systems it builds
+        for it), in the plan's order, built or not; None for a run planned before plans named them."""
+        if self.plan is None or not any(unit.stage for unit in self.plan):
+            return None
+        return list(dict.fromkeys(u.system for u in self.plan if u.stage == stage and u.task == task))
 
     def manifest(self, prefix: str) -> dict | None:
         """The manifest of the unit at ``prefix`` when it is committed and current; else None."""

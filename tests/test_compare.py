@@ -12,7 +12,7 @@ from modecotd.artifacts import Unit, write_jsonl
 from modecotd.cli import main
 from modecotd.config_loading import parse_config
 from modecotd.evaluate import summarize
-from modecotd.plan import RunLayout
+from modecotd.plan import PlannedUnit, RunLayout, plan_json
 from modecotd.report import build_report, worst_pairs
 from modecotd.stats import paired_bootstrap_diff_ci, wilson_interval
 from modecotd.storage import Storage
@@ -217,9 +217,37 @@ def test_report_names_the_seed_of_subsampled_tasks(runs):
 
 
 def plan_wanting(run: Path, **keys: str) -> None:
-    """The run's plan.json as the driver writes it: {unit folder: fingerprint}; ``keys`` maps
-    task__system to the fingerprint its evaluation must have."""
-    (run / "plan.json").write_text(json.dumps({f"eval/{k.replace('__', '/')}": v for k, v in keys.items()}))
+    """The run's plan.json as the driver writes it; ``keys`` maps task__system to the fingerprint its
+    evaluation must have, in the plan's order."""
+    units = [PlannedUnit(f"eval/{k.replace('__', '/')}", v, "evaluate", *k.split("__")) for k, v in keys.items()]
+    (run / "plan.json").write_text(plan_json(units))
+
+
+def test_a_plan_from_before_plans_named_their_units_is_still_read(tmp_path, runs):
+    """Format 1, {unit folder: fingerprint}: only the units it wants count, every system probed."""
+    run_a, _ = runs
+    (run_a / "plan.json").write_text(json.dumps({"eval/coins/base": "key-base", "eval/coins/mixture": "key-other"}))
+    build_report(run_a)
+    report = json.loads((run_a / "report.json").read_text())
+    assert set(report["tasks"]["coins"]["eval"]) == {"base"} and report["tasks"]["letters"]["eval"] == {}
+
+
+def test_the_report_and_compare_take_the_systems_the_plan_names_in_its_order(capsys, tmp_path, runs):
+    run_a, _ = runs
+    plan_wanting(run_a, coins__mixture="key-mixture", coins__base="key-base", letters__base="key-base")
+    from modecotd.report.collect import collect
+
+    assert list(collect(Storage(run_a))["tasks"]["coins"]["eval"]) == ["mixture", "base"]
+    code, out, err = run_cli(capsys, "compare", str(run_a), str(run_a))
+    assert code == 0, err
+    assert [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| coins |")] == ["mixture", "base"]
+
+
+def test_a_plan_file_that_is_no_plan_is_refused_naming_it(capsys, runs):
+    run_a, _ = runs
+    (run_a / "plan.json").write_text('{"format": 2, "units": "all of them"}')
+    code, _, err = run_cli(capsys, "report", str(run_a))
+    assert_one_line_error(code, err, "plan.json", "not a modecotd plan")
 
 
 def test_report_compare_and_pull_leave_out_units_the_plan_no_longer_wants(capsys, tmp_path, runs):

@@ -197,7 +197,7 @@ def test_rerun_skips_finished_units(first_run):
 def test_a_mix_stage_cut_short_scores_no_setting_twice_and_leaves_no_unfinished_search(first_run):
     outcome, run_dir, _ = first_run
     mixture = json.loads((run_dir / "mixtures/coins/mixture.json").read_text())
-    records = {p.name: p.read_text() for p in (run_dir / "mixtures/.trials/coins").glob("*.json")}
+    search = (run_dir / "mixtures/coins/search.json").read_text()
     searches = sorted(p.name for p in (run_dir / "ray").glob("mix-*"))
     (run_dir / "mixtures/coins/manifest.json").unlink()  # as if the driver died after the trials, before the commit
     cut_short = run_dir / "ray" / f"mix-{CONFIG.get('seed', 0)}-1" / "coins-0001"
@@ -206,7 +206,7 @@ def test_a_mix_stage_cut_short_scores_no_setting_twice_and_leaves_no_unfinished_
     again = run_pipeline(parse_config(CONFIG), run_dir, stages=["mix"])
     assert again.failures == {}
     assert json.loads((run_dir / "mixtures/coins/mixture.json").read_text())["weights"] == mixture["weights"]
-    assert {p.name: p.read_text() for p in (run_dir / "mixtures/.trials/coins").glob("*.json")} == records
+    assert (run_dir / "mixtures/coins/search.json").read_text() == search  # the trials' records, read back from Tune
     assert sorted(p.name for p in (run_dir / "ray").glob("mix-*")) == searches  # no new search, none cut short
 
 
@@ -262,7 +262,14 @@ def test_the_plan_names_every_unit_and_a_unit_not_redone_for_a_new_config_is_not
     from modecotd.storage import Storage
 
     _, run_dir, _ = first_run
-    planned = json.loads((run_dir / "plan.json").read_text())
+    plan = json.loads((run_dir / "plan.json").read_text())
+    planned = {unit["prefix"]: unit["key"] for unit in plan["units"]}
+    what = {u["prefix"]: (u["stage"], u["task"], u["system"]) for u in plan["units"]}
+    assert [what[unit] for unit in UNITS] == [
+        ("teacher", "coins", None), ("distill", "coins", "expert"), ("distill", None, "multitask"),
+        ("distill", None, "full_finetune"), ("mix", "coins", "mixture"), ("mix", "letters", "mixture"),
+        *[("evaluate", "coins", s) for s in ("base", "expert", "mixture", "multitask", "full_finetune")],
+        *[("evaluate", "letters", s) for s in ("base", "mixture", "multitask", "full_finetune", "expert-coins")]]
     assert {unit: json.loads((run_dir / unit / "manifest.json").read_text())["fingerprint"] for unit in UNITS} \
         == {unit: planned[unit] for unit in UNITS}
     assert RunView(Storage(run_dir)).units()[1] == []  # no stale unit

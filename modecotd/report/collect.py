@@ -68,11 +68,15 @@ def collect(run: "Storage | str | Path") -> dict:
         expert = view.manifest(layout.expert(name))
         if expert:
             entry["expert"] = expert["summary"] | {"seconds": expert.get("seconds")}
+        # the systems the run planned for the task (a run from before plans named them: every possible one)
+        mixtures = view.planned_systems(name, "mix")
         entry["mixtures"] = {system: manifest["summary"] for system in MIXTURES + WEIGHT_CONTROLS
-                             if (manifest := view.manifest(layout.mixture(name, system)))}
+                             if (mixtures is None or system in mixtures)
+                             and (manifest := view.manifest(layout.mixture(name, system)))}
         entry["eval"], entry["majority_test"] = {}, {"answer": None, "accuracy": None}
         alone = [] if name in seen else [f"{ALONE}{expert}" for expert in seen]  # each expert on its own
-        for system in SYSTEMS + tuple(alone):
+        planned = view.planned_systems(name)
+        for system in SYSTEMS + tuple(alone) if planned is None else planned:
             found = _evaluation(view, layouts, name, system, out["scoring"])
             if found:
                 entry["eval"][system], scores[(name, system)], entry["majority_test"], error = found
