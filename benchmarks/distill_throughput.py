@@ -93,9 +93,9 @@ def ours(settings) -> dict:
     from modecotd.models import load_lm
 
     trained = PeftModel.from_pretrained(load_lm(Path(settings.student_dir)), settings.output_dir)
-    return {"target_tokens_per_s": summary["target_tokens_per_s_rank0"], **losses_of(trained, settings),
-            "target_tokens": summary["target_tokens_rank0"], "steps": summary["steps"],
-            "seconds": summary["target_tokens_rank0"] / summary["target_tokens_per_s_rank0"]}
+    return {"target_tokens_per_s": summary.target_tokens_per_s_rank0, **losses_of(trained, settings),
+            "target_tokens": summary.target_tokens_rank0, "steps": summary.steps,
+            "seconds": summary.target_tokens_rank0 / summary.target_tokens_per_s_rank0}
 
 
 def baseline(settings) -> dict:

@@ -279,13 +279,13 @@ def ours_training(model_dir: Path, rows: list[dict], out: Path, batch: int, max_
     held = meter.start()
     summary = train_expert(settings, 0, 1)
     peak = meter.peak()
-    seconds = summary["target_tokens_rank0"] / summary["target_tokens_per_s_rank0"]
+    seconds = summary.target_tokens_rank0 / summary.target_tokens_per_s_rank0
     free()
-    return {"target_tokens_per_s": summary["target_tokens_per_s_rank0"],
-            "target_tokens": summary["target_tokens_rank0"], "seconds": seconds, "steps": summary["steps"],
-            "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
-            "zero_stage": summary["zero_stage"],
-            "dtype": summary.get("precision", {}).get("dtype", "?"), "peak_memory_gib": peak,
+    return {"target_tokens_per_s": summary.target_tokens_per_s_rank0,
+            "target_tokens": summary.target_tokens_rank0, "seconds": seconds, "steps": summary.steps,
+            "first_loss": summary.first_loss, "final_loss": summary.final_loss,
+            "zero_stage": summary.zero_stage,
+            "dtype": summary.precision.get("dtype", "?"), "peak_memory_gib": peak,
             "memory_held_before_gib": held}
 
 

@@ -105,7 +105,7 @@ def ours(config, run_dir: Path, model_dir: Path) -> tuple[dict[str, str | None],
     for name in ("accepted", "rejected"):
         for row in read_jsonl(units["arithmetic"].local() / f"{name}.jsonl"):
             answers[row["question"]] = row["predicted"]
-    return answers, summary["generated_tokens"], seconds
+    return answers, summary.generated_tokens, seconds
 
 
 def main() -> None:

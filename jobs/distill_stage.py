@@ -30,7 +30,8 @@ from modecotd.jobs.ray_runtime import stop_if_disk_failed, this_cluster_env
 from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.models import materialize
 from modecotd.outcome import Done, Failed, Outcome
-from modecotd.plan import RationaleFiles, RunLayout, Training, TrainingFiles
+from modecotd.plan import RunLayout, Training
+from modecotd.units import RationaleFiles, TrainingFiles, TrainingSummary
 from modecotd.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -99,17 +100,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         try:
             summary = train_expert(settings, rank, world, report=report, checkpoints=RayTrainCheckpoints())
             if rank == 0:
-                (staging / TrainingFiles.SUMMARY).write_text(json.dumps(summary))
-                tracked.log({k: v for k, v in summary.items() if k in (
-                    "final_loss", "best_validation_loss", "target_tokens_per_s_rank0")}, summary["steps"])
+                (staging / TrainingFiles.SUMMARY).write_text(json.dumps(summary.to_json()))
+                tracked.log({"final_loss": summary.final_loss, "best_validation_loss": summary.best_validation_loss,
+                             "target_tokens_per_s_rank0": summary.target_tokens_per_s_rank0}, summary.steps)
                 if not settings.full_finetune:  # an adapter is small; a whole model is not logged
                     tracked.artifacts(staging, "adapter")
-                unit.commit(staging, {"status": "done", **{k: v for k, v in summary.items() if k != "losses"}},
-                            time.time() - started)
+                unit.commit(staging, summary.without_losses().to_json(), time.time() - started)
         finally:
             if staging is not None:
                 Unit.abort(staging)  # gone already when committed
-    ray.train.report({"step": summary["steps"], "loss": summary["final_loss"], "done": True})
+    ray.train.report({"step": summary.steps, "loss": summary.final_loss, "done": True})
 
 
 def stage_metrics() -> dict:
@@ -127,7 +127,7 @@ def stage_metrics() -> dict:
 @ray.remote(num_cpus=0)
 def fit_expert(task: str, unit: Unit, student: str, settings: dict, workers: int, cpus_per_worker: float,
                ray_storage: tuple, run_name: str, max_failures: int, gpus_per_worker: float = 0,
-               tracking: dict | None = None, run: str = "") -> dict:
+               tracking: dict | None = None, run: str = "") -> TrainingSummary:
     """Run one expert's Ray Train job to completion; returns the summary of its committed unit.
 
     ``run_name`` is the same for every attempt at the same expert, so a job started again after
@@ -152,7 +152,7 @@ def fit_expert(task: str, unit: Unit, student: str, settings: dict, workers: int
     manifest = unit.manifest()
     if manifest is None or manifest.get("fingerprint") != unit.key:
         raise RuntimeError(f"{unit.where}: the training job ended without committing its unit")
-    return manifest["summary"]
+    return TrainingSummary.from_json(manifest["summary"])
 
 
 def job_needs(cfg) -> dict:
@@ -265,17 +265,17 @@ class DistillJobs:
         log.info("distill: %s started (%d rows, ZeRO-%d)", name, len(rows), cfg.zero_stage)
         return ref
 
-    def done(self, item: tuple[str, list[dict]], summary: dict) -> None:
+    def done(self, item: tuple[str, list[dict]], summary: TrainingSummary) -> None:
         name = item[0]
         tags = {"task": name}
         self.metrics["done"].inc(1, tags)
-        self.metrics["final_loss"].set(summary["final_loss"], tags)
-        self.metrics["speed"].set(summary["target_tokens_per_s_rank0"], tags)
-        send("distill", name, summary["steps"], summary["steps"], "step", finished=True,
-             note=f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
+        self.metrics["final_loss"].set(summary.final_loss, tags)
+        self.metrics["speed"].set(summary.target_tokens_per_s_rank0, tags)
+        send("distill", name, summary.steps, summary.steps, "step", finished=True,
+             note=f"loss {summary.first_loss:.3f} -> {summary.final_loss:.3f}")
         self.results[name] = Done(summary)
-        log.info("distill: %s done: loss %.3f -> %.3f in %d steps", name, summary["first_loss"],
-                 summary["final_loss"], summary["steps"])
+        log.info("distill: %s done: loss %.3f -> %.3f in %d steps", name, summary.first_loss,
+                 summary.final_loss, summary.steps)
 
     def failed(self, item: tuple[str, list[dict]], reason: str, error: Exception) -> None:
         """A failed job is reported; the others go on."""

@@ -23,7 +23,8 @@ from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.likelihood import likelihood_answers
 from modecotd.models import load_lm
 from modecotd.outcome import Done, Failed, Outcome
-from modecotd.plan import Evaluation, EvaluationFiles
+from modecotd.plan import Evaluation
+from modecotd.units import EvaluationFiles, EvaluationSummary
 from modecotd.tasks.schema import Example
 
 log = logging.getLogger(__name__)
@@ -150,12 +151,12 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict[str
     results: dict[str, Outcome] = {}
 
     def done(pair: Pair, output: PairOutput) -> None:
-        summary = {**summarize(output.rows, cfg.scoring), "precision": output.precision}
-        with pair.unit.writing(summary) as staging:
+        summary = EvaluationSummary(**summarize(output.rows, cfg.scoring), precision=output.precision)
+        with pair.unit.writing(summary.to_json()) as staging:
             write_jsonl(staging / EvaluationFiles.ROWS, output.rows)
         results[pair.key] = Done(summary)
         log.info("evaluate: %s / %s: accuracy %.3f (format %.2f) in %.0f s", pair.task, pair.name,
-                 summary["accuracy"], summary["format_rate"], output.seconds)
+                 summary.accuracy, summary.format_rate, output.seconds)
 
     def failed(pair: Pair, reason: str, error: Exception) -> None:
         stop_if_disk_failed(reason, f"evaluate {pair.task} / {pair.name}")

@@ -32,7 +32,8 @@ from modecotd.jobs.ray_runtime import root_cause
 from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.models import materialize
 from modecotd.outcome import Done
-from modecotd.plan import RationaleFiles, RunLayout
+from modecotd.plan import RunLayout
+from modecotd.units import RationaleFiles, RationalesSummary
 from modecotd.prompts import TeacherPrompts
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Example, TaskData
@@ -199,7 +200,7 @@ def merge_shards(storage: Storage, folder: str, staging: Path) -> dict:
     return {
         "questions": stats["questions"], "accepted": stats["accepted"], "rejected": stats["rejected"],
         "failed": stats["failed"], "questions_with_rationale": stats["answered"],
-        "yield": stats["answered"] / max(1, stats["questions"]),
+        "yield_": stats["answered"] / max(1, stats["questions"]),
         "rationales_per_answered_question": stats["accepted"] / max(1, stats["answered"]),
         "mean_rationale_words": stats["rationale_words"] / max(1, stats["accepted"]),
         "rationalized": stats["rationalized"],
@@ -351,21 +352,23 @@ def _actor_needs(cfg) -> dict:
     return {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}
 
 
-def _finish(layout: RunLayout, name: str, units: dict[str, Unit], cfg) -> dict:
+def _finish(layout: RunLayout, name: str, units: dict[str, Unit], cfg) -> RationalesSummary:
     """Merge a task's shards into its unit and drop the shards."""
     folder = shard_dir(layout, name, units[name])
-    summary = {"backend": cfg.backend, "model": cfg.model if cfg.generates else None}
-    with units[name].writing(summary) as staging:
-        summary.update(merge_shards(layout.storage, folder, staging))
+    manifest_summary: dict = {}  # the manifest's, filled once the shards are merged
+    with units[name].writing(manifest_summary) as staging:
+        summary = RationalesSummary(backend=cfg.backend, model=cfg.model if cfg.generates else None,
+                                    **merge_shards(layout.storage, folder, staging))
+        manifest_summary.update(summary.to_json())
     layout.storage.delete(layout.rationale_shards(name))
-    send("teacher", name, summary["questions"], summary["questions"], "question", finished=True,
-         note=f"{summary['accepted']} rationales kept")
+    send("teacher", name, summary.questions, summary.questions, "question", finished=True,
+         note=f"{summary.accepted} rationales kept")
     log.info("teacher: %s: %d of %d questions got a correct rationale (%d accepted, %d rejected samples, "
-             "%d failed questions)", name, summary["questions_with_rationale"], summary["questions"],
-             summary["accepted"], summary["rejected"], summary["failed"])
-    if summary["samples_returned"] < summary["samples_asked"]:
+             "%d failed questions)", name, summary.questions_with_rationale, summary.questions,
+             summary.accepted, summary.rejected, summary.failed)
+    if summary.samples_returned < summary.samples_asked:
         log.warning("teacher: %s: the backend returned %d of the %d samples asked", name,
-                    summary["samples_returned"], summary["samples_asked"])
+                    summary.samples_returned, summary.samples_asked)
     return summary
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from modecotd.cluster.jobs import DEFAULT_ADDRESS
 from modecotd.config import STAGES
 from modecotd.errors import UserError
-from modecotd.plan import ReportFiles
+from modecotd.units import ReportFiles
 
 log = logging.getLogger("modecotd")
 TUNE_GRID = {"method": "lorahub,delta", "budget": "20,40", "bound": "1.5,3", "l1": "0.01,0.05", "top_k": "1,all"}

@@ -22,6 +22,7 @@ import torch
 from modecotd import prompts
 from modecotd.losses import IGNORE_INDEX, target_loss, token_losses
 from modecotd.tasks.schema import AnswerKind
+from modecotd.units import TrainingSummary
 
 if TYPE_CHECKING:
     from modecotd.precision import Precision
@@ -290,7 +291,7 @@ class Clock:
 
 def train_expert(settings: DistillSettings, rank: int, world_size: int,
                  report: Callable[[dict], None] = lambda metrics: None,
-                 checkpoints: Checkpoints | None = None) -> dict:
+                 checkpoints: Checkpoints | None = None) -> TrainingSummary:
     """Train one LoRA expert on this worker's share of every batch; rank 0 saves the peft adapter.
 
     Expects torch.distributed to be initialised (Ray Train does it); DeepSpeed reuses that group.
@@ -433,21 +434,20 @@ def after_optimizer_step(setup: TrainingSetup, state: LoopState, clock: Clock, r
     return best_state
 
 
-def training_summary(setup: TrainingSetup, state: LoopState, clock: Clock) -> dict:
+def training_summary(setup: TrainingSetup, state: LoopState, clock: Clock) -> TrainingSummary:
     """What training.json records: sizes, the loss curves, the stop, the precision, the speed."""
     losses, accumulation = state.losses, setup.accumulation
     tail = losses[-5 * accumulation:]
-    return {"steps": state.micro_step // accumulation, "planned_steps": setup.total_steps,
-            "rows": len(setup.settings.rows), "rows_too_long": setup.rows_too_long,
-            "examples": len(setup.examples), "validation_examples": len(setup.held_out),
-            "target_tokens_rank0": state.target_tokens, "losses": losses,
-            "validation_losses": state.validation, "stopped_early": state.stopped_early,
-            "best_validation_loss": None if math.isinf(state.best_validation) else state.best_validation,
-            "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
-            "zero_stage": setup.engine.zero_optimization_stage(), "world_size": setup.world_size,
-            "gradient_accumulation": accumulation, "resumed_from_step": state.resumed_from_step,
-            "precision": setup.precision.as_dict(), "started_at": clock.started, "finished_at": time.time(),
-            "target_tokens_per_s_rank0": clock.tokens_per_s(state)}
+    return TrainingSummary(
+        steps=state.micro_step // accumulation, planned_steps=setup.total_steps, rows=len(setup.settings.rows),
+        rows_too_long=setup.rows_too_long, examples=len(setup.examples), validation_examples=len(setup.held_out),
+        target_tokens_rank0=state.target_tokens, losses=losses, validation_losses=state.validation,
+        stopped_early=state.stopped_early,
+        best_validation_loss=None if math.isinf(state.best_validation) else state.best_validation,
+        first_loss=losses[0], final_loss=sum(tail) / len(tail), zero_stage=setup.engine.zero_optimization_stage(),
+        world_size=setup.world_size, gradient_accumulation=accumulation, resumed_from_step=state.resumed_from_step,
+        precision=setup.precision.as_dict(), started_at=clock.started, finished_at=time.time(),
+        target_tokens_per_s_rank0=clock.tokens_per_s(state))
 
 
 def read_back(unread: list[tuple[torch.Tensor, torch.Tensor]], state: LoopState) -> None:

@@ -45,7 +45,7 @@ def attach_system(student, student_dir: Path, system: dict):
         from peft import PeftModel
 
         from modecotd.models import require_safetensors
-        from modecotd.plan import TrainingFiles
+        from modecotd.units import TrainingFiles
 
         adapter = local_folder(system["adapter"])
         require_safetensors(adapter, TrainingFiles.ADAPTER_WEIGHTS)
@@ -53,7 +53,7 @@ def attach_system(student, student_dir: Path, system: dict):
         return model, model.unload
     if kind == "mixture":
         from modecotd.mixture import Mixture
-        from modecotd.plan import MixtureFiles
+        from modecotd.units import MixtureFiles
 
         experts = {name: local_folder(where) for name, where in system["experts"].items()}
         mixture = Mixture(student_dir, experts, system.get("method", "lorahub"), model=student)

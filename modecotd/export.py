@@ -24,7 +24,8 @@ from pathlib import Path
 from modecotd.artifacts import MANIFEST, Unit
 from modecotd.config_loading import read_yaml
 from modecotd.errors import UserError
-from modecotd.plan import ALONE, FEWSHOT_LORA, MIXTURE, RunLayout, TrainingFiles
+from modecotd.plan import ALONE, FEWSHOT_LORA, MIXTURE, RunLayout
+from modecotd.units import MixtureFiles, TrainingFiles
 from modecotd.report import percent
 from modecotd.run_view import RunView
 from modecotd.storage import Storage
@@ -76,8 +77,8 @@ def export(storage: Storage, task: str, system: str, to: Path, merge: bool = Fal
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise UserError(f"{to}: exists and is not an empty folder; give a new one")
     source = Unit(storage, prefix, manifest["fingerprint"]).local()
-    if (source / "adapter").is_dir():  # a mixture: the one adapter it equals
-        source = source / "adapter"
+    if (source / MixtureFiles.ADAPTER).is_dir():  # a mixture: the one adapter it equals
+        source = source / MixtureFiles.ADAPTER
     student = config["student"]["model"]
     kind = "model" if (source / "model.safetensors").is_file() or (source / "model.safetensors.index.json").is_file() \
         else "adapter"

@@ -244,7 +244,7 @@ def record_base_model(adapter_dir: Path, reference: str, folder: Path) -> None:
     its revision."""
     import json
 
-    from modecotd.plan import TrainingFiles
+    from modecotd.units import TrainingFiles
 
     path = Path(adapter_dir) / TrainingFiles.ADAPTER_CONFIG
     config = json.loads(path.read_text())

@@ -77,57 +77,6 @@ class RunLayout:
         return f"{self.replica}eval/{task}/{system}"
 
 
-# The files each kind of unit holds (beside its manifest, see modecotd.artifacts), named here and
-# nowhere else; where each unit lives is RunLayout's, what it is made from the unit records' below.
-
-class RationaleFiles:
-    """rationales/<task>/, the teacher stage's: every sample it returned, by what became of it."""
-
-    ACCEPTED = "accepted.jsonl"  # a right final answer: the distill stage's rows
-    REJECTED = "rejected.jsonl"  # every other sample, with its reason
-    FAILED = "failed.jsonl"  # a question the teacher could not do, with the reason
-    BY_STATUS = {"accepted": ACCEPTED, "rejected": REJECTED, "failed": FAILED}
-
-
-class TrainingFiles:
-    """experts/<task>/ and baselines/<name>/, the distill stage's: the peft adapter (a full
-    fine-tune: the model's own files) and the training's summary with its loss curves."""
-
-    SUMMARY = "training.json"
-    ADAPTER_CONFIG = "adapter_config.json"  # peft's names
-    ADAPTER_WEIGHTS = "adapter_model.safetensors"
-    ADAPTER = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
-
-
-class MixtureFiles:
-    """mixtures/<task>[.<method>]/, the mix stage's: the kept setting's mixture (weights and merged
-    adapter, or a gate's router) with its summary, and every trial's search."""
-
-    SUMMARY = "mixture.json"
-    SEARCH = "search.json"
-    ROUTERS = "routers.safetensors"  # a gate mixture's routers
-
-
-class EvaluationFiles:
-    """eval/<task>/<system>/, the evaluate stage's: each test question's output and readings
-    (the summary is in the manifest)."""
-
-    ROWS = "predictions.jsonl"
-
-
-class ReportFiles:
-    """The report, at the run's root, rebuilt from the units alone (modecotd.report)."""
-
-    MARKDOWN = "report.md"  # written last: it says the report is there
-    JSON = "report.json"
-    HTML = "report.html"
-    ACCURACY_PLOT = "accuracy.png"
-    TRAINING_PLOT = "training.png"
-    WEIGHTS_PLOT = "mixture_weights.png"
-    SEARCH_PLOT = "search.png"
-    ALL = (MARKDOWN, JSON, HTML, ACCURACY_PLOT, TRAINING_PLOT, WEIGHTS_PLOT, SEARCH_PLOT)
-
-
 @dataclass(frozen=True)
 class Training:
     """One training job of the distill stage: a seen task's expert, or a baseline (several tasks'

@@ -181,7 +181,7 @@ def track_results(settings: dict, run: str, storage) -> None:
     import json
     import tempfile
 
-    from modecotd.plan import ReportFiles
+    from modecotd.units import ReportFiles
 
     if not (settings.get("mlflow") or settings.get("wandb")):
         return

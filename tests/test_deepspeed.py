@@ -20,8 +20,8 @@ def test_zero_stage_trains_and_saves_a_full_adapter(process_group, tiny_model_di
                                output_dir=str(tmp_path), lora_r=4, lora_alpha=8, learning_rate=5e-3, batch_size=4,
                                epochs=2, zero_stage=stage, max_length=160)
     summary = train_expert(settings, rank=0, world_size=1)
-    assert summary["zero_stage"] == stage
-    assert summary["final_loss"] < summary["first_loss"]
+    assert summary.zero_stage == stage
+    assert summary.final_loss < summary.first_loss
     tensors = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
     assert len(tensors) == 8 and all(t.numel() > 0 and t.abs().sum() > 0 for t in tensors.values())
     model = PeftModel.from_pretrained(load_lm(tiny_model_dir), str(tmp_path))
@@ -82,8 +82,8 @@ def test_a_crashed_run_resumes_from_its_checkpoint_to_the_same_adapter(process_g
         train_expert(settings, 0, 1, report=crash_at_step_5, checkpoints=checkpoints)
     assert checkpoints.saved_at == [2, 4]
     summary = train_expert(settings, 0, 1, checkpoints=checkpoints)
-    assert summary["steps"] == reference["steps"] == 6
-    assert summary["losses"] == pytest.approx(reference["losses"], rel=1e-4, abs=1e-5)
+    assert summary.steps == reference.steps == 6
+    assert summary.losses == pytest.approx(reference.losses, rel=1e-4, abs=1e-5)
     before = safetensors.torch.load_file(undisturbed / "adapter_model.safetensors")
     after = safetensors.torch.load_file(resumed / "adapter_model.safetensors")
     assert before.keys() == after.keys()
@@ -138,10 +138,10 @@ def test_gradient_accumulation_counts_optimizer_steps(process_group, tiny_model_
     real_read_back = distill.read_back
     monkeypatch.setattr(distill, "read_back", spy)
     summary = train_expert(_settings(tiny_model_dir, tmp_path, gradient_accumulation=2), 0, 1)
-    assert summary["gradient_accumulation"] == 2
-    assert summary["steps"] == 6 and len(summary["losses"]) == 12  # micro-batches of 2, optimizer batch 4
+    assert summary.gradient_accumulation == 2
+    assert summary.steps == 6 and len(summary.losses) == 12  # micro-batches of 2, optimizer batch 4
     assert read_backs == [2] * 6 + [0]  # the last call finds nothing left
-    assert summary["final_loss"] < summary["first_loss"]
+    assert summary.final_loss < summary.first_loss
 
 
 def test_gradient_checkpointing_trains_with_the_same_losses(process_group, tiny_model_dir, tmp_path, monkeypatch):
@@ -161,10 +161,10 @@ def test_gradient_checkpointing_trains_with_the_same_losses(process_group, tiny_
     assert layer_calls == []  # off by default
     recomputed = train_expert(_settings(tiny_model_dir, tmp_path / "checkpointed", epochs=1,
                                         gradient_checkpointing=True), 0, 1)
-    assert len(layer_calls) == 2 * len(recomputed["losses"]) == 2 * 3
-    assert recomputed["losses"][0] == plain["losses"][0]
+    assert len(layer_calls) == 2 * len(recomputed.losses) == 2 * 3
+    assert recomputed.losses[0] == plain.losses[0]
     # the same dropout masks are replayed in the recomputation, so the updates and later losses match too
-    assert recomputed["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-5)
     assert (tmp_path / "checkpointed" / "adapter_model.safetensors").is_file()
 
 
@@ -172,14 +172,14 @@ def test_validation_loss_and_early_stopping(process_group, tiny_model_dir, tmp_p
     settings = _settings(tiny_model_dir, tmp_path, validation_fraction=0.25, eval_every=1, epochs=20,
                          learning_rate=0.5, early_stopping_patience=2)
     summary = train_expert(settings, 0, 1)
-    assert summary["validation_examples"] == 3 and summary["examples"] == 9
-    assert summary["stopped_early"] and summary["steps"] < summary["planned_steps"]
-    steps = [step for step, _ in summary["validation_losses"]]
-    assert steps == list(range(1, summary["steps"] + 1))
-    assert summary["best_validation_loss"] == min(loss for _, loss in summary["validation_losses"])
+    assert summary.validation_examples == 3 and summary.examples == 9
+    assert summary.stopped_early and summary.steps < summary.planned_steps
+    steps = [step for step, _ in summary.validation_losses]
+    assert steps == list(range(1, summary.steps + 1))
+    assert summary.best_validation_loss == min(loss for _, loss in summary.validation_losses)
 
 
 def test_optimizer_offload_to_cpu_trains(process_group, tiny_model_dir, tmp_path):
     summary = train_expert(_settings(tiny_model_dir, tmp_path, offload_optimizer=True), 0, 1)
-    assert summary["final_loss"] < summary["first_loss"]
+    assert summary.final_loss < summary.first_loss
     assert (tmp_path / "adapter_model.safetensors").is_file()

@@ -52,7 +52,7 @@ def test_concurrency_limit_and_a_failed_expert_does_not_stop_the_others(ray_clus
         jobs[name] = Training(name, units[name], ((rationales, "yes_no"),))
     results = run_distill_stage(config, RunLayout(storage), jobs)
     assert isinstance(results["bad"], Failed) and "max_length" in results["bad"].reason
-    assert results["one"].summary["status"] == results["two"].summary["status"] == "done"
+    assert results["one"].summary.status == results["two"].summary.status == "done"
     assert units["one"].done() and units["two"].done() and not units["bad"].done()
-    first, second = sorted((results[n].summary["started_at"], results[n].summary["finished_at"]) for n in ("one", "two"))
+    first, second = sorted((results[n].summary.started_at, results[n].summary.finished_at) for n in ("one", "two"))
     assert first[1] <= second[0]  # max_concurrent_jobs=1: never two at once

@@ -44,7 +44,7 @@ def test_a_failed_pair_is_recorded_and_the_others_go_on(ray_cluster, tiny_model_
     results = run_evaluate_stage(config, tasks, jobs)
 
     assert isinstance(results["sums/expert"], Failed) and "no-such-adapter" in results["sums/expert"].reason
-    assert results["sums/base"].summary["n"] == 1  # after the failure, on the same actor, with a fresh student
+    assert results["sums/base"].summary.n == 1  # after the failure, on the same actor, with a fresh student
     assert jobs[1].unit.done() and not jobs[0].unit.done()
 
 
@@ -90,6 +90,6 @@ def test_a_stopped_evaluator_is_noticed_killed_and_its_pair_run_again(ray_cluste
         results = run_evaluate_stage(config, tasks, [job])
     stopper.join()
     assert stopped, "the evaluator finished before it could be stopped: give it more questions"
-    assert results["sums/base"].summary["n"] == 200 and job.unit.done()
+    assert results["sums/base"].summary.n == 200 and job.unit.done()
     names = {a.name for a in list_actors(filters=[("class_name", "=", "Evaluator")], limit=1000)}
     assert "eval-0-restart1" in names  # the pair ran again on a new actor in the same slot

@@ -54,7 +54,7 @@ def test_zero_trains_a_seq2seq_expert_that_reloads(process_group, tiny_t5_dir, t
                                output_dir=str(tmp_path), lora_r=4, lora_alpha=8, learning_rate=5e-3, batch_size=4,
                                epochs=2, zero_stage=stage, max_length=160)
     summary = train_expert(settings, rank=0, world_size=1)
-    assert summary["final_loss"] < summary["first_loss"]
+    assert summary.final_loss < summary.first_loss
     tensors = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
     # q and v of each attention block: encoder self (2 layers), decoder self and cross (2 layers each)
     assert len(tensors) == 6 * 2 * 2 and all(t.abs().sum() > 0 for t in tensors.values())

@@ -93,10 +93,10 @@ def test_transformers_teacher_pool_of_named_actors(ray_cluster, tiny_model_dir, 
                                     "temperature": 0.7, "max_new_tokens": 6, "batch_size": 3, "shard_size": 2,
                                     "actors": 2, "cpus_per_actor": 0.5})
     summary = run_stage(config, tmp_path)["plus"].summary
-    assert summary["questions"] == 8
-    assert summary["accepted"] + summary["rejected"] == 8 * 2  # every sample is kept or rejected with a reason
+    assert summary.questions == 8
+    assert summary.accepted + summary.rejected == 8 * 2  # every sample is kept or rejected with a reason
     assert all(row["reason"] for row in rows(tmp_path, "rejected"))
-    assert summary["generated_tokens"] > 0 and summary["tokens_per_second"] > 0
+    assert summary.generated_tokens > 0 and summary.tokens_per_second > 0
     names = {a.name for a in list_actors(filters=[("class_name", "=", "TeacherWorker")], limit=1000)}
     assert {"teacher-0", "teacher-1"} <= names
     assert not alive_teachers()  # the pool is gone when the stage ends
@@ -129,7 +129,7 @@ def test_a_killed_actor_loses_no_question(ray_cluster, tmp_path, monkeypatch):
     assert killed, "the actor was never killed: the stage ended before two shards were written"
     ids = [row["id"] for row in rows(tmp_path, "accepted")]
     assert sorted(ids) == list(range(24))  # every question exactly once
-    assert summary["questions"] == 24 and summary["failed"] == 0
+    assert summary.questions == 24 and summary.failed == 0
     assert {row["question"] for row in rows(tmp_path, "accepted")} == {f"What is {i} + 1?" for i in range(24)}
     from ray.util.state import list_actors
 
@@ -173,7 +173,7 @@ def test_a_stopped_actor_is_noticed_killed_and_its_shards_redone(ray_cluster, tm
     assert stopped, "the actor was never stopped: the stage ended before two shards were written"
     pid, when = stopped[0]
     assert sorted(row["id"] for row in rows(tmp_path, "accepted")) == list(range(24))  # every question once
-    assert summary["questions"] == 24 and summary["failed"] == 0
+    assert summary.questions == 24 and summary.failed == 0
     assert ended - when < 30  # noticed after 3 s of silence, not waited on forever
     names = {a.name for a in list_actors(filters=[("class_name", "=", "TeacherWorker")], limit=1000)}
     assert "teacher-0-restart1" in names  # the stopped actor was replaced
@@ -230,8 +230,8 @@ def test_bad_rows_and_failing_endpoints_are_recorded_and_the_key_never_written(r
     assert "refused the request (HTTP 400)" in failed[3]
     assert "failed after 2 attempts" in failed[6] and "503" in failed[6]
     assert sorted(row["id"] for row in rows(tmp_path, "accepted")) == [0, 1, 2, 4, 5, 7, 8, 9]
-    assert summary["failed"] == 2 and sum(summary["failure_reasons"].values()) == 2
-    assert summary["yield"] == pytest.approx(0.8)
+    assert summary.failed == 2 and sum(summary.failure_reasons.values()) == 2
+    assert summary.yield_ == pytest.approx(0.8)
     import ray
 
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"  # every Ray log so far
@@ -260,8 +260,8 @@ def test_a_server_that_ignores_n_still_gives_every_sample_and_the_summary_counts
         summary = run_stage(config, tmp_path)["plus"].summary
         reasoning = [r["body"]["n"] for r in stub.requests if not r["prompt"].rstrip().endswith("is")]
     assert sorted(reasoning) == [1] * 4 + [2] * 4  # asked for 2, got 1, asked again for the other
-    assert summary["samples_asked"] == summary["samples_returned"] == 8
-    assert summary["accepted"] == 8 and summary["questions_with_rationale"] == 4
+    assert summary.samples_asked == summary.samples_returned == 8
+    assert summary.accepted == 8 and summary.questions_with_rationale == 4
     assert sorted(row["id"] for row in rows(tmp_path, "accepted")) == [0, 0, 1, 1, 2, 2, 3, 3]
 
 

@@ -35,7 +35,8 @@ from modecotd.tracking import tune_callbacks
 from modecotd.mixture_fit import ORDER_KEYS, FitOptions, SettingFit, SettingRecord, forward_method, setting_label
 from modecotd.models import materialize
 from modecotd.outcome import Done, Failed, Outcome
-from modecotd.plan import Mixing, MixtureFiles, RunLayout
+from modecotd.plan import Mixing, RunLayout
+from modecotd.units import MixtureFiles, MixtureSummary
 from modecotd.tasks.schema import AnswerKind
 
 log = logging.getLogger(__name__)
@@ -424,22 +425,21 @@ def best_record(records: list[SettingRecord], order: list[str]) -> SettingRecord
     return min(tied, key=lambda r: (rank.get(r.setting, len(rank)), r.setting))
 
 
-def _commit(mixing: Mixing, scored: list[Scored], experts: dict[str, Unit], cfg) -> dict:
+def _commit(mixing: Mixing, scored: list[Scored], experts: dict[str, Unit], cfg) -> MixtureSummary:
     """Keep the best setting's mixture: its weights, the merged adapter (a gate's routers), and every
     trial's search."""
     unit = mixing.unit
     records = sorted((s.record for s in scored), key=lambda r: r.setting)
     best = best_record(records, [setting_label(s) for s in mixing.settings])
-    summary = {"status": "done", **{k: getattr(best, k) for k in ("method", "budget", "bound", "l1", "top_k", "setting")},
-               "cv_loss": best.cv_loss, "objective": best.objective, "weights": best.weights,
-               "experts_mixed": best.experts_mixed, "zero_weights_loss": best.zero_weights_loss,
-               "precision": best.precision,
-               "candidates": [{"setting": r.setting, "cv_loss": r.cv_loss} for r in records],
-               "system": mixing.system, "settings_tried": len(mixing.settings),  # those missing from candidates were stopped early
-               **{k: getattr(best, k) for k in (*ORDER_KEYS, "control") if getattr(best, k) is not None}}
-    with unit.writing(summary) as staging:
-        write_json(staging / MixtureFiles.SUMMARY, {**summary, "optimizer": cfg.optimizer,
-                                              "experts": {n: e.prefix for n, e in experts.items()}})
+    summary = MixtureSummary(
+        **{k: getattr(best, k) for k in ("method", "budget", "bound", "l1", "top_k", "setting", "cv_loss", "objective",
+                                         "weights", "experts_mixed", "zero_weights_loss", "precision", *ORDER_KEYS,
+                                         "control")},
+        candidates=[{"setting": r.setting, "cv_loss": r.cv_loss} for r in records], system=mixing.system,
+        settings_tried=len(mixing.settings))
+    with unit.writing(summary.to_json()) as staging:
+        write_json(staging / MixtureFiles.SUMMARY, {**summary.to_json(), "optimizer": cfg.optimizer,
+                                                    "experts": {n: e.prefix for n, e in experts.items()}})
         write_json(staging / MixtureFiles.SEARCH, {"trials": [r.to_json() for r in records]})
         if best.method == "gate":  # per-token weights: the routers are the mixture
             checkpoint = next(s.checkpoint for s in scored if s.record is best)
@@ -447,7 +447,7 @@ def _commit(mixing: Mixing, scored: list[Scored], experts: dict[str, Unit], cfg)
                 shutil.copy(Path(folder) / MixtureFiles.ROUTERS, staging / MixtureFiles.ROUTERS)
         else:
             export_adapter({n: local_folder(e) for n, e in experts.items()}, best.method,
-                           [best.weights[n] for n in experts], staging / "adapter")
+                           [best.weights[n] for n in experts], staging / MixtureFiles.ADAPTER)
     log.info("mix: %s: %s, cv loss %s, weights %s", mixing.label, best.setting,
              "–" if best.cv_loss is None else f"{best.cv_loss:.3f}",
              {k: round(v, 2) for k, v in best.weights.items()})

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from modecotd.artifacts import write_json
-from modecotd.plan import ReportFiles
+from modecotd.units import ReportFiles
 from modecotd.report.collect import SYSTEMS, as_storage, collect, correct_field, eval_rows, pair_rows, \
     search_curves, task_facts, training_curves, worst_pairs
 from modecotd.report.markdown import percent, render_markdown, write_html

@@ -8,7 +8,8 @@ from pathlib import Path
 from modecotd.config import CONTROLS, GENERATING_BACKENDS, WEIGHT_CONTROLS
 from modecotd.config_loading import read_yaml
 from modecotd.evaluate import majority_baseline
-from modecotd.plan import ALONE, MIXTURES, SYSTEMS, EvaluationFiles, MixtureFiles, RunLayout, TrainingFiles
+from modecotd.plan import ALONE, MIXTURES, SYSTEMS, RunLayout
+from modecotd.units import EvaluationFiles, MixtureFiles, TrainingFiles
 from modecotd.run_view import RunView
 from modecotd.stats import majority_answer_accuracy, mean_over_seeds_and_tasks_ci, wilson_interval
 from modecotd.storage import Storage

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from modecotd.config import MIXTURE, STAGES
-from modecotd.plan import ReportFiles
+from modecotd.units import ReportFiles
 from modecotd.report.collect import ERRORS_PER_PAIR, MIXTURES, PAPER_CHANGES, SYSTEMS, systems_in
 from modecotd.tasks.schema import Role
 
