@@ -9,6 +9,7 @@ back from its node's disk. Ray Train's checkpoints live in the run's storage too
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import tempfile
@@ -62,8 +63,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     unit: Unit = loop_config["unit"]
     staging = unit.begin() if rank == 0 else None
-    settings = DistillSettings(**{**loop_config["settings"], "student_dir": str(materialize(loop_config["student"])),
-                                  "student": loop_config["student"], "output_dir": str(staging or "")})
+    settings = dataclasses.replace(loop_config["settings"], student_dir=str(materialize(loop_config["student"])),
+                                   student=loop_config["student"], output_dir=str(staging or ""))
     checkpoint_every = settings.checkpoint_every
 
     gauges = {}
@@ -78,7 +79,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # summary); the other ranks' tracker has no tracker to open
     layout_root = unit.storage.local_root if rank == 0 and unit.storage.is_local else None
     tracker = Tracker(loop_config.get("tracking", {}) if rank == 0 else {}, loop_config.get("run", ""), "distill",
-                      loop_config["task"], params=loop_config["settings"] | {"student": loop_config["student"]},
+                      loop_config["task"], params=asdict(loop_config["settings"]) | {"student": loop_config["student"]},
                       tensorboard_dir=layout_root / "tensorboard" / "distill" / loop_config["task"]
                       if layout_root is not None else None)
 
@@ -125,7 +126,7 @@ def stage_metrics() -> dict:
 
 
 @ray.remote(num_cpus=0)
-def fit_expert(task: str, unit: Unit, student: str, settings: dict, workers: int, cpus_per_worker: float,
+def fit_expert(task: str, unit: Unit, student: str, settings: DistillSettings, workers: int, cpus_per_worker: float,
                ray_storage: tuple, run_name: str, max_failures: int, gpus_per_worker: float = 0,
                tracking: dict | None = None, run: str = "") -> TrainingSummary:
     """Run one expert's Ray Train job to completion; returns the summary of its committed unit.
@@ -259,7 +260,7 @@ class DistillJobs:
         config, cfg, job = self.config, self.config.distill, self.jobs[name]
         ref = fit_expert.options(name=f"distill:{name}", runtime_env={"env_vars": {
             **this_cluster_env(), **train_health_env(config.resources.stall_timeout_s)}}).remote(
-            name, job.unit, config.student.model, asdict(distill_settings(config, job, rows)), cfg.workers_per_job,
+            name, job.unit, config.student.model, distill_settings(config, job, rows), cfg.workers_per_job,
             cfg.cpus_per_worker, self.ray_storage, f"distill-{name}-{job.unit.key}", cfg.max_failures,
             cfg.gpus_per_worker if cfg.use_gpu else 0, config.tracking.model_dump(mode="json"), config.name)
         log.info("distill: %s started (%d rows, ZeRO-%d)", name, len(rows), cfg.zero_stage)
