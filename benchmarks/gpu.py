@@ -478,6 +478,7 @@ def evaluation_stage(model_dir: Path, adapter: Path, profile: dict, meter: Meter
     from transformers import AutoModelForCausalLM
 
     from modecotd.evaluate import load_system, predict
+    from modecotd.plan import SystemSpec
     from modecotd.models import load_tokenizer
     from modecotd.prompts import student_prompt
     from modecotd.tasks.answers import END_MARK
@@ -489,7 +490,7 @@ def evaluation_stage(model_dir: Path, adapter: Path, profile: dict, meter: Meter
     batch_size = evaluation_batch_size(meter.device)
     new_tokens = profile["eval_tokens"]
     tokenizer = load_tokenizer(model_dir)
-    loaded = load_system(model_dir, "auto", {"kind": "expert", "adapter": str(adapter)})
+    loaded = load_system(model_dir, "auto", SystemSpec("expert", adapter=str(adapter)))
     dtype = loaded.get_base_model().precision.dtype  # load_lm's choice for dtype auto
     predict(loaded, tokenizer, examples[:2], kind, batch_size=batch_size, max_new_tokens=4)  # warm-up
     meter.sync()

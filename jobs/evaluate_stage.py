@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import ray
 
@@ -23,9 +23,9 @@ from modecotd.jobs.worker_pool import WorkerPool
 from modecotd.likelihood import likelihood_answers
 from modecotd.models import load_lm
 from modecotd.outcome import Done, Failed, Outcome
-from modecotd.plan import Evaluation
+from modecotd.plan import Evaluation, SystemSpec
 from modecotd.units import EvaluationFiles, EvaluationSummary
-from modecotd.tasks.schema import Example
+from modecotd.tasks.schema import AnswerKind, Example
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Evaluator:
     once; each system (but a fully fine-tuned copy) is wired into that student for its pair and
     taken off again."""
 
-    def __init__(self, student: str, dtype: str, settings: dict):
+    def __init__(self, student: str, dtype: str, settings: "DecodeSettings"):
         self.model_ref, self.dtype, self.settings = student, dtype, settings
         self.student_dir = self.tokenizer = None  # resolved on this actor's node at the first pair
         self.student = None  # loaded at the first pair that needs it
@@ -53,21 +53,21 @@ class Evaluator:
     def placed(self) -> bool:
         return True
 
-    def evaluate(self, task: str, system_name: str, system: dict, kind, examples: list[dict]) -> "PairOutput":
+    def evaluate(self, pair: "PairInput") -> "PairOutput":
         started = time.time()
         if self.tokenizer is None:
             from modecotd.models import load_tokenizer, materialize
 
             self.student_dir = materialize(self.model_ref)
             self.tokenizer = load_tokenizer(self.student_dir)
-        with self._system(system) as model:
-            return self._evaluate(model, task, system_name, kind, examples, started)
+        with self._system(pair.system) as model:
+            return self._evaluate(model, pair, started)
 
     @contextlib.contextmanager
-    def _system(self, system: dict):
+    def _system(self, system: SystemSpec):
         """The system's model for one pair; a student left in an unknown state (a system that failed
         to attach or detach) is dropped and loaded afresh for the next pair."""
-        if system["kind"] == "full":
+        if system.kind == "full":
             yield load_system(self.student_dir, self.dtype, system)
             return
         if self.student is None:
@@ -86,10 +86,9 @@ class Evaluator:
                 self.student = None
                 raise
 
-    def _evaluate(self, model, task: str, system_name: str, kind, examples: list[dict], started: float
-                  ) -> "PairOutput":
-        batch = [Example(**e) for e in examples]
-        unit, done = f"{task} / {system_name}", 0
+    def _evaluate(self, model, pair: "PairInput", started: float) -> "PairOutput":
+        batch, kind = list(pair.examples), pair.kind
+        unit, done = f"{pair.task} / {pair.name}", 0
         send("evaluate", unit, 0, len(batch), "question")
 
         def on_batch(count: int) -> None:
@@ -97,17 +96,39 @@ class Evaluator:
             done += count
             send("evaluate", unit, done, len(batch), "question", finished=done >= len(batch))
 
-        batch_size = EVALUATION_BATCH.resolve(self.settings["batch_size"], model.device)  # auto: by device
-        fmt = self.settings["prompt_format"]
+        settings = self.settings
+        batch_size = EVALUATION_BATCH.resolve(settings.batch_size, model.device)  # auto: by device
         outputs = predict(model, self.tokenizer, batch, kind, batch_size=batch_size,
-                          max_new_tokens=self.settings["max_new_tokens"], on_batch=on_batch, prompt_format=fmt)
+                          max_new_tokens=settings.max_new_tokens, on_batch=on_batch, prompt_format=settings.prompt_format)
         likely = (likelihood_answers(model, self.tokenizer, [e.question for e in batch], outputs, kind,
-                                     batch_size=batch_size, prompt_format=fmt) if self.settings["likelihood"] else None)
+                                     batch_size=batch_size, prompt_format=settings.prompt_format)
+                  if settings.likelihood else None)
         rows = score_rows(batch, outputs, kind, likely)
-        tags = {"task": task, "system": system_name}
+        tags = {"task": pair.task, "system": pair.name}
         self.done.inc(1, tags)
         self.accuracy.set(sum(r["correct"] for r in rows) / max(1, len(rows)), tags)
         return PairOutput(rows, time.time() - started, model.precision.as_dict())
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How every evaluator decodes (the evaluation section's, and the student's prompt format)."""
+
+    batch_size: int | str
+    max_new_tokens: int
+    likelihood: bool
+    prompt_format: str
+
+
+@dataclass(frozen=True)
+class PairInput:
+    """What an evaluator gets for one pair: the system to build and the task's test questions."""
+
+    task: str
+    name: str  # the system's name (another seed's with its seed)
+    system: SystemSpec
+    kind: AnswerKind
+    examples: tuple[Example, ...]
 
 
 @dataclass(frozen=True)
@@ -135,8 +156,7 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict[str
     needs = {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}
     wait_for_resources(needs, "an evaluator actor", config.resources.placement_timeout_s,
                        "evaluation.cpus_per_actor / gpus_per_actor")
-    settings = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, "likelihood": cfg.likelihood,
-                "prompt_format": config.student.prompt_format}
+    settings = DecodeSettings(cfg.batch_size, cfg.max_new_tokens, cfg.likelihood, config.student.prompt_format)
 
     def make(name: str):
         return Evaluator.options(name=name, num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor).remote(
@@ -164,7 +184,7 @@ def run_evaluate_stage(config, tasks, evaluations: list[Evaluation]) -> dict[str
         send("evaluate", f"{pair.task} / {pair.name}", 0, None, "question", note="failed", finished=True)
         log.error("evaluate: %s / %s failed: %s", pair.task, pair.name, reason)
 
-    pool.run([Pair.of(e, tasks) for e in todo], submit=lambda actor, pair: actor.evaluate.remote(*pair.args),
+    pool.run([Pair.of(e, tasks) for e in todo], submit=lambda actor, pair: actor.evaluate.remote(pair.input),
              done=done, failed=failed)
     return results
 
@@ -176,7 +196,7 @@ class Pair:
     unit: Unit
     task: str
     name: str  # the system's name; another seed's system with its seed (in logs, progress and metrics)
-    args: tuple  # Evaluator.evaluate's arguments
+    input: PairInput  # what the evaluator gets
 
     @property
     def key(self) -> str:
@@ -186,4 +206,4 @@ class Pair:
     def of(cls, evaluation: Evaluation, tasks) -> "Pair":
         e, data = evaluation, tasks[evaluation.task]
         name = e.system.name if e.seed is None else f"{e.system.name}@seed{e.seed}"
-        return cls(e.unit, e.task, name, (e.task, name, e.system.spec(), data.kind, [asdict(ex) for ex in data.test]))
+        return cls(e.unit, e.task, name, PairInput(e.task, name, e.system.spec(), data.kind, tuple(data.test)))

@@ -13,32 +13,31 @@ from pathlib import Path
 from modecotd import prompts
 from modecotd.artifacts import local_folder
 from modecotd.generation import generate_texts
+from modecotd.plan import SystemSpec
 from modecotd.tasks.answers import END_MARK, extract_answer, has_answer_format, is_correct, partial_credit, \
     reference_is_correct
 from modecotd.tasks.schema import AnswerKind, Example
 
 
-def load_system(student_dir: Path, dtype: str, system: dict):
-    """A generation-ready model for ``system``: {"kind": "base"} | {"kind": "expert", "adapter": A}
-    | {"kind": "mixture", "experts": {name: A}, "weights": {name: w}, "method": m, "routers": A (gate)}
-    | {"kind": "full", "model": A}, where each A is a committed unit (fetched to this node) or a folder.
+def load_system(student_dir: Path, dtype: str, system: SystemSpec):
+    """A generation-ready model for ``system``, each of whose units is fetched to this node.
 
     Adapters stay unmerged, the way training computed them (a separate LoRA path beside the bf16
     weights); merging would round the update into the bf16 weights. ``dtype`` may be ``auto`` (see
     :mod:`modecotd.precision`); the model is loaded straight onto a GPU when one is visible."""
     from modecotd.models import load_lm
 
-    if system["kind"] == "full":
-        return load_lm(local_folder(system["model"]), dtype)
+    if system.kind == "full":
+        return load_lm(local_folder(system.model), dtype)
     model, _ = attach_system(load_lm(student_dir, dtype), student_dir, system)
     return model
 
 
-def attach_system(student, student_dir: Path, system: dict):
+def attach_system(student, student_dir: Path, system: SystemSpec):
     """``system`` built in place on ``student``, a student already loaded (any system but "full");
     returns the model and a function that takes the system off again, leaving ``student`` as it was,
     so that one loaded student serves many systems in turn."""
-    kind = system["kind"]
+    kind = system.kind
     if kind == "base":
         return student, lambda: None
     if kind == "expert":
@@ -47,7 +46,7 @@ def attach_system(student, student_dir: Path, system: dict):
         from modecotd.models import require_safetensors
         from modecotd.units import TrainingFiles
 
-        adapter = local_folder(system["adapter"])
+        adapter = local_folder(system.adapter)
         require_safetensors(adapter, TrainingFiles.ADAPTER_WEIGHTS)
         model = PeftModel.from_pretrained(student, str(adapter)).eval()
         return model, model.unload
@@ -55,12 +54,12 @@ def attach_system(student, student_dir: Path, system: dict):
         from modecotd.mixture import Mixture
         from modecotd.units import MixtureFiles
 
-        experts = {name: local_folder(where) for name, where in system["experts"].items()}
-        mixture = Mixture(student_dir, experts, system.get("method", "lorahub"), model=student)
+        experts = {name: local_folder(where) for name, where in system.experts.items()}
+        mixture = Mixture(student_dir, experts, system.method, model=student)
         if mixture.method == "gate":
-            mixture.load_routers(local_folder(system["routers"]) / MixtureFiles.ROUTERS)
+            mixture.load_routers(local_folder(system.routers) / MixtureFiles.ROUTERS)
         else:
-            mixture.set_weights([system["weights"][name] for name in mixture.names])
+            mixture.set_weights([system.weights[name] for name in mixture.names])
         return mixture.model, mixture.detach
     raise ValueError(f"unknown system kind {kind!r}")
 

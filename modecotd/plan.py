@@ -114,6 +114,22 @@ class Mixing:
         return self.unit.prefix.rsplit("/", 1)[1]
 
 
+@dataclass(frozen=True)
+class SystemSpec:
+    """What an evaluator builds on the student (see :func:`modecotd.evaluate.load_system`): nothing
+    (base), an expert's adapter, a fully fine-tuned model, or a mixture of experts' adapters at
+    weights (a gate: with its routers). Each place is a committed unit (fetched to the evaluator's
+    node) or a local folder."""
+
+    kind: str  # base | expert | full | mixture
+    adapter: "Unit | str | None" = None  # expert
+    model: "Unit | str | None" = None  # full
+    experts: dict = field(default_factory=dict)  # mixture: name -> its adapter
+    weights: dict = field(default_factory=dict)  # mixture: name -> weight
+    method: str = "lorahub"  # mixture: lorahub | delta | gate
+    routers: "Unit | str | None" = None  # a gate mixture's unit
+
+
 ALONE = "expert-"
 """The prefix of a system that is one seen task's expert evaluated on another task."""
 
@@ -132,22 +148,19 @@ class System:
     def ready(self) -> bool:
         return self.built_by is None or self.built_by.done()
 
-    def spec(self) -> dict:
-        """The evaluator's description of this system (see :mod:`modecotd.evaluate`): the units it
-        reads, which the evaluator fetches on its own node; a mixture's weights come from its
-        committed unit."""
+    def spec(self) -> SystemSpec:
+        """What the evaluator builds: the units it reads, which it fetches on its own node; a
+        mixture's weights come from its committed unit."""
         if self.kind == "base":
-            return {"kind": "base"}
+            return SystemSpec("base")
         if self.kind == "expert":
-            return {"kind": "expert", "adapter": self.built_by}
+            return SystemSpec("expert", adapter=self.built_by)
         if self.kind == "full":
-            return {"kind": "full", "model": self.built_by}
+            return SystemSpec("full", model=self.built_by)
         summary = self.built_by.manifest()["summary"]
-        spec = {"kind": "mixture", "method": summary["method"], "weights": summary["weights"],
-                "experts": {name: self.experts[name] for name in summary["weights"]}}
-        if summary["method"] == "gate":
-            spec["routers"] = self.built_by
-        return spec
+        return SystemSpec("mixture", method=summary["method"], weights=summary["weights"],
+                          experts={name: self.experts[name] for name in summary["weights"]},
+                          routers=self.built_by if summary["method"] == "gate" else None)
 
 
 @dataclass(frozen=True)

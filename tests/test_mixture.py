@@ -223,21 +223,21 @@ def test_gate_learns_routers_with_student_and_experts_frozen(tiny_model_dir, exp
 
 def test_one_loaded_student_serves_systems_in_turn_and_is_left_unchanged(tiny_model_dir, experts, batch):
     from modecotd.evaluate import attach_system, load_system
+    from modecotd.plan import SystemSpec
 
     student = load_lm(tiny_model_dir)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     plain = logits(student, batch)
-    systems = [{"kind": "expert", "adapter": str(experts["alpha"])},
-               {"kind": "expert", "adapter": str(experts["beta"])},
-               {"kind": "mixture", "experts": {k: str(v) for k, v in experts.items()},
-                "weights": {"alpha": W[0], "beta": W[1]}, "method": "delta"},
-               {"kind": "base"}]
+    systems = [SystemSpec("expert", adapter=str(experts["alpha"])), SystemSpec("expert", adapter=str(experts["beta"])),
+               SystemSpec("mixture", experts={k: str(v) for k, v in experts.items()},
+                          weights={"alpha": W[0], "beta": W[1]}, method="delta"),
+               SystemSpec("base")]
     for system in systems:
         model, detach = attach_system(student, tiny_model_dir, system)
         expected = logits(load_system(tiny_model_dir, "fp32", system), batch)  # loaded afresh from disk
         got = logits(model, batch)
         assert torch.allclose(got, expected, atol=1e-5)
-        assert (system["kind"] == "base") == torch.allclose(got, plain, atol=1e-5)
+        assert (system.kind == "base") == torch.allclose(got, plain, atol=1e-5)
         detach()
         assert torch.equal(logits(student, batch), plain)
         assert student.state_dict().keys() == before.keys()

@@ -7,6 +7,7 @@ import pytest
 
 from modecotd.config_loading import parse_config
 from modecotd.errors import ConfigError
+from modecotd.plan import SystemSpec
 from modecotd.jobs.driver import load_tasks
 from modecotd.plan import SYSTEMS, Plan, RunLayout
 from modecotd.storage import Storage
@@ -103,17 +104,17 @@ def test_mixtures_follow_the_experts_trained_and_only_built_systems_are_evaluate
     assert one_trained.key != nothing_trained
     assert ("coins", "expert") in [(e.task, e.system.name) for e in plan.evaluations()]
     alone = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("letters", "expert-coins"))
-    assert alone.system.spec() == {"kind": "expert", "adapter": plan.trainings["coins"].unit}
+    assert alone.system.spec() == SystemSpec("expert", adapter=plan.trainings["coins"].unit)
     assert ("letters", "expert-sums") not in [(e.task, e.system.name) for e in plan.evaluations()]  # not built
 
     commit(one_trained, {"method": "lorahub", "weights": {"coins": 0.5}})
     evaluation = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("letters", "mixture"))
-    assert evaluation.system.spec() == {"kind": "mixture", "method": "lorahub", "weights": {"coins": 0.5},
-                                        "experts": {"coins": plan.trainings["coins"].unit}}
+    assert evaluation.system.spec() == SystemSpec("mixture", method="lorahub", weights={"coins": 0.5},
+                                                  experts={"coins": plan.trainings["coins"].unit})
     assert evaluation.unit.prefix == "eval/letters/mixture" and evaluation.unit.storage == Storage(tmp_path)
     expert = next(e for e in plan.evaluations() if (e.task, e.system.name) == ("coins", "expert"))
-    assert expert.system.spec() == {"kind": "expert", "adapter": plan.trainings["coins"].unit}
-    assert expert.system.spec()["adapter"].local() == tmp_path / "experts" / "coins"
+    assert expert.system.spec() == SystemSpec("expert", adapter=plan.trainings["coins"].unit)
+    assert expert.system.spec().adapter.local() == tmp_path / "experts" / "coins"
 
 
 def test_per_method_mixtures_are_systems_of_their_own_keyed_by_their_settings_alone(tmp_path):
