@@ -171,3 +171,19 @@ def test_a_tie_goes_to_the_setting_listed_first_whatever_order_the_trials_finish
     assert best_record(lower, order).setting == "delta-b8"  # a real difference still decides
     no_folds = [scored("gate", None, 2.0), scored("delta-b4", None, 3.0)]
     assert best_record(no_folds, order).setting == "gate"
+
+
+def test_a_trial_stopped_early_leaves_a_checkpoint_that_holds_no_record(tmp_path):
+    """Tune checkpoints a trial its scheduler stopped too (checkpoint_at_end): that checkpoint is not
+    empty (an object store keeps no empty folder) and is read as no scored setting."""
+    from ray import tune
+
+    from modecotd.tuning.mixture_search import STOPPED, MixtureTrial, Scored
+
+    folder = tmp_path / "checkpoint_000000"
+    folder.mkdir()
+    MixtureTrial.save_checkpoint(SimpleNamespace(record=None), str(folder))
+    assert [p.name for p in folder.iterdir()] == [STOPPED]
+    stopped = SimpleNamespace(error=None, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+    assert Scored.of(stopped) is None
+    assert Scored.of(SimpleNamespace(error=None, checkpoint=None)) is None

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MAX_TRIAL_FAILURES = 2  # times Tune starts a trial again after its worker died
 METRIC = "cv_loss"
 RECORD = "record.json"  # in a finished trial's Tune checkpoint, with a gate's routers
+STOPPED = "stopped.json"  # in the checkpoint of a trial stopped early, instead
 
 
 def keep_credentials_out_of_trials() -> None:
@@ -194,8 +195,11 @@ class MixtureTrial(tune.Trainable):
         return final if fit.cv_loss is None else {METRIC: fit.cv_loss, **final}
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
-        """The trial's end: its record, and a gate's routers. A trial stopped early keeps nothing."""
+        """The trial's end: its record, and a gate's routers. Tune takes a checkpoint of a trial its
+        scheduler stopped early too: that one says so and holds no record (and is never empty: an
+        object store keeps no empty folder to read back)."""
         if self.record is None:
+            write_json(Path(checkpoint_dir) / STOPPED, {"stopped_early": True})
             return
         write_json(Path(checkpoint_dir) / RECORD, self.record.to_json())
         if self.fit.gate:
@@ -319,7 +323,11 @@ def earlier_results(storage, ray_folder: str, prefix: str, trainable) -> list[tu
         if not tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem):
             storage.delete(f"{ray_folder}/{name}")
             continue
-        results += tune.Tuner.restore(path, trainable, storage_filesystem=storage.filesystem).get_results()
+        try:
+            results += tune.Tuner.restore(path, trainable, storage_filesystem=storage.filesystem).get_results()
+        except Exception as error:  # e.g. written by a release whose Tune state this one cannot read
+            log.warning("mix: the earlier search %s could not be read back (%s): its settings are scored again",
+                        name, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
     return results
 
 
