@@ -325,6 +325,24 @@ def test_tune_searches_only_the_mixer_with_a_space_from_the_command_line(first_r
     assert list(run_dir.glob("ray/mix-*/*/events.out.tfevents.*"))
 
 
+def test_asha_stops_a_poor_setting_and_the_mixture_is_chosen_among_the_rest(first_run):
+    """The default scheduler end to end: trials one at a time (so the run is the same every time),
+    ASHA after the first fold; a stopped setting leaves a checkpoint with no record (see
+    MixtureTrial.save_checkpoint) and is not a candidate."""
+    _, run_dir, _ = first_run
+    config = json.loads(json.dumps(CONFIG))
+    config["mixture"].update(scheduler="asha", method=["lorahub"], cv_folds=3, budget=3, l1=[0.0, 0.5],
+                             bound=[0.05, 3.0], max_concurrent_trials=1)
+    outcome = run_pipeline(parse_config(config), run_dir, stages=["mix"])
+    assert outcome.failures == {}
+    mixture = json.loads((run_dir / "mixtures/letters/mixture.json").read_text())
+    trials = json.loads((run_dir / "mixtures/letters/search.json").read_text())["trials"]
+    assert mixture["settings_tried"] == 4 and 1 <= len(trials) == len(mixture["candidates"])
+    print("asha: scored to the end", [t["setting"] for t in trials])
+    assert len(trials) < 4, "no setting was stopped early"
+    assert mixture["setting"] in [t["setting"] for t in trials]
+
+
 def test_each_method_can_be_a_system_of_its_own(first_run):
     """mixture.systems per_method: a mixture per method and target, each chosen among its own
     settings (one trial per setting and task) and evaluated side by side in the report. With one
