@@ -10,17 +10,17 @@ How the settings are searched in parallel is Ray Tune's part (``tuning/mixture_s
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
 from modecotd.config import MIXER_CANDIDATES, WEIGHT_CONTROLS
 from modecotd.mixture import Mixture
 from modecotd.tasks.schema import AnswerKind
+from modecotd.units import JsonRecord
 from modecotd.weight_search import OrderedSearch, kept_search, search_in_orders
 
 
@@ -121,7 +121,7 @@ def order_summary(names: list[str], searches: list[OrderedSearch]) -> dict:
 
 
 @dataclass
-class SettingRecord:
+class SettingRecord(JsonRecord):
     """What fitting one mixer setting to one target task found: its scores, the weights of its fit
     on every few-shot row and the search that led there (a gate's routers are saved beside it). The
     mix stage keeps the best setting's as its mixture and every setting's in ``search.json``."""
@@ -154,19 +154,12 @@ class SettingRecord:
     load_seconds: float = 0.0
     context_key: str = ""
 
-    OPTIONAL = ("control", *ORDER_KEYS)  # left out of the JSON while None
+    OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ("control", *ORDER_KEYS)
 
     @property
     def score(self) -> float:
         """What settings are compared by: the CV loss, or the objective without folds."""
         return self.objective if self.cv_loss is None else self.cv_loss
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in self.OPTIONAL and v is None)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "SettingRecord":
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 class SettingFit:

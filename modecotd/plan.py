@@ -18,6 +18,7 @@ from modecotd.config import CONTROLS, MIXER_GRID, MIXER_METHODS, MIXTURE, mixtur
 from modecotd.errors import UserError
 from modecotd.storage import Storage
 from modecotd.tasks.schema import Example, Role, TaskData
+from modecotd.units import JsonRecord
 
 PIPELINE_VERSION = 1
 # Settings of the training baselines only: adding a baseline must not retrain the experts.
@@ -177,7 +178,7 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
-class PlannedUnit:
+class PlannedUnit(JsonRecord):
     """One unit as the run's plan wants it (an entry of ``plan.json``)."""
 
     prefix: str  # its folder in the run's storage
@@ -187,16 +188,12 @@ class PlannedUnit:
     system: str | None = None  # what it builds or evaluates (see SYSTEMS)
     seed: int | None = None  # the seed it was made with (None: any seed's, as the base student's evaluation)
 
-    @classmethod
-    def from_json(cls, data: dict) -> "PlannedUnit":
-        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
-
 
 PLAN_FORMAT = 2  # plan.json: {"format": 2, "units": [PlannedUnit...]}; format 1 was {folder: fingerprint}
 
 
 def plan_json(units: list[PlannedUnit]) -> str:
-    return json.dumps({"format": PLAN_FORMAT, "units": [dataclasses.asdict(u) for u in units]}, indent=1) + "\n"
+    return json.dumps({"format": PLAN_FORMAT, "units": [u.to_json() for u in units]}, indent=1) + "\n"
 
 
 def fingerprinted_settings(section) -> dict:

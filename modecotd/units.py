@@ -71,8 +71,9 @@ class ReportFiles:
     ALL = (MARKDOWN, JSON, HTML, ACCURACY_PLOT, TRAINING_PLOT, WEIGHTS_PLOT, SEARCH_PLOT)
 
 
-class Summary:
-    """A unit's summary as its manifest records it (JSON): :meth:`to_json` and :meth:`from_json`."""
+class JsonRecord:
+    """A dataclass that is written as JSON and read back: :meth:`to_json` and :meth:`from_json` (a
+    field missing from the JSON takes its default)."""
 
     JSON_NAMES: ClassVar[dict[str, str]] = {}  # a field whose JSON key is a Python keyword
     OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()  # left out of the JSON while None
@@ -85,6 +86,10 @@ class Summary:
     def from_json(cls, data: dict[str, Any]):
         return cls(**{f.name: data[cls.JSON_NAMES.get(f.name, f.name)] for f in dataclasses.fields(cls)
                       if cls.JSON_NAMES.get(f.name, f.name) in data})
+
+
+class Summary(JsonRecord):
+    """A unit's summary as its manifest records it."""
 
 
 @dataclass(frozen=True)
