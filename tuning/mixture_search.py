@@ -81,8 +81,13 @@ class Cell:
         return cls(**trial_config["cell"])
 
     @property
+    def key(self) -> tuple[str, str]:
+        """(task, setting label): what a scored setting is found by (see :attr:`Scored.key`)."""
+        return self.task, setting_label(self.setting)
+
+    @property
     def label(self) -> str:
-        return f"{self.task}:{setting_label(self.setting)}"
+        return ":".join(self.key)
 
 
 @dataclass(frozen=True)
@@ -231,7 +236,8 @@ class Scored:
             return cls(SettingRecord.from_json(json.loads(path.read_text())), result.checkpoint)
 
     @property
-    def cell(self) -> tuple[str, str]:
+    def key(self) -> tuple[str, str]:
+        """Its cell's :attr:`Cell.key`."""
         return self.record.task, self.record.setting
 
 
@@ -354,9 +360,9 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     trainable = tune.with_resources(tune.with_parameters(MixtureTrial, context=context),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     searches = f"mix-{seed}-"
-    scored = {s.cell: s for s in map(Scored.of, earlier_results(storage, layout.ray, searches, trainable))
+    scored = {s.key: s for s in map(Scored.of, earlier_results(storage, layout.ray, searches, trainable))
               if s is not None and s.record.context_key == context.keys.get(s.record.task)}
-    cells = [cell for cell in cells if (cell.task, setting_label(cell.setting)) not in scored]
+    cells = [cell for cell in cells if cell.key not in scored]
     if scored:
         log.info("mix: %d setting(s) scored before with the same inputs are kept; %d to score", len(scored), len(cells))
     started = time.time()
@@ -364,11 +370,11 @@ def run_mixture_stage(config, layout: RunLayout, tasks, mixings: dict[str, Mixin
     if cells:
         experiment = f"{searches}{int(time.time())}-{config.name}"  # the run's name, for the dashboard
         results, errors = _search(cells, config, trainable, storage, layout.ray, experiment)
-        scored |= {s.cell: s for s in map(Scored.of, results) if s is not None}
+        scored |= {s.key: s for s in map(Scored.of, results) if s is not None}
     outcomes: dict[str, Outcome] = {}
     for mixing in todo:
-        mine = [scored[(mixing.task, setting_label(s))] for s in mixing.settings
-                if (mixing.task, setting_label(s)) in scored]
+        keys = [Cell(mixing.task, s).key for s in mixing.settings]
+        mine = [scored[key] for key in keys if key in scored]
         if not mine:
             outcomes[mixing.label] = Failed(errors.get(mixing.task, "no trial finished"))
             log.error("mix: %s failed: %s", mixing.label, outcomes[mixing.label].reason)
@@ -422,7 +428,7 @@ def _trial_task(result) -> str:
 
 def _cells(mixings: list[Mixing]) -> list[Cell]:
     """One Tune trial per (target task, setting) that a pending mixture chooses from."""
-    cells = {(m.task, setting_label(s)): Cell(m.task, s) for m in mixings for s in m.settings}
+    cells = {cell.key: cell for cell in (Cell(m.task, s) for m in mixings for s in m.settings)}
     return list(cells.values())
 
 
