@@ -51,6 +51,7 @@ def _int_or_auto(value: Any) -> "int | str":
 # A whole number >= 1 or "auto" (see AutoSize), with one clear message for anything else.
 AutoInt = Annotated[Union[int, Literal["auto"]], PlainValidator(_int_or_auto)]
 TEACHER_BATCH = AutoSize(cpu=8, gpu=64)
+VLLM_SHARD_SIZE = 512  # teacher.shard_size's default for backend vllm
 EVALUATION_BATCH = AutoSize(cpu=8, gpu=64)
 # More candidates per round on a GPU: tpe, cmaes and random then ask in larger rounds (fewer
 # updates of the sampler within the budget), for fewer, larger forwards.
@@ -99,6 +100,13 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def one_device(field: str, gpus: float, instead: str) -> None:
+    """Refuse more than one GPU for work that computes on a single device (the rest would sit idle
+    while reserved); a share of one GPU (0.5) is fine."""
+    if gpus > 1:
+        raise ValueError(f"{field} is {gpus:g}, but {instead}")
 
 
 # --- tasks -------------------------------------------------------------------------------------
@@ -340,7 +348,9 @@ class TeacherConfig(Section):
         "(STaR); kept rows are marked rationalized")
     batch_size: AutoInt = Field("auto", description=TEACHER_BATCH.help("prompts per generate call (backend "
                                 "transformers; vLLM batches by itself)"))
-    shard_size: int = Field(64, ge=1, description="questions per committed shard (the unit of resume)")
+    shard_size: int = Field(64, ge=1, description=f"questions per committed shard (the unit of resume); backend "
+                            f"vllm: {VLLM_SHARD_SIZE} unless set (a vLLM engine schedules its own batches and "
+                            "drains between calls, so it wants many prompts per call)")
     endpoint: EndpointConfig | None = None
     vllm: VLLMSettings | None = Field(None, description="engine settings for backend vllm (default: "
                                       "tensor_parallel_size = gpus_per_actor, 0.9 of GPU memory, the model's context)")
@@ -367,6 +377,11 @@ class TeacherConfig(Section):
             raise ValueError("backend 'vllm' runs on GPUs: set teacher.gpus_per_actor (e.g. 1)")
         if self.backend != "vllm" and self.vllm is not None:
             raise ValueError(f"teacher.vllm is only used by backend 'vllm', not {self.backend!r}")
+        if self.backend != "vllm":
+            one_device("teacher.gpus_per_actor", self.gpus_per_actor, "a transformers teacher decodes on one GPU; "
+                       "for more GPUs raise teacher.actors, or use backend vllm, which shards a model over them")
+        if self.backend == "vllm" and "shard_size" not in self.model_fields_set:
+            self.shard_size = VLLM_SHARD_SIZE
         if self.backend == "vllm":
             if not float(self.gpus_per_actor).is_integer():
                 raise ValueError(f"backend 'vllm' needs whole GPUs per actor: teacher.gpus_per_actor is "
@@ -474,10 +489,11 @@ class DistillConfig(Section):
 
     @model_validator(mode="after")
     def _whole_gpus_per_worker(self) -> "DistillConfig":
-        if self.use_gpu and (self.gpus_per_worker < 1 or not float(self.gpus_per_worker).is_integer()):
+        if self.use_gpu and self.gpus_per_worker != 1:
             raise ValueError(f"distill.gpus_per_worker is {self.gpus_per_worker:g}, but with use_gpu each training "
-                             "worker needs whole GPUs (1, 2, ...): workers sharing a GPU fail in NCCL; for more "
-                             "workers raise distill.workers_per_job")
+                             "worker uses exactly one whole GPU: workers sharing a GPU fail in NCCL, and a worker "
+                             "computes on one device, so more would sit idle; for more GPUs raise "
+                             "distill.workers_per_job")
         return self
 
 
@@ -565,6 +581,13 @@ class MixtureConfig(Section):
                                   json_schema_extra=RUNTIME)
     max_concurrent_trials: int = Field(2, ge=1, json_schema_extra=RUNTIME)
 
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _one_gpu_per_trial(cls, value: float) -> float:
+        one_device("mixture.gpus_per_trial", value, "a trial fits mixtures on one GPU; for more GPUs raise "
+                   "mixture.max_concurrent_trials")
+        return value
+
     @field_validator(*MIXER_GRID, mode="before")
     @classmethod
     def _one_or_many(cls, value):
@@ -639,6 +662,13 @@ class EvaluationConfig(Section):
     cpus_per_actor: float = Field(1.0, gt=0, json_schema_extra=RUNTIME)
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per evaluator actor (decoding runs on one when > 0)",
                                   json_schema_extra=RUNTIME)
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _one_gpu_per_actor(cls, value: float) -> float:
+        one_device("evaluation.gpus_per_actor", value, "an evaluator decodes on one GPU; for more GPUs raise "
+                   "evaluation.actors")
+        return value
 
 
 class WandbSettings(Section):

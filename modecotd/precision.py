@@ -85,7 +85,28 @@ def _cpu_flags() -> set[str]:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where this process computes: a GPU Ray reserved for it, else the CPU.
+
+    Inside a Ray actor (a teacher, an evaluator, a Tune trial, a training worker) only the GPUs Ray
+    assigned count: since Ray 2.48 an actor that asked for no GPU still sees every GPU of its node,
+    and loading onto one it did not reserve would crowd the actors that did. Ray narrows
+    CUDA_VISIBLE_DEVICES to the reserved ones, so the first visible device is this actor's. Outside
+    Ray (the driver, a benchmark, a script) a visible GPU is used."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    reserved = reserved_gpus()
+    return "cuda" if reserved is None or reserved else "cpu"
+
+
+def reserved_gpus() -> list | None:
+    """The GPUs Ray reserved for this process when it is a Ray actor; None outside Ray (Ray is never
+    imported here: a process that has not imported it is no Ray worker)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return list(ray.get_gpu_ids())
 
 
 def resolve_dtype(requested: str, device: str | torch.device | None = None) -> Precision:
@@ -156,6 +177,6 @@ def hardware_summary() -> dict:
     native, facts = cpu_bf16_support()
     summary = {"cpu_capability": cpu_capability(), "cpu_bf16_native": native, "cpu": facts,
                "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
+    if default_device() == "cuda":
         summary["gpu"] = torch.cuda.get_device_name()
     return summary

@@ -207,18 +207,46 @@ def test_vllm_engine_settings_default_to_the_actors_gpus():
     assert (config.teacher.vllm.gpu_memory_utilization, config.teacher.vllm.max_model_len) == (0.8, 8192)
 
 
-@pytest.mark.parametrize("gpus", [0.5, 0.25, 1.5])
-def test_fractional_gpus_per_training_worker_are_rejected_with_use_gpu(gpus):
+@pytest.mark.parametrize("gpus", [0.5, 0.25, 1.5, 2])
+def test_a_training_worker_takes_exactly_one_gpu_with_use_gpu(gpus):
+    """A share of a GPU fails in NCCL; more than one would sit idle (a worker computes on one)."""
     from modecotd.config_loading import parse_config
 
     with pytest.raises(ConfigError) as info:
         parse_config(_minimal(distill={"use_gpu": True, "gpus_per_worker": gpus}))
     message = str(info.value)
-    assert f"distill.gpus_per_worker is {gpus:g}" in message and "whole GPUs" in message and "NCCL" in message
-    assert "\n" not in message
-    # Without use_gpu the value is not used, so it is not checked; whole numbers pass.
+    assert f"distill.gpus_per_worker is {gpus:g}" in message and "exactly one whole GPU" in message
+    assert "NCCL" in message and "idle" in message and "distill.workers_per_job" in message and "\n" not in message
+    # Without use_gpu the value is not used, so it is not checked; one GPU passes.
     assert parse_config(_minimal(distill={"use_gpu": False, "gpus_per_worker": gpus})).distill.gpus_per_worker == gpus
-    assert parse_config(_minimal(distill={"use_gpu": True, "gpus_per_worker": 2})).distill.gpus_per_worker == 2
+    assert parse_config(_minimal(distill={"use_gpu": True, "gpus_per_worker": 1})).distill.gpus_per_worker == 1
+
+
+@pytest.mark.parametrize(("section", "field", "instead"), [
+    ("evaluation", "gpus_per_actor", "evaluation.actors"),
+    ("mixture", "gpus_per_trial", "mixture.max_concurrent_trials"),
+    ("teacher", "gpus_per_actor", "backend vllm"),
+])
+def test_more_than_one_gpu_for_single_device_work_is_refused(section, field, instead):
+    """Evaluators, mixer trials and a transformers teacher compute on one device: a second reserved
+    GPU would sit idle. A share of one (several actors on a GPU) and one are fine."""
+    from modecotd.config_loading import parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(_minimal(**{section: {field: 2}}))
+    assert f"{section}.{field} is 2" in str(info.value) and instead in str(info.value)
+    for fine in (0.5, 1):
+        assert getattr(getattr(parse_config(_minimal(**{section: {field: fine}})), section), field) == fine
+
+
+def test_a_vllm_teacher_commits_larger_shards_unless_told():
+    from modecotd.config import VLLM_SHARD_SIZE
+    from modecotd.config_loading import parse_config
+
+    assert parse_config(_minimal()).teacher.shard_size == 64
+    assert parse_config(_minimal(teacher={"backend": "vllm", "gpus_per_actor": 1})).teacher.shard_size == VLLM_SHARD_SIZE
+    assert parse_config(_minimal(teacher={"backend": "vllm", "gpus_per_actor": 1, "shard_size": 32})
+                        ).teacher.shard_size == 32
 
 
 def test_gradient_checkpointing_is_off_by_default_and_can_be_set():

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -68,3 +69,57 @@ def test_a_loaded_model_says_what_it_computes_in(tiny_model_dir, cpu_without_bf1
 
     model = load_lm(tiny_model_dir, "auto")
     assert model.precision.dtype == "fp32" and next(model.parameters()).dtype == model.precision.torch_dtype
+
+
+# --- devices by reservation: a Ray actor computes on a GPU only when Ray reserved one for it ---------
+
+
+def test_outside_ray_a_visible_gpu_is_used(monkeypatch):
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: True)
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # a process that never imported Ray
+    assert precision.reserved_gpus() is None and precision.default_device() == "cuda"
+
+
+def test_without_a_visible_gpu_the_cpu(monkeypatch):
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: False)
+    assert precision.default_device() == "cpu"
+
+
+def test_a_ray_actor_that_reserved_no_gpu_stays_on_the_cpu_though_it_sees_one(ray_cluster):
+    """Ray 2.48+ leaves a node's GPUs visible to an actor that asked for none: such an actor must not
+    load onto GPU 0. Checked in a real actor of the local Ray, its GPU made visible by a patch; the
+    driver (no actor) keeps using a visible GPU."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def devices(self):
+            import torch
+
+            from modecotd import precision as inside
+
+            torch.cuda.is_available = lambda: True  # this actor's process only: it sees a GPU
+            return inside.reserved_gpus(), inside.default_device()
+
+    probe = Probe.remote()
+    try:
+        assert ray.get(probe.devices.remote()) == ([], "cpu")
+    finally:
+        ray.kill(probe)
+
+
+def test_the_driver_uses_a_visible_gpu_with_ray_running(ray_cluster, monkeypatch):
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: True)
+    assert precision.reserved_gpus() is None and precision.default_device() == "cuda"
+
+
+def test_an_actor_given_a_gpu_uses_it(monkeypatch):
+    """The reserved list as Ray gives it to an actor that asked for a GPU (no GPU here to reserve)."""
+    fake_ray = types.SimpleNamespace(
+        is_initialized=lambda: True, get_gpu_ids=lambda: [3],
+        get_runtime_context=lambda: types.SimpleNamespace(get_actor_id=lambda: "actor"))
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: True)
+    assert precision.reserved_gpus() == [3] and precision.default_device() == "cuda"
+    fake_ray.get_gpu_ids = lambda: []
+    assert precision.default_device() == "cpu"

@@ -48,7 +48,7 @@ def test_check_says_no_gpu_when_vllm_installed(monkeypatch):
     with pytest.raises(ModelError) as info:
         check_vllm_usable()
     message = str(info.value)
-    assert message.startswith("teacher.backend vllm: no CUDA GPU is visible on this node")
+    assert message.startswith("teacher.backend vllm: no CUDA GPU is reserved for this actor")
     assert "teacher.gpus_per_actor" in message and "transformers" in message
     assert "\n" not in message
 
@@ -147,14 +147,14 @@ def test_engine_arguments_and_dtype_mapping(fake_vllm, tmp_path, ours, theirs):
                   max_model_len=128)
     (llm,) = FakeLLM.instances
     assert llm.kwargs == {"model": str(tmp_path), "dtype": theirs, "seed": 3, "tensor_parallel_size": 2,
-                          "gpu_memory_utilization": 0.5, "max_model_len": 128}
+                          "gpu_memory_utilization": 0.5, "load_format": "safetensors", "max_model_len": 128}
 
 
 def test_engine_defaults_leave_max_model_len_to_vllm(fake_vllm):
     gen = VLLMGenerator("/models/t")
     (llm,) = FakeLLM.instances
     assert llm.kwargs == {"model": "/models/t", "dtype": "bfloat16", "seed": 0, "tensor_parallel_size": 1,
-                          "gpu_memory_utilization": 0.9}
+                          "gpu_memory_utilization": 0.9, "load_format": "safetensors"}
     assert gen.max_model_len == 64  # read back from the engine's model config
 
 
@@ -183,7 +183,7 @@ def test_make_backend_passes_the_vllm_section_to_the_engine(fake_vllm, tmp_path)
     assert teacher.generator.llm is llm
     assert llm.kwargs == {"model": str(tmp_path), "dtype": "bfloat16", "seed": 0,  # teacher dtype auto, bf16 GPU
                           "tensor_parallel_size": 2,  # from gpus_per_actor
-                          "gpu_memory_utilization": 0.6, "max_model_len": 2048}
+                          "gpu_memory_utilization": 0.6, "load_format": "safetensors", "max_model_len": 2048}
 
 
 def test_make_backend_without_a_vllm_section_uses_the_defaults(fake_vllm, tmp_path):
@@ -193,7 +193,7 @@ def test_make_backend_without_a_vllm_section_uses_the_defaults(fake_vllm, tmp_pa
     make_backend(TeacherConfig(backend="vllm", gpus_per_actor=1, dtype="fp32"), tmp_path)
     (llm,) = FakeLLM.instances
     assert llm.kwargs == {"model": str(tmp_path), "dtype": "float32", "seed": 0, "tensor_parallel_size": 1,
-                          "gpu_memory_utilization": 0.9}
+                          "gpu_memory_utilization": 0.9, "load_format": "safetensors"}
 
 
 def test_unknown_dtype_is_a_model_error(fake_vllm):

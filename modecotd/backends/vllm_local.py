@@ -32,8 +32,10 @@ def check_vllm_usable() -> None:
                          "(pip install vllm; it needs a CUDA GPU)")
     import torch
 
-    if not torch.cuda.is_available():
-        raise ModelError("teacher.backend vllm: no CUDA GPU is visible on this node; use backend "
+    from modecotd.precision import default_device
+
+    if default_device() != "cuda":
+        raise ModelError("teacher.backend vllm: no CUDA GPU is reserved for this actor; use backend "
                          "transformers on CPU, or give the teacher actors GPUs (teacher.gpus_per_actor)")
 
 
@@ -76,7 +78,9 @@ class VLLMGenerator:
                              f"but {visible} are visible to this actor (teacher.gpus_per_actor)")
         kwargs: dict[str, Any] = {"model": str(model_dir), "dtype": _vllm_dtype(dtype), "seed": seed,
                                   "tensor_parallel_size": tensor_parallel_size,
-                                  "gpu_memory_utilization": gpu_memory_utilization}
+                                  "gpu_memory_utilization": gpu_memory_utilization,
+                                  # weights from safetensors only, never a pickle (as everywhere else here)
+                                  "load_format": "safetensors"}
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         self.llm = vllm.LLM(**kwargs)
