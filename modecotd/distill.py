@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 import torch
 
 from modecotd import prompts
-from modecotd.losses import IGNORE_INDEX, target_loss, token_losses
+from modecotd.losses import IGNORE_INDEX, Targets, host_to_device, target_loss, token_losses
 from modecotd.tasks.schema import AnswerKind
 from modecotd.units import TrainingSummary
 
@@ -118,7 +118,12 @@ def collate(examples: list[dict], pad_id: int, device=None) -> dict[str, torch.T
     mask = _right_padded([[1] * len(e["input_ids"]) for e in examples], 0)
     labels = _right_padded([e["labels"] for e in examples], IGNORE_INDEX)
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    return batch if device is None else {k: v.to(device) for k, v in batch.items()}
+    return batch if device is None else to_device(batch, device)
+
+
+def to_device(tensors: dict, device) -> dict:
+    """``tensors`` on ``device`` (see :func:`modecotd.losses.host_to_device`)."""
+    return {k: host_to_device(v, device) for k, v in tensors.items()}
 
 
 def shuffled_batches(examples: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
@@ -136,15 +141,18 @@ def shuffled_batches(examples: list[dict], batch_size: int, rng: random.Random) 
 
 
 def training_device() -> str:
-    """This worker's device: its GPU when one is visible (Ray Train pins one per worker), else the CPU."""
-    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    """This worker's device: the GPU Ray Train reserved and pinned for it (use_gpu), else the CPU,
+    even on a node whose GPUs it can see (see :func:`modecotd.precision.default_device`)."""
+    from modecotd.precision import default_device
+
+    return f"cuda:{torch.cuda.current_device()}" if default_device() == "cuda" else "cpu"
 
 
 def training_attention() -> str:
     """Eager attention on CPUs, SDPA on GPUs. For LoRA training of SmolLM2-135M on 2 CPU cores,
     eager ran 20-35% more tokens/s than SDPA's CPU flash kernel at 100-480 tokens per row (its
     backward dominated); on a GPU SDPA's fused kernels win."""
-    return "sdpa" if torch.cuda.is_available() else "eager"
+    return "sdpa" if training_device() != "cpu" else "eager"
 
 
 def add_lora(model, settings: DistillSettings):
@@ -272,6 +280,7 @@ class TrainingSetup:
     batches_per_epoch: int
     total_steps: int  # optimizer steps
     eval_every: int
+    encoder_decoder: bool
 
     @property
     def accumulation(self) -> int:
@@ -324,8 +333,9 @@ def set_up_training(settings: DistillSettings, rank: int, world_size: int) -> Tr
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(Path(settings.student_dir), padding_side="right")
+    encoder_decoder = is_encoder_decoder(settings.student_dir)
     examples, too_long = tokenize_rows(settings.rows, AnswerKind(settings.kind), tokenizer, settings.max_length,
-                                       is_encoder_decoder(settings.student_dir), settings.prompt_format)
+                                       encoder_decoder, settings.prompt_format)
     if not examples:
         raise ValueError(f"no training rows fit in max_length={settings.max_length}")
     examples, held_out = split_validation(examples, settings.validation_fraction, settings.seed)
@@ -333,8 +343,11 @@ def set_up_training(settings: DistillSettings, rank: int, world_size: int) -> Tr
     precision = resolve_dtype(settings.dtype, device)
     if rank == 0:
         log.info("training in %s", precision.describe())
-    # fp32 master weights; DeepSpeed casts the module to bf16 when that is the compute dtype.
-    model = load_lm(Path(settings.student_dir), "fp32", attention=training_attention(), device=device)
+    config = deepspeed_config(settings, world_size, precision.dtype)
+    # fp32 master weights; DeepSpeed casts the module to bf16 when that is the compute dtype. Under
+    # ZeRO-3 the student is built partitioned: no rank loads it whole onto its device first.
+    model = load_lm(Path(settings.student_dir), "fp32", attention=training_attention(), device=device,
+                    zero3=config if settings.zero_stage == 3 else None)
     if settings.gradient_checkpointing:
         enable_gradient_checkpointing(model, lora=not settings.full_finetune)
     if settings.full_finetune:
@@ -348,11 +361,11 @@ def set_up_training(settings: DistillSettings, rank: int, world_size: int) -> Tr
                                   weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total_steps, settings.warmup_ratio))
     prepare_shm_op()  # a first start on this machine compiles it: quietly, or without it where it cannot be built
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(settings, world_size, precision.dtype))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return TrainingSetup(settings, rank, world_size, tokenizer, examples, held_out, too_long, precision, engine,
                          scheduler, micro, batches_per_epoch, total_steps,
-                         settings.eval_every or max(1, batches_per_epoch // settings.gradient_accumulation))
+                         settings.eval_every or max(1, batches_per_epoch // settings.gradient_accumulation),
+                         encoder_decoder)
 
 
 def resumed_state(setup: TrainingSetup, checkpoints: Checkpoints | None) -> LoopState:
@@ -374,7 +387,7 @@ def run_training_loop(setup: TrainingSetup, state: LoopState, clock: Clock, repo
     weights at the best validation loss, None without validation."""
     engine, settings, world_size = setup.engine, setup.settings, setup.world_size
     total_micro = setup.total_steps * setup.accumulation
-    unread: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, target tokens) per micro-step, on the device
+    unread: list[tuple[torch.Tensor, int]] = []  # (loss on the device, target tokens) per micro-step
     best_state = None
     while state.micro_step < total_micro and not state.stopped_early:
         epoch, position = divmod(state.micro_step, setup.batches_per_epoch)
@@ -382,12 +395,15 @@ def run_training_loop(setup: TrainingSetup, state: LoopState, clock: Clock, repo
             if state.micro_step >= total_micro:
                 break
             shard = global_batch[setup.rank::world_size] or global_batch[:1]
-            batch = collate(shard, setup.tokenizer.pad_token_id, engine.device)
-            loss = target_loss(engine, batch)
+            # built on the host, where its targets are counted and found without waiting on the device
+            batch = collate(shard, setup.tokenizer.pad_token_id)
+            target_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+            targets = None if setup.encoder_decoder else Targets.of(batch["labels"]).to(engine.device)
+            loss = target_loss(engine, to_device(batch, engine.device), targets)
             engine.backward(loss)
             engine.step()
             state.micro_step += 1
-            unread.append((loss.detach(), (batch["labels"] != IGNORE_INDEX).sum()))
+            unread.append((loss.detach(), target_tokens))
             if state.micro_step % setup.accumulation:
                 continue
             read_back(unread, state)  # one host sync per optimizer step
@@ -416,7 +432,7 @@ def after_optimizer_step(setup: TrainingSetup, state: LoopState, clock: Clock, r
         state.validation.append((step, metrics["validation_loss"]))
         if metrics["validation_loss"] < state.best_validation - 1e-4:
             state.best_validation, state.evaluations_without_gain = metrics["validation_loss"], 0
-            best_state = trained_state(setup.engine, settings.zero_stage)
+            best_state = trained_state(setup.engine, settings.zero_stage, setup.rank)
         else:
             state.evaluations_without_gain += 1
             patience = settings.early_stopping_patience
@@ -450,15 +466,13 @@ def training_summary(setup: TrainingSetup, state: LoopState, clock: Clock) -> Tr
         target_tokens_per_s_rank0=clock.tokens_per_s(state))
 
 
-def read_back(unread: list[tuple[torch.Tensor, torch.Tensor]], state: LoopState) -> None:
-    """Move the micro-steps' losses and target-token counts, kept on the device while the GPU
-    works ahead, into ``state`` in one transfer (float64 holds both exactly), and clear ``unread``."""
+def read_back(unread: list[tuple[torch.Tensor, int]], state: LoopState) -> None:
+    """Move the micro-steps' losses, kept on the device while the GPU works ahead, into ``state`` in
+    one transfer, with their target-token counts (counted on the host), and clear ``unread``."""
     if not unread:
         return
-    losses, tokens = torch.stack([torch.stack([loss for loss, _ in unread]).double(),
-                                  torch.stack([count for _, count in unread]).double()]).tolist()
-    state.losses.extend(losses)
-    state.target_tokens += int(sum(tokens))
+    state.losses.extend(torch.stack([loss for loss, _ in unread]).double().tolist())
+    state.target_tokens += sum(count for _, count in unread)
     unread.clear()
 
 
@@ -548,7 +562,7 @@ def save_training_state(engine, folder: Path, rank: int, state: LoopState) -> No
     engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     # plain containers and tensors only, so that it loads with torch.load(weights_only=True): no pickle
     saved = {"loop": asdict(state), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-    if torch.cuda.is_available():
+    if torch.device(engine.device).type == "cuda":
         saved["cuda_rng"] = torch.cuda.get_rng_state()  # the current device: the one Ray Train gave this rank
     torch.save(saved, Path(folder) / TRAINER_STATE.format(rank=rank))
 
@@ -600,7 +614,7 @@ def load_training_state(engine, folder: Path, rank: int) -> LoopState:
     random.setstate(saved["python_rng"])
     cuda_rng = saved.get("cuda_rng")
     if cuda_rng is not None:
-        if torch.cuda.is_available():
+        if torch.device(engine.device).type == "cuda":
             torch.cuda.set_rng_state(cuda_rng)
         else:
             log.warning("%s holds a CUDA RNG state but no GPU is visible here; dropout after resuming will "
@@ -610,18 +624,20 @@ def load_training_state(engine, folder: Path, rank: int) -> LoopState:
     return LoopState(**loop)
 
 
-def trained_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """A full copy of the trained weights (the LoRA, or every weight when fine-tuning fully) on
-    every rank, gathering ZeRO-3 partitions first."""
-    import contextlib
-
+def trained_state(engine, zero_stage: int, rank: int) -> dict[str, torch.Tensor]:
+    """A copy of the trained weights (the LoRA, or every weight when fine-tuning fully) in host
+    memory on rank 0, the one that saves them; an empty dict on the other ranks, which take part in
+    gathering ZeRO-3's partitions (one weight at a time, so no device ever holds a whole model)."""
     import deepspeed
 
-    params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    gather = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
-              if zero_stage == 3 else contextlib.nullcontext())
-    with gather:
-        return {n: p.detach().float().cpu().clone() for n, p in params}  # host memory, not the GPU's
+    copy = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param]) if zero_stage == 3 else contextlib.nullcontext():
+            if rank == 0:
+                copy[name] = param.detach().float().cpu().clone()
+    return copy
 
 
 def save_adapter(engine, output_dir: str, rank: int, zero_stage: int, student_dir: str,
@@ -630,7 +646,7 @@ def save_adapter(engine, output_dir: str, rank: int, zero_stage: int, student_di
     whose base model is named as another machine can load it (``student``, the config's reference:
     see :func:`modecotd.models.record_base_model`), or for full fine-tuning a whole model folder with
     the student's tokenizer; then check it (see :func:`check_adapter` and :func:`check_model`)."""
-    state = state if state is not None else trained_state(engine, zero_stage)
+    state = state if state is not None else trained_state(engine, zero_stage, rank)
     if rank != 0:
         return
     engine.module.save_pretrained(output_dir, state_dict=state)
@@ -657,12 +673,13 @@ def check_model(output_dir: str, state: dict) -> None:
 
 
 def check_adapter(output_dir: str, student_dir: str, expected_tensors: int) -> None:
-    """The saved adapter holds every LoRA tensor, not all zero, and loads onto a fresh copy of the
-    student with ``PeftModel.from_pretrained`` carrying those same weights."""
-    from peft import PeftModel
+    """The saved adapter holds every LoRA tensor, not all zero, and fits the student as
+    ``PeftModel.from_pretrained`` would apply it: its config wraps the student's architecture and
+    every saved tensor lands in a LoRA slot of its name and shape, none left over. The student is
+    built on the meta device for this (its shapes, no weights: nothing the size of a model is
+    loaded, on any device)."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
-
-    from modecotd.models import load_lm
 
     path = Path(output_dir) / "adapter_model.safetensors"
     if not path.is_file():
@@ -671,9 +688,22 @@ def check_adapter(output_dir: str, student_dir: str, expected_tensors: int) -> N
     if len(saved) != expected_tensors or not any(bool(t.abs().sum() > 0) for t in saved.values()):
         raise RuntimeError(f"{output_dir}: the saved adapter is empty or incomplete "
                            f"({len(saved)} of {expected_tensors} LoRA tensors)")
-    loaded = PeftModel.from_pretrained(load_lm(Path(student_dir), "fp32", device="cpu"), output_dir)
-    weights = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
-    name, tensor = next(iter(saved.items()))
-    match = [w for n, w in weights.items() if n.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
-    if len(weights) != expected_tensors or not match or not torch.allclose(match[0].float(), tensor.float()):
-        raise RuntimeError(f"{output_dir}: the adapter does not load back with PeftModel.from_pretrained")
+    model = get_peft_model(student_skeleton(student_dir), PeftConfig.from_pretrained(output_dir), low_cpu_mem_usage=True)
+    slots = {name.replace(".default", ""): p.shape for name, p in model.named_parameters() if "lora_" in name}
+    misfits = sorted(name for name, tensor in saved.items() if slots.get(name) != tensor.shape)
+    if not misfits:
+        misfits = set_peft_model_state_dict(model, saved, low_cpu_mem_usage=True).unexpected_keys
+    if misfits or len(slots) != expected_tensors:
+        raise RuntimeError(f"{output_dir}: the adapter does not fit the student {student_dir} "
+                           f"({len(slots)} LoRA slots for {expected_tensors} tensors; not fitting: {misfits[:3]})")
+
+
+def student_skeleton(student_dir: str):
+    """The student's architecture on the meta device: every module and shape, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from modecotd.models import is_encoder_decoder
+
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(student_dir) else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(AutoConfig.from_pretrained(student_dir, trust_remote_code=False))

@@ -102,12 +102,15 @@ def greedy_continue(model, tokenizer, batch: dict, *, max_new_tokens: int, stops
     from the batch and the KV cache, so later steps compute only the rows still writing; each row's
     tokens are those of a row decoded alone, up to the arithmetic of batch shapes."""
     ends = stop_token_ids(model, tokenizer)
+    stopped = stop_check(tokenizer, stops)
     mask = batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     rows: list[list[int]] = [[] for _ in range(mask.shape[0])]
     alive = list(range(mask.shape[0]))  # the batch's rows, by their index in ``rows``
     with torch.inference_mode():
-        out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
+        # the prompt's logits at its last position only: a whole prompt's would be [rows, length, vocabulary]
+        out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
         cache_name = "cache" if "cache" in out.keys() else "past_key_values"  # transformers 5 renamed it
         cache, position = out[cache_name], positions[:, -1:] + 1
         for step in range(max_new_tokens):
@@ -115,7 +118,7 @@ def greedy_continue(model, tokenizer, batch: dict, *, max_new_tokens: int, stops
             keep = []
             for slot, (row, token) in enumerate(zip(alive, tokens.tolist())):
                 rows[row].append(token)
-                if token not in ends and not (stops and any(s in tokenizer.decode(rows[row]) for s in stops)):
+                if token not in ends and not stopped(rows[row]):
                     keep.append(slot)
             if not keep or step == max_new_tokens - 1:
                 break
@@ -129,3 +132,19 @@ def greedy_continue(model, tokenizer, batch: dict, *, max_new_tokens: int, stops
                         use_cache=True, **{cache_name: cache})
             position = position + 1
     return rows
+
+
+def stop_check(tokenizer, stops: list[str]) -> Callable[[list[int]], bool]:
+    """Whether a row's tokens so far end in a stop string, decoding only their tail: a stop string
+    that the newest token completes lies within the last few tokens (each token writes at least one
+    character, or a piece of one of at most 4 bytes), so the check costs the same at every step
+    instead of growing with the row. Checked at every step, it finds each row's first stop."""
+    if not stops:
+        return lambda tokens: False
+    tail = 4 * max(len(s) for s in stops) + 4
+
+    def stopped(tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens[-tail:])
+        return any(s in text for s in stops)
+
+    return stopped

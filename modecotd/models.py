@@ -363,12 +363,16 @@ def is_encoder_decoder(model_or_folder) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def load_lm(folder: Path, dtype: str = "fp32", attention: str | None = None, device: str | None = None):
+def load_lm(folder: Path, dtype: str = "fp32", attention: str | None = None, device: str | None = None,
+            zero3: dict | None = None):
     """Load a language model (causal, or seq2seq when its config says encoder-decoder) for
-    inference or as a frozen base: eval mode, no grads, on ``device`` (default: a GPU when one is
-    visible) and in ``dtype`` (``auto``: see :mod:`modecotd.precision`; the choice is kept as the
-    model's ``precision`` attribute). ``attention`` picks transformers' attention implementation
-    (default: the model's own choice, usually SDPA)."""
+    inference or as a frozen base: eval mode, no grads, on ``device`` (default: the GPU Ray
+    reserved, see :func:`modecotd.precision.default_device`) and in ``dtype`` (``auto``: see
+    :mod:`modecotd.precision`; the choice is kept as the model's ``precision`` attribute).
+    ``attention`` picks transformers' attention implementation (default: the model's own choice,
+    usually SDPA; where a model has no SDPA, eager). ``zero3``: a DeepSpeed ZeRO-3 config; the model
+    is then built already partitioned over the ranks (transformers' DeepSpeed integration runs
+    ``deepspeed.zero.Init``), so that no rank ever holds it whole."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from modecotd.precision import default_device, resolve_dtype
@@ -377,14 +381,45 @@ def load_lm(folder: Path, dtype: str = "fp32", attention: str | None = None, dev
     precision = resolve_dtype(dtype, device)
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder(folder) else AutoModelForCausalLM
     extra = {"attn_implementation": attention} if attention else {}
-    if precision.device != "cpu":  # straight onto the device, never a full copy in host memory first
+    if precision.device != "cpu" and zero3 is None:  # straight onto the device, never a full copy in host memory
         extra["device_map"] = {"": device}
     require_safetensors(folder, "model.safetensors")
-    # safetensors only (never a pickle), and never code shipped with the model (trust_remote_code off)
-    model = auto.from_pretrained(folder, dtype=precision.torch_dtype, use_safetensors=True, trust_remote_code=False,
-                                 **extra)
+    with _partitioned(zero3):
+        model = _from_pretrained(auto, folder, precision, extra)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.precision = precision
     return model
+
+
+def _from_pretrained(auto, folder: Path, precision, extra: dict):
+    """``from_pretrained`` from safetensors only (never a pickle), never running code shipped with
+    the model (trust_remote_code off). A model without SDPA attention (T5 on older transformers)
+    asked for it gets eager attention instead of an error."""
+    try:
+        return auto.from_pretrained(folder, dtype=precision.torch_dtype, use_safetensors=True,
+                                    trust_remote_code=False, **extra)
+    except ValueError as error:
+        if extra.get("attn_implementation") != "sdpa" or "scaled_dot_product_attention" not in str(error):
+            raise
+        log.info("%s: no SDPA attention for this model in this transformers; eager attention instead", folder)
+        return _from_pretrained(auto, folder, precision, extra | {"attn_implementation": "eager"})
+
+
+@contextlib.contextmanager
+def _partitioned(zero3: dict | None):
+    """While the block runs, transformers builds models under ``deepspeed.zero.Init`` of ``zero3``
+    (it looks for a live ``HfDeepSpeedConfig``); nothing changes without a config. The setting is
+    withdrawn after, so later loads in this process (a reused worker, the adapter check) are whole."""
+    if zero3 is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    settings = HfDeepSpeedConfig(zero3)  # transformers holds a weak reference: kept alive by this name
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del settings

@@ -1,6 +1,8 @@
 """Training data: loss on the target tokens only; every example once per epoch."""
 from __future__ import annotations
 
+import pytest
+
 from modecotd import prompts
 from modecotd.distill import collate, tokenize_rows, warmup_then_linear
 from modecotd.losses import IGNORE_INDEX
@@ -77,6 +79,12 @@ class _FakeEngine:
     def __init__(self):
         self.checkpoint_engine = type("CheckpointEngine", (), {})()  # load_without_pickle sets its load
 
+    @property
+    def device(self):  # an engine is on the GPU where there is one (pretended here)
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+
     def save_checkpoint(self, folder, tag, exclude_frozen_parameters):
         pass
 
@@ -132,3 +140,31 @@ def test_a_cuda_rng_state_is_skipped_where_there_is_no_gpu(tmp_path, monkeypatch
     with caplog.at_level("WARNING"):
         assert load_training_state(_FakeEngine(), tmp_path, 0).micro_step == 2
     assert restored == [] and "no GPU is visible" in caplog.text
+
+
+def test_the_adapter_check_takes_a_fitting_adapter_and_refuses_one_that_does_not_fit(tiny_model_dir, tmp_path):
+    """check_adapter builds the student on the meta device (no weights) and applies the adapter as
+    PeftModel.from_pretrained would: an adapter saved from the student passes; one with a tensor of
+    another shape, or a name the student has no slot for, is refused with the file named."""
+    import safetensors.torch
+    import torch
+
+    from modecotd.distill import DistillSettings, add_lora, check_adapter
+    from modecotd.models import load_lm
+
+    model = add_lora(load_lm(tiny_model_dir), DistillSettings(student_dir=str(tiny_model_dir), dtype="fp32",
+                                                              kind="number", rows=[], output_dir=""))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(param)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    saved = safetensors.torch.load_file(path)
+    check_adapter(str(tmp_path), str(tiny_model_dir), len(saved))
+
+    first = next(iter(saved))
+    for broken in ({**saved, first: saved[first][:, :-1].contiguous()},  # another shape
+                   {(k.replace("q_proj", "k_proj") if k == first else k): v for k, v in saved.items()}):  # no slot
+        safetensors.torch.save_file(broken, path)
+        with pytest.raises(RuntimeError, match="does not fit the student"):
+            check_adapter(str(tmp_path), str(tiny_model_dir), len(saved))

@@ -69,3 +69,35 @@ def test_a_row_stops_at_its_stop_string_and_the_text_ends_there(tiny_model_dir):
     assert rows[0] == free[:at + 1]
     [(text, _)], _ = generate_samples(model, tokenizer, pair, max_new_tokens=12, batch_size=2, stop=stop)
     assert text.endswith(stop) and text == tokenizer.decode(free[:at + 1], skip_special_tokens=True)
+
+
+def test_the_stop_check_reads_only_a_rows_tail_and_finds_the_first_stop_where_a_whole_decode_does(tiny_model_dir):
+    """Token by token, the tail check says a row has stopped at exactly the step where decoding the
+    whole row first shows a stop string, over long rows of random tokens (multi-byte pieces
+    included), and it decodes a bounded tail however long the row grows."""
+    import random
+
+    from modecotd.generation import stop_check
+    from modecotd.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rng = random.Random(5)
+    vocabulary = list(range(len(tokenizer)))
+    for stops in (["\n\n"], ["Q:", "The answer is"], ["é", " so"]):
+        stopped = stop_check(tokenizer, stops)
+        for _ in range(20):
+            row: list[int] = []
+            for _ in range(120):
+                row.append(rng.choice(vocabulary) if rng.random() < 0.8 else
+                           rng.choice(tokenizer(rng.choice(stops), add_special_tokens=False)["input_ids"]))
+                whole = any(s in tokenizer.decode(row) for s in stops)
+                assert stopped(row) == whole, (stops, row)
+                if whole:
+                    break
+
+    decoded: list[int] = []
+    original = tokenizer.decode
+    tokenizer.decode = lambda tokens, **kw: decoded.append(len(tokens)) or original(tokens, **kw)
+    stopped = stop_check(tokenizer, ["Q:"])
+    stopped(list(range(100, 1100)))
+    assert decoded == [4 * 2 + 4]

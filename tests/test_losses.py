@@ -57,6 +57,9 @@ def test_target_positions_only_gives_the_full_forwards_losses_and_lora_gradients
             self.module = module
             self.config = {"train_micro_batch_size_per_gpu": 2}
 
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
     assert plain_head_lm(Engine(model)) is model.get_base_model()
 
     batch = collate(BATCH, pad_id=0)
@@ -80,3 +83,12 @@ def test_target_positions_only_gives_the_full_forwards_losses_and_lora_gradients
     assert torch.allclose(fast_values, full_values, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, full_grads))
     assert any(g.abs().sum() > 0 for g in fast_grads)
+
+
+def test_cross_entropy_chunks_are_sized_for_the_device():
+    """16 MiB of fp32 logits per chunk on a CPU (cache-sized); on a GPU a pass over 1024 targets of a
+    152k-token vocabulary takes a single chunk instead of ~40 small kernels."""
+    cpu, gpu = losses.chunk_elements(torch.device("cpu")), losses.chunk_elements(torch.device("cuda"))
+    assert cpu * 4 == 16 * 2**20
+    vocabulary = 152_000
+    assert -(-1024 // (gpu // vocabulary)) == 1 and -(-1024 // (cpu // vocabulary)) > 30

@@ -106,3 +106,32 @@ def test_mixer_and_generation_work_on_a_seq2seq_student(tiny_t5_dir, tmp_path):
         greedy = base.generate(**inputs, max_new_tokens=6, do_sample=False)
         # the decoder's output after its start token; a causal LM's output would begin with the prompt
         assert text == tokenizer.decode(greedy[0, 1:], skip_special_tokens=True) and text
+
+
+def test_a_model_without_sdpa_is_loaded_with_eager_attention(tiny_t5_dir, monkeypatch):
+    """Training asks for SDPA on a GPU; T5 under older transformers raises for it. load_lm then
+    loads the model with eager attention instead of failing (here: the refusal is simulated)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from modecotd.models import load_lm
+
+    asked = []
+    real = AutoModelForSeq2SeqLM.from_pretrained
+
+    def older_transformers(*args, **kwargs):
+        asked.append(kwargs.get("attn_implementation"))
+        if kwargs.get("attn_implementation") == "sdpa":
+            raise ValueError("T5ForConditionalGeneration does not support an attention implementation through "
+                             "torch.nn.functional.scaled_dot_product_attention yet.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForSeq2SeqLM, "from_pretrained", older_transformers)
+    model = load_lm(tiny_t5_dir, attention="sdpa", device="cpu")
+    assert asked == ["sdpa", "eager"] and model.config._attn_implementation == "eager"
+
+    def broken(*args, **kwargs):
+        raise ValueError("something else is wrong")
+
+    monkeypatch.setattr(AutoModelForSeq2SeqLM, "from_pretrained", broken)
+    with pytest.raises(ValueError, match="something else"):
+        load_lm(tiny_t5_dir, attention="sdpa", device="cpu")
