@@ -211,3 +211,17 @@ def test_zero3_on_two_ranks_builds_the_student_partitioned_prefetches_and_keeps_
         assert report["steps"] > 0 and report["final_loss"] < report["first_loss"]
     assert all(n > 0 for n in ranks[0]["kept_tensors"]) and set(ranks[1]["kept_tensors"]) == {0}
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_full_fine_tuning_under_zero3_saves_the_whole_trained_model(process_group, tiny_model_dir, tmp_path):
+    """Every weight trainable, the student built partitioned: the weights gathered one at a time on
+    rank 0 make a model folder that loads with from_pretrained and differs from the student."""
+    import torch
+
+    from modecotd.models import load_lm
+
+    summary = train_expert(_settings(tiny_model_dir, tmp_path, zero_stage=3, full_finetune=True, learning_rate=1e-3,
+                                     epochs=1), rank=0, world_size=1)
+    assert summary.zero_stage == 3 and summary.steps > 0
+    trained, student = load_lm(tmp_path, device="cpu"), load_lm(tiny_model_dir, device="cpu")
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, student.model.layers[0].mlp.up_proj.weight)
