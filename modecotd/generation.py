@@ -36,6 +36,7 @@ def generate_samples(
 
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     encoder_decoder = is_encoder_decoder(model)
+    ends, stopped = stop_token_ids(model, tokenizer), stop_check(tokenizer, stops)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[tuple[str, int]]] = [[] for _ in prompts]
     tokenizer.padding_side = "left"
@@ -46,7 +47,7 @@ def generate_samples(
         torch.manual_seed(seed + start)
         new_rows = _continue_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
                                    num_samples=num_samples, stops=stops, encoder_decoder=encoder_decoder)
-        counts = [sum(token != tokenizer.pad_token_id for token in row) for row in new_rows]
+        counts = [written_tokens(row, tokenizer.pad_token_id, ends, stopped) for row in new_rows]
         texts = tokenizer.batch_decode(new_rows, skip_special_tokens=True)
         for row, text in enumerate(texts):
             results[indices[row // num_samples]].append((cut_at_first_stop(text, stops), counts[row]))
@@ -72,6 +73,18 @@ def _continue_batch(model, tokenizer, batch, *, max_new_tokens: int, temperature
         output = model.generate(**batch, **kwargs)
     # A causal LM's output repeats the prompt; an encoder-decoder's starts with the decoder start token.
     return output[:, 1 if encoder_decoder else batch["input_ids"].shape[1]:].tolist()
+
+
+def written_tokens(row: list[int], pad: int | None, ends: set[int], stopped: Callable[[list[int]], bool]) -> int:
+    """How many of a row's new tokens the model wrote: all but the padding ``generate`` puts after a
+    row that ended early, counting the end token a row ended with even where the padding token is
+    that same token (SmolLM2 pads with its EOS), and not counting padding after a stop string."""
+    n = len(row)
+    while n and row[n - 1] == pad:
+        n -= 1
+    if n < len(row) and pad in ends and not stopped(row[:n]):
+        n += 1  # it ended with an end token that is also the padding token
+    return n
 
 
 def cut_at_first_stop(text: str, stops: list[str]) -> str:

@@ -46,7 +46,7 @@ def test_rows_that_stop_leave_the_batch_and_every_row_writes_what_it_writes_alon
     # through generate_samples: texts and token counts, in the prompts' order, in batches of 4
     samples = generate_samples(model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4)
     assert [text for [(text, _)] in samples] == tokenizer.batch_decode(alone, skip_special_tokens=True)
-    assert [count for [(_, count)] in samples] == [sum(t != tokenizer.pad_token_id for t in row) for row in alone]
+    assert [count for [(_, count)] in samples] == [len(row) for row in alone]  # an ending EOS counted too
 
 
 def test_a_row_stops_at_its_stop_string_and_the_text_ends_there(tiny_model_dir):
@@ -101,3 +101,19 @@ def test_the_stop_check_reads_only_a_rows_tail_and_finds_the_first_stop_where_a_
     stopped = stop_check(tokenizer, ["Q:"])
     stopped(list(range(100, 1100)))
     assert decoded == [4 * 2 + 4]
+
+
+def test_written_tokens_leave_out_padding_and_count_the_end_token_a_row_wrote():
+    """generate pads a row that ended early; where the padding token is the EOS (SmolLM2), the EOS
+    the row wrote still counts, padding after a stop string does not, and a row that ran to the
+    limit counts whole."""
+    from modecotd.generation import written_tokens
+
+    eos, pad_is_eos = 2, 2
+    ends_in_stop = lambda tokens: tokens[-1:] == [9]  # token 9 completes a stop string
+    never = lambda tokens: False
+    assert written_tokens([5, 6, eos, eos, eos], pad_is_eos, {eos}, never) == 3  # ended with EOS, padded
+    assert written_tokens([5, 9, eos, eos], pad_is_eos, {eos}, ends_in_stop) == 2  # stop string, then padding
+    assert written_tokens([5, 6, 7], pad_is_eos, {eos}, never) == 3  # ran to the limit
+    assert written_tokens([5, eos, 0, 0], 0, {eos}, never) == 2  # its own padding token: the EOS stays
+    assert written_tokens([eos, eos], pad_is_eos, {eos}, never) == 1  # wrote only its EOS
