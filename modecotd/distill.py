@@ -617,7 +617,7 @@ def load_training_state(engine, folder: Path, rank: int) -> LoopState:
         if torch.device(engine.device).type == "cuda":
             torch.cuda.set_rng_state(cuda_rng)
         else:
-            log.warning("%s holds a CUDA RNG state but no GPU is visible here; dropout after resuming will "
+            log.warning("%s holds a CUDA RNG state but this worker trains on no GPU; dropout after resuming will "
                         "not repeat the interrupted run's", folder)
     loop = saved["loop"]
     loop["validation"] = [tuple(pair) for pair in loop["validation"]]

@@ -24,7 +24,7 @@ def load_system(student_dir: Path, dtype: str, system: SystemSpec):
 
     Adapters stay unmerged, the way training computed them (a separate LoRA path beside the bf16
     weights); merging would round the update into the bf16 weights. ``dtype`` may be ``auto`` (see
-    :mod:`modecotd.precision`); the model is loaded straight onto a GPU when one is visible."""
+    :mod:`modecotd.precision`); the model is loaded straight onto the GPU Ray reserved, if any."""
     from modecotd.models import load_lm
 
     if system.kind == "full":

@@ -110,7 +110,7 @@ def reserved_gpus() -> list | None:
 
 
 def resolve_dtype(requested: str, device: str | torch.device | None = None) -> Precision:
-    """The dtype to compute in on ``device`` (default: a GPU when one is visible, else the CPU)."""
+    """The dtype to compute in on ``device`` (default: :func:`default_device`)."""
     if requested not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {requested!r}; known: {', '.join(DTYPE_NAMES)}")
     device_type = torch.device(device).type if device is not None else default_device()

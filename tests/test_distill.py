@@ -139,7 +139,7 @@ def test_a_cuda_rng_state_is_skipped_where_there_is_no_gpu(tmp_path, monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level("WARNING"):
         assert load_training_state(_FakeEngine(), tmp_path, 0).micro_step == 2
-    assert restored == [] and "no GPU is visible" in caplog.text
+    assert restored == [] and "trains on no GPU" in caplog.text
 
 
 def test_the_adapter_check_takes_a_fitting_adapter_and_refuses_one_that_does_not_fit(tiny_model_dir, tmp_path):

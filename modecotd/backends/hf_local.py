@@ -23,7 +23,7 @@ class TransformersGenerator:
         from modecotd.config import TEACHER_BATCH
         from modecotd.models import load_lm, load_tokenizer
 
-        self.model = load_lm(Path(model_dir), dtype)  # straight onto a GPU when one is visible
+        self.model = load_lm(Path(model_dir), dtype)  # straight onto the GPU Ray reserved, if any
         self.precision = self.model.precision
         self.tokenizer = load_tokenizer(Path(model_dir))
         self.batch_size = TEACHER_BATCH.resolve(batch_size, self.model.device)
