@@ -93,20 +93,12 @@ def cut_before_stop(text: str, stops: list[str]) -> str:
     return text[:end]
 
 
-def counted_tokens(row: list[int], ends: set[int], stops: list[str], tokenizer) -> int:
-    """How many of ``row``'s tokens count: up to and including the first EOS or the token that
-    completes a stop string; anything after (``generate``'s padding of a finished row) is not."""
-    for i, token in enumerate(row):
-        if token in ends or (stops and any(s in tokenizer.decode(row[: i + 1]) for s in stops)):
-            return i + 1
-    return len(row)
-
-
 def baseline(model_dir: Path, config, data, dtype: str) -> dict:
     """Plain transformers on the stage's batches: answers, generated tokens, seconds, batch sizes."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from modecotd.generation import stop_check, stop_token_ids, written_tokens
     from modecotd.tasks.answers import extract_teacher_answer
     from modecotd.teacher import ANSWER_STAGE_TOKENS, prompts_for
 
@@ -151,14 +143,12 @@ def baseline(model_dir: Path, config, data, dtype: str) -> dict:
             answers[question] = (extract_teacher_answer(text, prompts.kind)
                                  or extract_teacher_answer(rationale, prompts.kind))
     seconds = time.time() - started
-    ends = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id
-    ends.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    ends.discard(None)
-    counts = [counted_tokens(row, ends, stops, tokenizer) for row, stops in rows]
+    # counted by the stage's own rule (after the clock stopped): what each row wrote, not the padding
+    ends = stop_token_ids(model, tokenizer)
+    counts = [written_tokens(row, tokenizer.pad_token_id, ends, stop_check(tokenizer, stops)) for row, stops in rows]
     return {"answers": answers, "tokens": sum(counts), "seconds": seconds, "load_seconds": load_seconds,
             "batch_sizes": sizes, "rows": len(rows),
-            "rows_ended_by_eos": sum(1 for (row, _), n in zip(rows, counts) if row[n - 1] in ends),
+            "rows_ended_by_eos": sum(1 for (row, _), n in zip(rows, counts) if n and row[n - 1] in ends),
             "padding_not_counted": sum(len(row) - n for (row, _), n in zip(rows, counts))}
 
 
