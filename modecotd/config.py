@@ -380,9 +380,9 @@ class TeacherConfig(Section):
         if self.backend != "vllm":
             one_device("teacher.gpus_per_actor", self.gpus_per_actor, "a transformers teacher decodes on one GPU; "
                        "for more GPUs raise teacher.actors, or use backend vllm, which shards a model over them")
-        if self.backend == "vllm" and "shard_size" not in self.model_fields_set:
-            self.shard_size = VLLM_SHARD_SIZE
         if self.backend == "vllm":
+            if "shard_size" not in self.model_fields_set:
+                self.shard_size = VLLM_SHARD_SIZE
             if not float(self.gpus_per_actor).is_integer():
                 raise ValueError(f"backend 'vllm' needs whole GPUs per actor: teacher.gpus_per_actor is "
                                  f"{self.gpus_per_actor:g} (each engine shards the model over "
